@@ -1,0 +1,306 @@
+//! The log: partitioned, offset-addressed and durable. [`LogReader`] is what
+//! the dataflow's sources read; [`EmbeddedLog`] implements it over `redb`
+//! (one table per partition, one fsynced transaction per write), and the
+//! Kafka source will implement it over topics.
+//!
+//! Timestamps are assigned when a write enters the log and stored with it,
+//! so a replay yields exactly the timestamps of the first run.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Result, Timestamp, Tso};
+
+/// One mutation as it sits in the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub collection: CollectionId,
+    pub op: LogOp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LogOp {
+    /// Rows in canonical layout; each replaces any row with its key.
+    Upsert(IpcBatch),
+    Delete(Vec<Pk>),
+}
+
+/// A record read back from the log, with its position and timestamp.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub partition: u32,
+    pub offset: u64,
+    pub ts: Timestamp,
+    pub record: LogRecord,
+}
+
+/// What one poll of a reader returns.
+#[derive(Debug, Default)]
+pub struct LogPoll {
+    pub entries: Vec<LogEntry>,
+    /// Set when the reader has caught up: every later entry of its partitions
+    /// has a timestamp at or above this, so the source may advance to it.
+    pub frontier: Option<Timestamp>,
+}
+
+/// A reader over some partitions of a log, as a dataflow source uses it.
+pub trait LogReader: Send {
+    /// The partitions this reader follows.
+    fn partitions(&self) -> Vec<u32>;
+    /// Up to `max` entries past the reader's position, in offset order per partition.
+    fn poll(&mut self, max: usize) -> Result<LogPoll>;
+}
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+fn partition_table(partition: u32) -> String {
+    format!("partition-{partition}")
+}
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::storage(format!("embedded log: {e}"))
+}
+
+/// The embedded write-ahead log.
+pub struct EmbeddedLog {
+    db: Database,
+    partitions: u32,
+    tso: Tso,
+    /// Serialises writers, so timestamps increase with commit order in every
+    /// partition; also held while a watermark is read.
+    writer: Mutex<Vec<u64>>,
+    /// Next offset of each partition, published after commit.
+    ends: Vec<AtomicU64>,
+    listeners: Mutex<Vec<Box<dyn Fn() + Send>>>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog").field("partitions", &self.partitions).finish()
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `dir`. The partition count is fixed when
+    /// the log is created; a different `partitions` later is ignored with a warning.
+    pub fn open(dir: &Path, partitions: u32) -> Result<Arc<EmbeddedLog>> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::create(dir.join("wal.redb")).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        let stored_partitions = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let stored = meta.get("partitions").map_err(storage)?.map(|v| v.value());
+            match stored {
+                Some(n) => {
+                    if n as u32 != partitions {
+                        tracing::warn!(stored = n, asked = partitions, "log partition count is fixed at creation");
+                    }
+                    n as u32
+                }
+                None => {
+                    meta.insert("partitions", u64::from(partitions.max(1))).map_err(storage)?;
+                    partitions.max(1)
+                }
+            }
+        };
+        for p in 0..stored_partitions {
+            txn.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+
+        let mut ends = Vec::new();
+        let mut max_ts = 0;
+        let read = db.begin_read().map_err(storage)?;
+        for p in 0..stored_partitions {
+            let table = read.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+            match table.last().map_err(storage)? {
+                Some((offset, bytes)) => {
+                    let (ts, _) = decode(bytes.value(), p, offset.value())?;
+                    max_ts = max_ts.max(ts);
+                    ends.push(offset.value() + 1);
+                }
+                None => ends.push(0),
+            }
+        }
+        drop(read);
+        Ok(Arc::new(EmbeddedLog {
+            db,
+            partitions: stored_partitions,
+            tso: Tso::new(max_ts),
+            writer: Mutex::new(ends.clone()),
+            ends: ends.into_iter().map(AtomicU64::new).collect(),
+            listeners: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The timestamp oracle writes and reads draw from.
+    pub fn tso(&self) -> &Tso {
+        &self.tso
+    }
+
+    /// Calls `listener` after every durable append (to wake the sources).
+    pub fn subscribe(&self, listener: Box<dyn Fn() + Send>) {
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.push(listener);
+        }
+    }
+
+    /// Appends one write durably. `timestamps` consecutive timestamps are
+    /// reserved; `build` gets the first (the write's timestamp, also usable
+    /// as a base for auto ids) and returns the records to append, each with
+    /// its partition. Returns the write's timestamp once it is fsynced.
+    pub fn append_with(
+        &self,
+        timestamps: u64,
+        build: impl FnOnce(Timestamp) -> Result<Vec<(u32, LogRecord)>>,
+    ) -> Result<Timestamp> {
+        let mut next = self.writer.lock().map_err(|_| storage("writer lock poisoned"))?;
+        let ts = self.tso.allocate(timestamps);
+        let records = build(ts)?;
+        let txn = self.db.begin_write().map_err(storage)?;
+        let mut new_next = next.clone();
+        for (partition, record) in &records {
+            let p = *partition;
+            if p >= self.partitions {
+                return Err(Error::argument("partition", format!("{p} out of range 0..{}", self.partitions)));
+            }
+            let bytes = encode(ts, record)?;
+            let mut table = txn.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+            table.insert(new_next[p as usize], bytes.as_slice()).map_err(storage)?;
+            new_next[p as usize] += 1;
+        }
+        txn.commit().map_err(storage)?;
+        *next = new_next;
+        for (p, end) in next.iter().enumerate() {
+            self.ends[p].store(*end, Ordering::Release);
+        }
+        drop(next);
+        if let Ok(listeners) = self.listeners.lock() {
+            listeners.iter().for_each(|wake| wake());
+        }
+        Ok(ts)
+    }
+
+    /// Appends records that need no auto ids.
+    pub fn append(&self, records: Vec<(u32, LogRecord)>) -> Result<Timestamp> {
+        self.append_with(1, |_| Ok(records))
+    }
+
+    /// A timestamp below which every write is durable and readable, and at or
+    /// above which every later write will be; `None` while a write is in flight.
+    pub fn watermark(&self) -> Option<Timestamp> {
+        let _writer = self.writer.try_lock().ok()?;
+        Some(self.tso.next_possible())
+    }
+
+    /// A reader of `partitions` from their first offsets.
+    pub fn reader(self: &Arc<Self>, partitions: Vec<u32>) -> EmbeddedLogReader {
+        let positions = partitions.into_iter().filter(|p| *p < self.partitions).map(|p| (p, 0)).collect();
+        EmbeddedLogReader { log: self.clone(), positions }
+    }
+}
+
+fn encode(ts: Timestamp, record: &LogRecord) -> Result<Vec<u8>> {
+    bincode::serialize(&(ts, record)).map_err(|e| Error::storage(format!("encoding a log record: {e}")))
+}
+
+fn decode(bytes: &[u8], partition: u32, offset: u64) -> Result<(Timestamp, LogRecord)> {
+    bincode::deserialize(bytes).map_err(|e| Error::Corrupt {
+        location: format!("embedded log partition {partition} offset {offset}"),
+        problem: e.to_string(),
+    })
+}
+
+/// Reads some partitions of an [`EmbeddedLog`].
+pub struct EmbeddedLogReader {
+    log: Arc<EmbeddedLog>,
+    /// (partition, next offset to read)
+    positions: Vec<(u32, u64)>,
+}
+
+impl LogReader for EmbeddedLogReader {
+    fn partitions(&self) -> Vec<u32> {
+        self.positions.iter().map(|(p, _)| *p).collect()
+    }
+
+    fn poll(&mut self, max: usize) -> Result<LogPoll> {
+        // Read the watermark first: everything below it is committed, so it
+        // is in what we read next.
+        let watermark = self.log.watermark();
+        let mut entries = Vec::new();
+        let mut caught_up = true;
+        let behind = self.positions.iter().any(|(p, next)| self.log.ends[*p as usize].load(Ordering::Acquire) > *next);
+        if behind {
+            let read = self.log.db.begin_read().map_err(storage)?;
+            for (partition, next) in &mut self.positions {
+                let table = read
+                    .open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(*partition)))
+                    .map_err(storage)?;
+                for item in table.range(*next..).map_err(storage)? {
+                    if entries.len() >= max {
+                        caught_up = false;
+                        break;
+                    }
+                    let (offset, bytes) = item.map_err(storage)?;
+                    let (ts, record) = decode(bytes.value(), *partition, offset.value())?;
+                    entries.push(LogEntry { partition: *partition, offset: offset.value(), ts, record });
+                    *next = offset.value() + 1;
+                }
+            }
+        }
+        Ok(LogPoll { entries, frontier: if caught_up { watermark } else { None } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delete(collection: CollectionId, key: i64) -> LogRecord {
+        LogRecord { collection, op: LogOp::Delete(vec![Pk::Int(key)]) }
+    }
+
+    #[test]
+    fn appends_survive_reopen_with_their_timestamps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t1, t2);
+        {
+            let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+            t1 = log.append(vec![(0, delete(1, 10)), (1, delete(1, 11))]).unwrap();
+            t2 = log.append(vec![(1, delete(1, 12))]).unwrap();
+            assert!(t2 > t1);
+        }
+        let log = EmbeddedLog::open(dir.path(), 7).unwrap();
+        assert_eq!(log.partitions(), 2);
+        assert!(log.tso().allocate(1) > t2, "the oracle resumes above the log");
+        let mut reader = log.reader(vec![1]);
+        let poll = reader.poll(10).unwrap();
+        let seen: Vec<(u64, Timestamp)> = poll.entries.iter().map(|e| (e.offset, e.ts)).collect();
+        assert_eq!(seen, vec![(0, t1), (1, t2)]);
+        assert!(poll.frontier.unwrap() > t2);
+        assert!(reader.poll(10).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn a_partial_poll_does_not_claim_a_frontier() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+        for key in 0..5 {
+            log.append(vec![(0, delete(1, key))]).unwrap();
+        }
+        let mut reader = log.reader(vec![0]);
+        let first = reader.poll(3).unwrap();
+        assert_eq!(first.entries.len(), 3);
+        assert!(first.frontier.is_none());
+        let rest = reader.poll(3).unwrap();
+        assert_eq!(rest.entries.len(), 2);
+        assert!(rest.frontier.is_some());
+    }
+}

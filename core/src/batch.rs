@@ -1,0 +1,426 @@
+//! Write batches: user rows or Arrow batches checked against a schema and
+//! brought to the canonical Arrow layout the log and the segments hold.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, FixedSizeListArray, Float32Array, Float32Builder, Float64Builder,
+    Int8Builder, Int16Builder, Int32Builder, Int64Array, Int64Builder, StringBuilder, UInt32Array,
+};
+use arrow::compute::{CastOptions, cast_with_options, take};
+use arrow::datatypes::{DataType as ArrowType, Field, Float32Type, Float64Type};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::schema::{CollectionSchema, DataType, FieldSchema, Metric};
+use crate::value::{Pk, Value, pks_from_array};
+
+/// One row given by name, as a user writes it.
+pub type Row = BTreeMap<String, Value>;
+
+/// A write that passed validation: canonical columns in schema order, one row
+/// per primary key (the last occurrence wins), and the keys.
+#[derive(Debug, Clone)]
+pub struct WriteBatch {
+    pub batch: RecordBatch,
+    pub pks: Vec<Pk>,
+}
+
+/// Whether a write may carry its own keys for an auto-id collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// New rows; auto-id keys are assigned starting at the given id.
+    Insert { first_auto_id: i64 },
+    /// Rows replacing whatever has their keys; keys are always given.
+    Upsert,
+}
+
+impl WriteBatch {
+    /// Checks `input` against `schema` and brings it to canonical form. Every
+    /// error names the field and the problem; nothing is half-applied because
+    /// nothing is applied until the whole batch passes.
+    pub fn from_record_batch(schema: &CollectionSchema, input: &RecordBatch, kind: WriteKind) -> Result<WriteBatch> {
+        let rows = input.num_rows();
+        let input_schema = input.schema();
+        for field in input_schema.fields() {
+            if schema.field_index(field.name()).is_none() {
+                return Err(Error::field(field.name(), format!("no such field in collection `{}`", schema.name)));
+            }
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields.len());
+        for field in &schema.fields {
+            let given = input_schema.index_of(&field.name).ok().map(|i| input.column(i).clone());
+            let column = if field.is_primary && field.auto_id {
+                match (kind, given) {
+                    (WriteKind::Insert { .. }, Some(_)) => {
+                        return Err(Error::field(
+                            &field.name,
+                            "the primary key is assigned by the engine (auto_id): leave it out of inserts",
+                        ));
+                    }
+                    (WriteKind::Insert { first_auto_id }, None) => {
+                        Arc::new(Int64Array::from_iter_values(first_auto_id..first_auto_id + rows as i64)) as ArrayRef
+                    }
+                    (WriteKind::Upsert, Some(column)) => canonical_column(field, column, rows)?,
+                    (WriteKind::Upsert, None) => {
+                        return Err(Error::field(&field.name, "missing: upserts must give the primary key"));
+                    }
+                }
+            } else {
+                match given {
+                    Some(column) => canonical_column(field, column, rows)?,
+                    None if field.is_primary => return Err(Error::field(&field.name, "missing primary key")),
+                    None => missing_column(field, rows)?,
+                }
+            };
+            columns.push(column);
+        }
+        let batch = RecordBatch::try_new(schema.arrow_schema(), columns)?;
+        let pks = pks_from_array(batch.column(schema.primary_index()).as_ref())?;
+        dedupe_keep_last(batch, pks)
+    }
+
+    /// Builds a write from rows given by name.
+    pub fn from_rows(schema: &CollectionSchema, rows: &[Row], kind: WriteKind) -> Result<WriteBatch> {
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(name) = row.keys().find(|name| schema.field_index(name).is_none()) {
+                return Err(Error::field(name, format!("no such field in collection `{}` (row {i})", schema.name)));
+            }
+        }
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for field in &schema.fields {
+            if !rows.iter().any(|row| row.contains_key(&field.name)) {
+                continue;
+            }
+            let values: Vec<Value> =
+                rows.iter().map(|row| row.get(&field.name).cloned().unwrap_or(Value::Null)).collect();
+            fields.push(Field::new(&field.name, field.data_type.arrow_type(), true));
+            columns.push(values_to_array(&field.name, &field.data_type, &values)?);
+        }
+        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len()));
+        let input =
+            RecordBatch::try_new_with_options(Arc::new(arrow::datatypes::Schema::new(fields)), columns, &options)?;
+        WriteBatch::from_record_batch(schema, &input, kind)
+    }
+}
+
+/// Brings one given column to the field's canonical type and checks its values.
+fn canonical_column(field: &FieldSchema, column: ArrayRef, rows: usize) -> Result<ArrayRef> {
+    let column = match &field.data_type {
+        DataType::FloatVector { dim, metric } => vector_column(&field.name, column, *dim, *metric)?,
+        data_type => {
+            let target = data_type.arrow_type();
+            if column.data_type() == &target {
+                column
+            } else {
+                let options = CastOptions { safe: false, ..Default::default() };
+                cast_with_options(&column, &target, &options).map_err(|e| {
+                    Error::field(&field.name, format!("cannot use {} as {:?}: {e}", column.data_type(), data_type))
+                })?
+            }
+        }
+    };
+    let column = fill_nulls(field, column, rows)?;
+    check_values(field, column.as_ref())?;
+    Ok(column)
+}
+
+/// A column for a field the write left out: its default, or nulls.
+fn missing_column(field: &FieldSchema, rows: usize) -> Result<ArrayRef> {
+    match (&field.default_value, field.nullable) {
+        (Some(default), _) => values_to_array(&field.name, &field.data_type, &vec![default.clone(); rows]),
+        (None, true) => Ok(arrow::array::new_null_array(&field.data_type.arrow_type(), rows)),
+        (None, false) => Err(Error::field(&field.name, "missing (not nullable and no default value)")),
+    }
+}
+
+/// Replaces nulls with the field's default; rejects nulls it cannot hold.
+fn fill_nulls(field: &FieldSchema, column: ArrayRef, rows: usize) -> Result<ArrayRef> {
+    if column.null_count() == 0 {
+        return Ok(column);
+    }
+    if let Some(default) = &field.default_value {
+        let values: Vec<Value> = (0..rows)
+            .map(|row| if column.is_null(row) { default.clone() } else { Value::from_array(column.as_ref(), row) })
+            .collect();
+        return values_to_array(&field.name, &field.data_type, &values);
+    }
+    if field.nullable {
+        return Ok(column);
+    }
+    let row = (0..rows).find(|&row| column.is_null(row)).unwrap_or(0);
+    Err(Error::field(&field.name, format!("null at row {row} (not nullable and no default value)")))
+}
+
+fn check_values(field: &FieldSchema, column: &dyn Array) -> Result<()> {
+    match &field.data_type {
+        DataType::VarChar { max_length } => {
+            for (row, value) in column.as_string::<i32>().iter().enumerate() {
+                if let Some(value) = value {
+                    let len = value.chars().count();
+                    if len > *max_length {
+                        return Err(Error::field(
+                            &field.name,
+                            format!("row {row}: {len} characters exceed max_length {max_length}"),
+                        ));
+                    }
+                }
+            }
+        }
+        DataType::Json => {
+            for (row, value) in column.as_string::<i32>().iter().enumerate() {
+                if let Some(Err(e)) = value.map(serde_json::from_str::<serde_json::Value>) {
+                    return Err(Error::field(&field.name, format!("row {row}: not valid JSON: {e}")));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Accepts `FixedSizeList<Float32|Float64>` or `List<Float32|Float64>` of the
+/// right length per row; COSINE vectors are normalised here, once.
+fn vector_column(name: &str, column: ArrayRef, dim: usize, metric: Metric) -> Result<ArrayRef> {
+    let rows = column.len();
+    let mut values: Vec<f32> = Vec::with_capacity(rows * dim);
+    let mut push_row = |row: usize, item: ArrayRef| -> Result<()> {
+        if item.len() != dim {
+            return Err(Error::field(name, format!("row {row}: dimension {} does not match dim {dim}", item.len())));
+        }
+        if item.null_count() > 0 {
+            return Err(Error::field(name, format!("row {row}: vector holds nulls")));
+        }
+        match item.data_type() {
+            ArrowType::Float32 => values.extend_from_slice(item.as_primitive::<Float32Type>().values()),
+            ArrowType::Float64 => values.extend(item.as_primitive::<Float64Type>().values().iter().map(|&x| x as f32)),
+            other => return Err(Error::field(name, format!("row {row}: vector elements are {other}, not floats"))),
+        }
+        Ok(())
+    };
+    match column.data_type() {
+        ArrowType::FixedSizeList(_, _) => {
+            let list = column.as_fixed_size_list();
+            for row in 0..rows {
+                if list.is_null(row) {
+                    return Err(Error::field(name, format!("row {row}: vector is null")));
+                }
+                push_row(row, list.value(row))?;
+            }
+        }
+        ArrowType::List(_) => {
+            let list = column.as_list::<i32>();
+            for row in 0..rows {
+                if list.is_null(row) {
+                    return Err(Error::field(name, format!("row {row}: vector is null")));
+                }
+                push_row(row, list.value(row))?;
+            }
+        }
+        other => return Err(Error::field(name, format!("expected a float vector column, got {other}"))),
+    }
+    for (row, vector) in values.chunks_exact_mut(dim).enumerate() {
+        if vector.iter().any(|x| !x.is_finite()) {
+            return Err(Error::field(name, format!("row {row}: vector holds NaN or infinity")));
+        }
+        if metric == Metric::COSINE {
+            let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm == 0.0 {
+                return Err(Error::field(name, format!("row {row}: a zero vector has no direction for COSINE")));
+            }
+            vector.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    vector_array(dim, values)
+}
+
+/// A `FixedSizeList<Float32>` column from row-major values.
+pub fn vector_array(dim: usize, values: Vec<f32>) -> Result<ArrayRef> {
+    let item = Arc::new(Field::new("item", ArrowType::Float32, false));
+    Ok(Arc::new(FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(values)), None)?))
+}
+
+/// One column from values, checking each against the field type.
+pub fn values_to_array(name: &str, data_type: &DataType, values: &[Value]) -> Result<ArrayRef> {
+    for value in values {
+        value.check_type(name, data_type)?;
+    }
+    macro_rules! ints {
+        ($builder:ty, $t:ty) => {{
+            let mut b = <$builder>::with_capacity(values.len());
+            for v in values {
+                b.append_option(v.as_i64().map(|x| x as $t));
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    Ok(match data_type {
+        DataType::Bool => {
+            let mut b = BooleanBuilder::with_capacity(values.len());
+            values.iter().for_each(|v| b.append_option(if let Value::Bool(x) = v { Some(*x) } else { None }));
+            Arc::new(b.finish())
+        }
+        DataType::Int8 => ints!(Int8Builder, i8),
+        DataType::Int16 => ints!(Int16Builder, i16),
+        DataType::Int32 => ints!(Int32Builder, i32),
+        DataType::Int64 => ints!(Int64Builder, i64),
+        DataType::Float => {
+            let mut b = Float32Builder::with_capacity(values.len());
+            values.iter().for_each(|v| b.append_option(v.as_f64().map(|x| x as f32)));
+            Arc::new(b.finish())
+        }
+        DataType::Double => {
+            let mut b = Float64Builder::with_capacity(values.len());
+            values.iter().for_each(|v| b.append_option(v.as_f64()));
+            Arc::new(b.finish())
+        }
+        DataType::VarChar { .. } | DataType::Json => {
+            let mut b = StringBuilder::new();
+            values.iter().for_each(|v| b.append_option(v.as_str()));
+            Arc::new(b.finish())
+        }
+        DataType::FloatVector { dim, .. } => {
+            let mut b = arrow::array::FixedSizeListBuilder::new(Float32Builder::new(), *dim as i32)
+                .with_field(Arc::new(Field::new("item", ArrowType::Float32, false)));
+            for v in values {
+                match v {
+                    Value::Vector(x) => {
+                        b.values().append_slice(x);
+                        b.append(true);
+                    }
+                    _ => {
+                        b.values().append_slice(&vec![0.0; *dim]);
+                        b.append(false);
+                    }
+                }
+            }
+            Arc::new(b.finish())
+        }
+    })
+}
+
+/// Keeps only the last row of each primary key, as if the rows were applied in order.
+fn dedupe_keep_last(batch: RecordBatch, pks: Vec<Pk>) -> Result<WriteBatch> {
+    let mut last: HashMap<&Pk, usize> = HashMap::with_capacity(pks.len());
+    for (row, pk) in pks.iter().enumerate() {
+        last.insert(pk, row);
+    }
+    if last.len() == pks.len() {
+        return Ok(WriteBatch { batch, pks });
+    }
+    let keep: Vec<u32> = (0..pks.len()).filter(|row| last[&pks[*row]] == *row).map(|row| row as u32).collect();
+    let batch = take_rows(&batch, &keep)?;
+    let pks = keep.iter().map(|&row| pks[row as usize].clone()).collect();
+    Ok(WriteBatch { batch, pks })
+}
+
+/// The rows `indices` of `batch`, in that order.
+pub fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch> {
+    let indices = UInt32Array::from(indices.to_vec());
+    let columns = batch.columns().iter().map(|c| take(c.as_ref(), &indices, None)).collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+/// A record batch that serialises as Arrow IPC, so it can cross timely's
+/// process boundaries and sit in the log.
+#[derive(Debug, Clone)]
+pub struct IpcBatch(pub RecordBatch);
+
+impl IpcBatch {
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, &self.0.schema())?;
+            writer.write(&self.0)?;
+            writer.finish()?;
+        }
+        Ok(out)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<IpcBatch> {
+        let mut reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+        match reader.next() {
+            Some(batch) => Ok(IpcBatch(batch?)),
+            None => Err(Error::Corrupt { location: "ipc batch".into(), problem: "no record batch in stream".into() }),
+        }
+    }
+}
+
+impl Serialize for IpcBatch {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let bytes = self.to_bytes().map_err(serde::ser::Error::custom)?;
+        serializer.serialize_bytes(&bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpcBatch {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let bytes: Vec<u8> = serde::de::Deserialize::deserialize(deserializer)?;
+        IpcBatch::from_bytes(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::FieldSchema;
+
+    fn schema() -> CollectionSchema {
+        CollectionSchema::new(
+            "docs",
+            vec![
+                FieldSchema::int64_primary("id", false),
+                FieldSchema::vector("v", 2, Metric::COSINE),
+                FieldSchema::new("year", DataType::Int32).with_default(Value::Int(1999)),
+                FieldSchema::new("title", DataType::VarChar { max_length: 5 }).nullable(),
+            ],
+        )
+    }
+
+    fn row(id: i64, v: Vec<f32>) -> Row {
+        Row::from([("id".to_string(), Value::Int(id)), ("v".to_string(), Value::Vector(v))])
+    }
+
+    #[test]
+    fn fills_defaults_and_nulls_and_normalises() {
+        let write = WriteBatch::from_rows(&schema(), &[row(1, vec![3.0, 4.0])], WriteKind::Upsert).unwrap();
+        let batch = &write.batch;
+        assert_eq!(Value::from_array(batch.column(2).as_ref(), 0), Value::Int(1999));
+        assert_eq!(Value::from_array(batch.column(3).as_ref(), 0), Value::Null);
+        assert_eq!(Value::from_array(batch.column(1).as_ref(), 0), Value::Vector(vec![0.6, 0.8]));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let s = schema();
+        let err = WriteBatch::from_rows(&s, &[row(1, vec![1.0])], WriteKind::Upsert).unwrap_err();
+        assert!(err.to_string().contains("`v`") && err.to_string().contains("dimension"), "{err}");
+        let mut bad = row(1, vec![1.0, 0.0]);
+        bad.insert("nope".into(), Value::Int(1));
+        let err = WriteBatch::from_rows(&s, &[bad], WriteKind::Upsert).unwrap_err();
+        assert!(err.to_string().contains("`nope`"), "{err}");
+        let mut long = row(1, vec![1.0, 0.0]);
+        long.insert("title".into(), "toolong".into());
+        let err = WriteBatch::from_rows(&s, &[long], WriteKind::Upsert).unwrap_err();
+        assert!(err.to_string().contains("max_length"), "{err}");
+        let mut wrong = row(1, vec![1.0, 0.0]);
+        wrong.insert("year".into(), "x".into());
+        let err = WriteBatch::from_rows(&s, &[wrong], WriteKind::Upsert).unwrap_err();
+        assert!(err.to_string().contains("`year`"), "{err}");
+        let missing = Row::from([("v".to_string(), Value::Vector(vec![1.0, 0.0]))]);
+        let err = WriteBatch::from_rows(&s, &[missing], WriteKind::Upsert).unwrap_err();
+        assert!(err.to_string().contains("`id`"), "{err}");
+    }
+
+    #[test]
+    fn last_row_of_a_key_wins_and_ipc_round_trips() {
+        let rows = [row(1, vec![1.0, 0.0]), row(2, vec![0.0, 1.0]), row(1, vec![0.0, 2.0])];
+        let write = WriteBatch::from_rows(&schema(), &rows, WriteKind::Upsert).unwrap();
+        assert_eq!(write.pks, vec![Pk::Int(2), Pk::Int(1)]);
+        let back = IpcBatch::from_bytes(&IpcBatch(write.batch.clone()).to_bytes().unwrap()).unwrap();
+        assert_eq!(back.0, write.batch);
+    }
+}

@@ -1,0 +1,64 @@
+//! The error type every Vectorflow library returns.
+
+use crate::time::Timestamp;
+
+/// Result alias used across the workspace.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, named so a caller can react (and so the
+/// gRPC layer can map each kind to one status code).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value, column or argument that does not fit the schema or the request.
+    #[error("field `{field}`: {problem}")]
+    Field { field: String, problem: String },
+    /// A malformed request argument that is not a field of the collection.
+    #[error("invalid argument `{argument}`: {problem}")]
+    InvalidArgument { argument: String, problem: String },
+    /// A schema that cannot be created.
+    #[error("invalid schema: {0}")]
+    InvalidSchema(String),
+    #[error("collection `{0}` not found")]
+    CollectionNotFound(String),
+    #[error("collection `{0}` already exists")]
+    CollectionExists(String),
+    /// A read `as_of` a time whose history has been compacted away.
+    #[error("as_of {as_of} is before the retention horizon {horizon}: history older than the retention window is gone")]
+    OutsideRetention { as_of: Timestamp, horizon: Timestamp },
+    /// A read `as_of` a time that has not happened yet.
+    #[error("as_of {as_of} is in the future (now is {now})")]
+    FutureTimestamp { as_of: Timestamp, now: Timestamp },
+    /// A read that could not complete before its deadline.
+    #[error("timed out after {0:?} waiting for the dataflow")]
+    Timeout(std::time::Duration),
+    /// The engine is shutting down or its workers have stopped.
+    #[error("engine is shut down")]
+    Shutdown,
+    /// The write-ahead log or another durable store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Bytes on disk or on the wire that do not decode.
+    #[error("corrupt data in {location}: {problem}")]
+    Corrupt { location: String, problem: String },
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Field`].
+    pub fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Field { field: field.into(), problem: problem.into() }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn argument(argument: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::InvalidArgument { argument: argument.into(), problem: problem.into() }
+    }
+
+    /// Shorthand for [`Error::Storage`].
+    pub fn storage(err: impl std::fmt::Display) -> Self {
+        Error::Storage(err.to_string())
+    }
+}

@@ -1,0 +1,14 @@
+//! Types shared by every Vectorflow crate: collection schemas, values and
+//! primary keys, hybrid timestamps, write batches and the one error enum.
+
+pub mod batch;
+pub mod error;
+pub mod schema;
+pub mod time;
+pub mod value;
+
+pub use batch::{IpcBatch, Row, WriteBatch};
+pub use error::{Error, Result};
+pub use schema::{CollectionId, CollectionSchema, DataType, FieldSchema, Metric};
+pub use time::{Timestamp, Tso};
+pub use value::{Pk, Value, VersionId};

@@ -1,0 +1,325 @@
+//! Collection schemas and their Arrow form.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType as ArrowType, Field, Schema as ArrowSchema, SchemaRef};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::value::Value;
+
+/// Stable numeric id of a collection; never reused, so a dropped collection's
+/// log records can be told apart from a new collection with the same name.
+pub type CollectionId = u32;
+
+/// Longest name accepted for collections and fields.
+const MAX_NAME_LEN: usize = 255;
+/// Largest vector dimension accepted.
+pub const MAX_DIM: usize = 32_768;
+
+/// Distance metric of a vector field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Metric {
+    /// Squared Euclidean distance; smaller is closer.
+    L2,
+    /// Inner product; larger is closer.
+    IP,
+    /// Cosine similarity; larger is closer. Vectors are normalised on write.
+    COSINE,
+}
+
+impl Metric {
+    /// Whether larger scores are closer (IP, COSINE) or smaller (L2).
+    pub fn larger_is_closer(self) -> bool {
+        !matches!(self, Metric::L2)
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "L2" => Ok(Metric::L2),
+            "IP" => Ok(Metric::IP),
+            "COSINE" => Ok(Metric::COSINE),
+            other => Err(Error::argument("metric", format!("unknown metric `{other}`, expected L2, IP or COSINE"))),
+        }
+    }
+}
+
+/// Type of a field.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DataType {
+    Bool,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Float,
+    Double,
+    VarChar {
+        max_length: usize,
+    },
+    /// JSON text, validated on write.
+    Json,
+    FloatVector {
+        dim: usize,
+        metric: Metric,
+    },
+}
+
+impl DataType {
+    /// The Arrow type rows of this field are held in.
+    pub fn arrow_type(&self) -> ArrowType {
+        match self {
+            DataType::Bool => ArrowType::Boolean,
+            DataType::Int8 => ArrowType::Int8,
+            DataType::Int16 => ArrowType::Int16,
+            DataType::Int32 => ArrowType::Int32,
+            DataType::Int64 => ArrowType::Int64,
+            DataType::Float => ArrowType::Float32,
+            DataType::Double => ArrowType::Float64,
+            DataType::VarChar { .. } | DataType::Json => ArrowType::Utf8,
+            DataType::FloatVector { dim, .. } => {
+                ArrowType::FixedSizeList(Arc::new(Field::new("item", ArrowType::Float32, false)), *dim as i32)
+            }
+        }
+    }
+
+    pub fn is_vector(&self) -> bool {
+        matches!(self, DataType::FloatVector { .. })
+    }
+
+    fn is_integer(&self) -> bool {
+        matches!(self, DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64)
+    }
+}
+
+/// One field of a collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldSchema {
+    pub name: String,
+    pub data_type: DataType,
+    #[serde(default)]
+    pub nullable: bool,
+    /// Used when a write leaves the field out (or gives null for a non-nullable field).
+    #[serde(default)]
+    pub default_value: Option<Value>,
+    #[serde(default)]
+    pub is_primary: bool,
+    /// For the primary key: ids are assigned by the engine on insert.
+    #[serde(default)]
+    pub auto_id: bool,
+}
+
+impl FieldSchema {
+    pub fn new(name: impl Into<String>, data_type: DataType) -> Self {
+        FieldSchema {
+            name: name.into(),
+            data_type,
+            nullable: false,
+            default_value: None,
+            is_primary: false,
+            auto_id: false,
+        }
+    }
+
+    /// An `int64` primary key.
+    pub fn int64_primary(name: impl Into<String>, auto_id: bool) -> Self {
+        FieldSchema { is_primary: true, auto_id, ..FieldSchema::new(name, DataType::Int64) }
+    }
+
+    /// A `varchar` primary key.
+    pub fn varchar_primary(name: impl Into<String>, max_length: usize) -> Self {
+        FieldSchema { is_primary: true, ..FieldSchema::new(name, DataType::VarChar { max_length }) }
+    }
+
+    pub fn vector(name: impl Into<String>, dim: usize, metric: Metric) -> Self {
+        FieldSchema::new(name, DataType::FloatVector { dim, metric })
+    }
+
+    pub fn nullable(mut self) -> Self {
+        self.nullable = true;
+        self
+    }
+
+    pub fn with_default(mut self, value: Value) -> Self {
+        self.default_value = Some(value);
+        self
+    }
+}
+
+/// The schema of a collection: one primary key, at least one vector field, scalars.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionSchema {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub fields: Vec<FieldSchema>,
+}
+
+impl CollectionSchema {
+    pub fn new(name: impl Into<String>, fields: Vec<FieldSchema>) -> Self {
+        CollectionSchema { name: name.into(), description: String::new(), fields }
+    }
+
+    /// Checks the schema is one the engine can hold; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        check_name("collection name", &self.name)?;
+        let mut seen = std::collections::HashSet::new();
+        for field in &self.fields {
+            check_name("field name", &field.name)?;
+            if !seen.insert(field.name.as_str()) {
+                return Err(Error::InvalidSchema(format!("field `{}` appears twice", field.name)));
+            }
+            match &field.data_type {
+                DataType::FloatVector { dim, .. } if *dim == 0 || *dim > MAX_DIM => {
+                    return Err(Error::InvalidSchema(format!(
+                        "field `{}`: dim {dim} outside 1..={MAX_DIM}",
+                        field.name
+                    )));
+                }
+                DataType::VarChar { max_length } if *max_length == 0 || *max_length > 65_535 => {
+                    return Err(Error::InvalidSchema(format!(
+                        "field `{}`: max_length {max_length} outside 1..=65535",
+                        field.name
+                    )));
+                }
+                _ => {}
+            }
+            if field.is_primary && (field.nullable || field.default_value.is_some()) {
+                return Err(Error::InvalidSchema(format!(
+                    "primary key `{}` cannot be nullable or have a default",
+                    field.name
+                )));
+            }
+            if field.auto_id && !(field.is_primary && field.data_type == DataType::Int64) {
+                return Err(Error::InvalidSchema(format!(
+                    "field `{}`: auto_id needs an int64 primary key",
+                    field.name
+                )));
+            }
+            if field.data_type.is_vector() && (field.nullable || field.default_value.is_some()) {
+                return Err(Error::InvalidSchema(format!(
+                    "vector field `{}` cannot be nullable or have a default",
+                    field.name
+                )));
+            }
+            if let Some(default) = &field.default_value {
+                default.check_type(&field.name, &field.data_type)?;
+            }
+        }
+        let primaries: Vec<_> = self.fields.iter().filter(|f| f.is_primary).collect();
+        match primaries.as_slice() {
+            [pk] if pk.data_type == DataType::Int64 || matches!(pk.data_type, DataType::VarChar { .. }) => {}
+            [pk] => {
+                return Err(Error::InvalidSchema(format!(
+                    "primary key `{}` must be int64 or varchar, not {:?}",
+                    pk.name, pk.data_type
+                )));
+            }
+            [] => return Err(Error::InvalidSchema("no primary key field (set is_primary on one field)".into())),
+            _ => return Err(Error::InvalidSchema("more than one primary key field".into())),
+        }
+        if !self.fields.iter().any(|f| f.data_type.is_vector()) {
+            return Err(Error::InvalidSchema("a collection needs at least one float_vector field".into()));
+        }
+        Ok(())
+    }
+
+    /// Index of the primary key field. Valid schemas have exactly one.
+    pub fn primary_index(&self) -> usize {
+        self.fields.iter().position(|f| f.is_primary).unwrap_or(0)
+    }
+
+    pub fn primary(&self) -> &FieldSchema {
+        &self.fields[self.primary_index()]
+    }
+
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|f| f.name == name)
+    }
+
+    /// Finds a field by name, or an error naming it.
+    pub fn field(&self, name: &str) -> Result<(usize, &FieldSchema)> {
+        self.field_index(name)
+            .map(|i| (i, &self.fields[i]))
+            .ok_or_else(|| Error::field(name, format!("no such field in collection `{}`", self.name)))
+    }
+
+    /// The vector field a search uses: the named one, or the only one.
+    pub fn vector_field(&self, name: Option<&str>) -> Result<(usize, usize, Metric)> {
+        let index = match name {
+            Some(name) => self.field(name)?.0,
+            None => {
+                let vectors: Vec<usize> =
+                    (0..self.fields.len()).filter(|&i| self.fields[i].data_type.is_vector()).collect();
+                match vectors.as_slice() {
+                    [only] => *only,
+                    _ => {
+                        return Err(Error::argument(
+                            "field",
+                            "the collection has several vector fields: name the one to search",
+                        ));
+                    }
+                }
+            }
+        };
+        match self.fields[index].data_type {
+            DataType::FloatVector { dim, metric } => Ok((index, dim, metric)),
+            _ => Err(Error::field(&self.fields[index].name, "is not a float_vector field")),
+        }
+    }
+
+    /// The Arrow schema of the rows (fields in schema order).
+    pub fn arrow_schema(&self) -> SchemaRef {
+        let fields: Vec<Field> =
+            self.fields.iter().map(|f| Field::new(&f.name, f.data_type.arrow_type(), f.nullable)).collect();
+        Arc::new(ArrowSchema::new(fields))
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    let valid_start = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !valid_start
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(Error::InvalidSchema(format!(
+            "{what} `{name}` must start with a letter or `_` and hold only letters, digits and `_` (at most {MAX_NAME_LEN})"
+        )));
+    }
+    Ok(())
+}
+
+impl Value {
+    /// Checks that the value fits a field of type `data_type`.
+    pub fn check_type(&self, field: &str, data_type: &DataType) -> Result<()> {
+        if let (Value::Vector(v), DataType::FloatVector { dim, .. }) = (self, data_type)
+            && v.len() != *dim
+        {
+            return Err(Error::field(field, format!("dimension {} does not match dim {dim}", v.len())));
+        }
+        let fits = match (self, data_type) {
+            (Value::Null, _) => true,
+            (Value::Bool(_), DataType::Bool) => true,
+            (Value::Int(v), t) if t.is_integer() => int_fits(*v, t),
+            (Value::Int(_) | Value::Float(_), DataType::Float | DataType::Double) => true,
+            (Value::String(s), DataType::VarChar { max_length }) => s.chars().count() <= *max_length,
+            (Value::String(s), DataType::Json) => serde_json::from_str::<serde_json::Value>(s).is_ok(),
+            (Value::Vector(v), DataType::FloatVector { dim, .. }) => v.len() == *dim,
+            _ => false,
+        };
+        if fits { Ok(()) } else { Err(Error::field(field, format!("value {self} does not fit type {data_type:?}"))) }
+    }
+}
+
+fn int_fits(v: i64, t: &DataType) -> bool {
+    match t {
+        DataType::Int8 => i8::try_from(v).is_ok(),
+        DataType::Int16 => i16::try_from(v).is_ok(),
+        DataType::Int32 => i32::try_from(v).is_ok(),
+        _ => true,
+    }
+}

@@ -1,0 +1,423 @@
+//! The per-worker dataflow: log source → exchange by key → upsert
+//! arrangement → segment operator ← broadcast requests; partial answers go to
+//! the origin worker's merge.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use differential_dataflow::Hashable;
+use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::core::{Concat, Exchange as ExchangeOp};
+use timely::dataflow::operators::generic::operator::{Operator, source};
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::{Scope, StreamVec};
+use timely::scheduling::SyncActivator;
+use timely::worker::Worker;
+use vectorflow_connectors::{EmbeddedLog, LogEntry, LogOp, LogReader};
+use vectorflow_core::value::pk_from_array;
+use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
+use vectorflow_operators::{Shard, ShardConfig};
+
+use crate::messages::{Answer, ChunkBody, Partial, Request, RequestKind, SegmentInput, ShardChunk};
+
+/// State the engine and every worker share.
+pub(crate) struct Shared {
+    pub log: Arc<EmbeddedLog>,
+    pub workers: usize,
+    pub schemas: RwLock<HashMap<CollectionId, Arc<CollectionSchema>>>,
+    /// Bumped on every create/drop so workers drop state of dropped collections.
+    pub catalog_version: AtomicU64,
+    /// Requests waiting to enter the dataflow, per origin worker.
+    pub requests: Vec<Mutex<Vec<Request>>>,
+    pub request_activators: Mutex<HashMap<usize, SyncActivator>>,
+    pub source_activators: Mutex<HashMap<usize, SyncActivator>>,
+    /// Where each request's merged answer goes.
+    pub replies: Mutex<HashMap<u64, SyncSender<Answer>>>,
+    /// Per worker: every change before this time is applied to its segments.
+    pub applied: Vec<AtomicU64>,
+    pub shutdown: AtomicBool,
+    /// While set, sources read nothing and hold their frontier.
+    pub ingest_paused: AtomicBool,
+    pub shard_config: ShardConfig,
+    pub tick: Duration,
+    /// Log entries one source activation reads at most.
+    pub poll_batch: usize,
+}
+
+impl Shared {
+    fn schema(&self, collection: CollectionId) -> Option<Arc<CollectionSchema>> {
+        self.schemas.read().ok()?.get(&collection).cloned()
+    }
+
+    /// Wakes `worker`'s request source.
+    pub fn wake_requests(&self, worker: usize) {
+        if let Ok(activators) = self.request_activators.lock()
+            && let Some(activator) = activators.get(&worker)
+        {
+            let _ = activator.activate();
+        }
+    }
+
+    /// Wakes every log source, so frontiers move now rather than at the next tick.
+    pub fn wake_sources(&self) {
+        if let Ok(activators) = self.source_activators.lock() {
+            activators.values().for_each(|a| {
+                let _ = a.activate();
+            });
+        }
+    }
+
+    /// The time before which every worker has applied every change.
+    pub fn applied_frontier(&self) -> Timestamp {
+        self.applied.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(0)
+    }
+}
+
+/// Builds the dataflow on one worker and steps it until shutdown.
+pub(crate) fn run_worker(worker: &mut Worker, shared: Arc<Shared>) {
+    let index = worker.index();
+    let peers = worker.peers();
+    worker.dataflow::<Timestamp, _, _>(|scope| build(scope, &shared, index, peers));
+    while !shared.shutdown.load(Ordering::Acquire) {
+        worker.step_or_park(Some(shared.tick));
+    }
+    for dataflow in worker.installed_dataflows() {
+        worker.drop_dataflow(dataflow);
+    }
+}
+
+type Key = (CollectionId, Pk);
+
+fn shard_of(collection: CollectionId, pk: &Pk, peers: usize) -> usize {
+    // The same hash `arrange_from_upsert` exchanges by, so payloads and
+    // version changes of a key meet on one worker.
+    ((&collection, pk).hashed() % peers as u64) as usize
+}
+
+fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: usize, peers: usize) {
+    let chunks = log_source(scope, shared.clone(), index, peers).exchange(|chunk: &ShardChunk| chunk.shard as u64);
+
+    let upserts = chunks.clone().flat_map(|chunk: ShardChunk| {
+        let collection = chunk.collection;
+        let ts = chunk.ts;
+        let events: Vec<(Key, Option<VersionId>, Timestamp)> = match chunk.body {
+            ChunkBody::Upsert { pks, versions, .. } => {
+                pks.into_iter().zip(versions).map(|(pk, v)| ((collection, pk), Some(v), ts)).collect()
+            }
+            ChunkBody::Delete { pks } => pks.into_iter().map(|pk| ((collection, pk), None, ts)).collect(),
+        };
+        events
+    });
+    let arranged = arrange_from_upsert::<
+        ValBuilder<Key, VersionId, Timestamp, isize>,
+        ValSpine<Key, VersionId, Timestamp, isize>,
+        Key,
+        VersionId,
+    >(upserts, "PrimaryKeyVersions");
+    let changes = arranged
+        .as_collection(|key: &Key, version: &VersionId| (key.0, *version))
+        .inner
+        .map(|((collection, version), ts, diff)| SegmentInput::Change { collection, version, ts, diff });
+
+    let data = chunks.map(SegmentInput::Chunk).concat(changes);
+    let requests = request_source(scope, shared.clone(), index).broadcast();
+    let partials = segments(data, requests, shared.clone(), index);
+    merge(partials, shared.clone(), peers);
+}
+
+/// Reads this worker's log partitions and cuts each record into per-shard chunks.
+fn log_source<'scope>(
+    scope: Scope<'scope, Timestamp>,
+    shared: Arc<Shared>,
+    index: usize,
+    peers: usize,
+) -> StreamVec<'scope, Timestamp, ShardChunk> {
+    source(scope, "LogSource", move |capability, info| {
+        let partitions: Vec<u32> = (0..shared.log.partitions()).filter(|p| *p as usize % peers == index).collect();
+        let mut reader = shared.log.reader(partitions.clone());
+        let activator = scope.worker().sync_activator_for(info.address.to_vec());
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        shared.log.subscribe(Box::new(move || {
+            let _ = wake.activate();
+        }));
+        if let Ok(mut activators) = shared.source_activators.lock() {
+            activators.insert(index, scope.worker().sync_activator_for(info.address.to_vec()));
+        }
+        let delayed = scope.worker().activator_for(info.address.clone());
+        let mut capability = if partitions.is_empty() { None } else { Some(capability) };
+        move |output| {
+            if shared.shutdown.load(Ordering::Acquire) {
+                capability = None;
+            }
+            let Some(cap) = capability.as_mut() else { return };
+            if shared.ingest_paused.load(Ordering::Acquire) {
+                delayed.activate_after(shared.tick);
+                return;
+            }
+            let poll = match reader.poll(shared.poll_batch) {
+                Ok(poll) => poll,
+                Err(e) => {
+                    tracing::error!(worker = index, "log read failed, retrying: {e}");
+                    delayed.activate_after(shared.tick * 10);
+                    return;
+                }
+            };
+            for entry in poll.entries {
+                let time = entry.ts.max(*cap.time());
+                let at = cap.delayed(&time);
+                let mut session = output.session(&at);
+                for chunk in cut_into_chunks(&shared, entry, peers) {
+                    session.give(chunk);
+                }
+            }
+            match poll.frontier {
+                Some(frontier) => {
+                    if frontier > *cap.time() {
+                        cap.downgrade(&frontier);
+                    }
+                    delayed.activate_after(shared.tick);
+                }
+                // Behind: read on at once.
+                None => {
+                    let _ = activator.activate();
+                }
+            }
+        }
+    })
+}
+
+/// Splits one log entry into a chunk per shard that owns some of its keys.
+fn cut_into_chunks(shared: &Shared, entry: LogEntry, peers: usize) -> Vec<ShardChunk> {
+    let LogEntry { partition, ts, record, offset } = entry;
+    let collection = record.collection;
+    let Some(schema) = shared.schema(collection) else {
+        // A dropped collection: its records are history nobody can read.
+        return Vec::new();
+    };
+    let chunk = |shard, body| ShardChunk { shard, collection, ts, body };
+    match record.op {
+        LogOp::Delete(pks) => {
+            let mut by_shard: BTreeMap<usize, Vec<Pk>> = BTreeMap::new();
+            for pk in pks {
+                by_shard.entry(shard_of(collection, &pk, peers)).or_default().push(pk);
+            }
+            by_shard.into_iter().map(|(shard, pks)| chunk(shard, ChunkBody::Delete { pks })).collect()
+        }
+        LogOp::Upsert(IpcBatch(batch)) => {
+            let pk_column = schema.primary_index();
+            let mut rows_by_shard: BTreeMap<usize, (Vec<u32>, Vec<Pk>)> = BTreeMap::new();
+            for row in 0..batch.num_rows() {
+                match pk_from_array(batch.column(pk_column).as_ref(), row) {
+                    Ok(pk) => {
+                        let rows = rows_by_shard.entry(shard_of(collection, &pk, peers)).or_default();
+                        rows.0.push(row as u32);
+                        rows.1.push(pk);
+                    }
+                    Err(e) => tracing::error!(partition, offset, row, "log record skipped: {e}"),
+                }
+            }
+            let version = |row: u32| VersionId { ts, partition, row };
+            let single_shard =
+                rows_by_shard.len() == 1 && rows_by_shard.values().all(|(rows, _)| rows.len() == batch.num_rows());
+            let mut chunks = Vec::new();
+            for (shard, (rows, pks)) in rows_by_shard {
+                let versions = rows.iter().map(|&row| version(row)).collect();
+                let part =
+                    if single_shard { Ok(batch.clone()) } else { vectorflow_core::batch::take_rows(&batch, &rows) };
+                match part {
+                    Ok(part) => chunks.push(chunk(shard, ChunkBody::Upsert { batch: IpcBatch(part), pks, versions })),
+                    Err(e) => tracing::error!(partition, offset, "log record skipped: {e}"),
+                }
+            }
+            chunks
+        }
+    }
+}
+
+/// Emits requests queued for this worker. Requests carry their read time as
+/// data; the stream itself stays at time zero so it never holds back the
+/// data frontier.
+fn request_source<'scope>(
+    scope: Scope<'scope, Timestamp>,
+    shared: Arc<Shared>,
+    index: usize,
+) -> StreamVec<'scope, Timestamp, Request> {
+    source(scope, "Requests", move |capability, info| {
+        if let Ok(mut activators) = shared.request_activators.lock() {
+            activators.insert(index, scope.worker().sync_activator_for(info.address.to_vec()));
+        }
+        let mut capability = Some(capability);
+        move |output| {
+            if shared.shutdown.load(Ordering::Acquire) {
+                capability = None;
+            }
+            let Some(cap) = capability.as_ref() else { return };
+            let requests = match shared.requests[index].lock() {
+                Ok(mut queue) => std::mem::take(&mut *queue),
+                Err(_) => return,
+            };
+            if !requests.is_empty() {
+                output.session(cap).give_iterator(requests.into_iter());
+            }
+        }
+    })
+}
+
+/// Everything that arrived for one time, applied once the frontier passes it.
+#[derive(Default)]
+struct Pending {
+    chunks: Vec<ShardChunk>,
+    added: HashSet<VersionId>,
+    retired: Vec<(CollectionId, VersionId)>,
+}
+
+/// The segment operator: holds each collection's shard on this worker,
+/// applies version changes in time order, and answers requests once the
+/// data frontier has passed their read time.
+fn segments<'scope>(
+    data: StreamVec<'scope, Timestamp, SegmentInput>,
+    requests: StreamVec<'scope, Timestamp, Request>,
+    shared: Arc<Shared>,
+    index: usize,
+) -> StreamVec<'scope, Timestamp, Partial> {
+    data.binary_frontier(requests, Pipeline, Pipeline, "Segments", move |_capability, _info| {
+        let mut shards: HashMap<CollectionId, Shard> = HashMap::new();
+        let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
+        let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
+        let mut catalog_version = 0;
+        move |(data, data_frontier), (requests, _), output| {
+            data.for_each(|_cap, items| {
+                for item in items.drain(..) {
+                    match item {
+                        SegmentInput::Chunk(chunk) => stash.entry(chunk.ts).or_default().chunks.push(chunk),
+                        SegmentInput::Change { collection, version, ts, diff } => {
+                            let pending = stash.entry(ts).or_default();
+                            if diff > 0 {
+                                pending.added.insert(version);
+                            } else {
+                                pending.retired.push((collection, version));
+                            }
+                        }
+                    }
+                }
+            });
+            requests.for_each(|cap, items| {
+                let Some(cap) = cap.retain_least(0) else { return };
+                for request in items.drain(..) {
+                    waiting.push((cap.clone(), request));
+                }
+            });
+
+            let current = shared.catalog_version.load(Ordering::Acquire);
+            if current != catalog_version {
+                catalog_version = current;
+                if let Ok(schemas) = shared.schemas.read() {
+                    shards.retain(|id, _| schemas.contains_key(id));
+                }
+            }
+
+            // Everything before the frontier is complete: apply it in time order.
+            let frontier = data_frontier.frontier().iter().copied().min().unwrap_or(Timestamp::MAX);
+            while let Some(entry) = stash.first_entry() {
+                if *entry.key() >= frontier {
+                    break;
+                }
+                let ts = *entry.key();
+                apply(&shared, &mut shards, ts, entry.remove());
+            }
+            shared.applied[index].store(frontier, Ordering::Release);
+
+            waiting.retain(|(cap, request)| {
+                if request.read_ts >= frontier {
+                    return true;
+                }
+                let answer = answer(&mut shards, request);
+                output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
+                false
+            });
+        }
+    })
+}
+
+fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timestamp, pending: Pending) {
+    let Pending { chunks, added, retired } = pending;
+    let mut per_collection: BTreeMap<CollectionId, (Vec<_>, Vec<VersionId>)> = BTreeMap::new();
+    for chunk in chunks {
+        if let ChunkBody::Upsert { batch, versions, .. } = chunk.body {
+            per_collection.entry(chunk.collection).or_default().0.push((batch.0, versions));
+        }
+    }
+    for (collection, version) in retired {
+        per_collection.entry(collection).or_default().1.push(version);
+    }
+    for (collection, (batches, retired)) in per_collection {
+        let shard = match shards.entry(collection) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match shared.schema(collection) {
+                Some(schema) => e.insert(Shard::new(schema, shared.shard_config)),
+                None => continue,
+            },
+        };
+        if let Err(e) = shard.apply(ts, batches, &added, &retired) {
+            tracing::error!(collection, ts, "applying changes failed: {e}");
+        }
+    }
+}
+
+fn answer(shards: &mut HashMap<CollectionId, Shard>, request: &Request) -> Answer {
+    let shard = shards.get_mut(&request.collection);
+    match (&request.kind, shard) {
+        (RequestKind::Search { queries, k, .. }, None) => {
+            Answer::Search { k: *k, hits: vec![Vec::new(); queries.len()] }
+        }
+        (RequestKind::Search { field, queries, k, ef, output_fields }, Some(shard)) => {
+            Answer::Search { k: *k, hits: shard.search(*field, queries, *k, *ef, request.read_ts, output_fields) }
+        }
+        (RequestKind::Get { .. }, None) => Answer::Get(Vec::new()),
+        (RequestKind::Get { pks, output_fields }, Some(shard)) => {
+            Answer::Get(shard.get(pks, request.read_ts, output_fields))
+        }
+        (RequestKind::Seal, None) => Answer::Done,
+        (RequestKind::Seal, Some(shard)) => match shard.seal_growing() {
+            Ok(()) => Answer::Done,
+            Err(e) => Answer::Failed(e.to_string()),
+        },
+        (RequestKind::Stats, shard) => Answer::Stats(shard.map(|s| s.stats()).unwrap_or_default()),
+    }
+}
+
+/// Collects every worker's part of an answer on the origin worker and
+/// completes the caller's reply when the last part arrives.
+fn merge<'scope>(partials: StreamVec<'scope, Timestamp, Partial>, shared: Arc<Shared>, peers: usize) {
+    let mut collecting: HashMap<u64, (usize, Answer)> = HashMap::new();
+    partials.sink(Exchange::new(|p: &Partial| p.origin as u64), "Merge", move |(input, _)| {
+        input.for_each(|_cap, items| {
+            for partial in items.drain(..) {
+                let done = {
+                    let entry = collecting.entry(partial.id);
+                    let slot = entry.or_insert_with(|| (0, Answer::Done));
+                    if slot.0 == 0 {
+                        slot.1 = partial.answer;
+                    } else {
+                        slot.1.merge(partial.answer);
+                    }
+                    slot.0 += 1;
+                    slot.0 == peers
+                };
+                if done && let Some((_, answer)) = collecting.remove(&partial.id) {
+                    let reply = shared.replies.lock().ok().and_then(|mut r| r.remove(&partial.id));
+                    if let Some(reply) = reply {
+                        // The caller may have timed out and gone; nothing to do then.
+                        let _ = reply.try_send(answer);
+                    }
+                }
+            }
+        });
+    });
+}

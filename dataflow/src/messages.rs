@@ -1,0 +1,113 @@
+//! The records that flow through the dataflow. They are plain serialisable
+//! data so they can cross process boundaries in a cluster.
+
+use serde::{Deserialize, Serialize};
+use vectorflow_core::{CollectionId, IpcBatch, Pk, Timestamp, Value, VersionId};
+use vectorflow_operators::{Hit, ShardStats};
+
+/// Part of one log record destined for one shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardChunk {
+    /// The worker owning these keys.
+    pub shard: usize,
+    pub collection: CollectionId,
+    pub ts: Timestamp,
+    pub body: ChunkBody,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ChunkBody {
+    /// Rows with their keys and version ids, aligned.
+    Upsert {
+        batch: IpcBatch,
+        pks: Vec<Pk>,
+        versions: Vec<VersionId>,
+    },
+    Delete {
+        pks: Vec<Pk>,
+    },
+}
+
+/// What the segment operator consumes: row payloads, and the version
+/// changes the upsert arrangement derived from them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SegmentInput {
+    Chunk(ShardChunk),
+    /// `+1`: `version` is the key's current version from `ts`; `-1`: retired at `ts`.
+    Change {
+        collection: CollectionId,
+        version: VersionId,
+        ts: Timestamp,
+        diff: isize,
+    },
+}
+
+/// A read (or control request) broadcast to every worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    /// The worker that merges the partial answers.
+    pub origin: usize,
+    pub collection: CollectionId,
+    /// Answer as of this time, once every change at or before it is applied.
+    pub read_ts: Timestamp,
+    pub kind: RequestKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RequestKind {
+    Search {
+        field: usize,
+        queries: Vec<Vec<f32>>,
+        k: usize,
+        ef: usize,
+        output_fields: Vec<usize>,
+    },
+    Get {
+        pks: Vec<Pk>,
+        output_fields: Vec<usize>,
+    },
+    /// Seal the growing segments (flush).
+    Seal,
+    Stats,
+}
+
+/// One worker's answer to a request, sent to the origin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Partial {
+    pub id: u64,
+    pub origin: usize,
+    pub answer: Answer,
+}
+
+/// An answer: a worker's part, or (after the merge) the whole.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Answer {
+    Search { k: usize, hits: Vec<Vec<Hit>> },
+    Get(Vec<(Pk, Vec<Value>)>),
+    Stats(ShardStats),
+    Done,
+    Failed(String),
+}
+
+impl Answer {
+    /// Folds another worker's part into this one.
+    pub fn merge(&mut self, other: Answer) {
+        match (self, other) {
+            (Answer::Search { k, hits }, Answer::Search { hits: more, .. }) => {
+                for (mine, theirs) in hits.iter_mut().zip(more) {
+                    mine.extend(theirs);
+                    mine.sort_by(|a, b| {
+                        a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key()))
+                    });
+                    mine.truncate(*k);
+                }
+            }
+            (Answer::Get(rows), Answer::Get(more)) => rows.extend(more),
+            (Answer::Stats(stats), Answer::Stats(more)) => *stats += more,
+            (Answer::Failed(_), _) => {}
+            (this, failed @ Answer::Failed(_)) => *this = failed,
+            (_, _) => {}
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The data plane the dataflow runs: growing and sealed segments (Arrow
+//! columns + vectors + per-row insert/delete timestamps), the HNSW index over
+//! `hnsw_rs`, exact search, and the per-shard state that applies version
+//! changes and answers reads.
+
+pub mod distance;
+pub mod index;
+pub mod segment;
+pub mod shard;
+pub mod topk;
+
+pub use index::IndexParams;
+pub use segment::Segment;
+pub use shard::{Hit, SearchPlan, Shard, ShardConfig, ShardStats};

@@ -1,0 +1,300 @@
+//! A segment: rows as Arrow columns, vectors as contiguous `f32` buffers, and
+//! per-row `insert_ts`/`delete_ts`. A row version is visible at `t` iff
+//! `insert_ts <= t < delete_ts`.
+//!
+//! A segment grows by appending chunks until it seals; sealing concatenates
+//! the chunks and builds one HNSW index per vector field on a background
+//! thread. Until an index is ready the segment answers with exact search, so
+//! nothing disappears from results during the hand-off.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, AsArray};
+use arrow::buffer::ScalarBuffer;
+use arrow::datatypes::Float32Type;
+use arrow::record_batch::RecordBatch;
+use vectorflow_core::value::pks_from_array;
+use vectorflow_core::{CollectionSchema, DataType, Metric, Pk, Result, Timestamp, Value, VersionId};
+
+use crate::distance::distance;
+use crate::index::{HnswIndex, IndexParams};
+use crate::topk::{Candidate, TopK};
+
+/// `delete_ts` of a version nothing has retired yet.
+pub const ALIVE: Timestamp = Timestamp::MAX;
+
+/// When a search scans exactly instead of walking the graph.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SearchPlan {
+    /// Scan exactly when fewer rows than this are visible.
+    pub exact_below_rows: usize,
+    /// Scan exactly when less than this fraction of the segment is visible
+    /// (a filtered graph walk loses recall when most nodes are filtered out).
+    pub exact_below_fraction: f32,
+}
+
+impl Default for SearchPlan {
+    fn default() -> Self {
+        SearchPlan { exact_below_rows: 1000, exact_below_fraction: 0.1 }
+    }
+}
+
+/// One vector field of a segment: where it is in the schema, and its index.
+#[derive(Debug)]
+struct VectorColumn {
+    field: usize,
+    dim: usize,
+    metric: Metric,
+    /// One contiguous buffer per chunk.
+    chunks: Vec<ScalarBuffer<f32>>,
+    index: Option<Arc<OnceLock<HnswIndex>>>,
+}
+
+#[derive(Debug)]
+pub struct Segment {
+    pub id: u64,
+    chunks: Vec<RecordBatch>,
+    /// First row of each chunk.
+    chunk_starts: Vec<usize>,
+    vectors: Vec<VectorColumn>,
+    pk_field: usize,
+    pks: Vec<Pk>,
+    /// `pks[i].order_key()`, kept to break ties without touching the keys.
+    tiebreaks: Vec<u64>,
+    versions: Vec<VersionId>,
+    insert_ts: Vec<Timestamp>,
+    delete_ts: Vec<Timestamp>,
+    retired: usize,
+    max_insert_ts: Timestamp,
+    sealed: bool,
+}
+
+impl Segment {
+    pub fn new(id: u64, schema: &CollectionSchema) -> Segment {
+        let vectors = schema
+            .fields
+            .iter()
+            .enumerate()
+            .filter_map(|(field, f)| match f.data_type {
+                DataType::FloatVector { dim, metric } => {
+                    Some(VectorColumn { field, dim, metric, chunks: Vec::new(), index: None })
+                }
+                _ => None,
+            })
+            .collect();
+        Segment {
+            id,
+            chunks: Vec::new(),
+            chunk_starts: Vec::new(),
+            vectors,
+            pk_field: schema.primary_index(),
+            pks: Vec::new(),
+            tiebreaks: Vec::new(),
+            versions: Vec::new(),
+            insert_ts: Vec::new(),
+            delete_ts: Vec::new(),
+            retired: 0,
+            max_insert_ts: 0,
+            sealed: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pks.is_empty()
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Whether every vector field's index is built (false while growing).
+    pub fn is_indexed(&self) -> bool {
+        self.sealed && self.vectors.iter().all(|v| v.index.as_ref().is_some_and(|i| i.get().is_some()))
+    }
+
+    /// Rows not retired by any later version.
+    pub fn live_rows(&self) -> usize {
+        self.len() - self.retired
+    }
+
+    pub fn pk(&self, row: u32) -> &Pk {
+        &self.pks[row as usize]
+    }
+
+    pub fn version(&self, row: u32) -> VersionId {
+        self.versions[row as usize]
+    }
+
+    pub fn insert_ts(&self, row: u32) -> Timestamp {
+        self.insert_ts[row as usize]
+    }
+
+    #[inline]
+    pub fn visible(&self, row: usize, ts: Timestamp) -> bool {
+        self.insert_ts[row] <= ts && ts < self.delete_ts[row]
+    }
+
+    /// Appends rows inserted at `ts`; returns the first new row number.
+    pub fn append(&mut self, batch: RecordBatch, versions: Vec<VersionId>, ts: Timestamp) -> Result<u32> {
+        debug_assert!(!self.sealed, "appends go to the growing segment");
+        let first = self.len();
+        let pks = pks_from_array(batch.column(self.pk_field).as_ref())?;
+        for column in &mut self.vectors {
+            column.chunks.push(vector_buffer(&batch, column.field, column.dim));
+        }
+        self.tiebreaks.extend(pks.iter().map(Pk::order_key));
+        self.pks.extend(pks);
+        self.versions.extend(versions);
+        self.insert_ts.resize(self.pks.len(), ts);
+        self.delete_ts.resize(self.pks.len(), ALIVE);
+        self.max_insert_ts = self.max_insert_ts.max(ts);
+        self.chunk_starts.push(first);
+        self.chunks.push(batch);
+        Ok(first as u32)
+    }
+
+    /// Retires a row version at `ts` (a delete, or an upsert that replaced it).
+    pub fn retire(&mut self, row: u32, ts: Timestamp) {
+        let slot = &mut self.delete_ts[row as usize];
+        if *slot == ALIVE {
+            self.retired += 1;
+        }
+        *slot = (*slot).min(ts);
+    }
+
+    /// Seals the segment: one chunk, and an HNSW index per vector field built
+    /// off the calling thread.
+    pub fn seal(&mut self, params: IndexParams) -> Result<()> {
+        if self.sealed {
+            return Ok(());
+        }
+        self.sealed = true;
+        if self.chunks.len() > 1 {
+            let schema = self.chunks[0].schema();
+            let batch = arrow::compute::concat_batches(&schema, &self.chunks)?;
+            self.chunks = vec![batch];
+            self.chunk_starts = vec![0];
+        }
+        let Some(batch) = self.chunks.first() else { return Ok(()) };
+        for column in &mut self.vectors {
+            let buffer = vector_buffer(batch, column.field, column.dim);
+            column.chunks = vec![buffer.clone()];
+            let slot = Arc::new(OnceLock::new());
+            column.index = Some(slot.clone());
+            let (dim, metric, segment) = (column.dim, column.metric, self.id);
+            let spawned = std::thread::Builder::new().name(format!("hnsw-build-{segment}")).spawn(move || {
+                let started = std::time::Instant::now();
+                let index = HnswIndex::build(&buffer, dim, metric, params);
+                tracing::debug!(segment, rows = index.rows(), elapsed = ?started.elapsed(), "index built");
+                let _ = slot.set(index);
+            });
+            if let Err(e) = spawned {
+                // The segment still answers, exactly, without an index.
+                tracing::warn!(segment, "could not start the index build: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, row: usize) -> (usize, usize) {
+        let chunk = self.chunk_starts.partition_point(|&start| start <= row) - 1;
+        (chunk, row - self.chunk_starts[chunk])
+    }
+
+    /// The value of schema field `field` at `row`.
+    pub fn value(&self, field: usize, row: u32) -> Value {
+        let (chunk, local) = self.locate(row as usize);
+        Value::from_array(self.chunks[chunk].column(field).as_ref(), local)
+    }
+
+    fn column(&self, field: usize) -> Option<&VectorColumn> {
+        self.vectors.iter().find(|v| v.field == field)
+    }
+
+    /// Rows visible at `ts`.
+    pub fn visible_count(&self, ts: Timestamp) -> usize {
+        if self.retired == 0 && ts >= self.max_insert_ts {
+            return self.len();
+        }
+        (0..self.len()).filter(|&row| self.visible(row, ts)).count()
+    }
+
+    /// The `k` visible rows closest to `query` in vector field `field`, at `ts`.
+    /// `query` is already normalised for COSINE.
+    pub fn search(
+        &self,
+        field: usize,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        ts: Timestamp,
+        plan: SearchPlan,
+    ) -> Vec<Candidate> {
+        let Some(column) = self.column(field) else { return Vec::new() };
+        let visible = self.visible_count(ts);
+        if visible == 0 || k == 0 {
+            return Vec::new();
+        }
+        let exact_below = plan.exact_below_rows.max((self.len() as f32 * plan.exact_below_fraction) as usize);
+        let index = column.index.as_ref().and_then(|slot| slot.get());
+        match index {
+            Some(index) if visible >= exact_below => {
+                let all_visible = visible == self.len();
+                let filter = |row: &usize| self.visible(*row, ts);
+                let rows = index.search(query, k, ef, if all_visible { None } else { Some(&filter) });
+                let mut top = TopK::new(k);
+                for row in rows {
+                    let d = distance(column.metric, query, self.vector_in(column, row));
+                    top.push(Candidate {
+                        distance: d,
+                        tiebreak: self.tiebreaks[row],
+                        segment: self.id,
+                        row: row as u32,
+                    });
+                }
+                top.into_sorted()
+            }
+            _ => self.exact(column, query, k, ts),
+        }
+    }
+
+    fn vector_in<'a>(&'a self, column: &'a VectorColumn, row: usize) -> &'a [f32] {
+        let (chunk, local) = self.locate(row);
+        &column.chunks[chunk][local * column.dim..(local + 1) * column.dim]
+    }
+
+    fn exact(&self, column: &VectorColumn, query: &[f32], k: usize, ts: Timestamp) -> Vec<Candidate> {
+        let mut top = TopK::new(k);
+        for (chunk, buffer) in column.chunks.iter().enumerate() {
+            let start = self.chunk_starts[chunk];
+            for (local, vector) in buffer.chunks_exact(column.dim).enumerate() {
+                let row = start + local;
+                if !self.visible(row, ts) {
+                    continue;
+                }
+                let d = distance(column.metric, query, vector);
+                if d <= top.threshold() {
+                    top.push(Candidate {
+                        distance: d,
+                        tiebreak: self.tiebreaks[row],
+                        segment: self.id,
+                        row: row as u32,
+                    });
+                }
+            }
+        }
+        top.into_sorted()
+    }
+}
+
+/// The contiguous values of a `FixedSizeList<Float32>` column.
+fn vector_buffer(batch: &RecordBatch, field: usize, dim: usize) -> ScalarBuffer<f32> {
+    let list = batch.column(field).as_fixed_size_list();
+    let values = list.values().as_primitive::<Float32Type>().values().clone();
+    let offset = list.offset() * dim;
+    values.slice(offset, list.len() * dim)
+}

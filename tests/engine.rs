@@ -1,0 +1,306 @@
+//! End-to-end behaviour of the embedded engine: recall, consistency levels,
+//! recovery from the log, worker-count independence and input errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vectorflow::{
+    CollectionSchema, Consistency, DataType, Dataset, Engine, EngineConfig, Error, FieldSchema, GetOptions, Metric, Pk,
+    SearchOptions, Value, row,
+};
+
+#[test]
+fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
+    let dataset = Dataset::open(dataset_dir("pypi-20k")).expect("pypi-20k dataset");
+    let vectors = dataset.base_vectors().unwrap();
+    let queries = dataset.query_vectors().unwrap();
+    let attributes = dataset.base_attributes().unwrap();
+    let truth = dataset.ground_truth("unfiltered").unwrap().expect("unfiltered ground truth");
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig { workers: 2, seal_rows: 3000, ..EngineConfig::new(dir.path()) }).unwrap();
+    let schema = dataset.collection_schema("pypi", &attributes).unwrap();
+    engine.create_collection(schema.clone()).unwrap();
+    for start in (0..vectors.rows).step_by(2000) {
+        let batch =
+            dataset.base_batch(&schema, &vectors, &attributes, start..(start + 2000).min(vectors.rows)).unwrap();
+        engine.insert("pypi", &batch).unwrap();
+    }
+    let stats = engine.wait_for_indexes("pypi", Duration::from_secs(600)).unwrap();
+    let stats_now = engine.stats("pypi", Consistency::Strong).unwrap();
+    assert_eq!(stats_now.live_rows, vectors.rows);
+    assert!(stats.sealed_segments >= 2 && stats_now.growing_rows > 0, "{stats_now:?}");
+
+    let query_list: Vec<Vec<f32>> = (0..queries.rows).map(|q| queries.row(q).to_vec()).collect();
+    let options = SearchOptions { output_fields: vec!["month".into()], ..SearchOptions::new(10) };
+    let result = engine.search("pypi", &query_list, &options).unwrap();
+    let mut recall = 0.0;
+    for (q, hits) in result.hits.iter().enumerate() {
+        assert_eq!(hits.len(), 10);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "COSINE hits best first");
+        assert!(hits.iter().all(|h| h.fields.contains_key("month")));
+        let found: Vec<(i64, f32)> = hits.iter().map(|h| (pk_int(&h.pk), h.score)).collect();
+        recall += truth.recall(q, 10, &found);
+    }
+    let recall = recall / queries.rows as f64;
+    assert!(recall >= 0.95, "recall@10 = {recall}");
+    engine.shutdown();
+}
+
+fn pk_int(pk: &Pk) -> i64 {
+    match pk {
+        Pk::Int(v) => *v,
+        Pk::Str(_) => -1,
+    }
+}
+
+#[test]
+fn strong_sees_acknowledged_writes_eventually_does_not_wait_session_sees_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 1000);
+    engine.create_collection(small_schema("c")).unwrap();
+    for id in 0..30 {
+        engine.insert_rows("c", &[small_row(id, [id as f32, 0.0])]).unwrap();
+        let rows = engine.get("c", &[Pk::Int(id)], &GetOptions::default()).unwrap();
+        assert_eq!(rows.len(), 1, "Strong get right after write {id}");
+        let hits = engine.search("c", &[vec![id as f32, 0.0]], &SearchOptions::new(1)).unwrap();
+        assert_eq!(pks(&hits.hits[0]), vec![Pk::Int(id)]);
+    }
+
+    // With ingestion paused, a write is acknowledged but not applied.
+    engine.pause_ingest();
+    let session = engine.session();
+    let write = session.insert_rows("c", &[small_row(100, [100.0, 0.0])]).unwrap();
+    let query = [vec![100.0, 0.0]];
+    let eventually = SearchOptions { consistency: Consistency::Eventually, ..SearchOptions::new(1) };
+    let started = std::time::Instant::now();
+    let seen = engine.search("c", &query, &eventually).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "Eventually must not wait for the frontier");
+    assert_ne!(pks(&seen.hits[0]), vec![Pk::Int(100)]);
+    assert!(seen.read_ts < write.ts);
+    let strong = SearchOptions { timeout: Some(Duration::from_millis(300)), ..SearchOptions::new(1) };
+    assert!(matches!(engine.search("c", &query, &strong), Err(Error::Timeout(_))));
+    let session_read = SearchOptions { consistency: Consistency::Session, ..strong.clone() };
+    assert!(matches!(session.search("c", &query, &session_read), Err(Error::Timeout(_))));
+    // Another session without writes is not held back.
+    let other = engine.session();
+    assert!(other.search("c", &query, &session_read).is_ok());
+    engine.resume_ingest();
+    let session_read = SearchOptions { timeout: Some(Duration::from_secs(30)), ..session_read };
+    assert_eq!(pks(&session.search("c", &query, &session_read).unwrap().hits[0]), vec![Pk::Int(100)]);
+    assert_eq!(pks(&engine.search("c", &query, &SearchOptions::new(1)).unwrap().hits[0]), vec![Pk::Int(100)]);
+    let bounded = SearchOptions { consistency: Consistency::Bounded, ..SearchOptions::new(1) };
+    assert!(engine.search("c", &query, &bounded).is_ok());
+    engine.shutdown();
+}
+
+#[test]
+fn reopening_without_flush_finds_every_acknowledged_write_at_the_same_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<Pk> = (0..40).map(Pk::Int).collect();
+    let (writes, before, after_upsert, deleted_at) = {
+        let engine = exact_engine(dir.path(), 2, 7);
+        engine.create_collection(small_schema("c")).unwrap();
+        let mut writes = Vec::new();
+        for chunk in (0..40).collect::<Vec<i64>>().chunks(10) {
+            let rows: Vec<_> = chunk.iter().map(|&id| small_row(id, [id as f32, 1.0])).collect();
+            writes.push(engine.insert_rows("c", &rows).unwrap());
+        }
+        let upsert = engine.upsert_rows("c", &[small_row(5, [-1.0, -1.0])]).unwrap();
+        let delete = engine.delete("c", &[Pk::Int(6), Pk::Int(7)]).unwrap();
+        let options = GetOptions { output_fields: vec!["v".into()], ..Default::default() };
+        let before = engine.get("c", &ids, &GetOptions { as_of: Some(upsert.ts - 1), ..options.clone() }).unwrap();
+        let after = engine.get("c", &ids, &GetOptions { as_of: Some(upsert.ts), ..options }).unwrap();
+        assert_eq!(after.len(), 40);
+        writes.push(upsert);
+        // Dropped without flush or shutdown.
+        drop(engine);
+        (writes, before, after, delete.ts)
+    };
+    let engine = exact_engine(dir.path(), 3, 7);
+    let options = GetOptions { output_fields: vec!["v".into()], ..Default::default() };
+    let upsert_ts = writes.last().unwrap().ts;
+    assert_eq!(engine.get("c", &ids, &GetOptions { as_of: Some(upsert_ts - 1), ..options.clone() }).unwrap(), before);
+    assert_eq!(engine.get("c", &ids, &GetOptions { as_of: Some(upsert_ts), ..options.clone() }).unwrap(), after_upsert);
+    let now = engine.get("c", &ids, &options).unwrap();
+    assert_eq!(now.len(), 38, "the two deletes stay applied");
+    assert_eq!(
+        engine
+            .get("c", &[Pk::Int(6)], &GetOptions { as_of: Some(deleted_at - 1), ..Default::default() })
+            .unwrap()
+            .len(),
+        1
+    );
+    // Each insert batch is visible exactly from its own timestamp.
+    for (i, write) in writes.iter().take(4).enumerate() {
+        let first = Pk::Int(i as i64 * 10);
+        let at = |ts| {
+            engine
+                .get("c", std::slice::from_ref(&first), &GetOptions { as_of: Some(ts), ..Default::default() })
+                .unwrap()
+                .len()
+        };
+        assert_eq!((at(write.ts - 1), at(write.ts)), (0, 1), "write {i}");
+    }
+    // The timestamp oracle resumes above the log.
+    let next = engine.insert_rows("c", &[small_row(99, [0.0, 0.0])]).unwrap();
+    assert!(next.ts > upsert_ts && next.ts > deleted_at);
+    engine.shutdown();
+}
+
+#[test]
+fn exact_search_answers_identically_with_one_and_four_workers() {
+    let answers: Vec<Vec<Vec<(Pk, u32)>>> = [1, 4]
+        .into_iter()
+        .map(|workers| {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = exact_engine(dir.path(), workers, 16);
+            engine.create_collection(small_schema("c")).unwrap();
+            let rows: Vec<_> =
+                (0..300).map(|id| small_row(id, [(id * 37 % 101) as f32, (id * 11 % 53) as f32])).collect();
+            engine.insert_rows("c", &rows).unwrap();
+            engine.delete("c", &(0..300).step_by(7).map(Pk::Int).collect::<Vec<_>>()).unwrap();
+            let moved: Vec<_> = (0..300).step_by(5).map(|id| small_row(id, [(id % 13) as f32, 3.0])).collect();
+            engine.upsert_rows("c", &moved).unwrap();
+            let queries: Vec<Vec<f32>> = (0..20).map(|q| vec![(q * 5) as f32, (q * 3 % 50) as f32]).collect();
+            let result = engine.search("c", &queries, &SearchOptions::new(15)).unwrap();
+            engine.shutdown();
+            result.hits.iter().map(|hits| hits.iter().map(|h| (h.pk.clone(), h.score.to_bits())).collect()).collect()
+        })
+        .collect();
+    assert_eq!(answers[0], answers[1]);
+    assert!(answers[0].iter().all(|hits| hits.len() == 15));
+}
+
+#[test]
+fn bad_input_gets_typed_errors_naming_the_field_and_applies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 100);
+    engine.create_collection(small_schema("c")).unwrap();
+    engine.insert_rows("c", &[small_row(1, [0.0, 0.0])]).unwrap();
+
+    let field_error = |result: vectorflow::Result<vectorflow::WriteResult>, field: &str| match result {
+        Err(Error::Field { field: f, problem }) => assert_eq!(f, field, "{problem}"),
+        other => panic!("expected a field error on `{field}`, got {other:?}"),
+    };
+    // A good row next to a bad one: the whole write is refused.
+    field_error(
+        engine.insert_rows("c", &[small_row(2, [1.0, 1.0]), row([("id", 3i64.into()), ("v", vec![1.0].into())])]),
+        "v",
+    );
+    field_error(
+        engine.insert_rows("c", &[row([("id", 4i64.into()), ("v", vec![1.0, 2.0].into()), ("color", "red".into())])]),
+        "color",
+    );
+    field_error(
+        engine.insert_rows("c", &[row([("id", 5i64.into()), ("v", vec![1.0, 2.0].into()), ("tag", 7i64.into())])]),
+        "tag",
+    );
+    field_error(
+        engine.insert_rows(
+            "c",
+            &[row([("id", 6i64.into()), ("v", vec![1.0, 2.0].into()), ("tag", "much too long".into())])],
+        ),
+        "tag",
+    );
+    field_error(engine.insert_rows("c", &[row([("v", vec![1.0, 2.0].into())])]), "id");
+    field_error(engine.insert_rows("c", &[row([("id", "x".into()), ("v", vec![1.0, 2.0].into())])]), "id");
+    field_error(engine.insert_rows("c", &[row([("id", 8i64.into()), ("v", vec![f32::NAN, 2.0].into())])]), "v");
+    field_error(engine.delete("c", &[Pk::Str("x".into())]), "id");
+    assert_eq!(engine.stats("c", Consistency::Strong).unwrap().live_rows, 1, "nothing partially applied");
+
+    match engine.search("c", &[vec![1.0, 2.0, 3.0]], &SearchOptions::new(3)) {
+        Err(Error::Field { field, problem }) => assert!(field == "v" && problem.contains("dimension"), "{problem}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        engine.search("c", &[vec![1.0, 2.0]], &SearchOptions::new(0)),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let unknown_output = SearchOptions { output_fields: vec!["nope".into()], ..SearchOptions::new(1) };
+    assert!(
+        matches!(engine.search("c", &[vec![1.0, 2.0]], &unknown_output), Err(Error::Field { field, .. }) if field == "nope")
+    );
+    assert!(matches!(engine.create_collection(small_schema("c")), Err(Error::CollectionExists(name)) if name == "c"));
+    assert!(
+        matches!(engine.insert_rows("nope", &[small_row(1, [0.0, 0.0])]), Err(Error::CollectionNotFound(name)) if name == "nope")
+    );
+    assert!(matches!(
+        engine.search("nope", &[vec![0.0, 0.0]], &SearchOptions::new(1)),
+        Err(Error::CollectionNotFound(_))
+    ));
+    assert!(matches!(engine.drop_collection("nope"), Err(Error::CollectionNotFound(_))));
+    let future = SearchOptions { as_of: Some(engine.now() + (1 << 40)), ..SearchOptions::new(1) };
+    assert!(matches!(engine.search("c", &[vec![0.0, 0.0]], &future), Err(Error::FutureTimestamp { .. })));
+    let ancient = SearchOptions { as_of: Some(1), ..SearchOptions::new(1) };
+    assert!(matches!(engine.search("c", &[vec![0.0, 0.0]], &ancient), Err(Error::OutsideRetention { .. })));
+    let no_pk = CollectionSchema::new("d", vec![FieldSchema::vector("v", 2, Metric::L2)]);
+    assert!(matches!(engine.create_collection(no_pk), Err(Error::InvalidSchema(_))));
+    engine.shutdown();
+}
+
+#[test]
+fn schema_features_auto_id_varchar_keys_defaults_json_and_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 100);
+    let auto = CollectionSchema::new(
+        "auto",
+        vec![
+            FieldSchema::int64_primary("id", true),
+            FieldSchema::vector("v", 2, Metric::IP),
+            FieldSchema::vector("w", 3, Metric::COSINE),
+            FieldSchema::new("year", DataType::Int16).with_default(Value::Int(2000)),
+            FieldSchema::new("meta", DataType::Json).nullable(),
+            FieldSchema::new("score", DataType::Double).nullable(),
+            FieldSchema::new("ok", DataType::Bool).with_default(Value::Bool(true)),
+        ],
+    );
+    engine.create_collection(auto).unwrap();
+    let rows = vec![
+        row([("v", vec![1.0, 0.0].into()), ("w", vec![0.0, 0.0, 2.0].into()), ("meta", r#"{"a": 1}"#.into())]),
+        row([("v", vec![0.0, 1.0].into()), ("w", vec![3.0, 0.0, 0.0].into()), ("year", 1999i64.into())]),
+    ];
+    let write = engine.insert_rows("auto", &rows).unwrap();
+    assert_eq!(write.pks.len(), 2);
+    assert_ne!(write.pks[0], write.pks[1]);
+    let options =
+        GetOptions { output_fields: vec!["year".into(), "meta".into(), "w".into(), "ok".into()], ..Default::default() };
+    let got = engine.get("auto", &write.pks, &options).unwrap();
+    assert_eq!(got[0]["year"], Value::Int(2000));
+    assert_eq!(got[1]["year"], Value::Int(1999));
+    assert_eq!(got[0]["meta"], Value::String(r#"{"a": 1}"#.into()));
+    assert_eq!(got[1]["meta"], Value::Null);
+    assert_eq!(got[0]["w"], Value::Vector(vec![0.0, 0.0, 1.0]), "COSINE vectors are stored normalised");
+    assert_eq!(got[0]["ok"], Value::Bool(true));
+    // Two vector fields: the search must name one.
+    assert!(matches!(
+        engine.search("auto", &[vec![1.0, 0.0]], &SearchOptions::new(1)),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let by_ip = SearchOptions { field: Some("v".into()), ..SearchOptions::new(2) };
+    let hits = engine.search("auto", &[vec![2.0, 1.0]], &by_ip).unwrap();
+    assert_eq!(hits.hits[0][0].pk, write.pks[0]);
+    assert_eq!(hits.hits[0][0].score, 2.0, "IP score is the inner product");
+    let bad_json = row([("v", vec![1.0, 0.0].into()), ("w", vec![1.0, 0.0, 0.0].into()), ("meta", "{nope".into())]);
+    assert!(matches!(engine.insert_rows("auto", &[bad_json]), Err(Error::Field { field, .. }) if field == "meta"));
+    assert!(matches!(engine.upsert_rows("auto", &rows), Err(Error::Field { field, .. }) if field == "id"));
+
+    let names = CollectionSchema::new(
+        "names",
+        vec![FieldSchema::varchar_primary("name", 16), FieldSchema::vector("v", 2, Metric::L2)],
+    );
+    engine.create_collection(names).unwrap();
+    engine.insert_rows("names", &[row([("name", "ada".into()), ("v", vec![0.0, 0.0].into())])]).unwrap();
+    engine.upsert_rows("names", &[row([("name", "ada".into()), ("v", vec![5.0, 5.0].into())])]).unwrap();
+    let hits = engine.search("names", &[vec![5.0, 5.0]], &SearchOptions::new(5)).unwrap();
+    assert_eq!(hits.hits[0].len(), 1, "an upsert replaces the row");
+    assert_eq!((hits.hits[0][0].pk.clone(), hits.hits[0][0].score), (Pk::Str("ada".into()), 0.0));
+    assert_eq!(engine.list_collections(), vec!["auto".to_string(), "names".to_string()]);
+    engine.drop_collection("names").unwrap();
+    assert_eq!(engine.list_collections(), vec!["auto".to_string()]);
+    assert!(matches!(engine.describe_collection("names"), Err(Error::CollectionNotFound(_))));
+    engine.create_collection(small_schema("names")).unwrap();
+    assert_eq!(engine.stats("names", Consistency::Strong).unwrap().live_rows, 0, "a new collection starts empty");
+    engine.shutdown();
+}
