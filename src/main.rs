@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod plot;
+
 #[derive(Parser)]
 #[command(name = "vectorflow", version, about = "A streaming vector database on timely/differential dataflow")]
 struct Cli {
@@ -26,6 +29,8 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         queries: usize,
     },
+    /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory.
+    Bench(bench::BenchArgs),
     /// List the collections in a data directory.
     Collections {
         #[arg(long)]
@@ -43,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             let sample = dataset.write_sample(&to, rows, queries)?;
             println!("wrote {} rows and {} queries to {}", sample.info.n_base, sample.info.n_queries, to.display());
         }
+        Command::Bench(args) => bench::run(args)?,
         Command::Collections { data_dir } => {
             let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
             for name in engine.list_collections() {

@@ -29,7 +29,7 @@ pub struct CatalogStore {
 impl CatalogStore {
     pub fn open(dir: &Path) -> Result<CatalogStore> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("catalog.redb")).map_err(storage)?;
+        let db = Database::builder().set_cache_size(4 << 20).create(dir.join("catalog.redb")).map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(COLLECTIONS).map_err(storage)?;
         txn.open_table(COUNTERS).map_err(storage)?;

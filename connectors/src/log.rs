@@ -54,6 +54,9 @@ pub trait LogReader: Send {
     fn poll(&mut self, max: usize) -> Result<LogPoll>;
 }
 
+/// redb page cache of the log.
+const LOG_CACHE_BYTES: usize = 32 << 20;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 fn partition_table(partition: u32) -> String {
@@ -88,7 +91,9 @@ impl EmbeddedLog {
     /// the log is created; a different `partitions` later is ignored with a warning.
     pub fn open(dir: &Path, partitions: u32) -> Result<Arc<EmbeddedLog>> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("wal.redb")).map_err(storage)?;
+        // Each record is written once and read back once, in order: a small
+        // page cache suffices (redb's default of 1 GiB would hold the whole log).
+        let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(dir.join("wal.redb")).map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         let stored_partitions = {
             let mut meta = txn.open_table(META).map_err(storage)?;

@@ -298,3 +298,56 @@ fn vector_buffer(batch: &RecordBatch, field: usize, dim: usize) -> ScalarBuffer<
     let offset = list.offset() * dim;
     values.slice(offset, list.len() * dim)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use vectorflow_core::FieldSchema;
+    use vectorflow_core::batch::{WriteBatch, WriteKind, vector_array};
+
+    #[test]
+    fn search_stays_exact_when_few_rows_of_an_indexed_segment_are_visible() {
+        let schema = CollectionSchema::new(
+            "t",
+            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 8, Metric::L2)],
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let rows = 3000;
+        let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let input = RecordBatch::try_new(
+            std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
+                arrow::datatypes::Field::new("v", schema.fields[1].data_type.arrow_type(), false),
+            ])),
+            vec![
+                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..rows as i64)),
+                vector_array(8, values.clone()).unwrap(),
+            ],
+        )
+        .unwrap();
+        let batch = WriteBatch::from_record_batch(&schema, &input, WriteKind::Upsert).unwrap().batch;
+        let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
+        let mut segment = Segment::new(0, &schema);
+        segment.append(batch, versions, 10).unwrap();
+        segment.seal(IndexParams::default()).unwrap();
+        while !segment.is_indexed() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Retire all but every 60th row: 50 rows stay visible.
+        for row in (0..rows as u32).filter(|r| r % 60 != 0) {
+            segment.retire(row, 20);
+        }
+        let plan = SearchPlan::default();
+        let query = vec![0.1f32; 8];
+        let found: Vec<u32> = segment.search(1, &query, 10, 16, 25, plan).iter().map(|c| c.row).collect();
+        let mut exact: Vec<(f32, u32)> = (0..rows as u32)
+            .filter(|r| r % 60 == 0)
+            .map(|r| (distance(Metric::L2, &query, &values[r as usize * 8..(r as usize + 1) * 8]), r))
+            .collect();
+        exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert_eq!(found, exact[..10].iter().map(|x| x.1).collect::<Vec<_>>());
+        // Before the deletes every row is visible and the graph answers.
+        assert_eq!(segment.search(1, &query, 10, 64, 15, plan).len(), 10);
+    }
+}

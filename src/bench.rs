@@ -1,0 +1,430 @@
+//! `vectorflow bench`: ingest, recall/QPS against raw HNSW and brute force,
+//! freshness, time travel and memory on a dataset folder, in one process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use vectorflow::crates::connectors::dataset::GroundTruth;
+use vectorflow::crates::connectors::npy::Matrix;
+use vectorflow::crates::operators::distance::{distance, normalize};
+use vectorflow::crates::operators::index::HnswIndex;
+use vectorflow::{Consistency, Dataset, Engine, EngineConfig, IndexParams, Metric, Pk, SearchOptions};
+
+/// Arguments of `vectorflow bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A dataset folder in the layout of shared/datasets/README.md.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Where results.json goes.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
+    pub ef: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub clients: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    #[arg(long, default_value_t = 16_384)]
+    pub seal_rows: usize,
+    /// Queries used for the exact baseline (brute force is slow).
+    #[arg(long, default_value_t = 300)]
+    pub exact_queries: usize,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+struct Point {
+    filter: String,
+    ef: usize,
+    clients: usize,
+    qps: f64,
+    recall: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Point {
+    fn json(&self) -> serde_json::Value {
+        json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.qps,
+               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms})
+    }
+}
+
+fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return 0.0;
+    }
+    sorted_ms[((sorted_ms.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One search: a query in, (id, score) hits out, best first.
+type SearchFn<'a> = dyn Fn(&[f32]) -> anyhow::Result<Vec<(i64, f32)>> + Sync + 'a;
+
+/// Runs `search` for every query on `clients` threads; returns QPS, recall and latency percentiles.
+fn measure(
+    queries: &[Vec<f32>],
+    clients: usize,
+    k: usize,
+    truth: &GroundTruth,
+    search: &SearchFn,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let started = Instant::now();
+    let per_client: Vec<anyhow::Result<Vec<(usize, f64, f64)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for q in (c..queries.len()).step_by(clients) {
+                        let t = Instant::now();
+                        let found = search(&queries[q])?;
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        out.push((q, ms, truth.recall(q, k, &found)));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let mut recall = 0.0;
+    for result in per_client {
+        for (_, ms, r) in result? {
+            latencies.push(ms);
+            recall += r;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let n = latencies.len().max(1) as f64;
+    Ok((latencies.len() as f64 / elapsed, recall / n, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    read_status("VmHWM:")
+}
+
+fn current_rss() -> u64 {
+    read_status("VmRSS:")
+}
+
+fn read_status(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn ids(hits: &[vectorflow::SearchHit]) -> Vec<(i64, f32)> {
+    hits.iter().map(|h| (if let Pk::Int(id) = h.pk { id } else { -1 }, h.score)).collect()
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let vectors = dataset.base_vectors()?;
+    let queries_m = dataset.query_vectors()?;
+    let attributes = dataset.base_attributes()?;
+    let metric = dataset.metric();
+    let truth =
+        dataset.ground_truth("unfiltered")?.context("the dataset has no `unfiltered` ground truth in filters.json")?;
+    let filtered: Vec<&String> = dataset.info.ground_truth.keys().filter(|n| n.as_str() != "unfiltered").collect();
+    if !filtered.is_empty() {
+        println!("note: filtered search is not built yet; measuring `unfiltered` only (skipping {filtered:?})");
+    }
+    let queries: Vec<Vec<f32>> = (0..queries_m.rows).map(|q| queries_m.row(q).to_vec()).collect();
+    let n = vectors.rows;
+    let k = args.k;
+    println!(
+        "dataset {}: {n} x {} {metric:?}, {} queries, workers {}, seal_rows {}",
+        dataset.name(),
+        vectors.cols,
+        queries.len(),
+        args.workers,
+        args.seal_rows
+    );
+
+    // ---- ingest ----
+    let data_dir = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        workers: args.workers,
+        seal_rows: args.seal_rows,
+        ..EngineConfig::new(data_dir.path())
+    })?;
+    let schema = dataset.collection_schema("bench", &attributes)?;
+    engine.create_collection(schema.clone())?;
+    let rss_before = current_rss();
+    let progress = indicatif::ProgressBar::new(n as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("ingest {bar:40} {pos}/{len} rows {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    const BATCH: usize = 1000;
+    for start in (0..n).step_by(BATCH) {
+        let end = (start + BATCH).min(n);
+        let batch = dataset.base_batch(&schema, &vectors, &attributes, start..end)?;
+        engine.insert("bench", &batch)?;
+        progress.inc((end - start) as u64);
+    }
+    let stats = engine.stats("bench", Consistency::Strong)?;
+    let ingest_s = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    anyhow::ensure!(stats.live_rows == n, "ingested {} of {n} rows", stats.live_rows);
+    let index_started = Instant::now();
+    engine.wait_for_indexes("bench", Duration::from_secs(3600))?;
+    let index_wait_s = index_started.elapsed().as_secs_f64();
+    let rss_engine = current_rss().saturating_sub(rss_before);
+    println!(
+        "ingest: {n} rows in {ingest_s:.2}s = {:.0} rows/s to searchable; indexes ready {index_wait_s:.2}s later \
+         ({} sealed segments, {} growing rows)",
+        n as f64 / ingest_s,
+        stats.sealed_segments,
+        stats.growing_rows
+    );
+
+    // ---- engine search ----
+    let mut engine_points = Vec::new();
+    for &ef in &args.ef {
+        for &clients in &args.clients {
+            let options = SearchOptions { ef: Some(ef), consistency: Consistency::Bounded, ..SearchOptions::new(k) };
+            let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
+                let result = engine.search("bench", &[q.to_vec()], &options)?;
+                Ok(ids(&result.hits[0]))
+            };
+            let (qps, recall, p50, p99) = measure(&queries, clients, k, &truth, &search)?;
+            engine_points.push(Point {
+                filter: "unfiltered".into(),
+                ef,
+                clients,
+                qps,
+                recall,
+                p50_ms: p50,
+                p99_ms: p99,
+            });
+        }
+    }
+
+    // ---- baselines: raw hnsw_rs over the same vectors, and brute force ----
+    let mut base = vectors.data.clone();
+    if metric == Metric::COSINE {
+        base.chunks_exact_mut(vectors.cols).for_each(normalize);
+    }
+    let build_started = Instant::now();
+    let raw = HnswIndex::build(&base, vectors.cols, metric, IndexParams::default());
+    let raw_build_s = build_started.elapsed().as_secs_f64();
+    let prepared: Vec<Vec<f32>> = queries
+        .iter()
+        .map(|q| {
+            let mut q = q.clone();
+            if metric == Metric::COSINE {
+                normalize(&mut q);
+            }
+            q
+        })
+        .collect();
+    let score = |row: usize, q: &[f32]| {
+        vectorflow::crates::operators::distance::score(
+            metric,
+            distance(metric, q, &base[row * vectors.cols..(row + 1) * vectors.cols]),
+        )
+    };
+    let mut hnsw_points = Vec::new();
+    for &ef in &args.ef {
+        for &clients in &args.clients {
+            let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
+                let mut rows: Vec<(i64, f32)> =
+                    raw.search(q, k, ef, None).into_iter().map(|r| (r as i64, score(r, q))).collect();
+                rows.sort_by(|a, b| rank(metric, a.1, b.1));
+                Ok(rows)
+            };
+            let (qps, recall, p50, p99) = measure(&prepared, clients, k, &truth, &search)?;
+            hnsw_points.push(Point { filter: "unfiltered".into(), ef, clients, qps, recall, p50_ms: p50, p99_ms: p99 });
+        }
+    }
+    let exact_queries = &prepared[..args.exact_queries.min(prepared.len())];
+    let mut exact_points = Vec::new();
+    for &clients in &args.clients {
+        let search =
+            |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> { Ok(brute_force(&base, vectors.cols, metric, q, k)) };
+        let (qps, recall, p50, p99) = measure(exact_queries, clients, k, &truth, &search)?;
+        exact_points.push(Point { filter: "unfiltered".into(), ef: 0, clients, qps, recall, p50_ms: p50, p99_ms: p99 });
+    }
+    drop(raw);
+
+    // ---- freshness: Strong reads of just-written rows under a steady writer ----
+    let freshness = freshness(&engine, &dataset, &schema, &vectors, &attributes, n)?;
+
+    // ---- time travel ----
+    let travel = time_travel(&engine, &queries, k, n)?;
+
+    let peak = peak_rss();
+    let bytes_per_vector = rss_engine as f64 / n as f64;
+    let raw_bytes = (vectors.cols * 4) as f64;
+
+    // ---- report ----
+    println!();
+    println!(
+        "{:<12} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "system", "ef", "clients", "QPS", "recall", "p50 ms", "p99 ms", "QPS ratio"
+    );
+    let print = |name: &str, p: &Point, baseline: Option<&Point>| {
+        let ratio = baseline.map_or(String::from("-"), |b| format!("{:.2}", p.qps / b.qps));
+        println!(
+            "{name:<12} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>10}",
+            p.ef, p.clients, p.qps, p.recall, p.p50_ms, p.p99_ms, ratio
+        );
+    };
+    for p in &engine_points {
+        let baseline = hnsw_points.iter().find(|b| b.ef == p.ef && b.clients == p.clients);
+        print("engine", p, baseline);
+    }
+    for p in &hnsw_points {
+        print("raw hnsw_rs", p, None);
+    }
+    for p in &exact_points {
+        print("brute force", p, None);
+    }
+    println!(
+        "\ningest {:.0} rows/s; index ready +{index_wait_s:.2}s (raw hnsw_rs single-graph build of all rows: {raw_build_s:.2}s)",
+        n as f64 / ingest_s
+    );
+    println!(
+        "freshness (Strong, write-to-visible): p50 {:.2} ms, p99 {:.2} ms over {} writes",
+        freshness.0, freshness.1, freshness.2
+    );
+    println!(
+        "time travel: as_of cost ratio {:.2} against current searches; answers equal to those recorded then: {}",
+        travel.0, travel.1
+    );
+    println!(
+        "memory: peak RSS {:.0} MiB; engine {:.0} bytes/vector vs {raw_bytes:.0} raw ({:.2}x)",
+        peak as f64 / (1 << 20) as f64,
+        bytes_per_vector,
+        bytes_per_vector / raw_bytes
+    );
+
+    std::fs::create_dir_all(&args.out)?;
+    let results = json!({
+        "dataset": dataset.name(),
+        "rows": n,
+        "workers": args.workers,
+        "k": k,
+        "consistency": "Bounded",
+        "ingest": {"rows_per_s": n as f64 / ingest_s, "seconds": ingest_s},
+        "index": {"build_s": index_wait_s, "raw_hnsw_build_s": raw_build_s},
+        "search": engine_points.iter().map(Point::json).collect::<Vec<_>>(),
+        "baseline_hnsw": hnsw_points.iter().map(Point::json).collect::<Vec<_>>(),
+        "baseline_exact": exact_points.iter().map(Point::json).collect::<Vec<_>>(),
+        "freshness_ms": {"p50": freshness.0, "p99": freshness.1, "writes": freshness.2},
+        "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
+        "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes},
+    });
+    let path = args.out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("wrote {}", path.display());
+    let one_client = args.clients.first().copied().unwrap_or(1);
+    let line = |name: &str, points: &[Point]| crate::plot::Series {
+        name: format!("{name} ({one_client} client)"),
+        points: points.iter().filter(|p| p.clients == one_client).map(|p| (p.recall, p.qps)).collect(),
+    };
+    let series =
+        vec![line("engine", &engine_points), line("raw hnsw_rs", &hnsw_points), line("brute force", &exact_points)];
+    let plot = args.out.join("recall_qps.png");
+    crate::plot::recall_qps(&plot, &[("unfiltered".to_string(), series)])?;
+    println!("wrote {}", plot.display());
+    engine.shutdown();
+    Ok(())
+}
+
+/// Orders scores best first for the metric.
+fn rank(metric: Metric, a: f32, b: f32) -> std::cmp::Ordering {
+    if metric.larger_is_closer() { b.total_cmp(&a) } else { a.total_cmp(&b) }
+}
+
+fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize) -> Vec<(i64, f32)> {
+    let mut top = vectorflow::crates::operators::topk::TopK::new(k);
+    for (row, v) in base.chunks_exact(dim).enumerate() {
+        let d = distance(metric, q, v);
+        top.push(vectorflow::crates::operators::topk::Candidate {
+            distance: d,
+            tiebreak: row as u64,
+            segment: 0,
+            row: row as u32,
+        });
+    }
+    top.into_sorted()
+        .into_iter()
+        .map(|c| (c.row as i64, vectorflow::crates::operators::distance::score(metric, c.distance)))
+        .collect()
+}
+
+/// A writer inserts one new row every 5 ms; after each acknowledged write a
+/// Strong get must return it. Returns (p50 ms, p99 ms, writes).
+fn freshness(
+    engine: &Engine,
+    dataset: &Dataset,
+    schema: &vectorflow::CollectionSchema,
+    vectors: &Matrix<f32>,
+    attributes: &arrow::record_batch::RecordBatch,
+    n: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let source = i % n;
+        let batch = dataset.base_batch(schema, vectors, attributes, source..source + 1)?;
+        let id = (n + i) as i64;
+        let mut columns = batch.columns().to_vec();
+        columns[schema.primary_index()] = Arc::new(arrow::array::Int64Array::from(vec![id]));
+        let batch = arrow::record_batch::RecordBatch::try_new(batch.schema(), columns)?;
+        let started = Instant::now();
+        engine.insert("bench", &batch)?;
+        let rows = engine.get("bench", &[Pk::Int(id)], &Default::default())?;
+        anyhow::ensure!(rows.len() == 1, "row {id} not visible to a Strong read after its write");
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(5));
+        i += 1;
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99), latencies.len()))
+}
+
+/// Records answers at t0, deletes and upserts rows that appear in them, then
+/// searches `as_of t0` again. Returns (cost ratio of as_of searches to
+/// current ones, whether the as_of answers equal the recorded ones).
+fn time_travel(engine: &Engine, queries: &[Vec<f32>], k: usize, n: usize) -> anyhow::Result<(f64, bool)> {
+    let sample = &queries[..queries.len().min(200)];
+    let options = SearchOptions { ef: Some(64), ..SearchOptions::new(k) };
+    let t0 = engine.now();
+    let at_t0 = SearchOptions { as_of: Some(t0), ..options.clone() };
+    let recorded = engine.search("bench", sample, &at_t0)?;
+    // Delete the best hit of every sampled query and a spread of other rows.
+    let mut doomed: Vec<Pk> = recorded.hits.iter().filter_map(|h| h.first().map(|h| h.pk.clone())).collect();
+    doomed.extend((0..n).step_by(50).map(|i| Pk::Int(i as i64)));
+    doomed.sort();
+    doomed.dedup();
+    engine.delete("bench", &doomed)?;
+    let time = |options: &SearchOptions| -> anyhow::Result<(f64, Vec<Vec<vectorflow::SearchHit>>)> {
+        let started = Instant::now();
+        let mut hits = Vec::with_capacity(sample.len());
+        for q in sample {
+            hits.push(engine.search("bench", std::slice::from_ref(q), options)?.hits.remove(0));
+        }
+        Ok((started.elapsed().as_secs_f64(), hits))
+    };
+    let (current_s, current) = time(&options)?;
+    let (travel_s, travelled) = time(&at_t0)?;
+    anyhow::ensure!(current != recorded.hits, "the deletes did not change current answers");
+    let same = travelled.iter().zip(&recorded.hits).all(|(x, y)| x.iter().map(|h| &h.pk).eq(y.iter().map(|h| &h.pk)));
+    Ok((travel_s / current_s, same))
+}
