@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arrow::array::ArrayRef;
+use arrow::record_batch::RecordBatch;
 use serde_json::json;
 use vectorflow::crates::connectors::dataset::GroundTruth;
 use vectorflow::crates::connectors::npy::Matrix;
@@ -32,6 +34,9 @@ pub struct BenchArgs {
     pub k: usize,
     #[arg(long, default_value_t = 16_384)]
     pub seal_rows: usize,
+    /// Use only the first N queries (all when left out).
+    #[arg(long)]
+    pub queries: Option<usize>,
     /// Queries used for the exact baseline (brute force is slow).
     #[arg(long, default_value_t = 300)]
     pub exact_queries: usize,
@@ -54,6 +59,13 @@ impl Point {
         json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.qps,
                "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms})
     }
+}
+
+/// An engine point's QPS against the baselines at the same filter, ef and clients.
+struct Ratio<'a> {
+    point: &'a Point,
+    vs_hnsw: Option<f64>,
+    vs_exact: Option<f64>,
 }
 
 fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
@@ -134,13 +146,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let queries_m = dataset.query_vectors()?;
     let attributes = dataset.base_attributes()?;
     let metric = dataset.metric();
-    let truth =
-        dataset.ground_truth("unfiltered")?.context("the dataset has no `unfiltered` ground truth in filters.json")?;
-    let filtered: Vec<&String> = dataset.info.ground_truth.keys().filter(|n| n.as_str() != "unfiltered").collect();
-    if !filtered.is_empty() {
-        println!("note: filtered search is not built yet; measuring `unfiltered` only (skipping {filtered:?})");
+    // Every ground truth listed, each with its filter expression.
+    let mut truths = Vec::new();
+    for (name, info) in &dataset.info.ground_truth {
+        let truth = dataset.ground_truth(name)?.with_context(|| format!("ground truth `{name}`"))?;
+        truths.push((name.clone(), info.expression.clone(), truth));
     }
-    let queries: Vec<Vec<f32>> = (0..queries_m.rows).map(|q| queries_m.row(q).to_vec()).collect();
+    anyhow::ensure!(!truths.is_empty(), "filters.json lists no ground truth");
+    let n_queries = args.queries.map_or(queries_m.rows, |q| q.min(queries_m.rows));
+    let queries: Vec<Vec<f32>> = (0..n_queries).map(|q| queries_m.row(q).to_vec()).collect();
     let n = vectors.rows;
     let k = args.k;
     println!(
@@ -191,29 +205,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         stats.growing_rows
     );
 
-    // ---- engine search ----
+    // ---- engine search, per ground truth (with its filter) ----
     let mut engine_points = Vec::new();
-    for &ef in &args.ef {
-        for &clients in &args.clients {
-            let options = SearchOptions { ef: Some(ef), consistency: Consistency::Bounded, ..SearchOptions::new(k) };
-            let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
-                let result = engine.search("bench", &[q.to_vec()], &options)?;
-                Ok(ids(&result.hits[0]))
-            };
-            let (qps, recall, p50, p99) = measure(&queries, clients, k, &truth, &search)?;
-            engine_points.push(Point {
-                filter: "unfiltered".into(),
-                ef,
-                clients,
-                qps,
-                recall,
-                p50_ms: p50,
-                p99_ms: p99,
-            });
+    for (name, expression, truth) in &truths {
+        for &ef in &args.ef {
+            for &clients in &args.clients {
+                let options = SearchOptions {
+                    ef: Some(ef),
+                    filter: expression.clone(),
+                    consistency: Consistency::Bounded,
+                    ..SearchOptions::new(k)
+                };
+                let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
+                    let result = engine.search("bench", &[q.to_vec()], &options)?;
+                    Ok(ids(&result.hits[0]))
+                };
+                let (qps, recall, p50_ms, p99_ms) = measure(&queries, clients, k, truth, &search)?;
+                engine_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+            }
         }
     }
 
-    // ---- baselines: raw hnsw_rs over the same vectors, and brute force ----
+    // ---- baselines: raw hnsw_rs over the same vectors, and brute force over the passing rows ----
     let mut base = vectors.data.clone();
     if metric == Metric::COSINE {
         base.chunks_exact_mut(vectors.cols).for_each(normalize);
@@ -231,67 +244,100 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             q
         })
         .collect();
+    let dim = vectors.cols;
     let score = |row: usize, q: &[f32]| {
-        vectorflow::crates::operators::distance::score(
-            metric,
-            distance(metric, q, &base[row * vectors.cols..(row + 1) * vectors.cols]),
-        )
+        vectorflow::crates::operators::distance::score(metric, distance(metric, q, &base[row * dim..(row + 1) * dim]))
     };
+    let all_rows = dataset.base_batch(&schema, &vectors, &attributes, 0..n)?;
+    let exact_queries = &prepared[..args.exact_queries.min(prepared.len())];
     let mut hnsw_points = Vec::new();
-    for &ef in &args.ef {
+    let mut exact_points = Vec::new();
+    for (name, expression, truth) in &truths {
+        // The same filter, evaluated once over all rows by the same compiler the engine uses.
+        let passing: Option<Vec<bool>> = match expression {
+            Some(text) => Some(vectorflow::Filter::compile(&schema, text)?.evaluate(&all_rows)?),
+            None => None,
+        };
+        let passing_rows: Vec<usize> = match &passing {
+            Some(p) => (0..n).filter(|&i| p[i]).collect(),
+            None => (0..n).collect(),
+        };
+        for &ef in &args.ef {
+            for &clients in &args.clients {
+                let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
+                    let allowed = |row: &usize| passing.as_ref().is_none_or(|p| p[*row]);
+                    let filter: Option<&dyn Fn(&usize) -> bool> = if passing.is_some() { Some(&allowed) } else { None };
+                    let mut rows: Vec<(i64, f32)> =
+                        raw.search(q, k, ef, filter).into_iter().map(|r| (r as i64, score(r, q))).collect();
+                    rows.sort_by(|a, b| rank(metric, a.1, b.1));
+                    Ok(rows)
+                };
+                let (qps, recall, p50_ms, p99_ms) = measure(&prepared, clients, k, truth, &search)?;
+                hnsw_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+            }
+        }
         for &clients in &args.clients {
             let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
-                let mut rows: Vec<(i64, f32)> =
-                    raw.search(q, k, ef, None).into_iter().map(|r| (r as i64, score(r, q))).collect();
-                rows.sort_by(|a, b| rank(metric, a.1, b.1));
-                Ok(rows)
+                Ok(brute_force(&base, dim, metric, q, k, &passing_rows))
             };
-            let (qps, recall, p50, p99) = measure(&prepared, clients, k, &truth, &search)?;
-            hnsw_points.push(Point { filter: "unfiltered".into(), ef, clients, qps, recall, p50_ms: p50, p99_ms: p99 });
+            let (qps, recall, p50_ms, p99_ms) = measure(exact_queries, clients, k, truth, &search)?;
+            exact_points.push(Point { filter: name.clone(), ef: 0, clients, qps, recall, p50_ms, p99_ms });
         }
-    }
-    let exact_queries = &prepared[..args.exact_queries.min(prepared.len())];
-    let mut exact_points = Vec::new();
-    for &clients in &args.clients {
-        let search =
-            |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> { Ok(brute_force(&base, vectors.cols, metric, q, k)) };
-        let (qps, recall, p50, p99) = measure(exact_queries, clients, k, &truth, &search)?;
-        exact_points.push(Point { filter: "unfiltered".into(), ef: 0, clients, qps, recall, p50_ms: p50, p99_ms: p99 });
     }
     drop(raw);
 
     // ---- freshness: Strong reads of just-written rows under a steady writer ----
-    let freshness = freshness(&engine, &dataset, &schema, &vectors, &attributes, n)?;
+    let rows = Rows { dataset: &dataset, schema: &schema, vectors: &vectors, attributes: &attributes };
+    let freshness = freshness(&engine, &rows)?;
 
     // ---- time travel ----
-    let travel = time_travel(&engine, &queries, k, n)?;
+    let travel = time_travel(&engine, &rows, &queries, k)?;
 
     let peak = peak_rss();
     let bytes_per_vector = rss_engine as f64 / n as f64;
     let raw_bytes = (vectors.cols * 4) as f64;
 
     // ---- report ----
+    // Engine-to-baseline QPS ratios at the same filter, ef and client count.
+    let ratios: Vec<Ratio> = engine_points
+        .iter()
+        .map(|p| {
+            let same = |b: &&Point| b.filter == p.filter && b.clients == p.clients;
+            Ratio {
+                point: p,
+                vs_hnsw: hnsw_points.iter().filter(same).find(|b| b.ef == p.ef).map(|b| p.qps / b.qps),
+                vs_exact: exact_points.iter().find(same).map(|b| p.qps / b.qps),
+            }
+        })
+        .collect();
     println!();
     println!(
-        "{:<12} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "system", "ef", "clients", "QPS", "recall", "p50 ms", "p99 ms", "QPS ratio"
+        "{:<12} {:<11} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "system", "filter", "ef", "clients", "QPS", "recall", "p50 ms", "p99 ms", "vs hnsw", "vs exact"
     );
-    let print = |name: &str, p: &Point, baseline: Option<&Point>| {
-        let ratio = baseline.map_or(String::from("-"), |b| format!("{:.2}", p.qps / b.qps));
+    let ratio = |r: Option<f64>| r.map_or(String::from("-"), |r| format!("{r:.2}"));
+    let print = |name: &str, p: &Point, vs_hnsw: Option<f64>, vs_exact: Option<f64>| {
         println!(
-            "{name:<12} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>10}",
-            p.ef, p.clients, p.qps, p.recall, p.p50_ms, p.p99_ms, ratio
+            "{name:<12} {:<11} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9}",
+            p.filter,
+            p.ef,
+            p.clients,
+            p.qps,
+            p.recall,
+            p.p50_ms,
+            p.p99_ms,
+            ratio(vs_hnsw),
+            ratio(vs_exact)
         );
     };
-    for p in &engine_points {
-        let baseline = hnsw_points.iter().find(|b| b.ef == p.ef && b.clients == p.clients);
-        print("engine", p, baseline);
+    for r in &ratios {
+        print("engine", r.point, r.vs_hnsw, r.vs_exact);
     }
     for p in &hnsw_points {
-        print("raw hnsw_rs", p, None);
+        print("raw hnsw_rs", p, None, None);
     }
     for p in &exact_points {
-        print("brute force", p, None);
+        print("brute force", p, None, None);
     }
     println!(
         "\ningest {:.0} rows/s; index ready +{index_wait_s:.2}s (raw hnsw_rs single-graph build of all rows: {raw_build_s:.2}s)",
@@ -324,6 +370,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "search": engine_points.iter().map(Point::json).collect::<Vec<_>>(),
         "baseline_hnsw": hnsw_points.iter().map(Point::json).collect::<Vec<_>>(),
         "baseline_exact": exact_points.iter().map(Point::json).collect::<Vec<_>>(),
+        "ratios": ratios.iter().map(|r| json!({
+            "filter": r.point.filter, "ef": r.point.ef, "clients": r.point.clients,
+            "qps_vs_hnsw": r.vs_hnsw, "qps_vs_exact": r.vs_exact
+        })).collect::<Vec<_>>(),
         "freshness_ms": {"p50": freshness.0, "p99": freshness.1, "writes": freshness.2},
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes},
@@ -332,14 +382,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("wrote {}", path.display());
     let one_client = args.clients.first().copied().unwrap_or(1);
-    let line = |name: &str, points: &[Point]| crate::plot::Series {
+    let line = |name: &str, filter: &str, points: &[Point]| crate::plot::Series {
         name: format!("{name} ({one_client} client)"),
-        points: points.iter().filter(|p| p.clients == one_client).map(|p| (p.recall, p.qps)).collect(),
+        points: points
+            .iter()
+            .filter(|p| p.clients == one_client && p.filter == filter)
+            .map(|p| (p.recall, p.qps))
+            .collect(),
     };
-    let series =
-        vec![line("engine", &engine_points), line("raw hnsw_rs", &hnsw_points), line("brute force", &exact_points)];
+    let panels: Vec<(String, Vec<crate::plot::Series>)> = truths
+        .iter()
+        .map(|(name, _, _)| {
+            let series = vec![
+                line("engine", name, &engine_points),
+                line("raw hnsw_rs", name, &hnsw_points),
+                line("brute force", name, &exact_points),
+            ];
+            (name.clone(), series)
+        })
+        .collect();
     let plot = args.out.join("recall_qps.png");
-    crate::plot::recall_qps(&plot, &[("unfiltered".to_string(), series)])?;
+    crate::plot::recall_qps(&plot, &panels)?;
     println!("wrote {}", plot.display());
     engine.shutdown();
     Ok(())
@@ -350,10 +413,11 @@ fn rank(metric: Metric, a: f32, b: f32) -> std::cmp::Ordering {
     if metric.larger_is_closer() { b.total_cmp(&a) } else { a.total_cmp(&b) }
 }
 
-fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize) -> Vec<(i64, f32)> {
+/// Exact top-k over `rows` of `base`.
+fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize, rows: &[usize]) -> Vec<(i64, f32)> {
     let mut top = vectorflow::crates::operators::topk::TopK::new(k);
-    for (row, v) in base.chunks_exact(dim).enumerate() {
-        let d = distance(metric, q, v);
+    for &row in rows {
+        let d = distance(metric, q, &base[row * dim..(row + 1) * dim]);
         top.push(vectorflow::crates::operators::topk::Candidate {
             distance: d,
             tiebreak: row as u64,
@@ -369,28 +433,18 @@ fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize) ->
 
 /// A writer inserts one new row every 5 ms; after each acknowledged write a
 /// Strong get must return it. Returns (p50 ms, p99 ms, writes).
-fn freshness(
-    engine: &Engine,
-    dataset: &Dataset,
-    schema: &vectorflow::CollectionSchema,
-    vectors: &Matrix<f32>,
-    attributes: &arrow::record_batch::RecordBatch,
-    n: usize,
-) -> anyhow::Result<(f64, f64, usize)> {
+fn freshness(engine: &Engine, rows: &Rows) -> anyhow::Result<(f64, f64, usize)> {
+    let n = rows.vectors.rows;
     let mut latencies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut i = 0;
     while Instant::now() < deadline {
-        let source = i % n;
-        let batch = dataset.base_batch(schema, vectors, attributes, source..source + 1)?;
         let id = (n + i) as i64;
-        let mut columns = batch.columns().to_vec();
-        columns[schema.primary_index()] = Arc::new(arrow::array::Int64Array::from(vec![id]));
-        let batch = arrow::record_batch::RecordBatch::try_new(batch.schema(), columns)?;
+        let batch = rows.with_id(i % n, id)?;
         let started = Instant::now();
         engine.insert("bench", &batch)?;
-        let rows = engine.get("bench", &[Pk::Int(id)], &Default::default())?;
-        anyhow::ensure!(rows.len() == 1, "row {id} not visible to a Strong read after its write");
+        let visible = engine.get("bench", &[Pk::Int(id)], &Default::default())?;
+        anyhow::ensure!(visible.len() == 1, "row {id} not visible to a Strong read after its write");
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(5));
         i += 1;
@@ -399,21 +453,63 @@ fn freshness(
     Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99), latencies.len()))
 }
 
-/// Records answers at t0, deletes and upserts rows that appear in them, then
-/// searches `as_of t0` again. Returns (cost ratio of as_of searches to
-/// current ones, whether the as_of answers equal the recorded ones).
-fn time_travel(engine: &Engine, queries: &[Vec<f32>], k: usize, n: usize) -> anyhow::Result<(f64, bool)> {
+/// The dataset's base rows, to build write batches from.
+struct Rows<'a> {
+    dataset: &'a Dataset,
+    schema: &'a vectorflow::CollectionSchema,
+    vectors: &'a Matrix<f32>,
+    attributes: &'a RecordBatch,
+}
+
+impl Rows<'_> {
+    /// Base row `source` with one column replaced.
+    fn with_column(&self, source: usize, field: usize, column: ArrayRef) -> anyhow::Result<RecordBatch> {
+        let batch = self.dataset.base_batch(self.schema, self.vectors, self.attributes, source..source + 1)?;
+        let mut columns = batch.columns().to_vec();
+        columns[field] = column;
+        Ok(RecordBatch::try_new(batch.schema(), columns)?)
+    }
+
+    /// Base row `source` under primary key `id`.
+    fn with_id(&self, source: usize, id: i64) -> anyhow::Result<RecordBatch> {
+        self.with_column(source, self.schema.primary_index(), Arc::new(arrow::array::Int64Array::from(vec![id])))
+    }
+
+    /// Base row `source` with vector `vector`.
+    fn with_vector(&self, source: usize, vector: &[f32]) -> anyhow::Result<RecordBatch> {
+        let field = self.schema.vector_field(None)?.0;
+        self.with_column(source, field, vectorflow::crates::core::batch::vector_array(vector.len(), vector.to_vec())?)
+    }
+}
+
+/// Records answers at t0, then deletes the best hit of every sampled query
+/// (and a spread of other rows) and upserts its second hit onto the query
+/// vector, then searches `as_of t0` again. Returns (cost ratio of as_of
+/// searches to current ones, whether the as_of answers equal the recorded ones).
+fn time_travel(engine: &Engine, rows: &Rows, queries: &[Vec<f32>], k: usize) -> anyhow::Result<(f64, bool)> {
     let sample = &queries[..queries.len().min(200)];
     let options = SearchOptions { ef: Some(64), ..SearchOptions::new(k) };
     let t0 = engine.now();
     let at_t0 = SearchOptions { as_of: Some(t0), ..options.clone() };
     let recorded = engine.search("bench", sample, &at_t0)?;
-    // Delete the best hit of every sampled query and a spread of other rows.
     let mut doomed: Vec<Pk> = recorded.hits.iter().filter_map(|h| h.first().map(|h| h.pk.clone())).collect();
-    doomed.extend((0..n).step_by(50).map(|i| Pk::Int(i as i64)));
+    doomed.extend((0..rows.vectors.rows).step_by(50).map(|i| Pk::Int(i as i64)));
     doomed.sort();
     doomed.dedup();
     engine.delete("bench", &doomed)?;
+    let mut moved = Vec::new();
+    for (q, hits) in sample.iter().zip(&recorded.hits) {
+        // Only base rows (freshness added copies under new ids).
+        if let Some(Pk::Int(id)) = hits.get(1).map(|h| &h.pk)
+            && (*id as usize) < rows.vectors.rows
+            && !doomed.contains(&Pk::Int(*id))
+        {
+            moved.push(rows.with_vector(*id as usize, q)?);
+        }
+    }
+    if let Some(first) = moved.first() {
+        engine.upsert("bench", &arrow::compute::concat_batches(&first.schema(), &moved)?)?;
+    }
     let time = |options: &SearchOptions| -> anyhow::Result<(f64, Vec<Vec<vectorflow::SearchHit>>)> {
         let started = Instant::now();
         let mut hits = Vec::with_capacity(sample.len());

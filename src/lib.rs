@@ -26,10 +26,10 @@ pub use vectorflow_core::{
     CollectionId, CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Row, Timestamp, Value,
 };
 pub use vectorflow_dataflow::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, SearchHit, SearchOptions,
-    SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, QueryOptions, SearchHit,
+    SearchOptions, SearchResult, Session, WriteResult, row,
 };
-pub use vectorflow_operators::{IndexParams, SearchPlan};
+pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};
 
 /// Lower-level crates, for tools that need them.
 pub mod crates {

@@ -13,7 +13,7 @@ fn bench_writes_results_with_every_key_and_an_exact_baseline_at_recall_one() {
         .arg(common::dataset_dir("pypi-20k"))
         .arg("--out")
         .arg(out.path())
-        .args(["--ef", "32,64", "--clients", "1,2", "--exact-queries", "100", "--seal-rows", "4000"])
+        .args(["--ef", "32,64", "--clients", "1,2", "--queries", "100", "--exact-queries", "50", "--seal-rows", "4000"])
         .status()
         .expect("the vectorflow binary runs");
     assert!(status.success(), "bench exited with {status}");

@@ -45,6 +45,25 @@ fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
     }
     let recall = recall / queries.rows as f64;
     assert!(recall >= 0.95, "recall@10 = {recall}");
+
+    // Filtered search, with default parameters, for every filter the dataset lists.
+    let mut filters = 0;
+    for (name, info) in &dataset.info.ground_truth {
+        let Some(expression) = &info.expression else { continue };
+        let truth = dataset.ground_truth(name).unwrap().unwrap();
+        let options = SearchOptions { filter: Some(expression.clone()), ..SearchOptions::new(10) };
+        let result = engine.search("pypi", &query_list, &options).unwrap();
+        let recall: f64 = result
+            .hits
+            .iter()
+            .enumerate()
+            .map(|(q, hits)| truth.recall(q, 10, &hits.iter().map(|h| (pk_int(&h.pk), h.score)).collect::<Vec<_>>()))
+            .sum::<f64>()
+            / queries.rows as f64;
+        assert!(recall >= 0.95, "{name} (`{expression}`): recall@10 = {recall}");
+        filters += 1;
+    }
+    assert!(filters >= 3, "pypi-20k lists filter10, filter1 and filter1b");
     engine.shutdown();
 }
 

@@ -157,6 +157,12 @@ impl Dataset {
         range: std::ops::Range<usize>,
     ) -> Result<RecordBatch> {
         let (start, len) = (range.start, range.len());
+        if range.end > vectors.rows || range.end > attributes.num_rows() {
+            return Err(Error::argument(
+                "range",
+                format!("rows {range:?} outside the dataset's {} rows", vectors.rows.min(attributes.num_rows())),
+            ));
+        }
         let mut fields = Vec::new();
         let mut columns: Vec<ArrayRef> = Vec::new();
         for field in &schema.fields {

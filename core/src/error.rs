@@ -15,6 +15,9 @@ pub enum Error {
     /// A malformed request argument that is not a field of the collection.
     #[error("invalid argument `{argument}`: {problem}")]
     InvalidArgument { argument: String, problem: String },
+    /// A filter expression that does not parse or does not fit the schema.
+    #[error("filter expression at position {position}: {problem}")]
+    Expression { position: usize, problem: String },
     /// A schema that cannot be created.
     #[error("invalid schema: {0}")]
     InvalidSchema(String),

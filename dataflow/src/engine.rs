@@ -15,7 +15,7 @@ use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
 use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
-use vectorflow_operators::{IndexParams, SearchPlan, ShardConfig, ShardStats};
+use vectorflow_operators::{Filter, IndexParams, SearchPlan, ShardConfig, ShardStats};
 
 use crate::graph::{Shared, run_worker};
 use crate::messages::{Answer, Request, RequestKind};
@@ -106,6 +106,8 @@ pub struct SearchOptions {
     pub k: usize,
     pub ef: Option<usize>,
     pub output_fields: Vec<String>,
+    /// Only rows passing this expression (Milvus or SQL predicate syntax).
+    pub filter: Option<String>,
     pub consistency: Consistency,
     /// Time travel: answer as of this timestamp.
     pub as_of: Option<Timestamp>,
@@ -125,6 +127,21 @@ impl SearchOptions {
 #[derive(Debug, Clone, Default)]
 pub struct GetOptions {
     pub output_fields: Vec<String>,
+    pub consistency: Consistency,
+    pub as_of: Option<Timestamp>,
+    pub guarantee_ts: Option<Timestamp>,
+    pub timeout: Option<Duration>,
+}
+
+/// Options of a query by expression.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    /// Rows passing this expression; all rows when `None`.
+    pub filter: Option<String>,
+    pub output_fields: Vec<String>,
+    /// At most this many rows (after `offset`); all when `None`.
+    pub limit: Option<usize>,
+    pub offset: usize,
     pub consistency: Consistency,
     pub as_of: Option<Timestamp>,
     pub guarantee_ts: Option<Timestamp>,
@@ -429,9 +446,11 @@ impl Engine {
             }
         }
         let output_fields = self.output_fields(schema, &options.output_fields)?;
+        let filter = checked_filter(schema, options.filter.as_deref())?;
         let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
         let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
-        let kind = RequestKind::Search { field, queries, k: options.k, ef, output_fields: output_fields.clone() };
+        let kind =
+            RequestKind::Search { field, queries, k: options.k, ef, filter, output_fields: output_fields.clone() };
         let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
         let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
         let hits = hits
@@ -469,6 +488,59 @@ impl Engine {
                 Some(row)
             })
             .collect())
+    }
+
+    /// Rows passing `options.filter` (all rows without one), in primary-key
+    /// order, after `offset`, at most `limit`; with the primary key and `output_fields`.
+    pub fn query(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        let entry = self.entry(collection)?;
+        let schema = &entry.schema;
+        let output_fields = self.output_fields(schema, &options.output_fields)?;
+        let filter = checked_filter(schema, options.filter.as_deref())?;
+        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
+        let kind = RequestKind::Query { filter, output_fields: output_fields.clone(), limit };
+        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let Answer::Query { rows, .. } = answer else { return Err(unexpected(answer)) };
+        let pk_name = &schema.primary().name;
+        Ok(rows
+            .into_iter()
+            .skip(options.offset)
+            .map(|(pk, values)| {
+                let mut row = named(schema, &output_fields, values);
+                row.insert(pk_name.clone(), pk.into());
+                row
+            })
+            .collect())
+    }
+
+    /// How many rows pass `options.filter` (`count(*)`); limit and offset are ignored.
+    pub fn count(&self, collection: &str, options: &QueryOptions) -> Result<usize> {
+        let entry = self.entry(collection)?;
+        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let kind = RequestKind::Count { filter };
+        match self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
+            Answer::Count(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes the rows passing `filter` as of a Strong read, through the log
+    /// like any delete. Returns the keys deleted and the delete's timestamp.
+    pub fn delete_by_filter(&self, collection: &str, filter: &str) -> Result<WriteResult> {
+        let options = QueryOptions { filter: Some(filter.to_string()), ..Default::default() };
+        let rows = self.query(collection, &options)?;
+        let pk_name = self.entry(collection)?.schema.primary().name.clone();
+        let pks: Vec<Pk> = rows
+            .into_iter()
+            .filter_map(|mut row| match row.remove(&pk_name)? {
+                Value::Int(v) => Some(Pk::Int(v)),
+                Value::String(v) => Some(Pk::Str(v)),
+                _ => None,
+            })
+            .collect();
+        self.delete(collection, &pks)
     }
 
     /// Waits until every write acknowledged so far is applied, then seals the
@@ -690,6 +762,23 @@ impl Session {
     pub fn get(&self, collection: &str, pks: &[Pk], options: &GetOptions) -> Result<Vec<BTreeMap<String, Value>>> {
         let options = GetOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
         self.engine.get(collection, pks, &options)
+    }
+
+    pub fn query(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        let options = QueryOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
+        self.engine.query(collection, &options)
+    }
+}
+
+/// Checks a filter against the schema here, so the caller gets the error
+/// with its position; workers compile the same text again.
+fn checked_filter(schema: &CollectionSchema, filter: Option<&str>) -> Result<Option<String>> {
+    match filter.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => {
+            Filter::compile(schema, text)?;
+            Ok(Some(text.to_string()))
+        }
     }
 }
 

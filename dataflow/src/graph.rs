@@ -22,7 +22,7 @@ use timely::worker::Worker;
 use vectorflow_connectors::{EmbeddedLog, LogEntry, LogOp, LogReader};
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
-use vectorflow_operators::{Shard, ShardConfig};
+use vectorflow_operators::{Filter, Shard, ShardConfig};
 
 use crate::messages::{Answer, ChunkBody, Partial, Request, RequestKind, SegmentInput, ShardChunk};
 
@@ -291,6 +291,7 @@ fn segments<'scope>(
         let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
         let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
         let mut catalog_version = 0;
+        let mut filters = FilterCache::default();
         move |(data, data_frontier), (requests, _), output| {
             data.for_each(|_cap, items| {
                 for item in items.drain(..) {
@@ -317,6 +318,7 @@ fn segments<'scope>(
             let current = shared.catalog_version.load(Ordering::Acquire);
             if current != catalog_version {
                 catalog_version = current;
+                filters = FilterCache::default();
                 if let Ok(schemas) = shared.schemas.read() {
                     shards.retain(|id, _| schemas.contains_key(id));
                 }
@@ -337,7 +339,7 @@ fn segments<'scope>(
                 if request.read_ts >= frontier {
                     return true;
                 }
-                let answer = answer(&mut shards, request);
+                let answer = answer(&mut shards, &mut filters, request);
                 output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
                 false
             });
@@ -370,26 +372,73 @@ fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timesta
     }
 }
 
-fn answer(shards: &mut HashMap<CollectionId, Shard>, request: &Request) -> Answer {
-    let shard = shards.get_mut(&request.collection);
-    match (&request.kind, shard) {
-        (RequestKind::Search { queries, k, .. }, None) => {
-            Answer::Search { k: *k, hits: vec![Vec::new(); queries.len()] }
+/// Compiled filters by (collection, text), so a repeated filter compiles once per worker.
+#[derive(Default)]
+struct FilterCache {
+    compiled: HashMap<(CollectionId, String), Filter>,
+}
+
+impl FilterCache {
+    /// Filters kept at most; the cache starts over beyond it.
+    const CAPACITY: usize = 256;
+
+    fn get(
+        &mut self,
+        collection: CollectionId,
+        schema: &CollectionSchema,
+        text: &str,
+    ) -> vectorflow_core::Result<Filter> {
+        let key = (collection, text.to_string());
+        if let Some(filter) = self.compiled.get(&key) {
+            return Ok(filter.clone());
         }
-        (RequestKind::Search { field, queries, k, ef, output_fields }, Some(shard)) => {
-            Answer::Search { k: *k, hits: shard.search(*field, queries, *k, *ef, request.read_ts, output_fields) }
+        let filter = Filter::compile(schema, text)?;
+        if self.compiled.len() >= Self::CAPACITY {
+            self.compiled.clear();
         }
-        (RequestKind::Get { .. }, None) => Answer::Get(Vec::new()),
-        (RequestKind::Get { pks, output_fields }, Some(shard)) => {
-            Answer::Get(shard.get(pks, request.read_ts, output_fields))
-        }
-        (RequestKind::Seal, None) => Answer::Done,
-        (RequestKind::Seal, Some(shard)) => match shard.seal_growing() {
-            Ok(()) => Answer::Done,
-            Err(e) => Answer::Failed(e.to_string()),
-        },
-        (RequestKind::Stats, shard) => Answer::Stats(shard.map(|s| s.stats()).unwrap_or_default()),
+        self.compiled.insert(key, filter.clone());
+        Ok(filter)
     }
+}
+
+/// The answer for a collection this worker holds no rows of.
+fn empty_answer(kind: &RequestKind) -> Answer {
+    match kind {
+        RequestKind::Search { queries, k, .. } => Answer::Search { k: *k, hits: vec![Vec::new(); queries.len()] },
+        RequestKind::Get { .. } => Answer::Get(Vec::new()),
+        RequestKind::Query { limit, .. } => Answer::Query { limit: *limit, rows: Vec::new() },
+        RequestKind::Count { .. } => Answer::Count(0),
+        RequestKind::Seal => Answer::Done,
+        RequestKind::Stats => Answer::Stats(Default::default()),
+    }
+}
+
+fn answer(shards: &mut HashMap<CollectionId, Shard>, filters: &mut FilterCache, request: &Request) -> Answer {
+    let Some(shard) = shards.get_mut(&request.collection) else { return empty_answer(&request.kind) };
+    let text = match &request.kind {
+        RequestKind::Search { filter, .. } | RequestKind::Query { filter, .. } | RequestKind::Count { filter } => {
+            filter.as_deref()
+        }
+        _ => None,
+    };
+    let filter = match text.map(|text| filters.get(request.collection, shard.schema(), text)).transpose() {
+        Ok(filter) => filter,
+        Err(e) => return Answer::Failed(e.to_string()),
+    };
+    let ts = request.read_ts;
+    let result = match &request.kind {
+        RequestKind::Search { field, queries, k, ef, output_fields, .. } => shard
+            .search(*field, queries, *k, *ef, ts, filter.as_ref(), output_fields)
+            .map(|hits| Answer::Search { k: *k, hits }),
+        RequestKind::Get { pks, output_fields } => Ok(Answer::Get(shard.get(pks, ts, output_fields))),
+        RequestKind::Query { output_fields, limit, .. } => {
+            shard.query(filter.as_ref(), ts, output_fields, *limit).map(|rows| Answer::Query { limit: *limit, rows })
+        }
+        RequestKind::Count { .. } => shard.count(filter.as_ref(), ts).map(Answer::Count),
+        RequestKind::Seal => shard.seal_growing().map(|()| Answer::Done),
+        RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
+    };
+    result.unwrap_or_else(|e| Answer::Failed(e.to_string()))
 }
 
 /// Collects every worker's part of an answer on the origin worker and

@@ -24,6 +24,6 @@ mod graph;
 mod messages;
 
 pub use engine::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, SearchHit, SearchOptions,
-    SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, QueryOptions, SearchHit,
+    SearchOptions, SearchResult, Session, WriteResult, row,
 };

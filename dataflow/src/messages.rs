@@ -61,11 +61,22 @@ pub enum RequestKind {
         queries: Vec<Vec<f32>>,
         k: usize,
         ef: usize,
+        /// Filter expression text; every worker compiles it against the schema.
+        filter: Option<String>,
         output_fields: Vec<usize>,
     },
     Get {
         pks: Vec<Pk>,
         output_fields: Vec<usize>,
+    },
+    /// Rows passing a filter: the first `limit` in key order.
+    Query {
+        filter: Option<String>,
+        output_fields: Vec<usize>,
+        limit: usize,
+    },
+    Count {
+        filter: Option<String>,
     },
     /// Seal the growing segments (flush).
     Seal,
@@ -85,6 +96,8 @@ pub struct Partial {
 pub enum Answer {
     Search { k: usize, hits: Vec<Vec<Hit>> },
     Get(Vec<(Pk, Vec<Value>)>),
+    Query { limit: usize, rows: Vec<(Pk, Vec<Value>)> },
+    Count(usize),
     Stats(ShardStats),
     Done,
     Failed(String),
@@ -104,6 +117,12 @@ impl Answer {
                 }
             }
             (Answer::Get(rows), Answer::Get(more)) => rows.extend(more),
+            (Answer::Query { limit, rows }, Answer::Query { rows: more, .. }) => {
+                rows.extend(more);
+                rows.sort_by_key(|(pk, _)| pk.order_key());
+                rows.truncate(*limit);
+            }
+            (Answer::Count(count), Answer::Count(more)) => *count += more,
             (Answer::Stats(stats), Answer::Stats(more)) => *stats += more,
             (Answer::Failed(_), _) => {}
             (this, failed @ Answer::Failed(_)) => *this = failed,

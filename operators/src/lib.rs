@@ -4,11 +4,13 @@
 //! changes and answers reads.
 
 pub mod distance;
+pub mod filter;
 pub mod index;
 pub mod segment;
 pub mod shard;
 pub mod topk;
 
+pub use filter::Filter;
 pub use index::IndexParams;
 pub use segment::Segment;
 pub use shard::{Hit, SearchPlan, Shard, ShardConfig, ShardStats};

@@ -17,6 +17,7 @@ use vectorflow_core::value::pks_from_array;
 use vectorflow_core::{CollectionSchema, DataType, Metric, Pk, Result, Timestamp, Value, VersionId};
 
 use crate::distance::distance;
+use crate::filter::Filter;
 use crate::index::{HnswIndex, IndexParams};
 use crate::topk::{Candidate, TopK};
 
@@ -215,16 +216,28 @@ impl Segment {
         self.vectors.iter().find(|v| v.field == field)
     }
 
-    /// Rows visible at `ts`.
-    pub fn visible_count(&self, ts: Timestamp) -> usize {
-        if self.retired == 0 && ts >= self.max_insert_ts {
-            return self.len();
+    /// Rows visible at `ts` (and passing `allowed`, when given).
+    pub fn passing_count(&self, ts: Timestamp, allowed: Option<&[bool]>) -> usize {
+        match allowed {
+            None if self.retired == 0 && ts >= self.max_insert_ts => self.len(),
+            None => (0..self.len()).filter(|&row| self.visible(row, ts)).count(),
+            Some(allowed) => (0..self.len()).filter(|&row| allowed[row] && self.visible(row, ts)).count(),
         }
-        (0..self.len()).filter(|&row| self.visible(row, ts)).count()
     }
 
-    /// The `k` visible rows closest to `query` in vector field `field`, at `ts`.
-    /// `query` is already normalised for COSINE.
+    /// Which rows pass `filter` (visibility aside), in row order.
+    pub fn evaluate(&self, filter: &Filter) -> Result<Vec<bool>> {
+        let mut passing = Vec::with_capacity(self.len());
+        for chunk in &self.chunks {
+            passing.extend(filter.evaluate(chunk)?);
+        }
+        Ok(passing)
+    }
+
+    /// The `k` rows closest to `query` in vector field `field` among those
+    /// visible at `ts` and, when given, `allowed`. `query` is already
+    /// normalised for COSINE.
+    #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
         field: usize,
@@ -232,20 +245,21 @@ impl Segment {
         k: usize,
         ef: usize,
         ts: Timestamp,
+        allowed: Option<&[bool]>,
         plan: SearchPlan,
     ) -> Vec<Candidate> {
         let Some(column) = self.column(field) else { return Vec::new() };
-        let visible = self.visible_count(ts);
-        if visible == 0 || k == 0 {
+        let passing = self.passing_count(ts, allowed);
+        if passing == 0 || k == 0 {
             return Vec::new();
         }
         let exact_below = plan.exact_below_rows.max((self.len() as f32 * plan.exact_below_fraction) as usize);
         let index = column.index.as_ref().and_then(|slot| slot.get());
+        let passes = |row: usize| allowed.is_none_or(|a| a[row]) && self.visible(row, ts);
         match index {
-            Some(index) if visible >= exact_below => {
-                let all_visible = visible == self.len();
-                let filter = |row: &usize| self.visible(*row, ts);
-                let rows = index.search(query, k, ef, if all_visible { None } else { Some(&filter) });
+            Some(index) if passing >= exact_below => {
+                let filter = |row: &usize| passes(*row);
+                let rows = index.search(query, k, ef, if passing == self.len() { None } else { Some(&filter) });
                 let mut top = TopK::new(k);
                 for row in rows {
                     let d = distance(column.metric, query, self.vector_in(column, row));
@@ -258,8 +272,15 @@ impl Segment {
                 }
                 top.into_sorted()
             }
-            _ => self.exact(column, query, k, ts),
+            _ => self.exact(column, query, k, &passes),
         }
+    }
+
+    /// Rows visible at `ts` and allowed, in row order.
+    pub fn matching_rows<'a>(&'a self, ts: Timestamp, allowed: Option<&'a [bool]>) -> impl Iterator<Item = u32> + 'a {
+        (0..self.len())
+            .filter(move |&row| allowed.is_none_or(|a| a[row]) && self.visible(row, ts))
+            .map(|row| row as u32)
     }
 
     fn vector_in<'a>(&'a self, column: &'a VectorColumn, row: usize) -> &'a [f32] {
@@ -267,13 +288,13 @@ impl Segment {
         &column.chunks[chunk][local * column.dim..(local + 1) * column.dim]
     }
 
-    fn exact(&self, column: &VectorColumn, query: &[f32], k: usize, ts: Timestamp) -> Vec<Candidate> {
+    fn exact(&self, column: &VectorColumn, query: &[f32], k: usize, passes: &dyn Fn(usize) -> bool) -> Vec<Candidate> {
         let mut top = TopK::new(k);
         for (chunk, buffer) in column.chunks.iter().enumerate() {
             let start = self.chunk_starts[chunk];
             for (local, vector) in buffer.chunks_exact(column.dim).enumerate() {
                 let row = start + local;
-                if !self.visible(row, ts) {
+                if !passes(row) {
                     continue;
                 }
                 let d = distance(column.metric, query, vector);
@@ -340,7 +361,7 @@ mod tests {
         }
         let plan = SearchPlan::default();
         let query = vec![0.1f32; 8];
-        let found: Vec<u32> = segment.search(1, &query, 10, 16, 25, plan).iter().map(|c| c.row).collect();
+        let found: Vec<u32> = segment.search(1, &query, 10, 16, 25, None, plan).iter().map(|c| c.row).collect();
         let mut exact: Vec<(f32, u32)> = (0..rows as u32)
             .filter(|r| r % 60 == 0)
             .map(|r| (distance(Metric::L2, &query, &values[r as usize * 8..(r as usize + 1) * 8]), r))
@@ -348,6 +369,6 @@ mod tests {
         exact.sort_by(|a, b| a.0.total_cmp(&b.0));
         assert_eq!(found, exact[..10].iter().map(|x| x.1).collect::<Vec<_>>());
         // Before the deletes every row is visible and the graph answers.
-        assert_eq!(segment.search(1, &query, 10, 64, 15, plan).len(), 10);
+        assert_eq!(segment.search(1, &query, 10, 64, 15, None, plan).len(), 10);
     }
 }

@@ -8,6 +8,7 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 use vectorflow_core::{CollectionSchema, Pk, Result, Timestamp, Value, VersionId};
 
+use crate::filter::Filter;
 use crate::index::IndexParams;
 pub use crate::segment::SearchPlan;
 use crate::segment::Segment;
@@ -149,7 +150,14 @@ impl Shard {
         Ok(())
     }
 
-    /// The `k` closest visible rows at `ts` for each query, with `output_fields`.
+    /// Which rows of each segment pass `filter` (`None` without a filter).
+    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Vec<bool>>>> {
+        self.segments.iter().map(|segment| filter.map(|f| segment.evaluate(f)).transpose()).collect()
+    }
+
+    /// The `k` closest rows visible at `ts` (and passing `filter`) for each
+    /// query, with `output_fields`.
+    #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
         field: usize,
@@ -157,30 +165,69 @@ impl Shard {
         k: usize,
         ef: usize,
         ts: Timestamp,
+        filter: Option<&Filter>,
         output_fields: &[usize],
-    ) -> Vec<Vec<Hit>> {
-        queries
+    ) -> Result<Vec<Vec<Hit>>> {
+        let allowed = self.allowed(filter)?;
+        Ok(queries
             .iter()
             .map(|query| {
                 let mut top = TopK::new(k);
-                for segment in &self.segments {
-                    for candidate in segment.search(field, query, k, ef, ts, self.config.plan) {
+                for (segment, allowed) in self.segments.iter().zip(&allowed) {
+                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.config.plan) {
                         top.push(candidate);
                     }
                 }
-                top.into_sorted()
-                    .into_iter()
-                    .map(|c| {
-                        let segment = &self.segments[c.segment as usize];
-                        Hit {
-                            pk: segment.pk(c.row).clone(),
-                            distance: c.distance,
-                            fields: output_fields.iter().map(|&f| segment.value(f, c.row)).collect(),
-                        }
-                    })
-                    .collect()
+                top.into_sorted().into_iter().map(|c| self.hit(c.segment, c.row, c.distance, output_fields)).collect()
             })
-            .collect()
+            .collect())
+    }
+
+    fn hit(&self, segment: u64, row: u32, distance: f32, output_fields: &[usize]) -> Hit {
+        let segment = &self.segments[segment as usize];
+        Hit {
+            pk: segment.pk(row).clone(),
+            distance,
+            fields: output_fields.iter().map(|&f| segment.value(f, row)).collect(),
+        }
+    }
+
+    /// Rows visible at `ts` that pass `filter`: the first `limit` in key
+    /// order (`Pk::order_key`), with `output_fields`.
+    pub fn query(
+        &self,
+        filter: Option<&Filter>,
+        ts: Timestamp,
+        output_fields: &[usize],
+        limit: usize,
+    ) -> Result<Vec<(Pk, Vec<Value>)>> {
+        let allowed = self.allowed(filter)?;
+        let mut matches: Vec<(u64, u64, u32)> = Vec::new();
+        for (segment, allowed) in self.segments.iter().zip(&allowed) {
+            matches.extend(
+                segment.matching_rows(ts, allowed.as_deref()).map(|row| (segment.pk(row).order_key(), segment.id, row)),
+            );
+        }
+        matches.sort_unstable();
+        matches.truncate(limit);
+        Ok(matches
+            .into_iter()
+            .map(|(_, segment, row)| {
+                let hit = self.hit(segment, row, 0.0, output_fields);
+                (hit.pk, hit.fields)
+            })
+            .collect())
+    }
+
+    /// How many rows visible at `ts` pass `filter`.
+    pub fn count(&self, filter: Option<&Filter>, ts: Timestamp) -> Result<usize> {
+        let allowed = self.allowed(filter)?;
+        Ok(self
+            .segments
+            .iter()
+            .zip(&allowed)
+            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_deref()))
+            .sum())
     }
 
     /// The version of each key visible at `ts` that this shard holds, with `output_fields`.
@@ -249,7 +296,13 @@ mod tests {
         shard.apply(30, vec![], &HashSet::new(), &[v1[1]]).unwrap();
 
         let ids = |ts| -> Vec<Pk> {
-            shard.search(1, &[vec![0.0, 0.0]], 3, 16, ts, &[]).remove(0).into_iter().map(|h| h.pk).collect()
+            shard
+                .search(1, &[vec![0.0, 0.0]], 3, 16, ts, None, &[])
+                .unwrap()
+                .remove(0)
+                .into_iter()
+                .map(|h| h.pk)
+                .collect()
         };
         assert_eq!(ids(15), vec![Pk::Int(1), Pk::Int(2), Pk::Int(3)]);
         assert_eq!(ids(25), vec![Pk::Int(2), Pk::Int(3), Pk::Int(1)]);
