@@ -141,6 +141,8 @@ fn ids(hits: &[vectorflow::SearchHit]) -> Vec<(i64, f32)> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.k >= 1, "--k must be at least 1");
+    anyhow::ensure!(args.clients.iter().all(|&c| c >= 1), "--clients must all be at least 1");
     let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
     let vectors = dataset.base_vectors()?;
     let queries_m = dataset.query_vectors()?;

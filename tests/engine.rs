@@ -237,6 +237,10 @@ fn bad_input_gets_typed_errors_naming_the_field_and_applies_nothing() {
         engine.search("c", &[vec![1.0, 2.0]], &SearchOptions::new(0)),
         Err(Error::InvalidArgument { .. })
     ));
+    let huge_ef = SearchOptions { ef: Some(1 << 40), ..SearchOptions::new(1) };
+    assert!(
+        matches!(engine.search("c", &[vec![1.0, 2.0]], &huge_ef), Err(Error::InvalidArgument { argument, .. }) if argument == "ef")
+    );
     let unknown_output = SearchOptions { output_fields: vec!["nope".into()], ..SearchOptions::new(1) };
     assert!(
         matches!(engine.search("c", &[vec![1.0, 2.0]], &unknown_output), Err(Error::Field { field, .. }) if field == "nope")

@@ -20,6 +20,9 @@ use vectorflow_operators::{Filter, IndexParams, SearchPlan, ShardConfig, ShardSt
 use crate::graph::{Shared, run_worker};
 use crate::messages::{Answer, Request, RequestKind};
 
+/// Largest `ef` a search may ask for.
+const MAX_EF: usize = 32_768;
+
 /// How to open an engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -428,6 +431,11 @@ impl Engine {
         }
         if queries.is_empty() {
             return Err(Error::argument("vectors", "no query vectors"));
+        }
+        if let Some(ef) = options.ef
+            && !(1..=MAX_EF).contains(&ef)
+        {
+            return Err(Error::argument("ef", format!("{ef} outside 1..={MAX_EF}")));
         }
         let field_name = &schema.fields[field].name;
         let mut queries = queries.to_vec();

@@ -5,35 +5,80 @@
 
 use vectorflow_core::Metric;
 
-/// Dot product.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
+/// Lanes per step: two 8-wide registers, so additions of consecutive steps overlap.
+const LANES: usize = 16;
+
+/// Dot product kernel; with `FMA` the multiply-adds fuse (only call it so
+/// from code compiled with the `fma` target feature, where it is one instruction).
+#[inline(always)]
+fn dot_kernel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, ra) = a.as_chunks::<LANES>();
+    let (cb, rb) = b.as_chunks::<LANES>();
     for (x, y) in ca.iter().zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for i in 0..LANES {
+            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }
 
-/// Squared Euclidean distance.
-#[inline]
-pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
+/// Squared Euclidean distance kernel; see [`dot_kernel`].
+#[inline(always)]
+fn l2_kernel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, ra) = a.as_chunks::<LANES>();
+    let (cb, rb) = b.as_chunks::<LANES>();
     for (x, y) in ca.iter().zip(cb) {
-        for i in 0..8 {
+        for i in 0..LANES {
             let d = x[i] - y[i];
-            acc[i] += d * d;
+            acc[i] = if FMA { d.mul_add(d, acc[i]) } else { acc[i] + d * d };
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| (x - y) * (x - y)).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_kernel::<true>(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
+    l2_kernel::<true>(a, b)
+}
+
+/// Whether this CPU has AVX2 and FMA (checked once, then a cached load).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Dot product.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `dot_avx2` is compiled for.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_kernel::<false>(a, b)
+}
+
+/// Squared Euclidean distance.
+#[inline]
+pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `l2_avx2` is compiled for.
+        return unsafe { l2_avx2(a, b) };
+    }
+    l2_kernel::<false>(a, b)
 }
 
 /// The internal distance (smaller is closer) of `metric`. COSINE vectors are
@@ -77,5 +122,12 @@ mod tests {
         assert!((dot(&a, &b) - naive_dot).abs() < 1e-3);
         assert!((l2_squared(&a, &b) - naive_l2).abs() < 1e-3);
         assert_eq!(score(Metric::IP, distance(Metric::IP, &a, &b)), dot(&a, &b));
+        // The portable kernels, whatever this CPU dispatches to.
+        assert!((dot_kernel::<false>(&a, &b) - naive_dot).abs() < 1e-3);
+        assert!((l2_kernel::<false>(&a, &b) - naive_l2).abs() < 1e-3);
+        let long: Vec<f32> = (0..389).map(|i| (i as f32 * 0.37).sin()).collect();
+        let other: Vec<f32> = (0..389).map(|i| (i as f32 * 0.11).cos()).collect();
+        let naive: f32 = long.iter().zip(&other).map(|(x, y)| x * y).sum();
+        assert!((dot(&long, &other) - naive).abs() < 1e-3);
     }
 }
