@@ -35,15 +35,17 @@ pub fn recall_qps(path: &Path, panels: &[(String, Vec<Series>)]) -> anyhow::Resu
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     for ((filter, series), area) in panels.iter().zip(areas) {
         let all = series.iter().flat_map(|s| s.points.iter());
-        let max_qps = all.clone().map(|p| p.1).fold(1.0f64, f64::max) * 1.15;
+        // QPS spans orders of magnitude across systems and filters: a log axis.
+        let max_qps = all.clone().map(|p| p.1).fold(1.0f64, f64::max) * 1.5;
+        let min_qps = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min).clamp(0.1, max_qps / 10.0) / 1.5;
         let min_recall = all.map(|p| p.0).fold(1.0f64, f64::min).min(0.9) - 0.02;
         let mut chart = ChartBuilder::on(&area)
             .caption(format!("recall vs QPS ({filter})"), ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(min_recall.max(0.0)..1.005f64, 0.0..max_qps)?;
-        chart.configure_mesh().x_desc("recall@k").y_desc("QPS").label_style(("sans-serif", 13)).draw()?;
+            .build_cartesian_2d(min_recall.max(0.0)..1.005f64, (min_qps..max_qps).log_scale())?;
+        chart.configure_mesh().x_desc("recall@k").y_desc("QPS (log)").label_style(("sans-serif", 13)).draw()?;
         for (i, s) in series.iter().enumerate() {
             let color = colors[i % colors.len()];
             chart
