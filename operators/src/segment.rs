@@ -7,7 +7,8 @@
 //! thread. Until an index is ready the segment answers with exact search, so
 //! nothing disappears from results during the hand-off.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::array::{Array, AsArray};
 use arrow::buffer::ScalarBuffer;
@@ -68,7 +69,13 @@ pub struct Segment {
     retired: usize,
     max_insert_ts: Timestamp,
     sealed: bool,
+    /// Filter results of a sealed segment by filter text: its rows never
+    /// change (only `delete_ts` does, and visibility is checked apart).
+    filter_results: Mutex<HashMap<String, Arc<Vec<bool>>>>,
 }
+
+/// Filter results a sealed segment keeps; the cache starts over beyond it.
+const CACHED_FILTERS: usize = 32;
 
 impl Segment {
     pub fn new(id: u64, schema: &CollectionSchema) -> Segment {
@@ -97,6 +104,7 @@ impl Segment {
             retired: 0,
             max_insert_ts: 0,
             sealed: false,
+            filter_results: Mutex::new(HashMap::new()),
         }
     }
 
@@ -225,11 +233,26 @@ impl Segment {
         }
     }
 
-    /// Which rows pass `filter` (visibility aside), in row order.
-    pub fn evaluate(&self, filter: &Filter) -> Result<Vec<bool>> {
+    /// Which rows pass `filter` (visibility aside), in row order; computed
+    /// once per filter for a sealed segment.
+    pub fn evaluate(&self, filter: &Filter) -> Result<Arc<Vec<bool>>> {
+        if self.sealed
+            && let Some(cached) = self.filter_results.lock().ok().and_then(|c| c.get(filter.text()).cloned())
+        {
+            return Ok(cached);
+        }
         let mut passing = Vec::with_capacity(self.len());
         for chunk in &self.chunks {
             passing.extend(filter.evaluate(chunk)?);
+        }
+        let passing = Arc::new(passing);
+        if self.sealed
+            && let Ok(mut cache) = self.filter_results.lock()
+        {
+            if cache.len() >= CACHED_FILTERS {
+                cache.clear();
+            }
+            cache.insert(filter.text().to_string(), passing.clone());
         }
         Ok(passing)
     }

@@ -151,7 +151,7 @@ impl Shard {
     }
 
     /// Which rows of each segment pass `filter` (`None` without a filter).
-    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Vec<bool>>>> {
+    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Arc<Vec<bool>>>>> {
         self.segments.iter().map(|segment| filter.map(|f| segment.evaluate(f)).transpose()).collect()
     }
 
@@ -174,7 +174,15 @@ impl Shard {
             .map(|query| {
                 let mut top = TopK::new(k);
                 for (segment, allowed) in self.segments.iter().zip(&allowed) {
-                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.config.plan) {
+                    for candidate in segment.search(
+                        field,
+                        query,
+                        k,
+                        ef,
+                        ts,
+                        allowed.as_ref().map(|a| a.as_slice()),
+                        self.config.plan,
+                    ) {
                         top.push(candidate);
                     }
                 }
@@ -205,7 +213,9 @@ impl Shard {
         let mut matches: Vec<(u64, u64, u32)> = Vec::new();
         for (segment, allowed) in self.segments.iter().zip(&allowed) {
             matches.extend(
-                segment.matching_rows(ts, allowed.as_deref()).map(|row| (segment.pk(row).order_key(), segment.id, row)),
+                segment
+                    .matching_rows(ts, allowed.as_ref().map(|a| a.as_slice()))
+                    .map(|row| (segment.pk(row).order_key(), segment.id, row)),
             );
         }
         matches.sort_unstable();
@@ -226,7 +236,7 @@ impl Shard {
             .segments
             .iter()
             .zip(&allowed)
-            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_deref()))
+            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_ref().map(|a| a.as_slice())))
             .sum())
     }
 
