@@ -682,25 +682,25 @@ impl Engine {
 
     /// Stops the workers. Acknowledged writes are already durable in the log.
     pub fn shutdown(&self) {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
+        self.inner.stop();
+    }
+}
+
+impl Inner {
+    /// Stops the workers and waits for them; later calls do nothing.
+    fn stop(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.inner.shared.shutdown.store(true, Ordering::Release);
-        if let Ok(activators) = self.inner.shared.request_activators.lock() {
-            activators.values().for_each(|a| {
-                let _ = a.activate();
-            });
-        }
-        self.inner.shared.wake_sources();
-        let guards = self.inner.guards.lock().ok().and_then(|mut g| g.take());
-        if let Some(guards) = guards {
+        self.shared.stop();
+        if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
             for result in guards.join() {
                 if let Err(e) = result {
                     tracing::error!("worker ended with an error: {e}");
                 }
             }
         }
-        if let Ok(mut replies) = self.inner.shared.replies.lock() {
+        if let Ok(mut replies) = self.shared.replies.lock() {
             replies.clear();
         }
     }
@@ -708,16 +708,7 @@ impl Engine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
-        if let Ok(activators) = self.shared.request_activators.lock() {
-            activators.values().for_each(|a| {
-                let _ = a.activate();
-            });
-        }
-        self.shared.wake_sources();
-        if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
-            drop(guards);
-        }
+        self.stop();
     }
 }
 

@@ -64,6 +64,17 @@ impl Shared {
         }
     }
 
+    /// Tells every worker to stop and wakes the operators that hold capabilities.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        if let Ok(activators) = self.request_activators.lock() {
+            activators.values().for_each(|a| {
+                let _ = a.activate();
+            });
+        }
+        self.wake_sources();
+    }
+
     /// Wakes every log source, so frontiers move now rather than at the next tick.
     pub fn wake_sources(&self) {
         if let Ok(activators) = self.source_activators.lock() {
