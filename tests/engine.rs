@@ -327,3 +327,34 @@ fn schema_features_auto_id_varchar_keys_defaults_json_and_drop() {
     assert_eq!(engine.stats("names", Consistency::Strong).unwrap().live_rows, 0, "a new collection starts empty");
     engine.shutdown();
 }
+
+#[test]
+fn concurrent_writers_and_readers_finish_with_correct_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 64);
+    engine.create_collection(small_schema("c")).unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..8i64 {
+            let engine = engine.clone();
+            scope.spawn(move || {
+                let session = engine.session();
+                for i in 0..40i64 {
+                    let id = t * 1000 + i;
+                    session.insert_rows("c", &[small_row(id, [t as f32, i as f32])]).unwrap();
+                    if i % 4 == 0 {
+                        let read = SearchOptions { consistency: Consistency::Session, ..SearchOptions::new(1) };
+                        let hits = session.search("c", &[vec![t as f32, i as f32]], &read).unwrap();
+                        assert_eq!(pks(&hits.hits[0]), vec![Pk::Int(id)], "thread {t} sees its write {i}");
+                    }
+                    if i % 10 == 9 {
+                        session.delete("c", &[Pk::Int(id - 1)]).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // 8 threads x 40 rows, 4 deletes each.
+    assert_eq!(engine.stats("c", Consistency::Strong).unwrap().live_rows, 8 * 36);
+    assert_eq!(engine.count("c", &Default::default()).unwrap(), 8 * 36);
+    engine.shutdown();
+}
