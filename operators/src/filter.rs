@@ -314,4 +314,22 @@ mod tests {
         assert!(err("v > 1").1.contains("vector field"));
         assert_eq!(err("(year > 1").0, 9);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_gives_a_filter_or_an_error_never_a_panic(text in "[ -~äß€\\[\\]\"']{0,40}") {
+            let _ = Filter::compile(&schema(), &text);
+        }
+
+        #[test]
+        fn expression_shaped_text_never_panics(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec!["year", "color", "id", "==", ">", "and", "or", "not", "in", "[", "]",
+                    "(", ")", "\"red\"", "'x'", "3", "-1.5e3", ",", "like", "is", "null", "+", "%", "!", "&&"]),
+                0..12,
+            )
+        ) {
+            let _ = Filter::compile(&schema(), &parts.join(" "));
+        }
+    }
 }
