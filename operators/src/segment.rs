@@ -71,7 +71,27 @@ pub struct Segment {
     sealed: bool,
     /// Filter results of a sealed segment by filter text: its rows never
     /// change (only `delete_ts` does, and visibility is checked apart).
-    filter_results: Mutex<HashMap<String, Arc<Vec<bool>>>>,
+    filter_results: Mutex<HashMap<String, Arc<RowSet>>>,
+}
+
+/// The rows of a segment that pass a filter, as a bitmap (for the graph
+/// walk) and as a list (for scans of selective filters).
+#[derive(Debug)]
+pub struct RowSet {
+    bits: Vec<bool>,
+    rows: Vec<u32>,
+}
+
+impl RowSet {
+    pub fn new(bits: Vec<bool>) -> RowSet {
+        let rows = bits.iter().enumerate().filter(|(_, b)| **b).map(|(row, _)| row as u32).collect();
+        RowSet { bits, rows }
+    }
+
+    #[inline]
+    pub fn contains(&self, row: usize) -> bool {
+        self.bits[row]
+    }
 }
 
 /// Filter results a sealed segment keeps; the cache starts over beyond it.
@@ -225,17 +245,17 @@ impl Segment {
     }
 
     /// Rows visible at `ts` (and passing `allowed`, when given).
-    pub fn passing_count(&self, ts: Timestamp, allowed: Option<&[bool]>) -> usize {
+    pub fn passing_count(&self, ts: Timestamp, allowed: Option<&RowSet>) -> usize {
         match allowed {
             None if self.retired == 0 && ts >= self.max_insert_ts => self.len(),
             None => (0..self.len()).filter(|&row| self.visible(row, ts)).count(),
-            Some(allowed) => (0..self.len()).filter(|&row| allowed[row] && self.visible(row, ts)).count(),
+            Some(set) => set.rows.iter().filter(|&&row| self.visible(row as usize, ts)).count(),
         }
     }
 
     /// Which rows pass `filter` (visibility aside), in row order; computed
     /// once per filter for a sealed segment.
-    pub fn evaluate(&self, filter: &Filter) -> Result<Arc<Vec<bool>>> {
+    pub fn evaluate(&self, filter: &Filter) -> Result<Arc<RowSet>> {
         if self.sealed
             && let Some(cached) = self.filter_results.lock().ok().and_then(|c| c.get(filter.text()).cloned())
         {
@@ -245,7 +265,7 @@ impl Segment {
         for chunk in &self.chunks {
             passing.extend(filter.evaluate(chunk)?);
         }
-        let passing = Arc::new(passing);
+        let passing = Arc::new(RowSet::new(passing));
         if self.sealed
             && let Ok(mut cache) = self.filter_results.lock()
         {
@@ -268,7 +288,7 @@ impl Segment {
         k: usize,
         ef: usize,
         ts: Timestamp,
-        allowed: Option<&[bool]>,
+        allowed: Option<&RowSet>,
         plan: SearchPlan,
     ) -> Vec<Candidate> {
         let Some(column) = self.column(field) else { return Vec::new() };
@@ -278,7 +298,7 @@ impl Segment {
         }
         let exact_below = plan.exact_below_rows.max((self.len() as f32 * plan.exact_below_fraction) as usize);
         let index = column.index.as_ref().and_then(|slot| slot.get());
-        let passes = |row: usize| allowed.is_none_or(|a| a[row]) && self.visible(row, ts);
+        let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
         match index {
             Some(index) if passing >= exact_below => {
                 let filter = |row: &usize| passes(*row);
@@ -295,15 +315,39 @@ impl Segment {
                 }
                 top.into_sorted()
             }
-            _ => self.exact(column, query, k, &passes),
+            // A selective filter: scan only the rows that pass it.
+            _ => match allowed {
+                Some(set) => self.exact_rows(column, query, k, set.rows.iter().map(|&r| r as usize), &passes),
+                None => self.exact(column, query, k, &passes),
+            },
         }
     }
 
     /// Rows visible at `ts` and allowed, in row order.
-    pub fn matching_rows<'a>(&'a self, ts: Timestamp, allowed: Option<&'a [bool]>) -> impl Iterator<Item = u32> + 'a {
-        (0..self.len())
-            .filter(move |&row| allowed.is_none_or(|a| a[row]) && self.visible(row, ts))
-            .map(|row| row as u32)
+    pub fn matching_rows(&self, ts: Timestamp, allowed: Option<&RowSet>) -> Vec<u32> {
+        match allowed {
+            Some(set) => set.rows.iter().copied().filter(|&row| self.visible(row as usize, ts)).collect(),
+            None => (0..self.len() as u32).filter(|&row| self.visible(row as usize, ts)).collect(),
+        }
+    }
+
+    /// Exact top-k over the given rows (those `passes` accepts).
+    fn exact_rows(
+        &self,
+        column: &VectorColumn,
+        query: &[f32],
+        k: usize,
+        rows: impl Iterator<Item = usize>,
+        passes: &dyn Fn(usize) -> bool,
+    ) -> Vec<Candidate> {
+        let mut top = TopK::new(k);
+        for row in rows.filter(|&row| passes(row)) {
+            let d = distance(column.metric, query, self.vector_in(column, row));
+            if d <= top.threshold() {
+                top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: self.id, row: row as u32 });
+            }
+        }
+        top.into_sorted()
     }
 
     fn vector_in<'a>(&'a self, column: &'a VectorColumn, row: usize) -> &'a [f32] {

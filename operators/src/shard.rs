@@ -11,7 +11,7 @@ use vectorflow_core::{CollectionSchema, Pk, Result, Timestamp, Value, VersionId}
 use crate::filter::Filter;
 use crate::index::IndexParams;
 pub use crate::segment::SearchPlan;
-use crate::segment::Segment;
+use crate::segment::{RowSet, Segment};
 use crate::topk::TopK;
 
 /// Shard tuning, the same for every shard of an engine.
@@ -151,7 +151,7 @@ impl Shard {
     }
 
     /// Which rows of each segment pass `filter` (`None` without a filter).
-    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Arc<Vec<bool>>>>> {
+    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Arc<RowSet>>>> {
         self.segments.iter().map(|segment| filter.map(|f| segment.evaluate(f)).transpose()).collect()
     }
 
@@ -174,15 +174,7 @@ impl Shard {
             .map(|query| {
                 let mut top = TopK::new(k);
                 for (segment, allowed) in self.segments.iter().zip(&allowed) {
-                    for candidate in segment.search(
-                        field,
-                        query,
-                        k,
-                        ef,
-                        ts,
-                        allowed.as_ref().map(|a| a.as_slice()),
-                        self.config.plan,
-                    ) {
+                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.config.plan) {
                         top.push(candidate);
                     }
                 }
@@ -214,7 +206,8 @@ impl Shard {
         for (segment, allowed) in self.segments.iter().zip(&allowed) {
             matches.extend(
                 segment
-                    .matching_rows(ts, allowed.as_ref().map(|a| a.as_slice()))
+                    .matching_rows(ts, allowed.as_deref())
+                    .into_iter()
                     .map(|row| (segment.pk(row).order_key(), segment.id, row)),
             );
         }
@@ -236,7 +229,7 @@ impl Shard {
             .segments
             .iter()
             .zip(&allowed)
-            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_ref().map(|a| a.as_slice())))
+            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_deref()))
             .sum())
     }
 
