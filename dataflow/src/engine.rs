@@ -504,22 +504,32 @@ impl Engine {
         let entry = self.entry(collection)?;
         let schema = &entry.schema;
         let output_fields = self.output_fields(schema, &options.output_fields)?;
-        let filter = checked_filter(schema, options.filter.as_deref())?;
-        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
-        let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
-        let kind = RequestKind::Query { filter, output_fields: output_fields.clone(), limit };
-        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
-        let Answer::Query { rows, .. } = answer else { return Err(unexpected(answer)) };
+        let rows = self.query_rows(&entry, options, &output_fields)?;
         let pk_name = &schema.primary().name;
         Ok(rows
             .into_iter()
-            .skip(options.offset)
             .map(|(pk, values)| {
                 let mut row = named(schema, &output_fields, values);
                 row.insert(pk_name.clone(), pk.into());
                 row
             })
             .collect())
+    }
+
+    /// Keys and `output_fields` of the rows a query selects, after `offset`.
+    fn query_rows(
+        &self,
+        entry: &CatalogEntry,
+        options: &QueryOptions,
+        output_fields: &[usize],
+    ) -> Result<Vec<(Pk, Vec<Value>)>> {
+        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
+        let kind = RequestKind::Query { filter, output_fields: output_fields.to_vec(), limit };
+        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let Answer::Query { rows, .. } = answer else { return Err(unexpected(answer)) };
+        Ok(rows.into_iter().skip(options.offset).collect())
     }
 
     /// How many rows pass `options.filter` (`count(*)`); limit and offset are ignored.
@@ -537,17 +547,9 @@ impl Engine {
     /// Deletes the rows passing `filter` as of a Strong read, through the log
     /// like any delete. Returns the keys deleted and the delete's timestamp.
     pub fn delete_by_filter(&self, collection: &str, filter: &str) -> Result<WriteResult> {
+        let entry = self.entry(collection)?;
         let options = QueryOptions { filter: Some(filter.to_string()), ..Default::default() };
-        let rows = self.query(collection, &options)?;
-        let pk_name = self.entry(collection)?.schema.primary().name.clone();
-        let pks: Vec<Pk> = rows
-            .into_iter()
-            .filter_map(|mut row| match row.remove(&pk_name)? {
-                Value::Int(v) => Some(Pk::Int(v)),
-                Value::String(v) => Some(Pk::Str(v)),
-                _ => None,
-            })
-            .collect();
+        let pks: Vec<Pk> = self.query_rows(&entry, &options, &[])?.into_iter().map(|(pk, _)| pk).collect();
         self.delete(collection, &pks)
     }
 
