@@ -30,6 +30,7 @@ pub use vectorflow_dataflow::{
     SearchOptions, SearchResult, Session, WriteResult, row,
 };
 pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};
+pub use vectorflow_sql::SqlSession;
 
 /// Lower-level crates, for tools that need them.
 pub mod crates {
@@ -37,4 +38,5 @@ pub mod crates {
     pub use vectorflow_core as core;
     pub use vectorflow_dataflow as dataflow;
     pub use vectorflow_operators as operators;
+    pub use vectorflow_sql as sql;
 }

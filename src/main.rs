@@ -36,6 +36,13 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Run one SQL statement over the collections in a data directory and print the result as a table.
+    Sql {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The statement, for example "SELECT id FROM docs ORDER BY cosine_distance(embedding, [..]) LIMIT 5".
+        query: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +65,20 @@ fn main() -> anyhow::Result<()> {
             }
             engine.shutdown();
         }
+        Command::Sql { data_dir, query } => {
+            let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
+            let result = run_sql(&engine, &query);
+            engine.shutdown();
+            println!("{}", result?);
+        }
     }
     Ok(())
+}
+
+/// Runs `query` in a SQL session over `engine` and formats the rows as a table.
+fn run_sql(engine: &vectorflow::Engine, query: &str) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let session = vectorflow::SqlSession::new(engine.clone())?;
+    let batches = runtime.block_on(session.collect(query))?;
+    Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
 }

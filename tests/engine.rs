@@ -67,13 +67,6 @@ fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
     engine.shutdown();
 }
 
-fn pk_int(pk: &Pk) -> i64 {
-    match pk {
-        Pk::Int(v) => *v,
-        Pk::Str(_) => -1,
-    }
-}
-
 #[test]
 fn strong_sees_acknowledged_writes_eventually_does_not_wait_session_sees_its_own() {
     let dir = tempfile::tempdir().unwrap();

@@ -234,3 +234,79 @@ fn bad_expressions_get_errors_with_positions() {
     assert!(matches!(engine.delete_by_filter("f", "colour == 1"), Err(Error::Expression { position: 0, .. })));
     engine.shutdown();
 }
+
+#[test]
+fn json_paths_and_array_contains_filter_through_the_engine_and_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 4);
+    let schema = CollectionSchema::new(
+        "j",
+        vec![
+            FieldSchema::int64_primary("id", false),
+            FieldSchema::vector("v", 2, Metric::L2),
+            FieldSchema::new("meta", DataType::Json).nullable(),
+        ],
+    );
+    engine.create_collection(schema).unwrap();
+    let metas = [
+        Some(r#"{"a": 1, "tags": ["x", "y"], "n": {"b": 2.5}, "s": "hi"}"#),
+        Some(r#"{"a": 3, "tags": ["y"], "n": {"b": 0.5}, "s": "ho"}"#),
+        None,
+        Some(r#"{"a": "3", "tags": "x", "s": 7}"#),
+        Some(r#"{"a": 5, "tags": ["x", 1]}"#),
+    ];
+    let rows: Vec<_> = metas
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| {
+            row([
+                ("id", (i as i64).into()),
+                ("v", vec![i as f32, 0.0].into()),
+                ("meta", meta.map_or(Value::Null, Value::from)),
+            ])
+        })
+        .collect();
+    engine.insert_rows("j", &rows).unwrap();
+    let ids = |filter: &str| -> Vec<i64> {
+        let options = QueryOptions { filter: Some(filter.into()), ..Default::default() };
+        let mut ids: Vec<i64> = engine.query("j", &options).unwrap().iter().map(|r| int(&r["id"])).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(r#"meta["a"] >= 3"#), vec![1, 4], "the string \"3\" is not a number");
+    assert_eq!(ids(r#"meta["n"]["b"] > 1.0"#), vec![0]);
+    assert_eq!(ids(r#"meta["s"] == "hi" or meta["s"] like "h%""#), vec![0, 1]);
+    assert_eq!(ids(r#"meta["tags"][0] == "y""#), vec![1]);
+    assert_eq!(ids(r#"array_contains(meta["tags"], "x")"#), vec![0, 4]);
+    assert_eq!(ids(r#"json_contains(meta["tags"], 1)"#), vec![4]);
+    assert_eq!(ids(r#"meta["n"] is null"#), vec![2, 3, 4]);
+    let hits = engine
+        .search(
+            "j",
+            &[vec![4.0, 0.0]],
+            &SearchOptions { filter: Some(r#"array_contains(meta["tags"], "y")"#.into()), ..SearchOptions::new(1) },
+        )
+        .unwrap();
+    assert_eq!(pks(&hits.hits[0]), vec![vectorflow::Pk::Int(1)]);
+    match engine.count("j", &QueryOptions { filter: Some(r#"id["a"] == 1"#.into()), ..Default::default() }) {
+        Err(Error::Expression { position, problem }) => {
+            assert_eq!(position, 2);
+            assert!(problem.contains("not json"), "{problem}");
+        }
+        other => panic!("expected an expression error, got {other:?}"),
+    }
+    // The same functions in SQL.
+    let session = vectorflow::SqlSession::new(engine.clone()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let batches = rt
+        .block_on(session.collect(
+            "SELECT id FROM j WHERE json_get_float(meta, 'a') >= 3 AND json_contains(meta, 'zz') IS NOT TRUE ORDER BY id",
+        ))
+        .unwrap();
+    let got: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().values().to_vec())
+        .collect();
+    assert_eq!(got, vec![1, 4]);
+    engine.shutdown();
+}

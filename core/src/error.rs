@@ -18,6 +18,9 @@ pub enum Error {
     /// A filter expression that does not parse or does not fit the schema.
     #[error("filter expression at position {position}: {problem}")]
     Expression { position: usize, problem: String },
+    /// A SQL statement that does not parse, plan or run.
+    #[error("sql: {0}")]
+    Sql(String),
     /// A schema that cannot be created.
     #[error("invalid schema: {0}")]
     InvalidSchema(String),

@@ -4,6 +4,10 @@
 //! one SQL form, checked against the collection schema, and compiled by
 //! DataFusion into a physical expression evaluated on segments' Arrow data.
 //!
+//! JSON fields take Milvus paths (`meta["a"][0] > 1`) and containment tests
+//! (`array_contains(meta["tags"], "x")`); they become calls of the functions
+//! in [`crate::json`], typed after what the path is compared with.
+//!
 //! Filters travel to workers as text; each worker compiles them once.
 
 use std::sync::{Arc, OnceLock};
@@ -14,7 +18,9 @@ use datafusion::common::DFSchema;
 use datafusion::logical_expr::ExprSchemable;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
-use vectorflow_core::{CollectionSchema, Error, Result};
+use vectorflow_core::{CollectionSchema, DataType, Error, Result};
+
+use crate::json;
 
 /// A compiled filter.
 #[derive(Debug, Clone)]
@@ -113,6 +119,173 @@ fn expression(position: usize, problem: impl Into<String>) -> Error {
     Error::Expression { position, problem: problem.into() }
 }
 
+/// What an open bracket in the user's text stands for.
+enum Open {
+    /// `in [ … ]`, written in SQL as `( … )`.
+    InList,
+    /// `( … )`. `lists`: the call is json_contains_any/all, whose second
+    /// argument may be a `[ … ]` list; `commas` seen at this level.
+    Paren { lists: bool, commas: usize },
+    /// The `[ … ]` values of json_contains_any/all, passed on as further arguments.
+    Values,
+}
+
+/// The type a JSON value must have to be compared with the other side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Number,
+    Text,
+    Bool,
+}
+
+const COMPARISONS: &[&str] = &["==", "=", "!=", "<>", "<", "<=", ">", ">="];
+const ARITHMETIC: &[&str] = &["+", "-", "*", "/", "%"];
+
+fn op_at(tokens: &[(usize, Token)], index: Option<usize>) -> Option<&str> {
+    match index.and_then(|i| tokens.get(i)) {
+        Some((_, Token::Op(op))) => Some(op),
+        _ => None,
+    }
+}
+
+/// The lowercase word at `index`, if the token there is an identifier.
+fn word_at(tokens: &[(usize, Token)], index: Option<usize>) -> Option<String> {
+    match index.and_then(|i| tokens.get(i)) {
+        Some((_, Token::Ident(word))) => Some(word.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// The SQL name of a function; Milvus' array/json containment names map to our UDFs.
+fn function_name(word: &str) -> String {
+    let lower = word.to_ascii_lowercase();
+    match lower.as_str() {
+        "array_contains" | "json_contains" => json::JSON_CONTAINS.into(),
+        "array_contains_any" | "json_contains_any" => json::JSON_CONTAINS_ANY.into(),
+        "array_contains_all" | "json_contains_all" => json::JSON_CONTAINS_ALL.into(),
+        _ => lower,
+    }
+}
+
+/// The kind of the operand at `index`: a literal (a signed number too) or a
+/// plain field of a scalar type. JSON paths and calls have no known kind.
+fn operand_kind(schema: &CollectionSchema, tokens: &[(usize, Token)], index: Option<usize>) -> Option<Kind> {
+    let index = index?;
+    let next = op_at(tokens, Some(index + 1));
+    match &tokens.get(index)?.1 {
+        Token::Number(_) => Some(Kind::Number),
+        Token::Str(_) => Some(Kind::Text),
+        Token::Op(sign) if sign == "-" || sign == "+" => {
+            matches!(tokens.get(index + 1), Some((_, Token::Number(_)))).then_some(Kind::Number)
+        }
+        Token::Ident(word) if word.eq_ignore_ascii_case("true") || word.eq_ignore_ascii_case("false") => {
+            Some(Kind::Bool)
+        }
+        Token::Ident(_) if next == Some("[") || next == Some("(") => None,
+        Token::Ident(word) => match schema.field(word).ok()?.1.data_type {
+            DataType::Bool => Some(Kind::Bool),
+            DataType::VarChar { .. } => Some(Kind::Text),
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::Float
+            | DataType::Double => Some(Kind::Number),
+            DataType::Json | DataType::FloatVector { .. } => None,
+        },
+        Token::Op(_) => None,
+    }
+}
+
+/// The kind a JSON path spanning tokens `start..end` is compared with:
+/// `path op x`, `x op path`, `path [not] in [x, …]`, `path [not] between x …`,
+/// `path [not] like x`.
+fn compared_kind(schema: &CollectionSchema, tokens: &[(usize, Token)], start: usize, end: usize) -> Option<Kind> {
+    if op_at(tokens, Some(end)).is_some_and(|op| COMPARISONS.contains(&op)) {
+        return operand_kind(schema, tokens, Some(end + 1));
+    }
+    let after = if word_at(tokens, Some(end)).as_deref() == Some("not") { end + 1 } else { end };
+    match word_at(tokens, Some(after)).as_deref() {
+        Some("in") if matches!(op_at(tokens, Some(after + 1)), Some("[" | "(")) => {
+            return operand_kind(schema, tokens, Some(after + 2));
+        }
+        Some("between") => return operand_kind(schema, tokens, Some(after + 1)),
+        Some("like") => return Some(Kind::Text),
+        _ => {}
+    }
+    if op_at(tokens, start.checked_sub(1)).is_some_and(|op| COMPARISONS.contains(&op)) {
+        return operand_kind(schema, tokens, start.checked_sub(2));
+    }
+    None
+}
+
+/// Which json function reads the path spanning tokens `start..end`.
+fn json_getter(schema: &CollectionSchema, tokens: &[(usize, Token)], start: usize, end: usize) -> &'static str {
+    let before = start.checked_sub(1);
+    match compared_kind(schema, tokens, start, end) {
+        Some(Kind::Number) => json::JSON_GET_FLOAT,
+        Some(Kind::Text) => json::JSON_GET_STR,
+        Some(Kind::Bool) => json::JSON_GET_BOOL,
+        None if [op_at(tokens, before), op_at(tokens, Some(end))]
+            .iter()
+            .flatten()
+            .any(|op| ARITHMETIC.contains(op)) =>
+        {
+            json::JSON_GET_FLOAT
+        }
+        None => {
+            // A bare path between logical connectives is itself a condition.
+            let connective = |word: Option<String>, op: Option<&str>, allowed: &[&str]| {
+                word.is_some_and(|w| allowed.contains(&w.as_str())) || op.is_some_and(|o| allowed.contains(&o))
+            };
+            let group_open = op_at(tokens, before) == Some("(")
+                && !before.and_then(|b| b.checked_sub(1)).and_then(|i| tokens.get(i)).is_some_and(
+                    |(_, t)| matches!(t, Token::Ident(w) if !KEYWORDS.contains(&w.to_ascii_lowercase().as_str())),
+                );
+            let opens = before.is_none()
+                || group_open
+                || connective(word_at(tokens, before), op_at(tokens, before), &["and", "or", "not", "&&", "||", "!"]);
+            let closes = end >= tokens.len()
+                || connective(word_at(tokens, Some(end)), op_at(tokens, Some(end)), &["and", "or", "&&", "||", ")"]);
+            if opens && closes { json::JSON_GET_BOOL } else { json::JSON_GET }
+        }
+    }
+}
+
+/// Reads the path steps `["key"]` / `[0]` from `tokens[start..]`: their SQL
+/// arguments (each with a leading `, `) and the index just past the path.
+fn json_path(tokens: &[(usize, Token)], start: usize, text_len: usize) -> Result<(String, usize)> {
+    let mut steps = String::new();
+    let mut index = start;
+    while op_at(tokens, Some(index)) == Some("[") {
+        let step = match tokens.get(index + 1) {
+            Some((_, Token::Str(key))) => format!("'{}'", key.replace('\'', "''")),
+            Some((at, Token::Number(n))) => match n.parse::<u32>() {
+                Ok(i) if n.bytes().all(|b| b.is_ascii_digit()) => i.to_string(),
+                _ => {
+                    return Err(expression(
+                        *at,
+                        format!("a json path index must be a non-negative integer, not `{n}`"),
+                    ));
+                }
+            },
+            Some((at, _)) => {
+                return Err(expression(*at, "a json path step must be a string key or an integer index"));
+            }
+            None => return Err(expression(text_len, "a json path step must be a string key or an integer index")),
+        };
+        match tokens.get(index + 2) {
+            Some((_, Token::Op(close))) if close == "]" => {}
+            Some((at, _)) => return Err(expression(*at, "expected `]` after the json path step")),
+            None => return Err(expression(text_len, "expected `]` after the json path step")),
+        }
+        steps.push_str(", ");
+        steps.push_str(&step);
+        index += 3;
+    }
+    Ok((steps, index))
+}
+
 /// The SQL form of an expression, and for each byte of it the position in
 /// the original text it came from (to report errors where the user wrote them).
 fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)> {
@@ -122,7 +295,7 @@ fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)>
     }
     let mut sql = String::new();
     let mut origin = Vec::new();
-    let mut brackets: Vec<bool> = Vec::new(); // true = an IN list written with [ ]
+    let mut brackets: Vec<Open> = Vec::new();
     let push = |sql: &mut String, origin: &mut Vec<usize>, piece: &str, at: usize| {
         if !sql.is_empty() {
             sql.push(' ');
@@ -131,63 +304,109 @@ fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)>
         sql.push_str(piece);
         origin.extend(std::iter::repeat_n(at, piece.len()));
     };
-    for (index, (at, token)) in tokens.iter().enumerate() {
-        let next = tokens.get(index + 1).map(|(_, t)| t);
+    let mut index = 0;
+    while let Some((at, token)) = tokens.get(index) {
+        let at = *at;
+        let next = op_at(&tokens, Some(index + 1));
+        let previous = index.checked_sub(1);
+        let mut consumed = 1;
         let piece = match token {
             Token::Ident(word) => {
                 let lower = word.to_ascii_lowercase();
                 if KEYWORDS.contains(&lower.as_str()) {
-                    lower.to_ascii_uppercase()
-                } else if next == Some(&Token::Op("(".into())) {
+                    Some(lower.to_ascii_uppercase())
+                } else if next == Some("(") {
                     // A function call: DataFusion resolves the name.
-                    lower
+                    Some(function_name(word))
                 } else {
                     match schema.field(word) {
                         Ok((_, field)) if field.data_type.is_vector() => {
-                            return Err(expression(*at, format!("vector field `{word}` cannot be used in a filter")));
+                            return Err(expression(at, format!("vector field `{word}` cannot be used in a filter")));
                         }
-                        Ok(_) => format!("\"{word}\""),
+                        Ok((_, field)) if next == Some("[") => {
+                            if field.data_type != DataType::Json {
+                                let bracket = tokens.get(index + 1).map_or(at, |(p, _)| *p);
+                                return Err(expression(
+                                    bracket,
+                                    format!("field `{word}` is not json: `[` opens a path only after a json field"),
+                                ));
+                            }
+                            let (steps, end) = json_path(&tokens, index + 1, text.len())?;
+                            consumed = end - index;
+                            Some(format!("{}(\"{word}\"{steps})", json_getter(schema, &tokens, index, end)))
+                        }
+                        Ok(_) => Some(format!("\"{word}\"")),
                         Err(_) => {
                             return Err(expression(
-                                *at,
+                                at,
                                 format!("unknown field `{word}` in collection `{}`", schema.name),
                             ));
                         }
                     }
                 }
             }
-            Token::Number(n) => n.clone(),
-            Token::Str(s) => format!("'{}'", s.replace('\'', "''")),
+            Token::Number(n) => Some(n.clone()),
+            Token::Str(s) => Some(format!("'{}'", s.replace('\'', "''"))),
             Token::Op(op) => match op.as_str() {
-                "==" => "=".into(),
-                "&&" => "AND".into(),
-                "||" => "OR".into(),
-                "!" => "NOT".into(),
+                "==" => Some("=".into()),
+                "&&" => Some("AND".into()),
+                "||" => Some("OR".into()),
+                "!" => Some("NOT".into()),
                 "[" => {
-                    let after_in =
-                        index > 0 && matches!(&tokens[index - 1].1, Token::Ident(w) if w.eq_ignore_ascii_case("in"));
-                    if !after_in {
-                        return Err(expression(*at, "`[` only opens a list after `in`"));
+                    if word_at(&tokens, previous).as_deref() == Some("in") {
+                        brackets.push(Open::InList);
+                        Some("(".into())
+                    } else if op_at(&tokens, previous) == Some(",")
+                        && matches!(brackets.last(), Some(Open::Paren { lists: true, commas: 1 }))
+                    {
+                        brackets.push(Open::Values);
+                        if next == Some("]") && sql.ends_with(" ,") {
+                            // An empty list: no further arguments, so no comma either.
+                            let keep = sql.len() - 2;
+                            sql.truncate(keep);
+                            origin.truncate(keep);
+                        }
+                        None
+                    } else {
+                        return Err(expression(
+                            at,
+                            "`[` opens a list only after `in` or as the second argument of json_contains_any/all, \
+                             and a path only after a json field",
+                        ));
                     }
-                    brackets.push(true);
-                    "(".into()
                 }
                 "]" => match brackets.pop() {
-                    Some(true) => ")".into(),
-                    _ => return Err(expression(*at, "`]` without a matching `[`")),
+                    Some(Open::InList) => Some(")".into()),
+                    Some(Open::Values) if next == Some(")") => None,
+                    Some(Open::Values) => {
+                        let after = tokens.get(index + 1).map_or(text.len(), |(p, _)| *p);
+                        return Err(expression(after, "expected `)`: the `[ … ]` list is the last argument"));
+                    }
+                    _ => return Err(expression(at, "`]` without a matching `[`")),
                 },
                 "(" => {
-                    brackets.push(false);
-                    "(".into()
+                    let call = word_at(&tokens, previous).map(|w| function_name(&w));
+                    let lists = matches!(call.as_deref(), Some(json::JSON_CONTAINS_ANY | json::JSON_CONTAINS_ALL));
+                    brackets.push(Open::Paren { lists, commas: 0 });
+                    Some("(".into())
                 }
                 ")" => match brackets.pop() {
-                    Some(false) => ")".into(),
-                    _ => return Err(expression(*at, "`)` without a matching `(`")),
+                    Some(Open::Paren { .. }) => Some(")".into()),
+                    _ => return Err(expression(at, "`)` without a matching `(`")),
                 },
-                other => other.to_string(),
+                "," => {
+                    if let Some(Open::Paren { commas, .. }) = brackets.last_mut() {
+                        *commas += 1;
+                    }
+                    Some(",".into())
+                }
+                other => Some(other.to_string()),
             },
         };
-        push(&mut sql, &mut origin, &piece, *at);
+        if let Some(piece) = piece {
+            push(&mut sql, &mut origin, &piece, at);
+        }
+        index += consumed;
     }
     if !brackets.is_empty() {
         return Err(expression(text.len(), "unclosed bracket"));
@@ -198,7 +417,11 @@ fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)>
 /// DataFusion's function registry and planner, built once per process.
 fn session() -> &'static SessionContext {
     static SESSION: OnceLock<SessionContext> = OnceLock::new();
-    SESSION.get_or_init(SessionContext::new)
+    SESSION.get_or_init(|| {
+        let ctx = SessionContext::new();
+        json::register_json_udfs(&ctx);
+        ctx
+    })
 }
 
 /// Maps a DataFusion error on the SQL text back to a position in the user's text.
@@ -261,19 +484,31 @@ mod tests {
                 FieldSchema::vector("v", 2, Metric::L2),
                 FieldSchema::new("year", DataType::Int32),
                 FieldSchema::new("color", DataType::VarChar { max_length: 10 }).nullable(),
+                FieldSchema::new("meta", DataType::Json).nullable(),
             ],
         )
     }
 
+    /// Rows 1 and 2 hold the documented shapes, row 3 no document, row 4 the
+    /// same keys with other JSON types (and `k`, which 1 lacks and 2 holds as null).
+    const META: [Option<&str>; 4] = [
+        Some(r#"{"a": 1, "tags": ["x", "y"], "n": {"b": 2.5}, "s": "hi", "flag": true, "arr": [1, 2]}"#),
+        Some(r#"{"a": 2.5, "tags": ["y", 3], "n": {"b": 1}, "s": "ho", "flag": false, "k": null, "arr": [2]}"#),
+        None,
+        Some(r#"{"a": "1", "tags": "x", "s": 5, "flag": "true", "k": 2, "arr": []}"#),
+    ];
+
     fn batch() -> RecordBatch {
         let rows: Vec<Row> = [(1, 1999, Some("red")), (2, 2005, Some("blue")), (3, 2010, None), (4, 2020, Some("abc"))]
             .into_iter()
-            .map(|(id, year, color)| {
+            .zip(META)
+            .map(|((id, year, color), meta)| {
                 let mut row = Row::new();
                 row.insert("id".into(), Value::Int(id));
                 row.insert("v".into(), Value::Vector(vec![0.0, 0.0]));
                 row.insert("year".into(), Value::Int(year));
                 row.insert("color".into(), color.map_or(Value::Null, Value::from));
+                row.insert("meta".into(), meta.map_or(Value::Null, Value::from));
                 row
             })
             .collect();
@@ -298,12 +533,15 @@ mod tests {
         assert_eq!(passing(r#"color not in ["red"]"#), vec![2, 4]);
     }
 
-    #[test]
-    fn errors_name_the_position() {
-        let err = |text: &str| match Filter::compile(&schema(), text) {
+    fn err(text: &str) -> (usize, String) {
+        match Filter::compile(&schema(), text) {
             Err(Error::Expression { position, problem }) => (position, problem),
             other => panic!("{text}: expected an expression error, got {other:?}"),
-        };
+        }
+    }
+
+    #[test]
+    fn errors_name_the_position() {
         let (position, problem) = err("year > 2000 and colour == \"red\"");
         assert_eq!(position, 16);
         assert!(problem.contains("unknown field `colour`"), "{problem}");
@@ -313,6 +551,102 @@ mod tests {
         assert!(err("year + 1").1.contains("not a boolean"));
         assert!(err("v > 1").1.contains("vector field"));
         assert_eq!(err("(year > 1").0, 9);
+    }
+
+    #[test]
+    fn json_paths_compare_typed_values() {
+        assert_eq!(passing(r#"meta["a"] == 1"#), vec![1]);
+        assert_eq!(passing(r#"meta["a"] > 1.5"#), vec![2]);
+        assert_eq!(passing(r#"3 > meta["a"]"#), vec![1, 2]);
+        assert_eq!(passing(r#"meta["a"] >= -1e3 and meta["a"] <= +1"#), vec![1]);
+        assert_eq!(passing(r#"meta["n"]["b"] > 1.5"#), vec![1]);
+        assert_eq!(passing(r#"meta["n"]["b"] == 1"#), vec![2]);
+        assert_eq!(passing(r#"meta["s"] == "hi""#), vec![1]);
+        assert_eq!(passing(r#""ho" == meta["s"]"#), vec![2]);
+        assert_eq!(passing(r#"meta["s"] != "hi""#), vec![2]);
+        assert_eq!(passing(r#"meta["s"] like "h%""#), vec![1, 2]);
+        assert_eq!(passing(r#"meta["flag"] == true"#), vec![1]);
+        assert_eq!(passing(r#"meta["flag"] == false"#), vec![2]);
+        assert_eq!(passing(r#"meta["flag"] && year < 2000"#), vec![1]);
+        assert_eq!(passing(r#"not meta["flag"]"#), vec![2]);
+        assert_eq!(passing(r#"meta["a"] in [1, 2.5]"#), vec![1, 2]);
+        assert_eq!(passing(r#"meta["a"] in ["1"]"#), vec![4]);
+        assert_eq!(passing(r#"meta["a"] not in [1]"#), vec![2]);
+        assert_eq!(passing(r#"meta["a"] between 0 and 2"#), vec![1]);
+        assert_eq!(passing(r#"meta["k"] is null"#), vec![1, 2, 3]);
+        assert_eq!(passing(r#"meta["k"] is not null"#), vec![4]);
+        assert_eq!(passing(r#"meta["arr"][0] == 1"#), vec![1]);
+        assert_eq!(passing(r#"meta["arr"][1] == 2"#), vec![1]);
+        assert_eq!(passing(r#"meta["arr"][0] > 1"#), vec![2]);
+        assert_eq!(passing(r#"meta["tags"][1] == 3"#), vec![2]);
+        assert_eq!(passing(r#"meta["a"] * 2 > 4"#), vec![2]);
+        assert_eq!(passing(r#"meta["a"] > year - 2004"#), vec![1, 2]);
+        assert_eq!(passing(r#"meta["n"] is not null and meta["n"]["b"] < 2"#), vec![2]);
+        assert_eq!(passing(r#"meta["arr"] == meta["arr"]"#), vec![1, 2, 4]);
+        assert_eq!(passing("meta is null"), vec![3]);
+        // The functions are there for SQL predicates too.
+        assert_eq!(passing("json_get_float(meta, 'a') = 1 OR json_get_str(meta, 's') = 'ho'"), vec![1, 2]);
+    }
+
+    #[test]
+    fn json_paths_become_typed_calls() {
+        let sql = |text: &str| to_sql(&schema(), text).unwrap().0;
+        assert_eq!(sql(r#"meta["a"][0] == 1"#), r#"json_get_float("meta", 'a', 0) = 1"#);
+        assert_eq!(sql(r#""x" < meta["a"]"#), r#"'x' < json_get_str("meta", 'a')"#);
+        assert_eq!(sql(r#"meta["a"] not in [true]"#), r#"json_get_bool("meta", 'a') NOT IN ( TRUE )"#);
+        assert_eq!(sql(r#"meta["a"] is null"#), r#"json_get("meta", 'a') IS NULL"#);
+        assert_eq!(sql(r#"abs(meta["a"]) > year"#), r#"abs ( json_get("meta", 'a') ) > "year""#);
+        assert_eq!(sql(r#"-meta["a"] > year"#), r#"- json_get_float("meta", 'a') > "year""#);
+        assert_eq!(
+            sql(r#"Array_Contains_Any(meta["t"], [1, 2])"#),
+            r#"json_contains_any ( json_get("meta", 't') , 1 , 2 )"#
+        );
+        assert_eq!(sql(r#"json_contains_all(meta, [])"#), r#"json_contains_all ( "meta" )"#);
+    }
+
+    #[test]
+    fn json_arrays_hold_values() {
+        assert_eq!(passing(r#"array_contains(meta["tags"], "x")"#), vec![1]);
+        assert_eq!(passing(r#"json_contains(meta["tags"], 3)"#), vec![2]);
+        assert_eq!(passing(r#"ARRAY_CONTAINS(meta["tags"], 3.0)"#), vec![2]);
+        assert_eq!(passing(r#"array_contains(meta["arr"], 2)"#), vec![1, 2]);
+        assert_eq!(passing(r#"not array_contains(meta["tags"], "x")"#), vec![2, 4]);
+        assert_eq!(passing(r#"json_contains(meta["flag"], true)"#), Vec::<i64>::new());
+        assert_eq!(passing(r#"json_contains_any(meta["tags"], ["x", 3])"#), vec![1, 2]);
+        assert_eq!(passing(r#"array_contains_any(meta["arr"], [5, 1.0])"#), vec![1]);
+        assert_eq!(passing(r#"array_contains_all(meta["tags"], ["x", "y"])"#), vec![1]);
+        assert_eq!(passing(r#"json_contains_all(meta["arr"], [2])"#), vec![1, 2]);
+        assert_eq!(passing(r#"json_contains_all(meta["arr"], [])"#), vec![1, 2, 4]);
+        assert_eq!(passing(r#"json_contains_any(meta["arr"], [])"#), Vec::<i64>::new());
+        assert_eq!(passing(r#"json_contains_any(meta["arr"], 5, 2)"#), vec![1, 2]);
+    }
+
+    #[test]
+    fn json_errors_name_the_position() {
+        let (position, problem) = err(r#"year["a"] == 1"#);
+        assert_eq!(position, 4);
+        assert!(problem.contains("field `year` is not json: `[`"), "{problem}");
+        let (position, problem) = err(r#"year > 1 and color[0] == "x""#);
+        assert_eq!(position, 18);
+        assert!(problem.contains("field `color` is not json"), "{problem}");
+        let (position, problem) = err("meta[a] == 1");
+        assert_eq!(position, 5);
+        assert!(problem.contains("string key or an integer index"), "{problem}");
+        assert_eq!(err("meta[1.5] == 1").0, 5);
+        assert_eq!(err("meta[-1] == 1").0, 5);
+        assert_eq!(err(r#"meta["a"]["#).0, 10);
+        let (position, problem) = err(r#"meta["a" == 1"#);
+        assert_eq!(position, 9);
+        assert!(problem.contains("expected `]`"), "{problem}");
+        assert_eq!(err(r#"meta["a""#).0, 8);
+        assert_eq!(err(r#"meta["a"] in [1][0]"#).0, 16);
+        assert_eq!(err(r#"array_contains(meta["tags"], ["x"])"#).0, 29);
+        assert_eq!(err(r#"json_contains_any(meta["tags"], 1, ["x"])"#).0, 35);
+        let (position, problem) = err(r#"json_contains_any(meta["tags"], ["x"], 1)"#);
+        assert_eq!(position, 37);
+        assert!(problem.contains("last argument"), "{problem}");
+        assert!(err("array_contains(year, 1)").1.contains("json"));
+        assert!(err(r#"meta["a"] + 1"#).1.contains("not a boolean"));
     }
 
     proptest::proptest! {
@@ -325,11 +659,15 @@ mod tests {
         fn expression_shaped_text_never_panics(
             parts in proptest::collection::vec(
                 proptest::sample::select(vec!["year", "color", "id", "==", ">", "and", "or", "not", "in", "[", "]",
-                    "(", ")", "\"red\"", "'x'", "3", "-1.5e3", ",", "like", "is", "null", "+", "%", "!", "&&"]),
+                    "(", ")", "\"red\"", "'x'", "3", "-1.5e3", ",", "like", "is", "null", "+", "%", "!", "&&",
+                    "meta", "[\"k\"]", "[0]", "[]", "true", "array_contains", "json_contains_any(", "between"]),
                 0..12,
             )
         ) {
-            let _ = Filter::compile(&schema(), &parts.join(" "));
+            // Evaluating too: the json functions meet whatever the text made of the data.
+            if let Ok(filter) = Filter::compile(&schema(), &parts.join(" ")) {
+                let _ = filter.evaluate(&batch());
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod distance;
 pub mod filter;
 pub mod index;
+pub mod json;
 pub mod segment;
 pub mod shard;
 pub mod topk;

@@ -46,3 +46,11 @@ pub fn pks(hits: &[vectorflow::SearchHit]) -> Vec<Pk> {
 pub fn int(v: &Value) -> i64 {
     v.as_i64().expect("an integer")
 }
+
+/// An integer key as `i64` (string keys as -1, which no test uses).
+pub fn pk_int(pk: &Pk) -> i64 {
+    match pk {
+        Pk::Int(v) => *v,
+        Pk::Str(_) => -1,
+    }
+}
