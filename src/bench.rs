@@ -40,6 +40,14 @@ pub struct BenchArgs {
     /// Queries used for the exact baseline (brute force is slow).
     #[arg(long, default_value_t = 300)]
     pub exact_queries: usize,
+    /// Also run the benchmark through gRPC against this running server
+    /// (`vectorflow serve`; http://host:port or host:port): ingest into the
+    /// collection `bench_grpc` and search it, next to the in-process numbers.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Client counts of the gRPC searches (one connection per client).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub grpc_clients: Vec<usize>,
 }
 
 /// One measured configuration.
@@ -143,7 +151,13 @@ fn ids(hits: &[vectorflow::SearchHit]) -> Vec<(i64, f32)> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k >= 1, "--k must be at least 1");
     anyhow::ensure!(args.clients.iter().all(|&c| c >= 1), "--clients must all be at least 1");
+    anyhow::ensure!(args.grpc_clients.iter().all(|&c| c >= 1), "--grpc-clients must all be at least 1");
     let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    // With --addr: a runtime for the gRPC part, and the server checked now rather than after the in-process part.
+    let grpc_runtime = match &args.addr {
+        Some(addr) => Some(grpc::check_server(addr)?),
+        None => None,
+    };
     let vectors = dataset.base_vectors()?;
     let queries_m = dataset.query_vectors()?;
     let attributes = dataset.base_attributes()?;
@@ -299,6 +313,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bytes_per_vector = rss_engine as f64 / n as f64;
     let raw_bytes = (vectors.cols * 4) as f64;
 
+    // ---- the same through gRPC, against a running server ----
+    let grpc = match (&args.addr, grpc_runtime) {
+        (Some(addr), Some(runtime)) => {
+            let data = grpc::Data { dataset: &dataset, vectors: &vectors, attributes: &attributes, queries: &queries };
+            Some(grpc::run(&runtime, addr, &args, &data, &truths)?)
+        }
+        _ => None,
+    };
+    // gRPC QPS over in-process engine QPS at the same filter, ef and client count.
+    let vs_engine = |g: &Point| {
+        engine_points
+            .iter()
+            .find(|e| e.filter == g.filter && e.ef == g.ef && e.clients == g.clients)
+            .map(|e| g.qps / e.qps)
+    };
+
     // ---- report ----
     // Engine-to-baseline QPS ratios at the same filter, ef and client count.
     let ratios: Vec<Ratio> = engine_points
@@ -314,13 +344,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     println!();
     println!(
-        "{:<12} {:<11} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "system", "filter", "ef", "clients", "QPS", "recall", "p50 ms", "p99 ms", "vs hnsw", "vs exact"
+        "{:<12} {:<11} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}{}",
+        "system",
+        "filter",
+        "ef",
+        "clients",
+        "QPS",
+        "recall",
+        "p50 ms",
+        "p99 ms",
+        "vs hnsw",
+        "vs exact",
+        if grpc.is_some() { format!(" {:>9}", "vs engine") } else { String::new() }
     );
     let ratio = |r: Option<f64>| r.map_or(String::from("-"), |r| format!("{r:.2}"));
-    let print = |name: &str, p: &Point, vs_hnsw: Option<f64>, vs_exact: Option<f64>| {
+    let print_with = |name: &str, p: &Point, vs_hnsw: Option<f64>, vs_exact: Option<f64>, tail: &str| {
         println!(
-            "{name:<12} {:<11} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9}",
+            "{name:<12} {:<11} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9}{tail}",
             p.filter,
             p.ef,
             p.clients,
@@ -332,6 +372,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ratio(vs_exact)
         );
     };
+    let print = |name: &str, p: &Point, vs_hnsw: Option<f64>, vs_exact: Option<f64>| {
+        print_with(name, p, vs_hnsw, vs_exact, "");
+    };
     for r in &ratios {
         print("engine", r.point, r.vs_hnsw, r.vs_exact);
     }
@@ -340,6 +383,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for p in &exact_points {
         print("brute force", p, None, None);
+    }
+    if let Some(grpc) = &grpc {
+        for p in &grpc.points {
+            // The last column: QPS over the in-process engine's ("none" where the engine ran no such point).
+            let tail = format!(" {:>9}", vs_engine(p).map_or("none".to_string(), |r| format!("{r:.2}")));
+            print_with("grpc", p, None, None, &tail);
+        }
     }
     println!(
         "\ningest {:.0} rows/s; index ready +{index_wait_s:.2}s (raw hnsw_rs single-graph build of all rows: {raw_build_s:.2}s)",
@@ -359,9 +409,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bytes_per_vector,
         bytes_per_vector / raw_bytes
     );
+    if let Some(grpc) = &grpc {
+        println!(
+            "grpc ({}): ingest {:.0} rows/s ({} rows through Insert, Arrow IPC batches of {}); \
+             indexes ready +{:.2}s after flush ({} sealed segments)",
+            grpc.addr,
+            grpc.rows as f64 / grpc.ingest_s,
+            grpc.rows,
+            grpc::BATCH,
+            grpc.index_wait_s,
+            grpc.sealed_segments
+        );
+    }
 
     std::fs::create_dir_all(&args.out)?;
-    let results = json!({
+    let mut results = json!({
         "dataset": dataset.name(),
         "rows": n,
         "workers": args.workers,
@@ -380,6 +442,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes},
     });
+    if let Some(grpc) = &grpc {
+        results["grpc"] = grpc
+            .points
+            .iter()
+            .map(|p| {
+                let mut point = p.json();
+                point["qps_vs_engine"] = json!(vs_engine(p));
+                point
+            })
+            .collect();
+        results["grpc_ingest"] = json!({
+            "addr": grpc.addr,
+            "rows": grpc.rows,
+            "rows_per_s": grpc.rows as f64 / grpc.ingest_s,
+            "seconds": grpc.ingest_s,
+            "index_wait_s": grpc.index_wait_s,
+            "sealed_segments": grpc.sealed_segments,
+        });
+    }
     let path = args.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("wrote {}", path.display());
@@ -395,11 +476,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let panels: Vec<(String, Vec<crate::plot::Series>)> = truths
         .iter()
         .map(|(name, _, _)| {
-            let series = vec![
+            let mut series = vec![
                 line("engine", name, &engine_points),
                 line("raw hnsw_rs", name, &hnsw_points),
                 line("brute force", name, &exact_points),
             ];
+            if let Some(grpc) = &grpc {
+                let clients = args.grpc_clients.first().copied().unwrap_or(1);
+                series.push(crate::plot::Series {
+                    name: format!("grpc ({clients} client)"),
+                    points: grpc
+                        .points
+                        .iter()
+                        .filter(|p| p.clients == clients && p.filter == *name)
+                        .map(|p| (p.recall, p.qps))
+                        .collect(),
+                });
+            }
             (name.clone(), series)
         })
         .collect();
@@ -525,4 +618,188 @@ fn time_travel(engine: &Engine, rows: &Rows, queries: &[Vec<f32>], k: usize) -> 
     anyhow::ensure!(current != recorded.hits, "the deletes did not change current answers");
     let same = travelled.iter().zip(&recorded.hits).all(|(x, y)| x.iter().map(|h| &h.pk).eq(y.iter().map(|h| &h.pk)));
     Ok((travel_s / current_s, same))
+}
+
+/// `vectorflow bench --addr`: the same dataset and searches through a running
+/// server's gRPC API.
+mod grpc {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+    use std::time::{Duration, Instant};
+
+    use tonic::transport::Channel;
+    use vectorflow::crates::connectors::dataset::GroundTruth;
+    use vectorflow::crates::connectors::npy::Matrix;
+    use vectorflow::{Dataset, Pk};
+    use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
+    use vectorflow_proto::{self as wire, v1};
+
+    use super::{BenchArgs, Point, measure};
+    use crate::client::{self, rpc};
+
+    /// The collection the gRPC run creates on the server (dropped first if it exists).
+    pub const COLLECTION: &str = "bench_grpc";
+    /// Rows per Insert call.
+    pub const BATCH: usize = 1000;
+
+    /// What the searches and the ingest read.
+    pub struct Data<'a> {
+        pub dataset: &'a Dataset,
+        pub vectors: &'a Matrix<f32>,
+        pub attributes: &'a arrow::record_batch::RecordBatch,
+        pub queries: &'a [Vec<f32>],
+    }
+
+    /// The gRPC part's results.
+    pub struct Run {
+        pub addr: String,
+        pub rows: usize,
+        pub ingest_s: f64,
+        pub index_wait_s: f64,
+        pub sealed_segments: u64,
+        pub points: Vec<Point>,
+    }
+
+    /// A runtime for the gRPC calls, once the server at `addr` has answered Health.
+    pub fn check_server(addr: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut client = client::connect(addr, None).await?;
+            client.health(v1::Empty {}).await.map_err(rpc)?;
+            anyhow::Ok(())
+        })?;
+        Ok(runtime)
+    }
+
+    fn read(consistency: v1::ConsistencyLevel) -> Option<v1::ReadOptions> {
+        Some(v1::ReadOptions { consistency: consistency as i32, ..Default::default() })
+    }
+
+    /// Ingests the dataset into `bench_grpc` through Insert (Arrow IPC),
+    /// flushes and waits for the indexes, then measures every filter, ef and
+    /// `--grpc-clients` count with one connection per client.
+    pub fn run(
+        runtime: &tokio::runtime::Runtime,
+        addr: &str,
+        args: &BenchArgs,
+        data: &Data,
+        truths: &[(String, Option<String>, GroundTruth)],
+    ) -> anyhow::Result<Run> {
+        let n = data.vectors.rows;
+        let mut admin = runtime.block_on(client::connect(addr, None))?;
+        let names = runtime.block_on(admin.list_collections(v1::Empty {})).map_err(rpc)?.into_inner().names;
+        if names.iter().any(|name| name == COLLECTION) {
+            runtime.block_on(admin.drop_collection(v1::CollectionRef { name: COLLECTION.into() })).map_err(rpc)?;
+        }
+        let schema = data.dataset.collection_schema(COLLECTION, data.attributes)?;
+        let request = v1::CreateCollectionRequest { schema: Some(wire::schema_to_proto(&schema)) };
+        runtime.block_on(admin.create_collection(request)).map_err(rpc)?;
+
+        // ---- ingest ----
+        let progress = indicatif::ProgressBar::new(n as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("grpc ingest {bar:40} {pos}/{len} rows {per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let started = Instant::now();
+        for start in (0..n).step_by(BATCH) {
+            let end = (start + BATCH).min(n);
+            let batch = data.dataset.base_batch(&schema, data.vectors, data.attributes, start..end)?;
+            let request = v1::WriteRequest {
+                collection: COLLECTION.into(),
+                columns: Vec::new(),
+                arrow_ipc: wire::batch_to_ipc(&batch)?,
+            };
+            runtime.block_on(admin.insert(request)).map_err(rpc)?;
+            progress.inc((end - start) as u64);
+        }
+        let stats_request =
+            |consistency| v1::StatsRequest { collection: COLLECTION.into(), consistency: consistency as i32 };
+        let stats =
+            runtime.block_on(admin.get_stats(stats_request(v1::ConsistencyLevel::Strong))).map_err(rpc)?.into_inner();
+        let ingest_s = started.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        anyhow::ensure!(stats.live_rows == n as u64, "ingested {} of {n} rows through gRPC", stats.live_rows);
+
+        // ---- flush, then wait until every sealed segment has its index ----
+        let index_started = Instant::now();
+        runtime.block_on(admin.flush(v1::CollectionRef { name: COLLECTION.into() })).map_err(rpc)?;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let stats = loop {
+            let stats = runtime
+                .block_on(admin.get_stats(stats_request(v1::ConsistencyLevel::Eventually)))
+                .map_err(rpc)?
+                .into_inner();
+            if stats.indexed_segments == stats.sealed_segments {
+                break stats;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the server's indexes were not ready within an hour");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let index_wait_s = index_started.elapsed().as_secs_f64();
+        println!(
+            "grpc ingest: {n} rows in {ingest_s:.2}s = {:.0} rows/s to searchable; indexes ready {index_wait_s:.2}s \
+             after flush ({} sealed segments, {} growing rows)",
+            n as f64 / ingest_s,
+            stats.sealed_segments,
+            stats.growing_rows
+        );
+
+        // ---- searches: one channel (HTTP/2 connection) per client ----
+        let max_clients = args.grpc_clients.iter().copied().max().unwrap_or(1);
+        let channels: Vec<Channel> =
+            (0..max_clients).map(|_| runtime.block_on(client::channel(addr, None))).collect::<anyhow::Result<_>>()?;
+        let k = args.k;
+        let mut points = Vec::new();
+        for (name, expression, truth) in truths {
+            for &ef in &args.ef {
+                for &clients in &args.grpc_clients {
+                    // `measure` runs each client on a thread of its own: a thread's first call takes the next channel.
+                    let slots: Mutex<HashMap<ThreadId, usize>> = Mutex::new(HashMap::new());
+                    let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
+                        let slot = {
+                            let mut slots = slots.lock().map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+                            let next = slots.len();
+                            *slots.entry(std::thread::current().id()).or_insert(next)
+                        };
+                        let channel = channels[slot % channels.len()].clone();
+                        let mut client = VectorflowClient::new(channel).max_decoding_message_size(usize::MAX);
+                        let request = v1::SearchRequest {
+                            collection: COLLECTION.into(),
+                            field: String::new(),
+                            vectors: Some(wire::pack_vectors(std::slice::from_ref(&q.to_vec()))),
+                            k: k as u32,
+                            ef: ef as u32,
+                            filter: expression.clone().unwrap_or_default(),
+                            output_fields: Vec::new(),
+                            read: read(v1::ConsistencyLevel::Bounded),
+                        };
+                        let response = runtime.block_on(client.search(request)).map_err(rpc)?.into_inner();
+                        let hits = response
+                            .results
+                            .into_iter()
+                            .next()
+                            .ok_or_else(|| anyhow::anyhow!("the server answered no result list"))?;
+                        let keys = wire::pks_from_proto(hits.keys)?;
+                        Ok(keys
+                            .iter()
+                            .zip(hits.scores)
+                            .map(|(key, score)| (if let Pk::Int(id) = key { *id } else { -1 }, score))
+                            .collect())
+                    };
+                    let (qps, recall, p50_ms, p99_ms) = measure(data.queries, clients, k, truth, &search)?;
+                    points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+                }
+            }
+        }
+        Ok(Run {
+            addr: addr.to_string(),
+            rows: n,
+            ingest_s,
+            index_wait_s,
+            sealed_segments: stats.sealed_segments,
+            points,
+        })
+    }
 }

@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod client;
+mod config;
 mod plot;
+mod server;
 
 #[derive(Parser)]
 #[command(name = "vectorflow", version, about = "A streaming vector database on timely/differential dataflow")]
@@ -31,31 +34,64 @@ enum Command {
     },
     /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory.
     Bench(bench::BenchArgs),
+    /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
+    Serve(config::ServeArgs),
     /// List the collections in a data directory.
     Collections {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Run one SQL statement over the collections in a data directory and print the result as a table.
+    /// Run one SQL statement (in a data directory, or on a server with --addr) and print the result as a table.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["data_dir", "addr"])))]
     Sql {
+        /// Open this data directory in this process.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        /// Run the statement on a server instead: http://host:port or host:port.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Print JSON lines (one object per row) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Deadline of the call in seconds (with --addr; none by default).
+        #[arg(long, requires = "addr")]
+        timeout: Option<f64>,
         /// The statement, for example "SELECT id FROM docs ORDER BY cosine_distance(embedding, [..]) LIMIT 5".
         query: String,
     },
+    /// Create, list, describe or drop collections on a server (gRPC).
+    #[command(subcommand)]
+    Collection(client::CollectionCommand),
+    /// Insert rows from a JSON lines or Parquet file into a collection on a server.
+    Insert(client::InsertArgs),
+    /// Search a collection on a server for the nearest neighbours of query vectors.
+    Search(client::SearchArgs),
+    /// Query rows of a collection on a server by filter (or count them).
+    Query(client::QueryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let server_config = match &cli.command {
+        Command::Serve(args) => Some(config::ServerConfig::load(args)?),
+        _ => None,
+    };
+    let default_log = server_config.as_ref().map_or("warn", |c| c.log.as_str());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()))
+        .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Sample { from, to, rows, queries } => {
             let dataset = vectorflow::Dataset::open(&from).with_context(|| format!("opening {}", from.display()))?;
             let sample = dataset.write_sample(&to, rows, queries)?;
             println!("wrote {} rows and {} queries to {}", sample.info.n_base, sample.info.n_queries, to.display());
         }
         Command::Bench(args) => bench::run(args)?,
+        Command::Serve(_) => {
+            let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
+            tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;
+        }
         Command::Collections { data_dir } => {
             let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
             for name in engine.list_collections() {
@@ -65,20 +101,27 @@ fn main() -> anyhow::Result<()> {
             }
             engine.shutdown();
         }
-        Command::Sql { data_dir, query } => {
-            let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
-            let result = run_sql(&engine, &query);
-            engine.shutdown();
-            println!("{}", result?);
-        }
+        Command::Sql { data_dir, addr, json, timeout, query } => client::exit_on_error(match (data_dir, addr) {
+            (_, Some(addr)) => client::sql(&addr, &query, json, timeout),
+            (Some(data_dir), None) => (|| {
+                let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
+                let result = run_sql(&engine, &query);
+                engine.shutdown();
+                client::print_batches(&result?, json, &Default::default())
+            })(),
+            (None, None) => Err(anyhow::anyhow!("give --data-dir DIR or --addr HOST:PORT")),
+        }),
+        Command::Collection(command) => client::exit_on_error(client::collection(command)),
+        Command::Insert(args) => client::exit_on_error(client::insert(args)),
+        Command::Search(args) => client::exit_on_error(client::search(args)),
+        Command::Query(args) => client::exit_on_error(client::query(args)),
     }
     Ok(())
 }
 
-/// Runs `query` in a SQL session over `engine` and formats the rows as a table.
-fn run_sql(engine: &vectorflow::Engine, query: &str) -> anyhow::Result<String> {
+/// Runs `query` in a SQL session over `engine` and returns the result's batches.
+fn run_sql(engine: &vectorflow::Engine, query: &str) -> anyhow::Result<Vec<arrow::record_batch::RecordBatch>> {
     let runtime = tokio::runtime::Runtime::new()?;
     let session = vectorflow::SqlSession::new(engine.clone())?;
-    let batches = runtime.block_on(session.collect(query))?;
-    Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+    Ok(runtime.block_on(session.collect(query))?)
 }

@@ -115,6 +115,11 @@ fn canonical_column(field: &FieldSchema, column: ArrayRef, rows: usize) -> Resul
             let target = data_type.arrow_type();
             if column.data_type() == &target {
                 column
+            } else if !castable_kind(column.data_type(), data_type) {
+                return Err(Error::field(
+                    &field.name,
+                    format!("cannot use {} as {:?}: the kinds differ", column.data_type(), data_type),
+                ));
             } else {
                 let options = CastOptions { safe: false, ..Default::default() };
                 cast_with_options(&column, &target, &options).map_err(|e| {
@@ -126,6 +131,23 @@ fn canonical_column(field: &FieldSchema, column: ArrayRef, rows: usize) -> Resul
     let column = fill_nulls(field, column, rows)?;
     check_values(field, column.as_ref())?;
     Ok(column)
+}
+
+/// Whether a column of `given` may be cast to `field`: integers widen or
+/// narrow (range-checked by the cast) and become floats, strings stay
+/// strings; no silent number/text/bool conversions.
+fn castable_kind(given: &ArrowType, field: &DataType) -> bool {
+    let text = matches!(given, ArrowType::Utf8 | ArrowType::LargeUtf8 | ArrowType::Utf8View);
+    if given == &ArrowType::Null {
+        return true;
+    }
+    match field {
+        DataType::Bool => matches!(given, ArrowType::Boolean),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => given.is_integer(),
+        DataType::Float | DataType::Double => given.is_integer() || given.is_floating(),
+        DataType::VarChar { .. } | DataType::Json => text,
+        DataType::FloatVector { .. } => true,
+    }
 }
 
 /// A column for a field the write left out: its default, or nulls.

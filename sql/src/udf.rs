@@ -155,22 +155,8 @@ impl VectorArg {
                     .collect();
                 (list.values().clone(), ranges)
             }
-            DataType::List(_) => {
-                let list = array.as_list::<i32>();
-                let offsets = list.value_offsets();
-                let ranges = (0..list.len())
-                    .map(|i| list.is_valid(i).then(|| (offsets[i] as usize, offsets[i + 1] as usize)))
-                    .collect();
-                (list.values().clone(), ranges)
-            }
-            DataType::LargeList(_) => {
-                let list = array.as_list::<i64>();
-                let offsets = list.value_offsets();
-                let ranges = (0..list.len())
-                    .map(|i| list.is_valid(i).then(|| (offsets[i] as usize, offsets[i + 1] as usize)))
-                    .collect();
-                (list.values().clone(), ranges)
-            }
+            DataType::List(_) => list_parts(array.as_list::<i32>()),
+            DataType::LargeList(_) => list_parts(array.as_list::<i64>()),
             DataType::Null => (Arc::new(Float32Array::from(Vec::<f32>::new())) as ArrayRef, vec![None; array.len()]),
             other => return exec_err!("{function}: {other} is not a vector (a list of numbers)"),
         };
@@ -187,6 +173,16 @@ impl VectorArg {
         let (start, end) = (*self.ranges.get(row)?)?;
         self.values.values().get(start..end)
     }
+}
+
+/// The child values of a list array and each row's value range.
+fn list_parts<O: arrow::array::OffsetSizeTrait>(
+    list: &arrow::array::GenericListArray<O>,
+) -> (ArrayRef, Vec<Option<(usize, usize)>>) {
+    let offsets = list.value_offsets();
+    let ranges =
+        (0..list.len()).map(|i| list.is_valid(i).then(|| (offsets[i].as_usize(), offsets[i + 1].as_usize()))).collect();
+    (list.values().clone(), ranges)
 }
 
 /// A constant vector (a list literal), as `f32`s; `None` for anything else.

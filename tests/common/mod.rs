@@ -54,3 +54,46 @@ pub fn pk_int(pk: &Pk) -> i64 {
         Pk::Str(_) => -1,
     }
 }
+
+/// A running `vectorflow serve` on an ephemeral loopback port; killed when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`, as the server printed it.
+    pub address: String,
+}
+
+impl ServerProcess {
+    /// Starts the real binary on `data_dir` with extra flags and waits for its address line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vectorflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let stdout = child.stdout.take().expect("the server's stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("the server prints its address");
+        let Some(address) = line.trim().strip_prefix("vectorflow listening on ").map(str::to_string) else {
+            let _ = child.kill();
+            panic!("unexpected first line from the server: {line:?}");
+        };
+        ServerProcess { child, address }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill runs");
+        self.child.wait().expect("the server exits")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

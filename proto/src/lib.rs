@@ -1,0 +1,437 @@
+//! The `vectorflow.v1` gRPC API: generated tonic/prost code, the descriptor
+//! set for server reflection, and conversions between wire messages and the
+//! engine's types. Every conversion from the wire checks its input and names
+//! the field in its error; nothing here panics on what a client sends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, RecordBatchOptions, StringArray,
+};
+use arrow::datatypes::{Field, Schema};
+use vectorflow_core::batch::{IpcBatch, vector_array};
+use vectorflow_core::{CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Value};
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("vectorflow.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `vectorflow.v1`, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vectorflow_descriptor.bin"));
+
+use v1::field_data::Values;
+
+// ---- schemas ----
+
+pub fn schema_to_proto(schema: &CollectionSchema) -> v1::CollectionSchema {
+    v1::CollectionSchema {
+        name: schema.name.clone(),
+        description: schema.description.clone(),
+        fields: schema.fields.iter().map(field_to_proto).collect(),
+    }
+}
+
+fn field_to_proto(field: &FieldSchema) -> v1::FieldSchema {
+    let (data_type, dim, metric, max_length) = match &field.data_type {
+        DataType::Bool => (v1::DataType::Bool, 0, v1::Metric::Unspecified, 0),
+        DataType::Int8 => (v1::DataType::Int8, 0, v1::Metric::Unspecified, 0),
+        DataType::Int16 => (v1::DataType::Int16, 0, v1::Metric::Unspecified, 0),
+        DataType::Int32 => (v1::DataType::Int32, 0, v1::Metric::Unspecified, 0),
+        DataType::Int64 => (v1::DataType::Int64, 0, v1::Metric::Unspecified, 0),
+        DataType::Float => (v1::DataType::Float, 0, v1::Metric::Unspecified, 0),
+        DataType::Double => (v1::DataType::Double, 0, v1::Metric::Unspecified, 0),
+        DataType::VarChar { max_length } => (v1::DataType::Varchar, 0, v1::Metric::Unspecified, *max_length as u32),
+        DataType::Json => (v1::DataType::Json, 0, v1::Metric::Unspecified, 0),
+        DataType::FloatVector { dim, metric } => {
+            let metric = match metric {
+                Metric::L2 => v1::Metric::L2,
+                Metric::IP => v1::Metric::Ip,
+                Metric::COSINE => v1::Metric::Cosine,
+            };
+            (v1::DataType::FloatVector, *dim as u32, metric, 0)
+        }
+    };
+    v1::FieldSchema {
+        name: field.name.clone(),
+        data_type: data_type as i32,
+        dim,
+        metric: metric as i32,
+        max_length,
+        nullable: field.nullable,
+        is_primary: field.is_primary,
+        auto_id: field.auto_id,
+        default_json: field.default_value.as_ref().map(|v| v.to_json().to_string()).unwrap_or_default(),
+    }
+}
+
+pub fn schema_from_proto(schema: v1::CollectionSchema) -> Result<CollectionSchema> {
+    let fields = schema.fields.into_iter().map(field_from_proto).collect::<Result<Vec<_>>>()?;
+    Ok(CollectionSchema { name: schema.name, description: schema.description, fields })
+}
+
+fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
+    let data_type = match v1::DataType::try_from(field.data_type) {
+        Ok(v1::DataType::Bool) => DataType::Bool,
+        Ok(v1::DataType::Int8) => DataType::Int8,
+        Ok(v1::DataType::Int16) => DataType::Int16,
+        Ok(v1::DataType::Int32) => DataType::Int32,
+        Ok(v1::DataType::Int64) => DataType::Int64,
+        Ok(v1::DataType::Float) => DataType::Float,
+        Ok(v1::DataType::Double) => DataType::Double,
+        Ok(v1::DataType::Varchar) => DataType::VarChar { max_length: field.max_length as usize },
+        Ok(v1::DataType::Json) => DataType::Json,
+        Ok(v1::DataType::FloatVector) => {
+            let metric = match v1::Metric::try_from(field.metric) {
+                Ok(v1::Metric::L2) => Metric::L2,
+                Ok(v1::Metric::Ip) => Metric::IP,
+                Ok(v1::Metric::Cosine) => Metric::COSINE,
+                _ => return Err(Error::field(&field.name, "a float_vector field needs a metric: L2, IP or COSINE")),
+            };
+            DataType::FloatVector { dim: field.dim as usize, metric }
+        }
+        Ok(v1::DataType::Unspecified) | Err(_) => {
+            return Err(Error::field(&field.name, format!("unknown data type {}", field.data_type)));
+        }
+    };
+    let default_value = if field.default_json.trim().is_empty() {
+        None
+    } else {
+        let json: serde_json::Value = serde_json::from_str(&field.default_json)
+            .map_err(|e| Error::field(&field.name, format!("default_json is not JSON: {e}")))?;
+        Some(value_from_json(&field.name, &data_type, json)?)
+    };
+    Ok(FieldSchema {
+        name: field.name,
+        data_type,
+        nullable: field.nullable,
+        default_value,
+        is_primary: field.is_primary,
+        auto_id: field.auto_id,
+    })
+}
+
+/// A JSON value as a field value (JSON fields keep their text).
+pub fn value_from_json(field: &str, data_type: &DataType, json: serde_json::Value) -> Result<Value> {
+    use serde_json::Value as J;
+    Ok(match (data_type, json) {
+        (_, J::Null) => Value::Null,
+        (DataType::Json, other) => Value::String(other.to_string()),
+        (DataType::Bool, J::Bool(b)) => Value::Bool(b),
+        (DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64, J::Number(n)) => {
+            Value::Int(n.as_i64().ok_or_else(|| Error::field(field, format!("{n} is not an integer")))?)
+        }
+        (DataType::Float | DataType::Double, J::Number(n)) => {
+            Value::Float(n.as_f64().ok_or_else(|| Error::field(field, format!("{n} is not a number")))?)
+        }
+        (DataType::VarChar { .. }, J::String(s)) => Value::String(s),
+        (DataType::FloatVector { .. }, J::Array(items)) => Value::Vector(
+            items
+                .iter()
+                .map(|x| x.as_f64().map(|f| f as f32))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| Error::field(field, "a vector holds something that is not a number"))?,
+        ),
+        (t, other) => return Err(Error::field(field, format!("{other} does not fit type {t:?}"))),
+    })
+}
+
+// ---- keys ----
+
+pub fn pks_to_proto(pks: &[Pk]) -> v1::PrimaryKeys {
+    use v1::primary_keys::Keys;
+    let keys = if pks.iter().all(|pk| matches!(pk, Pk::Int(_))) {
+        Keys::IntKeys(v1::IntValues {
+            values: pks.iter().filter_map(|pk| if let Pk::Int(v) = pk { Some(*v) } else { None }).collect(),
+        })
+    } else {
+        Keys::StrKeys(v1::StringValues {
+            values: pks
+                .iter()
+                .map(|pk| match pk {
+                    Pk::Int(v) => v.to_string(),
+                    Pk::Str(s) => s.clone(),
+                })
+                .collect(),
+        })
+    };
+    v1::PrimaryKeys { keys: Some(keys) }
+}
+
+pub fn pks_from_proto(keys: Option<v1::PrimaryKeys>) -> Result<Vec<Pk>> {
+    use v1::primary_keys::Keys;
+    match keys.and_then(|k| k.keys) {
+        Some(Keys::IntKeys(ints)) => Ok(ints.values.into_iter().map(Pk::Int).collect()),
+        Some(Keys::StrKeys(strings)) => Ok(strings.values.into_iter().map(Pk::Str).collect()),
+        None => Err(Error::argument("keys", "no primary keys given")),
+    }
+}
+
+// ---- vectors ----
+
+/// Packs vectors of one dimension as little-endian f32.
+pub fn pack_vectors(vectors: &[Vec<f32>]) -> v1::VectorValues {
+    let dim = vectors.first().map_or(0, Vec::len);
+    let data = vectors.iter().flat_map(|v| v.iter().flat_map(|x| x.to_le_bytes())).collect();
+    v1::VectorValues { dim: dim as u32, data }
+}
+
+/// The flat f32 values of packed vectors, checked against `dim`.
+pub fn unpack_floats(argument: &str, vectors: &v1::VectorValues) -> Result<Vec<f32>> {
+    let dim = vectors.dim as usize;
+    if dim == 0 {
+        return Err(Error::argument(argument, "dim is 0"));
+    }
+    if !vectors.data.len().is_multiple_of(4 * dim) {
+        return Err(Error::argument(
+            argument,
+            format!("{} bytes is not a whole number of {dim}-dimensional f32 vectors", vectors.data.len()),
+        ));
+    }
+    Ok(vectors.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+pub fn unpack_vectors(argument: &str, vectors: &v1::VectorValues) -> Result<Vec<Vec<f32>>> {
+    let floats = unpack_floats(argument, vectors)?;
+    Ok(floats.chunks_exact(vectors.dim as usize).map(<[f32]>::to_vec).collect())
+}
+
+// ---- rows as columns ----
+
+/// A write's columns as an Arrow batch (types are brought to the schema's
+/// canonical ones, and checked, by the engine's write validation).
+pub fn columns_to_batch(columns: Vec<v1::FieldData>) -> Result<RecordBatch> {
+    let mut fields = Vec::with_capacity(columns.len());
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
+    let mut rows: Option<(usize, String)> = None;
+    for column in columns {
+        let name = column.name;
+        let valid = |i: usize| column.nulls.get(i).is_none_or(|null| !null);
+        let array: ArrayRef = match column.values {
+            Some(Values::Bools(v)) => {
+                Arc::new(BooleanArray::from_iter(v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(*x))))
+            }
+            Some(Values::Ints(v)) => {
+                Arc::new(Int64Array::from_iter(v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(*x))))
+            }
+            Some(Values::Floats(v)) => {
+                Arc::new(Float32Array::from_iter(v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(*x))))
+            }
+            Some(Values::Doubles(v)) => {
+                Arc::new(Float64Array::from_iter(v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(*x))))
+            }
+            Some(Values::Strings(v)) => Arc::new(StringArray::from_iter(
+                v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(x.as_str())),
+            )),
+            Some(Values::Vectors(v)) => vector_array(v.dim as usize, unpack_floats(&name, &v)?)?,
+            None => return Err(Error::field(&name, "the column carries no values")),
+        };
+        if !column.nulls.is_empty() && column.nulls.len() != array.len() {
+            return Err(Error::field(&name, format!("{} null flags for {} values", column.nulls.len(), array.len())));
+        }
+        match &rows {
+            Some((n, first)) if *n != array.len() => {
+                return Err(Error::field(&name, format!("{} rows, but column `{first}` has {n}", array.len())));
+            }
+            Some(_) => {}
+            None => rows = Some((array.len(), name.clone())),
+        }
+        fields.push(Field::new(name, array.data_type().clone(), true));
+        arrays.push(array);
+    }
+    let options = RecordBatchOptions::new().with_row_count(Some(rows.map_or(0, |(n, _)| n)));
+    Ok(RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)?)
+}
+
+/// The batches of an Arrow IPC stream, concatenated.
+pub fn ipc_to_batch(bytes: &[u8]) -> Result<RecordBatch> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Error::argument("arrow_ipc", format!("not an Arrow IPC stream: {e}")))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::argument("arrow_ipc", format!("bad record batch: {e}")))?;
+    Ok(arrow::compute::concat_batches(&schema, &batches)?)
+}
+
+/// One batch as an Arrow IPC stream.
+pub fn batch_to_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
+    IpcBatch(batch.clone()).to_bytes()
+}
+
+/// Rows (by field name) as columns of `fields`, in that order.
+pub fn rows_to_columns(
+    schema: &CollectionSchema,
+    fields: &[String],
+    rows: &[BTreeMap<String, Value>],
+) -> Result<Vec<v1::FieldData>> {
+    fields
+        .iter()
+        .map(|name| {
+            let (_, field) = schema.field(name)?;
+            let values: Vec<&Value> = rows.iter().map(|row| row.get(name).unwrap_or(&Value::Null)).collect();
+            Ok(values_to_column(name, &field.data_type, &values))
+        })
+        .collect()
+}
+
+/// One column of values of `data_type`.
+pub fn values_to_column(name: &str, data_type: &DataType, values: &[&Value]) -> v1::FieldData {
+    let nulls: Vec<bool> = values.iter().map(|v| matches!(v, Value::Null)).collect();
+    let nulls = if nulls.iter().any(|n| *n) { nulls } else { Vec::new() };
+    let values = match data_type {
+        DataType::Bool => {
+            Values::Bools(v1::BoolValues { values: values.iter().map(|v| matches!(v, Value::Bool(true))).collect() })
+        }
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+            Values::Ints(v1::IntValues { values: values.iter().map(|v| v.as_i64().unwrap_or(0)).collect() })
+        }
+        DataType::Float => Values::Floats(v1::FloatValues {
+            values: values.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+        }),
+        DataType::Double => {
+            Values::Doubles(v1::DoubleValues { values: values.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect() })
+        }
+        DataType::VarChar { .. } | DataType::Json => Values::Strings(v1::StringValues {
+            values: values.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect(),
+        }),
+        DataType::FloatVector { dim, .. } => {
+            let mut data = Vec::with_capacity(values.len() * dim * 4);
+            for value in values {
+                match value {
+                    Value::Vector(v) => data.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                    _ => data.extend(std::iter::repeat_n(0u8, dim * 4)),
+                }
+            }
+            Values::Vectors(v1::VectorValues { dim: *dim as u32, data })
+        }
+    };
+    v1::FieldData { name: name.to_string(), nulls, values: Some(values) }
+}
+
+/// Column `i` of a response as values (for clients printing rows).
+pub fn column_values(column: &v1::FieldData) -> Vec<Value> {
+    let null = |i: usize| column.nulls.get(i).copied().unwrap_or(false);
+    let pick = |i: usize, v: Value| if null(i) { Value::Null } else { v };
+    match &column.values {
+        Some(Values::Bools(v)) => v.values.iter().enumerate().map(|(i, x)| pick(i, Value::Bool(*x))).collect(),
+        Some(Values::Ints(v)) => v.values.iter().enumerate().map(|(i, x)| pick(i, Value::Int(*x))).collect(),
+        Some(Values::Floats(v)) => {
+            v.values.iter().enumerate().map(|(i, x)| pick(i, Value::Float(f64::from(*x)))).collect()
+        }
+        Some(Values::Doubles(v)) => v.values.iter().enumerate().map(|(i, x)| pick(i, Value::Float(*x))).collect(),
+        Some(Values::Strings(v)) => {
+            v.values.iter().enumerate().map(|(i, x)| pick(i, Value::String(x.clone()))).collect()
+        }
+        Some(Values::Vectors(v)) => {
+            let dim = (v.dim as usize).max(1);
+            v.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<f32>>()
+                .chunks(dim)
+                .enumerate()
+                .map(|(i, x)| pick(i, Value::Vector(x.to_vec())))
+                .collect()
+        }
+        None => Vec::new(),
+    }
+}
+
+pub fn consistency_name(level: v1::ConsistencyLevel) -> &'static str {
+    match level {
+        v1::ConsistencyLevel::Strong => "strong",
+        v1::ConsistencyLevel::Session => "session",
+        v1::ConsistencyLevel::Bounded => "bounded",
+        v1::ConsistencyLevel::Eventually => "eventually",
+    }
+}
+
+/// The gRPC status for an engine error: the code a client can react to,
+/// and the message that names the field or argument.
+pub fn status(error: &Error) -> tonic::Status {
+    use tonic::Code;
+    let code = match error {
+        Error::Field { .. }
+        | Error::InvalidArgument { .. }
+        | Error::Expression { .. }
+        | Error::InvalidSchema(_)
+        | Error::Sql(_) => Code::InvalidArgument,
+        Error::CollectionNotFound(_) => Code::NotFound,
+        Error::CollectionExists(_) => Code::AlreadyExists,
+        Error::OutsideRetention { .. } => Code::FailedPrecondition,
+        Error::FutureTimestamp { .. } => Code::OutOfRange,
+        Error::Timeout(_) => Code::DeadlineExceeded,
+        Error::Shutdown => Code::Unavailable,
+        Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => Code::Internal,
+    };
+    tonic::Status::new(code, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn column() -> impl Strategy<Value = v1::FieldData> {
+        let values = prop_oneof![
+            proptest::collection::vec(any::<bool>(), 0..6).prop_map(|v| Values::Bools(v1::BoolValues { values: v })),
+            proptest::collection::vec(any::<i64>(), 0..6).prop_map(|v| Values::Ints(v1::IntValues { values: v })),
+            proptest::collection::vec(any::<f64>(), 0..6).prop_map(|v| Values::Doubles(v1::DoubleValues { values: v })),
+            proptest::collection::vec(".{0,4}", 0..6).prop_map(|v| Values::Strings(v1::StringValues { values: v })),
+            (0u32..5, proptest::collection::vec(any::<u8>(), 0..40))
+                .prop_map(|(dim, data)| Values::Vectors(v1::VectorValues { dim, data })),
+        ];
+        ("[a-c]{1,2}", proptest::collection::vec(any::<bool>(), 0..7), proptest::option::of(values))
+            .prop_map(|(name, nulls, values)| v1::FieldData { name, nulls, values })
+    }
+
+    proptest! {
+        /// Whatever a client sends, the conversions answer with a batch or an error.
+        #[test]
+        fn any_columns_convert_or_fail_cleanly(columns in proptest::collection::vec(column(), 0..4)) {
+            if let Ok(batch) = columns_to_batch(columns.clone()) {
+                prop_assert_eq!(batch.num_columns(), columns.len());
+            }
+            for column in &columns {
+                let _ = column_values(column);
+            }
+        }
+
+        #[test]
+        fn any_field_schema_converts_or_fails_cleanly(
+            data_type in -2i32..12, metric in -1i32..5, dim in 0u32..5, default_json in ".{0,6}"
+        ) {
+            let field = v1::FieldSchema { name: "f".into(), data_type, metric, dim, default_json, ..Default::default() };
+            let schema = v1::CollectionSchema { name: "c".into(), description: String::new(), fields: vec![field] };
+            if let Ok(schema) = schema_from_proto(schema) {
+                let back = schema_from_proto(schema_to_proto(&schema));
+                prop_assert_eq!(back.ok(), Some(schema));
+            }
+        }
+    }
+
+    #[test]
+    fn vectors_round_trip_and_bad_lengths_name_the_argument() {
+        let packed = pack_vectors(&[vec![1.0, 2.0], vec![3.0, -4.5]]);
+        assert_eq!(unpack_vectors("vectors", &packed).unwrap(), vec![vec![1.0, 2.0], vec![3.0, -4.5]]);
+        let bad = v1::VectorValues { dim: 2, data: vec![0; 12] };
+        let error = unpack_vectors("vectors", &bad).unwrap_err().to_string();
+        assert!(error.contains("vectors") && error.contains("12 bytes"), "{error}");
+        let mismatched = vec![
+            v1::FieldData {
+                name: "a".into(),
+                nulls: vec![],
+                values: Some(Values::Ints(v1::IntValues { values: vec![1, 2] })),
+            },
+            v1::FieldData {
+                name: "b".into(),
+                nulls: vec![],
+                values: Some(Values::Ints(v1::IntValues { values: vec![1] })),
+            },
+        ];
+        let error = columns_to_batch(mismatched).unwrap_err().to_string();
+        assert!(error.contains("`b`") && error.contains("column `a` has 2"), "{error}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Server configuration: defaults, then a TOML file, then `VECTORFLOW_*`
+//! environment variables, then command-line flags (figment merges them in
+//! that order, later sources winning).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use vectorflow::EngineConfig;
+
+/// Everything `vectorflow serve` reads. In TOML:
+///
+/// ```toml
+/// data_dir = "./vectorflow-data"
+/// listen = "127.0.0.1:19530"
+/// workers = 2
+/// max_message_bytes = 268435456
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Holds the write-ahead log and the catalog (embedded mode).
+    pub data_dir: PathBuf,
+    /// gRPC address; port 0 picks a free port (the bound address is printed).
+    pub listen: String,
+    pub workers: usize,
+    /// A growing segment seals at this many rows.
+    pub seal_rows: usize,
+    /// History kept for time travel, in seconds.
+    pub retention_secs: u64,
+    /// Staleness bound of Bounded consistency, in milliseconds.
+    pub bounded_staleness_ms: u64,
+    /// How long a read waits for the dataflow when the client sets no deadline, in seconds.
+    pub request_timeout_secs: u64,
+    /// Largest request or response message, in bytes; larger requests get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// Log filter (tracing's env-filter syntax), overridden by RUST_LOG.
+    pub log: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let engine = EngineConfig::new("./vectorflow-data");
+        ServerConfig {
+            data_dir: engine.data_dir,
+            listen: "127.0.0.1:19530".into(),
+            workers: engine.workers,
+            seal_rows: engine.seal_rows,
+            retention_secs: engine.retention.as_secs(),
+            bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
+            request_timeout_secs: engine.request_timeout.as_secs(),
+            max_message_bytes: 256 << 20,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Flags of `vectorflow serve` that override the file and the environment.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct ServeArgs {
+    /// A TOML file with the settings of [`ServerConfig`].
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seal_rows: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<usize>,
+}
+
+impl ServerConfig {
+    pub fn load(args: &ServeArgs) -> Result<ServerConfig, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(ServerConfig::default()));
+        if let Some(path) = &args.config {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(Env::prefixed("VECTORFLOW_")).merge(Serialized::defaults(args)).extract().map_err(Box::new)
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            workers: self.workers,
+            seal_rows: self.seal_rows,
+            retention: Duration::from_secs(self.retention_secs),
+            bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            ..EngineConfig::new(&self.data_dir)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closures return figment's own (large) error
+    fn file_then_environment_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("vf.toml", "listen = \"127.0.0.1:1\"\nworkers = 3\nseal_rows = 10\n")?;
+            jail.set_env("VECTORFLOW_WORKERS", "4");
+            let args = ServeArgs { config: Some("vf.toml".into()), seal_rows: Some(20), ..Default::default() };
+            let config = ServerConfig::load(&args).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen, "127.0.0.1:1");
+            assert_eq!(config.workers, 4);
+            assert_eq!(config.seal_rows, 20);
+            assert_eq!(config.max_message_bytes, ServerConfig::default().max_message_bytes);
+            let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vectorflow.toml");
+            let shipped = ServerConfig::load(&ServeArgs { config: Some(example), ..Default::default() })
+                .map_err(|e| e.to_string())?;
+            assert_eq!(shipped.listen, "127.0.0.1:19530");
+            jail.create_file("bad.toml", "listen = 5\n")?;
+            let bad = ServeArgs { config: Some("bad.toml".into()), ..Default::default() };
+            let error = ServerConfig::load(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("listen"), "{error}");
+            Ok(())
+        });
+    }
+}

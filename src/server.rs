@@ -1,0 +1,426 @@
+//! `vectorflow serve`: the gRPC access layer over an embedded engine.
+//!
+//! Engine calls block (they wait for the dataflow), so every handler runs
+//! its call on tokio's blocking pool. A client's deadline (`grpc-timeout`)
+//! becomes the engine read timeout, a fifth shorter (at least 20 ms), so the
+//! answer is DEADLINE_EXCEEDED from us rather than CANCELLED from tonic's timer.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use vectorflow::{
+    CollectionSchema, Consistency, Engine, Error, GetOptions, QueryOptions, SearchOptions, SqlSession, Timestamp,
+};
+use vectorflow_proto::v1::vectorflow_server::{Vectorflow, VectorflowServer};
+use vectorflow_proto::{self as wire, v1};
+
+use crate::config::ServerConfig;
+
+/// The part of a deadline kept for answering: a fifth of it, at least 20 ms,
+/// so a loaded server still answers before tonic's own timer fires.
+fn deadline_margin(left: Duration) -> Duration {
+    (left / 5).max(Duration::from_millis(20))
+}
+
+pub struct VectorflowService {
+    engine: Engine,
+    sql: SqlSession,
+    max_message_bytes: usize,
+}
+
+impl VectorflowService {
+    pub fn new(engine: Engine, max_message_bytes: usize) -> vectorflow::Result<Self> {
+        let sql = SqlSession::new(engine.clone())?;
+        Ok(VectorflowService { engine, sql, max_message_bytes })
+    }
+
+    /// Checks the request's size and deadline, then runs `call` on the
+    /// blocking pool with the engine and the time the read may take.
+    async fn run<M: Message, T: Send + 'static>(
+        &self,
+        request: &Request<M>,
+        call: impl FnOnce(&Engine, Option<Duration>) -> vectorflow::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let size = request.get_ref().encoded_len();
+        if size > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "request of {size} bytes exceeds max_message_bytes = {}",
+                self.max_message_bytes
+            )));
+        }
+        let timeout = match deadline(request)? {
+            Some(left) if left <= deadline_margin(left) => {
+                return Err(Status::deadline_exceeded(format!("deadline of {left:?} leaves no time to answer")));
+            }
+            Some(left) => Some(left - deadline_margin(left)),
+            None => None,
+        };
+        let engine = self.engine.clone();
+        match tokio::task::spawn_blocking(move || call(&engine, timeout)).await {
+            Ok(result) => result.map_err(|e| wire::status(&e)),
+            Err(e) => Err(Status::internal(format!("request handler failed: {e}"))),
+        }
+    }
+}
+
+/// The client's deadline (`grpc-timeout`: an integer and a unit H M S m u n).
+fn deadline<M>(request: &Request<M>) -> Result<Option<Duration>, Status> {
+    let Some(header) = request.metadata().get("grpc-timeout") else { return Ok(None) };
+    let text = header.to_str().map_err(|_| Status::invalid_argument("grpc-timeout is not ASCII"))?;
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let amount: u64 = digits.parse().map_err(|_| Status::invalid_argument(format!("grpc-timeout `{text}`")))?;
+    let duration = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return Err(Status::invalid_argument(format!("grpc-timeout `{text}` has no unit"))),
+    };
+    Ok(Some(duration))
+}
+
+struct Read {
+    consistency: Consistency,
+    as_of: Option<Timestamp>,
+    guarantee_ts: Option<Timestamp>,
+}
+
+fn read_options(read: Option<v1::ReadOptions>) -> Read {
+    let read = read.unwrap_or_default();
+    let consistency = match v1::ConsistencyLevel::try_from(read.consistency).unwrap_or_default() {
+        v1::ConsistencyLevel::Strong => Consistency::Strong,
+        v1::ConsistencyLevel::Session => Consistency::Session,
+        v1::ConsistencyLevel::Bounded => Consistency::Bounded,
+        v1::ConsistencyLevel::Eventually => Consistency::Eventually,
+    };
+    Read {
+        consistency,
+        as_of: (read.as_of != 0).then_some(read.as_of),
+        guarantee_ts: (read.guarantee_ts != 0).then_some(read.guarantee_ts),
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    if text.trim().is_empty() { None } else { Some(text) }
+}
+
+fn info(info: vectorflow::CollectionInfo) -> v1::CollectionInfo {
+    v1::CollectionInfo { id: info.id, schema: Some(wire::schema_to_proto(&info.schema)), created_ts: info.created_ts }
+}
+
+fn write_response(write: vectorflow::WriteResult) -> v1::WriteResponse {
+    v1::WriteResponse { keys: Some(wire::pks_to_proto(&write.pks)), ts: write.ts }
+}
+
+/// A write's rows: columns, or an Arrow IPC stream.
+fn write_batch(request: v1::WriteRequest) -> vectorflow::Result<arrow::record_batch::RecordBatch> {
+    if !request.arrow_ipc.is_empty() {
+        if !request.columns.is_empty() {
+            return Err(Error::argument("columns", "give either columns or arrow_ipc, not both"));
+        }
+        return wire::ipc_to_batch(&request.arrow_ipc);
+    }
+    if request.columns.is_empty() {
+        return Err(Error::argument("columns", "no rows: give columns or arrow_ipc"));
+    }
+    wire::columns_to_batch(request.columns)
+}
+
+/// Rows with the primary key first, then `output_fields`, as columns.
+fn rows_response(
+    schema: &CollectionSchema,
+    output_fields: &[String],
+    rows: &[std::collections::BTreeMap<String, vectorflow::Value>],
+) -> vectorflow::Result<v1::QueryResponse> {
+    let mut fields = vec![schema.primary().name.clone()];
+    fields.extend(output_fields.iter().filter(|f| **f != schema.primary().name).cloned());
+    Ok(v1::QueryResponse { columns: wire::rows_to_columns(schema, &fields, rows)?, count: rows.len() as u64 })
+}
+
+type SqlStream = Pin<Box<dyn Stream<Item = Result<v1::SqlBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Vectorflow for VectorflowService {
+    async fn create_collection(
+        &self,
+        request: Request<v1::CreateCollectionRequest>,
+    ) -> Result<Response<v1::CollectionInfo>, Status> {
+        let schema = request.get_ref().schema.clone();
+        let created = self
+            .run(&request, move |engine, _| {
+                let schema = schema.ok_or_else(|| Error::argument("schema", "missing"))?;
+                engine.create_collection(wire::schema_from_proto(schema)?)
+            })
+            .await?;
+        tracing::info!(collection = created.schema.name, "collection created");
+        Ok(Response::new(info(created)))
+    }
+
+    async fn drop_collection(&self, request: Request<v1::CollectionRef>) -> Result<Response<v1::Empty>, Status> {
+        let name = request.get_ref().name.clone();
+        self.run(&request, move |engine, _| engine.drop_collection(&name)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_collections(
+        &self,
+        request: Request<v1::Empty>,
+    ) -> Result<Response<v1::ListCollectionsResponse>, Status> {
+        let names = self.run(&request, |engine, _| Ok(engine.list_collections())).await?;
+        Ok(Response::new(v1::ListCollectionsResponse { names }))
+    }
+
+    async fn describe_collection(
+        &self,
+        request: Request<v1::CollectionRef>,
+    ) -> Result<Response<v1::CollectionInfo>, Status> {
+        let name = request.get_ref().name.clone();
+        Ok(Response::new(info(self.run(&request, move |engine, _| engine.describe_collection(&name)).await?)))
+    }
+
+    async fn insert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
+        let (collection, body) = (request.get_ref().collection.clone(), request.get_ref().clone());
+        let write = self.run(&request, move |engine, _| engine.insert(&collection, &write_batch(body)?)).await?;
+        Ok(Response::new(write_response(write)))
+    }
+
+    async fn upsert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
+        let (collection, body) = (request.get_ref().collection.clone(), request.get_ref().clone());
+        let write = self.run(&request, move |engine, _| engine.upsert(&collection, &write_batch(body)?)).await?;
+        Ok(Response::new(write_response(write)))
+    }
+
+    async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
+        let body = request.get_ref().clone();
+        let write = self
+            .run(&request, move |engine, _| match body.target {
+                Some(v1::delete_request::Target::Keys(keys)) => {
+                    engine.delete(&body.collection, &wire::pks_from_proto(Some(keys))?)
+                }
+                Some(v1::delete_request::Target::Filter(filter)) if !filter.trim().is_empty() => {
+                    engine.delete_by_filter(&body.collection, &filter)
+                }
+                _ => Err(Error::argument("target", "give keys or a non-empty filter")),
+            })
+            .await?;
+        Ok(Response::new(write_response(write)))
+    }
+
+    async fn search(&self, request: Request<v1::SearchRequest>) -> Result<Response<v1::SearchResponse>, Status> {
+        let body = request.get_ref().clone();
+        let response = self
+            .run(&request, move |engine, timeout| {
+                let vectors = body.vectors.ok_or_else(|| Error::argument("vectors", "missing"))?;
+                let queries = wire::unpack_vectors("vectors", &vectors)?;
+                let read = read_options(body.read);
+                let options = SearchOptions {
+                    field: non_empty(body.field),
+                    k: body.k as usize,
+                    ef: (body.ef != 0).then_some(body.ef as usize),
+                    output_fields: body.output_fields.clone(),
+                    filter: non_empty(body.filter),
+                    consistency: read.consistency,
+                    as_of: read.as_of,
+                    guarantee_ts: read.guarantee_ts,
+                    timeout,
+                };
+                let schema = engine.describe_collection(&body.collection)?.schema;
+                let result = engine.search(&body.collection, &queries, &options)?;
+                let results = result
+                    .hits
+                    .into_iter()
+                    .map(|hits| {
+                        let keys: Vec<_> = hits.iter().map(|h| h.pk.clone()).collect();
+                        let scores = hits.iter().map(|h| h.score).collect();
+                        let rows: Vec<_> = hits.into_iter().map(|h| h.fields).collect();
+                        Ok(v1::SearchHits {
+                            keys: Some(wire::pks_to_proto(&keys)),
+                            scores,
+                            fields: wire::rows_to_columns(&schema, &body.output_fields, &rows)?,
+                        })
+                    })
+                    .collect::<vectorflow::Result<Vec<_>>>()?;
+                Ok(v1::SearchResponse { results, read_ts: result.read_ts })
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn query(&self, request: Request<v1::QueryRequest>) -> Result<Response<v1::QueryResponse>, Status> {
+        let body = request.get_ref().clone();
+        let response = self
+            .run(&request, move |engine, timeout| {
+                let read = read_options(body.read);
+                let options = QueryOptions {
+                    filter: non_empty(body.filter),
+                    output_fields: body.output_fields.clone(),
+                    limit: (body.limit != 0).then_some(body.limit as usize),
+                    offset: body.offset as usize,
+                    consistency: read.consistency,
+                    as_of: read.as_of,
+                    guarantee_ts: read.guarantee_ts,
+                    timeout,
+                };
+                if body.count_only {
+                    let count = engine.count(&body.collection, &options)?;
+                    return Ok(v1::QueryResponse { columns: Vec::new(), count: count as u64 });
+                }
+                let schema = engine.describe_collection(&body.collection)?.schema;
+                let rows = engine.query(&body.collection, &options)?;
+                rows_response(&schema, &body.output_fields, &rows)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::QueryResponse>, Status> {
+        let body = request.get_ref().clone();
+        let response = self
+            .run(&request, move |engine, timeout| {
+                let read = read_options(body.read);
+                let options = GetOptions {
+                    output_fields: body.output_fields.clone(),
+                    consistency: read.consistency,
+                    as_of: read.as_of,
+                    guarantee_ts: read.guarantee_ts,
+                    timeout,
+                };
+                let schema = engine.describe_collection(&body.collection)?.schema;
+                let rows = engine.get(&body.collection, &wire::pks_from_proto(body.keys)?, &options)?;
+                rows_response(&schema, &body.output_fields, &rows)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    type SqlStream = SqlStream;
+
+    async fn sql(&self, request: Request<v1::SqlRequest>) -> Result<Response<Self::SqlStream>, Status> {
+        let size = request.get_ref().encoded_len();
+        if size > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!("request of {size} bytes exceeds max_message_bytes")));
+        }
+        let frame = self.sql.sql(&request.get_ref().query).await.map_err(|e| wire::status(&e))?;
+        let batches = frame.execute_stream().await.map_err(|e| wire::status(&vectorflow::crates::sql::sql_error(e)))?;
+        let stream = batches.map(|batch| {
+            let batch = batch.map_err(|e| wire::status(&vectorflow::crates::sql::sql_error(e)))?;
+            let arrow_ipc = wire::batch_to_ipc(&batch).map_err(|e| wire::status(&e))?;
+            Ok(v1::SqlBatch { arrow_ipc })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn flush(&self, request: Request<v1::CollectionRef>) -> Result<Response<v1::FlushResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let flush_ts = self.run(&request, move |engine, _| engine.flush(&name)).await?;
+        Ok(Response::new(v1::FlushResponse { flush_ts }))
+    }
+
+    async fn get_stats(&self, request: Request<v1::StatsRequest>) -> Result<Response<v1::CollectionStats>, Status> {
+        let body = request.get_ref().clone();
+        let stats = self
+            .run(&request, move |engine, _| {
+                let read = read_options(Some(v1::ReadOptions { consistency: body.consistency, ..Default::default() }));
+                engine.stats(&body.collection, read.consistency)
+            })
+            .await?;
+        Ok(Response::new(v1::CollectionStats {
+            live_rows: stats.live_rows as u64,
+            versions: stats.versions as u64,
+            growing_rows: stats.growing_rows as u64,
+            sealed_segments: stats.sealed_segments as u64,
+            indexed_segments: stats.indexed_segments as u64,
+            read_ts: stats.read_ts,
+        }))
+    }
+
+    async fn health(&self, _request: Request<v1::Empty>) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse { status: "SERVING".into(), version: env!("CARGO_PKG_VERSION").into() }))
+    }
+}
+
+/// tonic reports an oversized message as OUT_OF_RANGE; gRPC's spec (and our
+/// API) says RESOURCE_EXHAUSTED. Errors before a handler runs are
+/// trailers-only responses, so the status sits in the headers.
+fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|s| s == "11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// Runs the server until SIGTERM or SIGINT: stops accepting, lets in-flight
+/// calls finish, flushes every collection and stops the engine.
+pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let engine = Engine::open(config.engine_config())?;
+    let listener = TcpListener::bind(&config.listen).await?;
+    let address: SocketAddr = listener.local_addr()?;
+    let service = VectorflowService::new(engine.clone(), config.max_message_bytes)?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // tonic's own limit sits above ours so our handlers see (and refuse) large requests with a clear message.
+    let transport_limit = config.max_message_bytes.saturating_add(config.max_message_bytes / 4 + (1 << 20));
+    let grpc = VectorflowServer::new(service)
+        .max_decoding_message_size(transport_limit)
+        .max_encoding_message_size(transport_limit);
+    tracing::info!(%address, data_dir = %config.data_dir.display(), "vectorflow serving");
+    // Tests and scripts read the bound address (the port may have been 0).
+    println!("vectorflow listening on {address}");
+    let served = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
+        .add_service(reflection)
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .await;
+    tracing::info!("stopped accepting; flushing");
+    let flushed = tokio::task::spawn_blocking(move || {
+        for name in engine.list_collections() {
+            if let Err(e) = engine.flush(&name) {
+                tracing::warn!(collection = name, "flush at shutdown: {e}");
+            }
+        }
+        engine.shutdown();
+    })
+    .await;
+    served?;
+    flushed?;
+    tracing::info!("vectorflow stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}
