@@ -8,7 +8,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::EngineConfig;
+use vectorflow::{EngineConfig, StorageConfig};
 
 /// Everything `vectorflow serve` reads. In TOML:
 ///
@@ -17,6 +17,12 @@ use vectorflow::EngineConfig;
 /// listen = "127.0.0.1:19530"
 /// workers = 2
 /// max_message_bytes = 268435456
+/// checkpoint_interval_ms = 60000
+///
+/// [storage]
+/// url = "s3://bucket/prefix"   # empty: <data_dir>/store on the local filesystem
+/// endpoint = "http://127.0.0.1:9000"
+/// allow_http = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +44,14 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Log filter (tracing's env-filter syntax), overridden by RUST_LOG.
     pub log: String,
+    /// How often collections with new writes are checkpointed to the object
+    /// store, in milliseconds (0: only on flush).
+    pub checkpoint_interval_ms: u64,
+    /// How often compaction looks for segments to rewrite, in milliseconds (0: never).
+    pub compaction_interval_ms: u64,
+    /// The object store (`[storage]` in TOML, `VECTORFLOW_STORAGE__URL`, ...):
+    /// empty `url` for `<data_dir>/store`, or `s3://bucket/prefix`.
+    pub storage: StorageConfig,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +67,9 @@ impl Default for ServerConfig {
             request_timeout_secs: engine.request_timeout.as_secs(),
             max_message_bytes: 256 << 20,
             log: "info".into(),
+            checkpoint_interval_ms: engine.checkpoint_interval.map_or(0, |d| d.as_millis() as u64),
+            compaction_interval_ms: engine.compaction_interval.map_or(0, |d| d.as_millis() as u64),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -82,6 +99,16 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compaction_interval_ms: Option<u64>,
+    /// The object store URL (`s3://bucket/prefix`); sets `storage.url`.
+    #[arg(long)]
+    #[serde(skip)]
+    pub storage: Option<String>,
 }
 
 impl ServerConfig {
@@ -90,7 +117,15 @@ impl ServerConfig {
         if let Some(path) = &args.config {
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment.merge(Env::prefixed("VECTORFLOW_")).merge(Serialized::defaults(args)).extract().map_err(Box::new)
+        let mut config: ServerConfig = figment
+            .merge(Env::prefixed("VECTORFLOW_").split("__"))
+            .merge(Serialized::defaults(args))
+            .extract()
+            .map_err(Box::new)?;
+        if let Some(url) = &args.storage {
+            config.storage.url = url.clone();
+        }
+        Ok(config)
     }
 
     pub fn engine_config(&self) -> EngineConfig {
@@ -100,6 +135,11 @@ impl ServerConfig {
             retention: Duration::from_secs(self.retention_secs),
             bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
+            checkpoint_interval: (self.checkpoint_interval_ms > 0)
+                .then(|| Duration::from_millis(self.checkpoint_interval_ms)),
+            compaction_interval: (self.compaction_interval_ms > 0)
+                .then(|| Duration::from_millis(self.compaction_interval_ms)),
+            storage: self.storage.clone(),
             ..EngineConfig::new(&self.data_dir)
         }
     }
@@ -115,11 +155,17 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("vf.toml", "listen = \"127.0.0.1:1\"\nworkers = 3\nseal_rows = 10\n")?;
             jail.set_env("VECTORFLOW_WORKERS", "4");
+            jail.set_env("VECTORFLOW_STORAGE__REGION", "eu-west-1");
             let args = ServeArgs { config: Some("vf.toml".into()), seal_rows: Some(20), ..Default::default() };
             let config = ServerConfig::load(&args).map_err(|e| e.to_string())?;
             assert_eq!(config.listen, "127.0.0.1:1");
             assert_eq!(config.workers, 4);
             assert_eq!(config.seal_rows, 20);
+            assert_eq!(config.storage.region.as_deref(), Some("eu-west-1"));
+            let flagged = ServerConfig::load(&ServeArgs { storage: Some("s3://b/p".into()), ..Default::default() })
+                .map_err(|e| e.to_string())?;
+            assert_eq!(flagged.storage.url, "s3://b/p");
+            assert_eq!(flagged.engine_config().storage.region.as_deref(), Some("eu-west-1"));
             assert_eq!(config.max_message_bytes, ServerConfig::default().max_message_bytes);
             let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vectorflow.toml");
             let shipped = ServerConfig::load(&ServeArgs { config: Some(example), ..Default::default() })

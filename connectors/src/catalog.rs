@@ -1,10 +1,15 @@
-//! The durable catalog: collections, their ids and schemas.
+//! The durable catalog: collections, their ids and schemas, kept in the
+//! object store as versioned documents (`catalog/v{N}.json`). A change
+//! writes version N+1 with a conditional put, so two writers cannot both
+//! publish over the same version, and a reader always sees a whole version.
 
-use std::path::Path;
+use std::sync::Mutex;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use vectorflow_core::{CollectionId, CollectionSchema, Error, Result, Timestamp};
+
+use crate::store::{ObjectStorage, latest_version, version_path, versions};
 
 /// One collection as the catalog holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -14,75 +19,132 @@ pub struct CatalogEntry {
     pub created_ts: Timestamp,
 }
 
-const COLLECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("collections");
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::storage(format!("catalog: {e}"))
+/// One version of the catalog document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct CatalogDocument {
+    /// Collection ids are never reused, so log records of a dropped
+    /// collection can never be taken for a new one's.
+    next_collection_id: CollectionId,
+    collections: Vec<CatalogEntry>,
 }
 
-/// Collections by name, stored durably in `catalog.redb`.
+const PREFIX: &str = "catalog";
+/// Catalog versions kept behind the newest.
+const KEPT_VERSIONS: u64 = 3;
+
+/// Collections by name, stored durably in the object store.
 pub struct CatalogStore {
-    db: Database,
+    storage: ObjectStorage,
+    /// The newest version and its document; changes are serialised here.
+    current: Mutex<(u64, CatalogDocument)>,
 }
 
 impl CatalogStore {
-    pub fn open(dir: &Path) -> Result<CatalogStore> {
-        std::fs::create_dir_all(dir)?;
-        let db = Database::builder().set_cache_size(4 << 20).create(dir.join("catalog.redb")).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(COLLECTIONS).map_err(storage)?;
-        txn.open_table(COUNTERS).map_err(storage)?;
-        txn.commit().map_err(storage)?;
-        Ok(CatalogStore { db })
+    pub fn open(storage: ObjectStorage) -> Result<CatalogStore> {
+        let (version, document) = match latest_version(&storage, PREFIX)? {
+            None => (0, CatalogDocument { next_collection_id: 1, collections: Vec::new() }),
+            Some((version, path)) => {
+                let bytes = storage.get_opt(&path)?.ok_or_else(|| Error::Corrupt {
+                    location: format!("{}/{path}", storage.description()),
+                    problem: "the catalog version vanished while it was read".into(),
+                })?;
+                let document = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                    location: format!("{}/{path}", storage.description()),
+                    problem: e.to_string(),
+                })?;
+                (version, document)
+            }
+        };
+        Ok(CatalogStore { storage, current: Mutex::new((version, document)) })
     }
 
     /// Every collection.
     pub fn load(&self) -> Result<Vec<CatalogEntry>> {
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(COLLECTIONS).map_err(storage)?;
-        let mut entries = Vec::new();
-        for item in table.iter().map_err(storage)? {
-            let (name, bytes) = item.map_err(storage)?;
-            let entry = serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt {
-                location: format!("catalog entry `{}`", name.value()),
-                problem: e.to_string(),
-            })?;
-            entries.push(entry);
-        }
-        Ok(entries)
+        let current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        Ok(current.1.collections.clone())
     }
 
     /// Adds a collection under a fresh id; fails if the name is taken.
     pub fn create(&self, schema: CollectionSchema, created_ts: Timestamp) -> Result<CatalogEntry> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let entry = {
-            let mut table = txn.open_table(COLLECTIONS).map_err(storage)?;
-            if table.get(schema.name.as_str()).map_err(storage)?.is_some() {
-                return Err(Error::CollectionExists(schema.name));
+        let mut entry = None;
+        self.change(|document| {
+            if document.collections.iter().any(|c| c.schema.name == schema.name) {
+                return Err(Error::CollectionExists(schema.name.clone()));
             }
-            let mut counters = txn.open_table(COUNTERS).map_err(storage)?;
-            let id = counters.get("next_collection_id").map_err(storage)?.map_or(1, |v| v.value());
-            counters.insert("next_collection_id", id + 1).map_err(storage)?;
-            let id = CollectionId::try_from(id).map_err(|_| storage("collection ids exhausted"))?;
-            let entry = CatalogEntry { id, schema, created_ts };
-            let bytes = serde_json::to_vec(&entry).map_err(storage)?;
-            table.insert(entry.schema.name.as_str(), bytes.as_slice()).map_err(storage)?;
-            entry
-        };
-        txn.commit().map_err(storage)?;
-        Ok(entry)
+            let id = document.next_collection_id;
+            document.next_collection_id =
+                id.checked_add(1).ok_or_else(|| Error::storage("catalog: collection ids exhausted"))?;
+            let created = CatalogEntry { id, schema: schema.clone(), created_ts };
+            document.collections.push(created.clone());
+            entry = Some(created);
+            Ok(())
+        })?;
+        entry.ok_or_else(|| Error::storage("catalog: the new entry was not recorded"))
     }
 
     pub fn drop_collection(&self, name: &str) -> Result<()> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = txn.open_table(COLLECTIONS).map_err(storage)?;
-            if table.remove(name).map_err(storage)?.is_none() {
+        self.change(|document| {
+            let before = document.collections.len();
+            document.collections.retain(|c| c.schema.name != name);
+            if document.collections.len() == before {
                 return Err(Error::CollectionNotFound(name.to_string()));
             }
+            Ok(())
+        })
+    }
+
+    /// Applies `edit` to a copy of the newest version and publishes it as the next.
+    fn change(&self, edit: impl FnOnce(&mut CatalogDocument) -> Result<()>) -> Result<()> {
+        let mut current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        let mut document = current.1.clone();
+        edit(&mut document)?;
+        let version = current.0 + 1;
+        let bytes = serde_json::to_vec_pretty(&document).map_err(|e| Error::storage(format!("catalog: {e}")))?;
+        if !self.storage.put_if_absent(&version_path(PREFIX, version), Bytes::from(bytes))? {
+            return Err(Error::storage(format!(
+                "catalog version {version} was published by another process: restart to read it"
+            )));
         }
-        txn.commit().map_err(storage)?;
+        *current = (version, document);
+        for (old, path) in versions(&self.storage, PREFIX)? {
+            if old + KEPT_VERSIONS <= version
+                && let Err(e) = self.storage.delete(&path)
+            {
+                tracing::warn!("removing an old catalog version: {e}");
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StorageConfig;
+    use vectorflow_core::{FieldSchema, Metric};
+
+    fn schema(name: &str) -> CollectionSchema {
+        CollectionSchema::new(
+            name,
+            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 2, Metric::L2)],
+        )
+    }
+
+    #[test]
+    fn collections_survive_reopen_and_ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = || ObjectStorage::open(&StorageConfig::default(), dir.path()).unwrap();
+        {
+            let catalog = CatalogStore::open(storage()).unwrap();
+            assert_eq!(catalog.create(schema("a"), 5).unwrap().id, 1);
+            assert!(matches!(catalog.create(schema("a"), 6), Err(Error::CollectionExists(_))));
+            assert_eq!(catalog.create(schema("b"), 7).unwrap().id, 2);
+            catalog.drop_collection("b").unwrap();
+        }
+        let catalog = CatalogStore::open(storage()).unwrap();
+        let names: Vec<String> = catalog.load().unwrap().into_iter().map(|e| e.schema.name).collect();
+        assert_eq!(names, vec!["a".to_string()]);
+        assert_eq!(catalog.create(schema("b"), 8).unwrap().id, 3);
+        assert!(matches!(catalog.drop_collection("zz"), Err(Error::CollectionNotFound(_))));
     }
 }

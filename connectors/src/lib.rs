@@ -1,11 +1,17 @@
 //! Connectors: the embedded write-ahead log (the log the dataflow reads when
-//! no Kafka is configured), the catalog store, and dataset import.
+//! no Kafka is configured), the object store (catalog, manifests, segment
+//! files) and dataset import.
 
 pub mod catalog;
 pub mod dataset;
 pub mod log;
+pub mod manifest;
 pub mod npy;
+pub mod parquet_io;
+pub mod store;
 
 pub use catalog::{CatalogEntry, CatalogStore};
 pub use dataset::Dataset;
 pub use log::{EmbeddedLog, LogEntry, LogOp, LogPoll, LogReader, LogRecord};
+pub use manifest::{Checkpoint, IndexFiles, Manifest, SegmentFiles};
+pub use store::{ObjectRef, ObjectStorage, StorageConfig};

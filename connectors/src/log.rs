@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Result, Timestamp, Tso};
 
@@ -58,6 +58,13 @@ pub trait LogReader: Send {
 const LOG_CACHE_BYTES: usize = 32 << 20;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The newest timestamp among truncated records (the oracle resumes above it).
+const MAX_TRUNCATED_TS: &str = "max_truncated_ts";
+
+/// Meta key of a partition's first offset still held.
+fn truncated_key(partition: u32) -> String {
+    format!("truncated-{partition}")
+}
 
 fn partition_table(partition: u32) -> String {
     format!("partition-{partition}")
@@ -117,19 +124,24 @@ impl EmbeddedLog {
         txn.commit().map_err(storage)?;
 
         let mut ends = Vec::new();
-        let mut max_ts = 0;
         let read = db.begin_read().map_err(storage)?;
+        // Truncation may have emptied a partition: its next offset and the
+        // newest timestamp are kept in the meta table for that case.
+        let meta = read.open_table(META).map_err(storage)?;
+        let mut max_ts = meta.get(MAX_TRUNCATED_TS).map_err(storage)?.map_or(0, |v| v.value());
         for p in 0..stored_partitions {
             let table = read.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+            let truncated = meta.get(truncated_key(p).as_str()).map_err(storage)?.map_or(0, |v| v.value());
             match table.last().map_err(storage)? {
                 Some((offset, bytes)) => {
                     let (ts, _) = decode(bytes.value(), p, offset.value())?;
                     max_ts = max_ts.max(ts);
-                    ends.push(offset.value() + 1);
+                    ends.push((offset.value() + 1).max(truncated));
                 }
-                None => ends.push(0),
+                None => ends.push(truncated),
             }
         }
+        drop(meta);
         drop(read);
         Ok(Arc::new(EmbeddedLog {
             db,
@@ -207,8 +219,97 @@ impl EmbeddedLog {
 
     /// A reader of `partitions` from their first offsets.
     pub fn reader(self: &Arc<Self>, partitions: Vec<u32>) -> EmbeddedLogReader {
-        let positions = partitions.into_iter().filter(|p| *p < self.partitions).map(|p| (p, 0)).collect();
+        self.reader_from(partitions, &[])
+    }
+
+    /// A reader of `partitions`, each from `start[p]` (0 where `start` is short).
+    pub fn reader_from(self: &Arc<Self>, partitions: Vec<u32>, start: &[u64]) -> EmbeddedLogReader {
+        let positions = partitions
+            .into_iter()
+            .filter(|p| *p < self.partitions)
+            .map(|p| (p, start.get(p as usize).copied().unwrap_or(0)))
+            .collect();
         EmbeddedLogReader { log: self.clone(), positions }
+    }
+
+    /// The next offset of every partition.
+    pub fn ends(&self) -> Vec<u64> {
+        self.ends.iter().map(|end| end.load(Ordering::Acquire)).collect()
+    }
+
+    /// Per partition, the first offset whose record has a timestamp above
+    /// `ts` (the end when there is none). Timestamps grow with offsets in a
+    /// partition, so this is a binary search. Call it once every write at
+    /// or before `ts` is committed (for example, after the dataflow's
+    /// frontier passed `ts`).
+    pub fn positions_after(&self, ts: Timestamp) -> Result<Vec<u64>> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let mut positions = Vec::with_capacity(self.partitions as usize);
+        for p in 0..self.partitions {
+            let table = read.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+            let end = self.ends[p as usize].load(Ordering::Acquire);
+            let mut low = match table.first().map_err(storage)? {
+                Some((offset, _)) => offset.value(),
+                None => end,
+            };
+            let mut high = end;
+            while low < high {
+                let middle = low + (high - low) / 2;
+                let entry_ts = match table.get(middle).map_err(storage)? {
+                    Some(bytes) => decode(bytes.value(), p, middle)?.0,
+                    None => return Err(storage(format!("partition {p} has no offset {middle}"))),
+                };
+                if entry_ts <= ts {
+                    low = middle + 1;
+                } else {
+                    high = middle;
+                }
+            }
+            positions.push(low);
+        }
+        Ok(positions)
+    }
+
+    /// Drops every record below `positions[p]` in each partition: nothing
+    /// will read them again (every checkpoint covers them).
+    pub fn truncate_below(&self, positions: &[u64]) -> Result<u64> {
+        let _writer = self.writer.lock().map_err(|_| storage("writer lock poisoned"))?;
+        let txn = self.db.begin_write().map_err(storage)?;
+        let mut removed = 0;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut max_ts = meta.get(MAX_TRUNCATED_TS).map_err(storage)?.map_or(0, |v| v.value());
+            for (p, &below) in positions.iter().enumerate().take(self.partitions as usize) {
+                let p = p as u32;
+                let below = below.min(self.ends[p as usize].load(Ordering::Acquire));
+                let mut table =
+                    txn.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+                if below > 0
+                    && let Some(bytes) = table.get(below - 1).map_err(storage)?
+                {
+                    max_ts = max_ts.max(decode(bytes.value(), p, below - 1)?.0);
+                }
+                let before = table.len().map_err(storage)?;
+                table.retain_in::<u64, _>(..below, |_, _| false).map_err(storage)?;
+                removed += before - table.len().map_err(storage)?;
+                let held = meta.get(truncated_key(p).as_str()).map_err(storage)?.map_or(0, |v| v.value());
+                meta.insert(truncated_key(p).as_str(), held.max(below)).map_err(storage)?;
+            }
+            meta.insert(MAX_TRUNCATED_TS, max_ts).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(removed)
+    }
+
+    /// Records held, over every partition.
+    pub fn held_records(&self) -> Result<u64> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let mut held = 0;
+        for p in 0..self.partitions {
+            let table = read.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
+            held += table.len().map_err(storage)?;
+        }
+        Ok(held)
     }
 }
 
@@ -291,6 +392,34 @@ mod tests {
         assert_eq!(seen, vec![(0, t1), (1, t2)]);
         assert!(poll.frontier.unwrap() > t2);
         assert!(reader.poll(10).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn positions_after_a_time_and_truncation_keep_offsets_and_the_oracle() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stamps = Vec::new();
+        {
+            let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+            for key in 0..6 {
+                stamps.push(log.append(vec![((key % 2) as u32, delete(1, key))]).unwrap());
+            }
+            // Partition 0 holds keys 0, 2, 4 at offsets 0..3; partition 1 keys 1, 3, 5.
+            assert_eq!(log.positions_after(0).unwrap(), vec![0, 0]);
+            assert_eq!(log.positions_after(stamps[2]).unwrap(), vec![2, 1]);
+            assert_eq!(log.positions_after(stamps[5]).unwrap(), vec![3, 3]);
+            assert_eq!(log.truncate_below(&[3, 1]).unwrap(), 4);
+            assert_eq!(log.held_records().unwrap(), 2);
+            assert_eq!(log.positions_after(stamps[2]).unwrap(), vec![3, 1]);
+        }
+        let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+        assert_eq!(log.ends(), vec![3, 3], "offsets never go back, even for an emptied partition");
+        assert!(log.tso().allocate(1) > stamps[5]);
+        let mut reader = log.reader_from(vec![0, 1], &[3, 1]);
+        let offsets: Vec<(u32, u64)> =
+            reader.poll(10).unwrap().entries.iter().map(|e| (e.partition, e.offset)).collect();
+        assert_eq!(offsets, vec![(1, 1), (1, 2)]);
+        assert!(log.append(vec![(0, delete(1, 9))]).unwrap() > stamps[5]);
+        assert_eq!(log.ends(), vec![4, 3]);
     }
 
     #[test]

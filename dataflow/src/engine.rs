@@ -1,24 +1,29 @@
 //! The engine: opens the log and the catalog, runs the dataflow on timely
 //! worker threads, and offers the collection, write and read API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use differential_dataflow::Hashable;
 use timely::communication::WorkerGuards;
-use vectorflow_connectors::{CatalogEntry, CatalogStore, EmbeddedLog, LogOp, LogRecord};
+use vectorflow_connectors::manifest::{collection_prefix, delete_collection_objects, load_manifest, publish_manifest};
+use vectorflow_connectors::{
+    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, LogOp, LogRecord, Manifest, ObjectStorage, SegmentFiles,
+    StorageConfig,
+};
 use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
 use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
-use vectorflow_operators::{Filter, IndexParams, SearchPlan, ShardConfig, ShardStats};
+use vectorflow_operators::{CompactionPolicy, Filter, IndexParams, SearchPlan, Shard, ShardConfig, ShardStats};
 
-use crate::graph::{Shared, run_worker};
+use crate::graph::{RecoveredShard, Shared, run_worker};
 use crate::messages::{Answer, Request, RequestKind};
+use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
 
 /// Largest `ef` a search may ask for.
 const MAX_EF: usize = 32_768;
@@ -46,6 +51,16 @@ pub struct EngineConfig {
     pub request_timeout: Duration,
     /// `ef` when a search does not set one (raised to `k` when smaller).
     pub default_ef: usize,
+    /// The object store for the catalog, manifests and sealed segments.
+    pub storage: StorageConfig,
+    /// How often collections with new writes are checkpointed (`None`: only on flush).
+    pub checkpoint_interval: Option<Duration>,
+    /// How often compaction looks for segments to rewrite (`None`: only on `compact`).
+    pub compaction_interval: Option<Duration>,
+    /// Compaction rewrites a segment when more than this fraction of its rows is dead.
+    pub compaction_dead_fraction: f32,
+    /// Threads that load segments at recovery.
+    pub load_threads: usize,
 }
 
 impl EngineConfig {
@@ -62,6 +77,11 @@ impl EngineConfig {
             tick: Duration::from_millis(5),
             request_timeout: Duration::from_secs(30),
             default_ef: 64,
+            storage: StorageConfig::default(),
+            checkpoint_interval: Some(Duration::from_secs(60)),
+            compaction_interval: Some(Duration::from_secs(60)),
+            compaction_dead_fraction: 0.2,
+            load_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -194,6 +214,29 @@ struct Inner {
     next_request: AtomicU64,
     guards: Mutex<Option<WorkerGuards<()>>>,
     closed: AtomicBool,
+    storage: ObjectStorage,
+    /// The newest published manifest of every collection.
+    manifests: Mutex<HashMap<CollectionId, Manifest>>,
+    /// Collections a compaction or an index rebuild changed since their last checkpoint.
+    dirty: Mutex<HashSet<CollectionId>>,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
+    recovery: Mutex<RecoveryReport>,
+    maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How long a checkpoint waits for a sealed segment's index build and upload.
+const PERSIST_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Segments replaced by compacted ones.
+    pub replaced_segments: usize,
+    /// The time before which history is gone.
+    pub horizon: Timestamp,
+    /// The checkpoint that published the result.
+    pub checkpoint: Timestamp,
 }
 
 /// A running Vectorflow engine. Cheap to clone; every clone is the same engine.
@@ -209,7 +252,9 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Opens the engine on `config.data_dir`, replaying the log into the dataflow.
+    /// Opens the engine on `config.data_dir` and its object store: loads
+    /// every collection's sealed segments as of its checkpoint, replays the
+    /// log from there, and returns once the replay is done.
     pub fn open(config: EngineConfig) -> Result<Engine> {
         if config.workers == 0 {
             return Err(Error::argument("workers", "must be at least 1"));
@@ -217,13 +262,18 @@ impl Engine {
         if config.seal_rows == 0 {
             return Err(Error::argument("seal_rows", "must be at least 1"));
         }
+        let started = Instant::now();
+        let storage = ObjectStorage::open(&config.storage, &config.data_dir)?;
         let partitions = config.log_partitions.unwrap_or(config.workers as u32);
         let log = EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?;
-        let catalog_store = CatalogStore::open(&config.data_dir)?;
+        let catalog_store = CatalogStore::open(storage.clone())?;
         let entries = catalog_store.load()?;
         for entry in &entries {
             log.tso().observe(entry.created_ts);
         }
+        let shard_config = ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan };
+        let persister = Persister::start(storage.clone())?;
+        let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config)?;
         let schemas = entries.iter().map(|e| (e.id, Arc::new(e.schema.clone()))).collect();
         let collections = entries.into_iter().map(|e| (e.schema.name.clone(), e)).collect();
         let shared = Arc::new(Shared {
@@ -238,17 +288,20 @@ impl Engine {
             applied: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
             shutdown: AtomicBool::new(false),
             ingest_paused: AtomicBool::new(false),
-            shard_config: ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan },
+            shard_config,
             tick: config.tick,
             poll_batch: 256,
+            persister,
+            recovered: Mutex::new(recovered.shards),
+            replay_from: recovered.replay_from,
+            skip_through: recovered.skip_through,
         });
         let worker_shared = shared.clone();
         let guards = timely::execute(timely::Config::process(config.workers), move |worker| {
             run_worker(worker, worker_shared.clone());
         })
         .map_err(|e| Error::storage(format!("starting the dataflow workers: {e}")))?;
-        tracing::info!(data_dir = %config.data_dir.display(), workers = config.workers, partitions, "engine open");
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 config,
                 shared,
@@ -257,8 +310,74 @@ impl Engine {
                 next_request: AtomicU64::new(1),
                 guards: Mutex::new(Some(guards)),
                 closed: AtomicBool::new(false),
+                storage,
+                manifests: Mutex::new(recovered.manifests),
+                dirty: Mutex::new(recovered.dirty),
+                checkpointing: Mutex::new(()),
+                recovery: Mutex::new(recovered.report),
+                maintenance: Mutex::new(None),
             }),
-        })
+        };
+        engine.wait_for_replay(started)?;
+        engine.start_maintenance()?;
+        let report = engine.recovery_report();
+        let config = &engine.inner.config;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            storage = engine.inner.storage.description(),
+            workers = config.workers,
+            partitions,
+            segments = report.segments,
+            rows = report.rows,
+            load = ?report.load,
+            total = ?report.total,
+            "engine open"
+        );
+        Ok(engine)
+    }
+
+    /// Waits until the dataflow has applied every record the log held at
+    /// open, and records how long recovery took.
+    fn wait_for_replay(&self, started: Instant) -> Result<()> {
+        let shared = &self.inner.shared;
+        let target = shared.log.tso().next_possible();
+        let mut logged = Instant::now();
+        while shared.applied_frontier() <= target {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
+            shared.wake_sources();
+            std::thread::sleep(Duration::from_millis(2));
+            if logged.elapsed() > Duration::from_secs(5) {
+                tracing::info!(elapsed = ?started.elapsed(), "replaying the log");
+                logged = Instant::now();
+            }
+        }
+        if let Ok(mut report) = self.inner.recovery.lock() {
+            report.total = started.elapsed();
+        }
+        Ok(())
+    }
+
+    /// What recovery loaded at open and how long it took.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery.lock().map(|r| *r).unwrap_or_default()
+    }
+
+    /// Bytes the collection's objects take in the object store.
+    pub fn storage_bytes(&self, collection: &str) -> Result<u64> {
+        let entry = self.entry(collection)?;
+        self.inner.storage.bytes_under(&collection_prefix(entry.id))
+    }
+
+    /// The object store the engine writes to.
+    pub fn storage(&self) -> &ObjectStorage {
+        &self.inner.storage
+    }
+
+    /// Log records held (not yet covered by every collection's checkpoint).
+    pub fn log_records(&self) -> Result<u64> {
+        self.inner.shared.log.held_records()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -291,6 +410,11 @@ impl Engine {
         }
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
+        let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
+        publish_manifest(&self.inner.storage, &manifest)?;
+        if let Ok(mut manifests) = self.inner.manifests.lock() {
+            manifests.insert(entry.id, manifest);
+        }
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
             schemas.insert(entry.id, Arc::new(entry.schema.clone()));
         }
@@ -305,6 +429,12 @@ impl Engine {
         self.inner.catalog_store.drop_collection(name)?;
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
             schemas.remove(&entry.id);
+        }
+        if let Ok(mut manifests) = self.inner.manifests.lock() {
+            manifests.remove(&entry.id);
+        }
+        if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
+            tracing::warn!(collection = name, "removing the dropped collection's objects: {e}");
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         collections.remove(name);
@@ -553,16 +683,201 @@ impl Engine {
         self.delete(collection, &pks)
     }
 
-    /// Waits until every write acknowledged so far is applied, then seals the
-    /// growing segments (their indexes build in the background). The log has
-    /// made every acknowledged write durable already. Returns the flush time.
+    /// Makes every write acknowledged so far durable in the object store:
+    /// a checkpoint that seals the growing segments, writes them with their
+    /// indexes and publishes the collection's manifest. Returns the
+    /// checkpoint's time once the manifest is published.
     pub fn flush(&self, collection: &str) -> Result<Timestamp> {
         let entry = self.entry(collection)?;
-        let read_ts = self.read_ts(Consistency::Strong, None, None)?;
-        match self.request(entry.id, read_ts, RequestKind::Seal, None, Consistency::Strong, None)? {
-            Answer::Done => Ok(read_ts),
+        self.checkpoint(&entry)
+    }
+
+    /// A checkpoint of one collection (see [`Engine::flush`]).
+    fn checkpoint(&self, entry: &CatalogEntry) -> Result<Timestamp> {
+        let inner = &self.inner;
+        let _one_at_a_time = inner.checkpointing.lock().map_err(|_| Error::Shutdown)?;
+        let previous = inner
+            .manifests
+            .lock()
+            .map_err(|_| Error::Shutdown)?
+            .get(&entry.id)
+            .cloned()
+            .ok_or_else(|| Error::storage(format!("collection `{}` has no manifest", entry.schema.name)))?;
+        let stored: HashMap<&str, &SegmentFiles> =
+            previous.segments.iter().flatten().map(|files| (files.uid.as_str(), files)).collect();
+        let known = stored.iter().map(|(uid, files)| (uid.to_string(), files.deleted)).collect();
+        if let Ok(mut dirty) = inner.dirty.lock() {
+            dirty.remove(&entry.id);
+        }
+        let ts = inner.shared.log.tso().allocate(1);
+        let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
+        let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
+        // Every write at or before `ts` is committed now (the frontier passed it).
+        let log_positions = inner.shared.log.positions_after(ts)?;
+        let version = previous.version + 1;
+        let mut segments = vec![Vec::new(); inner.config.workers];
+        for (shard, states) in parts {
+            let slot = segments
+                .get_mut(shard)
+                .ok_or_else(|| Error::storage(format!("checkpoint answer from unknown shard {shard}")))?;
+            for state in states {
+                let mut files = match stored.get(state.uid.as_str()) {
+                    Some(files) => (*files).clone(),
+                    None => inner.shared.persister.wait(&state.uid, PERSIST_TIMEOUT)?,
+                };
+                if let Some(deletes) = &state.deletes {
+                    files.deletes = if deletes.is_empty() {
+                        None
+                    } else {
+                        Some(write_deletes(&inner.storage, entry.id, &state.uid, version, deletes)?)
+                    };
+                    files.deleted = state.retired;
+                }
+                slot.push(files);
+            }
+        }
+        let manifest = Manifest {
+            version,
+            collection: entry.id,
+            shards: inner.config.workers,
+            checkpoint: Checkpoint { ts, log_positions },
+            segments,
+        };
+        publish_manifest(&inner.storage, &manifest)?;
+        inner.shared.persister.published(manifest.segments.iter().flatten().map(|f| f.uid.clone()));
+        if let Ok(mut manifests) = inner.manifests.lock() {
+            manifests.insert(entry.id, manifest.clone());
+        }
+        if let Err(e) = self.collect_garbage(&manifest) {
+            tracing::warn!(collection = entry.schema.name, "removing unreferenced objects: {e}");
+        }
+        if let Err(e) = self.truncate_log() {
+            tracing::warn!("truncating the log: {e}");
+        }
+        tracing::debug!(collection = entry.schema.name, version, ts, "checkpoint published");
+        Ok(ts)
+    }
+
+    /// Removes the collection's segment objects that the newest manifest
+    /// does not list and no shard holds (compacted away, superseded delete
+    /// logs, or left by a crash before they were published).
+    fn collect_garbage(&self, manifest: &Manifest) -> Result<()> {
+        let storage = &self.inner.storage;
+        let referenced: HashSet<&str> = manifest.objects().map(|o| o.path.as_str()).collect();
+        let listed_segments: HashSet<&str> = manifest.segments.iter().flatten().map(|f| f.uid.as_str()).collect();
+        let prefix = format!("{}/segments/", collection_prefix(manifest.collection));
+        for (path, _) in storage.list(prefix.trim_end_matches('/'))? {
+            if referenced.contains(path.as_str()) {
+                continue;
+            }
+            let uid = path.strip_prefix(&prefix).and_then(|rest| rest.split('/').next()).unwrap_or_default();
+            if !listed_segments.contains(uid) && self.inner.shared.persister.is_live(uid) {
+                continue;
+            }
+            storage.delete(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the log records every collection's checkpoint covers.
+    fn truncate_log(&self) -> Result<()> {
+        let manifests = self.inner.manifests.lock().map_err(|_| Error::Shutdown)?;
+        let log = &self.inner.shared.log;
+        let mut below = log.ends();
+        for manifest in manifests.values() {
+            for (p, position) in manifest.checkpoint.log_positions.iter().enumerate() {
+                if let Some(slot) = below.get_mut(p) {
+                    *slot = (*slot).min(*position);
+                }
+            }
+        }
+        drop(manifests);
+        let removed = log.truncate_below(&below)?;
+        if removed > 0 {
+            tracing::debug!(removed, "log truncated");
+        }
+        Ok(())
+    }
+
+    /// Compacts the collection now: segments with more dead rows than
+    /// `compaction_dead_fraction` (rows no read inside the retention window
+    /// can see) are rewritten, small ones merged; waits for the new indexes,
+    /// then publishes a checkpoint (which removes the replaced objects).
+    pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
+        let entry = self.entry(collection)?;
+        let (replaced_segments, horizon) = self.start_compaction(&entry)?;
+        let deadline = Instant::now() + PERSIST_TIMEOUT;
+        loop {
+            let compacting = match self.request(entry.id, 0, RequestKind::Stats, None, Consistency::Eventually, None)? {
+                Answer::Stats(stats) => stats.compacting,
+                other => return Err(unexpected(other)),
+            };
+            if compacting == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(PERSIST_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let checkpoint = self.checkpoint(&entry)?;
+        Ok(CompactionReport { replaced_segments, horizon, checkpoint })
+    }
+
+    /// Asks every shard to start compacting; returns the segments replaced and the horizon.
+    fn start_compaction(&self, entry: &CatalogEntry) -> Result<(usize, Timestamp)> {
+        let horizon = self.retention_horizon();
+        let policy = CompactionPolicy {
+            dead_fraction: self.inner.config.compaction_dead_fraction,
+            small_rows: (self.inner.config.seal_rows / 2).max(1),
+        };
+        let kind = RequestKind::Compact { horizon, policy };
+        match self.request(entry.id, 0, kind, None, Consistency::Eventually, None)? {
+            Answer::Count(replaced) => {
+                if replaced > 0
+                    && let Ok(mut dirty) = self.inner.dirty.lock()
+                {
+                    dirty.insert(entry.id);
+                }
+                Ok((replaced, horizon))
+            }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Starts the thread that checkpoints and compacts on the configured intervals.
+    fn start_maintenance(&self) -> Result<()> {
+        let config = &self.inner.config;
+        if config.checkpoint_interval.is_none() && config.compaction_interval.is_none() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let (checkpoint_every, compact_every) = (config.checkpoint_interval, config.compaction_interval);
+        let thread = std::thread::Builder::new()
+            .name("maintenance".into())
+            .spawn(move || maintain(weak, checkpoint_every, compact_every))
+            .map_err(|e| Error::storage(format!("starting the maintenance thread: {e}")))?;
+        if let Ok(mut slot) = self.inner.maintenance.lock() {
+            *slot = Some(thread);
+        }
+        Ok(())
+    }
+
+    /// Checkpoints a collection if the log moved past its checkpoint or a
+    /// compaction changed it since.
+    fn checkpoint_if_changed(&self, entry: &CatalogEntry) -> Result<()> {
+        let behind = self
+            .inner
+            .manifests
+            .lock()
+            .map_err(|_| Error::Shutdown)?
+            .get(&entry.id)
+            .is_none_or(|m| m.checkpoint.log_positions != self.inner.shared.log.ends());
+        let dirty = self.inner.dirty.lock().is_ok_and(|d| d.contains(&entry.id));
+        if behind || dirty {
+            self.checkpoint(entry)?;
+        }
+        Ok(())
     }
 
     /// Row and segment counts at a consistency level.
@@ -570,9 +885,9 @@ impl Engine {
         let entry = self.entry(collection)?;
         let read_ts = self.read_ts(consistency, None, None)?;
         match self.request(entry.id, read_ts, RequestKind::Stats, None, consistency, None)? {
-            Answer::Stats(ShardStats { versions, live_rows, growing_rows, sealed_segments, indexed_segments }) => {
-                Ok(CollectionStats { live_rows, versions, growing_rows, sealed_segments, indexed_segments, read_ts })
-            }
+            Answer::Stats(ShardStats {
+                versions, live_rows, growing_rows, sealed_segments, indexed_segments, ..
+            }) => Ok(CollectionStats { live_rows, versions, growing_rows, sealed_segments, indexed_segments, read_ts }),
             other => Err(unexpected(other)),
         }
     }
@@ -656,6 +971,7 @@ impl Engine {
         let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         match answer.recv_timeout(timeout) {
             Ok(Answer::Failed(problem)) => Err(Error::storage(problem)),
+            Ok(Answer::Compacted { horizon }) => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
             Ok(answer) => Ok(answer),
             Err(_) => {
                 if let Ok(mut replies) = shared.replies.lock() {
@@ -694,6 +1010,12 @@ impl Inner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        if let Some(thread) = self.maintenance.lock().ok().and_then(|mut m| m.take())
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+        self.shared.persister.stop();
         self.shared.stop();
         if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
             for result in guards.join() {
@@ -769,6 +1091,165 @@ impl Session {
         let options = QueryOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
         self.engine.query(collection, &options)
     }
+}
+
+/// The maintenance loop: checkpoints and compaction on their intervals,
+/// until the engine closes or is dropped.
+fn maintain(inner: std::sync::Weak<Inner>, checkpoint_every: Option<Duration>, compact_every: Option<Duration>) {
+    let step = Duration::from_millis(20);
+    let (mut next_checkpoint, mut next_compaction) = {
+        let now = Instant::now();
+        (checkpoint_every.map(|d| now + d), compact_every.map(|d| now + d))
+    };
+    loop {
+        std::thread::sleep(step);
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let engine = Engine { inner };
+        let now = Instant::now();
+        let entries: Vec<CatalogEntry> =
+            engine.inner.collections.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        if let (Some(at), Some(every)) = (next_compaction, compact_every)
+            && now >= at
+        {
+            for entry in &entries {
+                if let Err(e) = engine.start_compaction(entry) {
+                    tracing::warn!(collection = entry.schema.name, "compaction: {e}");
+                }
+            }
+            next_compaction = Some(now + every);
+        }
+        if let (Some(at), Some(every)) = (next_checkpoint, checkpoint_every)
+            && now >= at
+        {
+            for entry in &entries {
+                // A collection dropped meanwhile has no manifest any more.
+                if let Err(e) = engine.checkpoint_if_changed(entry)
+                    && engine.inner.collections.read().is_ok_and(|c| c.contains_key(&entry.schema.name))
+                {
+                    tracing::warn!(collection = entry.schema.name, "checkpoint: {e}");
+                }
+            }
+            next_checkpoint = Some(Instant::now() + every);
+        }
+    }
+}
+
+/// The manifest of a collection nothing has been checkpointed for: no
+/// segments, replay from the log position at its creation.
+fn initial_manifest(entry: &CatalogEntry, log: &EmbeddedLog, workers: usize) -> Result<Manifest> {
+    Ok(Manifest {
+        version: 1,
+        collection: entry.id,
+        shards: workers,
+        checkpoint: Checkpoint { ts: entry.created_ts, log_positions: log.positions_after(entry.created_ts)? },
+        segments: vec![Vec::new(); workers],
+    })
+}
+
+/// What recovery hands the dataflow and the engine.
+struct Recovered {
+    shards: HashMap<usize, Vec<RecoveredShard>>,
+    replay_from: Vec<u64>,
+    skip_through: HashMap<CollectionId, Timestamp>,
+    manifests: HashMap<CollectionId, Manifest>,
+    dirty: HashSet<CollectionId>,
+    report: RecoveryReport,
+}
+
+/// Reads every collection's manifest and loads its segments as of the
+/// checkpoint (in parallel); works out where the log replay starts.
+fn recover(
+    config: &EngineConfig,
+    storage: &ObjectStorage,
+    log: &EmbeddedLog,
+    entries: &[CatalogEntry],
+    persister: &Persister,
+    shard_config: ShardConfig,
+) -> Result<Recovered> {
+    let mut report =
+        RecoveryReport { collections: entries.len(), replayed_records: log.held_records()?, ..Default::default() };
+    let mut manifests = HashMap::new();
+    for entry in entries {
+        let manifest = match load_manifest(storage, entry.id)? {
+            Some(manifest) => {
+                if manifest.shards != config.workers {
+                    tracing::warn!(
+                        collection = entry.schema.name,
+                        stored = manifest.shards,
+                        workers = config.workers,
+                        "segments were cut for another worker count: splitting them by key, indexes are rebuilt"
+                    );
+                }
+                manifest
+            }
+            // Created, then a crash before its first manifest: no write to it was acknowledged.
+            None => {
+                let manifest = initial_manifest(entry, log, config.workers)?;
+                publish_manifest(storage, &manifest)?;
+                manifest
+            }
+        };
+        log.tso().observe(manifest.checkpoint.ts);
+        manifests.insert(entry.id, manifest);
+    }
+
+    let jobs: Vec<LoadJob<'_>> = entries
+        .iter()
+        .flat_map(|entry| {
+            let manifest = &manifests[&entry.id];
+            manifest.segments.iter().enumerate().flat_map(move |(shard, segments)| {
+                segments.iter().map(move |files| LoadJob {
+                    collection: entry.id,
+                    schema: &entry.schema,
+                    shard,
+                    files,
+                    as_of: manifest.checkpoint.ts,
+                    reshard_to: (manifest.shards != config.workers).then_some(config.workers),
+                })
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let loaded = load_segments(storage, &jobs, config.index, config.load_threads)?;
+    report.load = started.elapsed();
+
+    let mut dirty = HashSet::new();
+    let mut per_shard: BTreeMap<(usize, CollectionId), Vec<vectorflow_operators::Segment>> = BTreeMap::new();
+    for Loaded { collection, shard, segment, rebuilt, bytes } in loaded {
+        report.segments += 1;
+        report.rows += segment.len();
+        report.bytes += bytes;
+        persister.track([segment.uid().to_string()]);
+        if rebuilt {
+            report.rebuilt_indexes += 1;
+            persister.submit(collection, segment.snapshot()?);
+            dirty.insert(collection);
+        }
+        per_shard.entry((shard, collection)).or_default().push(segment);
+    }
+    let mut shards: HashMap<usize, Vec<RecoveredShard>> = HashMap::new();
+    for ((worker, collection), segments) in per_shard {
+        let Some(entry) = entries.iter().find(|e| e.id == collection) else { continue };
+        let at = manifests[&collection].checkpoint.ts;
+        let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
+        shards.entry(worker).or_default().push((collection, at, shard));
+    }
+    let mut replay_from = log.ends();
+    for manifest in manifests.values() {
+        for (p, position) in manifest.checkpoint.log_positions.iter().enumerate() {
+            if let Some(slot) = replay_from.get_mut(p) {
+                *slot = (*slot).min(*position);
+            }
+        }
+    }
+    if manifests.is_empty() {
+        replay_from.iter_mut().for_each(|p| *p = 0);
+    }
+    let skip_through = manifests.iter().map(|(id, m)| (*id, m.checkpoint.ts)).collect();
+    Ok(Recovered { shards, replay_from, skip_through, manifests, dirty, report })
 }
 
 /// Checks a filter against the schema here, so the caller gets the error

@@ -25,6 +25,7 @@ use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, V
 use vectorflow_operators::{Filter, Shard, ShardConfig};
 
 use crate::messages::{Answer, ChunkBody, Partial, Request, RequestKind, SegmentInput, ShardChunk};
+use crate::persist::Persister;
 
 /// State the engine and every worker share.
 pub(crate) struct Shared {
@@ -48,6 +49,16 @@ pub(crate) struct Shared {
     pub tick: Duration,
     /// Log entries one source activation reads at most.
     pub poll_batch: usize,
+    /// Writes sealed segments to the object store.
+    pub persister: Arc<Persister>,
+    /// Shards loaded from the object store at recovery, per worker, with
+    /// their collection and checkpoint time; each worker takes its own.
+    pub recovered: Mutex<HashMap<usize, Vec<RecoveredShard>>>,
+    /// Where each log partition's replay starts (the oldest checkpoint).
+    pub replay_from: Vec<u64>,
+    /// Per collection, its checkpoint time: replayed records at or before
+    /// it are already in the loaded segments.
+    pub skip_through: HashMap<CollectionId, Timestamp>,
 }
 
 impl Shared {
@@ -90,6 +101,12 @@ impl Shared {
     }
 }
 
+/// A shard recovery loaded: its collection, checkpoint time and segments.
+pub(crate) type RecoveredShard = (CollectionId, Timestamp, Shard);
+
+/// An upsert event of the primary-key arrangement: key, version (`None`: delete), time.
+type UpsertEvent = (Key, Option<VersionId>, Timestamp);
+
 /// Builds the dataflow on one worker and steps it until shutdown.
 pub(crate) fn run_worker(worker: &mut Worker, shared: Arc<Shared>) {
     let index = worker.index();
@@ -105,19 +122,29 @@ pub(crate) fn run_worker(worker: &mut Worker, shared: Arc<Shared>) {
 
 type Key = (CollectionId, Pk);
 
-fn shard_of(collection: CollectionId, pk: &Pk, peers: usize) -> usize {
+pub(crate) fn shard_of(collection: CollectionId, pk: &Pk, peers: usize) -> usize {
     // The same hash `arrange_from_upsert` exchanges by, so payloads and
     // version changes of a key meet on one worker.
     ((&collection, pk).hashed() % peers as u64) as usize
 }
 
 fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: usize, peers: usize) {
+    let recovered = shared.recovered.lock().ok().and_then(|mut r| r.remove(&index)).unwrap_or_default();
+    let restored_versions: Vec<(Timestamp, Vec<UpsertEvent>)> = recovered
+        .iter()
+        .map(|(collection, at, shard)| {
+            let versions = shard.live_versions().into_iter().map(|(pk, v)| ((*collection, pk), Some(v), *at)).collect();
+            (*at, versions)
+        })
+        .collect();
+    let shards: HashMap<CollectionId, Shard> = recovered.into_iter().map(|(c, _, shard)| (c, shard)).collect();
+
     let chunks = log_source(scope, shared.clone(), index, peers).exchange(|chunk: &ShardChunk| chunk.shard as u64);
 
     let upserts = chunks.clone().flat_map(|chunk: ShardChunk| {
         let collection = chunk.collection;
         let ts = chunk.ts;
-        let events: Vec<(Key, Option<VersionId>, Timestamp)> = match chunk.body {
+        let events: Vec<UpsertEvent> = match chunk.body {
             ChunkBody::Upsert { pks, versions, .. } => {
                 pks.into_iter().zip(versions).map(|(pk, v)| ((collection, pk), Some(v), ts)).collect()
             }
@@ -125,6 +152,10 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
         };
         events
     });
+    // Recovered shards already hold their rows; the arrangement learns each
+    // key's current version at the checkpoint time, and the segment
+    // operator ignores these (no rows come with them).
+    let upserts = upserts.concat(restore_source(scope, restored_versions));
     let arranged = arrange_from_upsert::<
         ValBuilder<Key, VersionId, Timestamp, isize>,
         ValSpine<Key, VersionId, Timestamp, isize>,
@@ -138,7 +169,7 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
 
     let data = chunks.map(SegmentInput::Chunk).concat(changes);
     let requests = request_source(scope, shared.clone(), index).broadcast();
-    let partials = segments(data, requests, shared.clone(), index);
+    let partials = segments(data, requests, shared.clone(), index, shards);
     merge(partials, shared.clone(), peers);
 }
 
@@ -151,7 +182,7 @@ fn log_source<'scope>(
 ) -> StreamVec<'scope, Timestamp, ShardChunk> {
     source(scope, "LogSource", move |capability, info| {
         let partitions: Vec<u32> = (0..shared.log.partitions()).filter(|p| *p as usize % peers == index).collect();
-        let mut reader = shared.log.reader(partitions.clone());
+        let mut reader = shared.log.reader_from(partitions.clone(), &shared.replay_from);
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         shared.log.subscribe(Box::new(move || {
@@ -211,6 +242,10 @@ fn cut_into_chunks(shared: &Shared, entry: LogEntry, peers: usize) -> Vec<ShardC
         // A dropped collection: its records are history nobody can read.
         return Vec::new();
     };
+    if shared.skip_through.get(&collection).is_some_and(|&checkpoint| ts <= checkpoint) {
+        // Already in the segments recovery loaded.
+        return Vec::new();
+    }
     let chunk = |shard, body| ShardChunk { shard, collection, ts, body };
     match record.op {
         LogOp::Delete(pks) => {
@@ -249,6 +284,25 @@ fn cut_into_chunks(shared: &Shared, entry: LogEntry, peers: usize) -> Vec<ShardC
             chunks
         }
     }
+}
+
+/// Emits the restored key versions, each collection's at its checkpoint
+/// time, then closes.
+fn restore_source<'scope>(
+    scope: Scope<'scope, Timestamp>,
+    mut restored: Vec<(Timestamp, Vec<UpsertEvent>)>,
+) -> StreamVec<'scope, Timestamp, UpsertEvent> {
+    source(scope, "RestoredVersions", move |capability, _info| {
+        let mut capability = Some(capability);
+        move |output| {
+            if let Some(cap) = capability.take() {
+                for (at, versions) in restored.drain(..) {
+                    let time = cap.delayed(&at);
+                    output.session(&time).give_iterator(versions.into_iter());
+                }
+            }
+        }
+    })
 }
 
 /// Emits requests queued for this worker. Requests carry their read time as
@@ -296,9 +350,9 @@ fn segments<'scope>(
     requests: StreamVec<'scope, Timestamp, Request>,
     shared: Arc<Shared>,
     index: usize,
+    mut shards: HashMap<CollectionId, Shard>,
 ) -> StreamVec<'scope, Timestamp, Partial> {
     data.binary_frontier(requests, Pipeline, Pipeline, "Segments", move |_capability, _info| {
-        let mut shards: HashMap<CollectionId, Shard> = HashMap::new();
         let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
         let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
         let mut catalog_version = 0;
@@ -335,16 +389,35 @@ fn segments<'scope>(
                 }
             }
 
-            // Everything before the frontier is complete: apply it in time order.
+            // Everything before the frontier is complete: apply it in time
+            // order. A barrier the frontier has passed runs between the
+            // changes at or before its time and the later ones.
             let frontier = data_frontier.frontier().iter().copied().min().unwrap_or(Timestamp::MAX);
-            while let Some(entry) = stash.first_entry() {
-                if *entry.key() >= frontier {
-                    break;
+            let (mut barriers, others): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
+                .into_iter()
+                .partition(|(_, request)| request.kind.is_barrier() && request.read_ts < frontier);
+            waiting = others;
+            barriers.sort_by_key(|(_, request)| request.read_ts);
+            for (cap, request) in barriers {
+                apply_through(&shared, &mut shards, &mut stash, request.read_ts);
+                let mut answer = answer(&mut shards, &mut filters, &request);
+                if let Answer::Checkpoint(parts) = &mut answer {
+                    parts.iter_mut().for_each(|part| part.0 = index);
                 }
-                let ts = *entry.key();
-                apply(&shared, &mut shards, ts, entry.remove());
+                output.session(&cap).give(Partial { id: request.id, origin: request.origin, answer });
             }
+            apply_through(&shared, &mut shards, &mut stash, frontier.saturating_sub(1));
             shared.applied[index].store(frontier, Ordering::Release);
+
+            for (&collection, shard) in shards.iter_mut() {
+                let replaced = shard.finish_compaction();
+                if !replaced.is_empty() {
+                    shared.persister.retire(&replaced);
+                }
+                for snapshot in shard.take_newly_sealed() {
+                    shared.persister.submit(collection, snapshot);
+                }
+            }
 
             waiting.retain(|(cap, request)| {
                 if request.read_ts >= frontier {
@@ -356,6 +429,22 @@ fn segments<'scope>(
             });
         }
     })
+}
+
+/// Applies every stashed time at or before `through`, in time order.
+fn apply_through(
+    shared: &Shared,
+    shards: &mut HashMap<CollectionId, Shard>,
+    stash: &mut BTreeMap<Timestamp, Pending>,
+    through: Timestamp,
+) {
+    while let Some(entry) = stash.first_entry() {
+        if *entry.key() > through {
+            break;
+        }
+        let ts = *entry.key();
+        apply(shared, shards, ts, entry.remove());
+    }
 }
 
 fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timestamp, pending: Pending) {
@@ -419,13 +508,17 @@ fn empty_answer(kind: &RequestKind) -> Answer {
         RequestKind::Get { .. } => Answer::Get(Vec::new()),
         RequestKind::Query { limit, .. } => Answer::Query { limit: *limit, rows: Vec::new() },
         RequestKind::Count { .. } => Answer::Count(0),
-        RequestKind::Seal => Answer::Done,
+        RequestKind::Checkpoint { .. } => Answer::Checkpoint(Vec::new()),
+        RequestKind::Compact { .. } => Answer::Count(0),
         RequestKind::Stats => Answer::Stats(Default::default()),
     }
 }
 
 fn answer(shards: &mut HashMap<CollectionId, Shard>, filters: &mut FilterCache, request: &Request) -> Answer {
     let Some(shard) = shards.get_mut(&request.collection) else { return empty_answer(&request.kind) };
+    if request.kind.reads_history() && request.read_ts < shard.compacted_through() {
+        return Answer::Compacted { horizon: shard.compacted_through() };
+    }
     let text = match &request.kind {
         RequestKind::Search { filter, .. } | RequestKind::Query { filter, .. } | RequestKind::Count { filter } => {
             filter.as_deref()
@@ -446,7 +539,10 @@ fn answer(shards: &mut HashMap<CollectionId, Shard>, filters: &mut FilterCache, 
             shard.query(filter.as_ref(), ts, output_fields, *limit).map(|rows| Answer::Query { limit: *limit, rows })
         }
         RequestKind::Count { .. } => shard.count(filter.as_ref(), ts).map(Answer::Count),
-        RequestKind::Seal => shard.seal_growing().map(|()| Answer::Done),
+        RequestKind::Checkpoint { known } => {
+            shard.seal_growing().map(|()| Answer::Checkpoint(vec![(usize::MAX, shard.checkpoint_state(known))]))
+        }
+        RequestKind::Compact { horizon, policy } => shard.start_compaction(*horizon, *policy).map(Answer::Count),
         RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
     };
     result.unwrap_or_else(|e| Answer::Failed(e.to_string()))

@@ -22,8 +22,10 @@
 pub mod engine;
 mod graph;
 mod messages;
+pub mod persist;
 
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, QueryOptions, SearchHit,
     SearchOptions, SearchResult, Session, WriteResult, row,
 };
+pub use persist::RecoveryReport;

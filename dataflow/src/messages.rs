@@ -2,8 +2,10 @@
 //! data so they can cross process boundaries in a cluster.
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use vectorflow_core::{CollectionId, IpcBatch, Pk, Timestamp, Value, VersionId};
-use vectorflow_operators::{Hit, ShardStats};
+
+use vectorflow_operators::{CompactionPolicy, Hit, SegmentState, ShardStats};
 
 /// Part of one log record destined for one shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,9 +80,37 @@ pub enum RequestKind {
     Count {
         filter: Option<String>,
     },
-    /// Seal the growing segments (flush).
-    Seal,
+    /// A checkpoint barrier: with exactly the changes at or before
+    /// `read_ts` applied, seal the growing segment and report the sealed
+    /// ones. `known` maps the uids the newest manifest lists to the retired
+    /// count stored with them (their deletes are left out when unchanged).
+    Checkpoint {
+        known: HashMap<String, usize>,
+    },
+    /// Start compacting segments whose dead rows (as of `horizon`) exceed the policy.
+    Compact {
+        horizon: Timestamp,
+        policy: CompactionPolicy,
+    },
     Stats,
+}
+
+impl RequestKind {
+    /// Barriers run between changes: exactly those at or before their time are applied.
+    pub fn is_barrier(&self) -> bool {
+        matches!(self, RequestKind::Checkpoint { .. })
+    }
+
+    /// Reads of rows, which need the history at their time.
+    pub fn reads_history(&self) -> bool {
+        matches!(
+            self,
+            RequestKind::Search { .. }
+                | RequestKind::Get { .. }
+                | RequestKind::Query { .. }
+                | RequestKind::Count { .. }
+        )
+    }
 }
 
 /// One worker's answer to a request, sent to the origin.
@@ -94,13 +124,25 @@ pub struct Partial {
 /// An answer: a worker's part, or (after the merge) the whole.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Answer {
-    Search { k: usize, hits: Vec<Vec<Hit>> },
+    Search {
+        k: usize,
+        hits: Vec<Vec<Hit>>,
+    },
     Get(Vec<(Pk, Vec<Value>)>),
-    Query { limit: usize, rows: Vec<(Pk, Vec<Value>)> },
+    Query {
+        limit: usize,
+        rows: Vec<(Pk, Vec<Value>)>,
+    },
     Count(usize),
     Stats(ShardStats),
+    /// Per shard (worker), its sealed segments.
+    Checkpoint(Vec<(usize, Vec<SegmentState>)>),
     Done,
     Failed(String),
+    /// The read's time is before history this worker has compacted away.
+    Compacted {
+        horizon: Timestamp,
+    },
 }
 
 impl Answer {
@@ -124,8 +166,9 @@ impl Answer {
             }
             (Answer::Count(count), Answer::Count(more)) => *count += more,
             (Answer::Stats(stats), Answer::Stats(more)) => *stats += more,
-            (Answer::Failed(_), _) => {}
-            (this, failed @ Answer::Failed(_)) => *this = failed,
+            (Answer::Checkpoint(shards), Answer::Checkpoint(more)) => shards.extend(more),
+            (Answer::Failed(_) | Answer::Compacted { .. }, _) => {}
+            (this, refused @ (Answer::Failed(_) | Answer::Compacted { .. })) => *this = refused,
             (_, _) => {}
         }
     }

@@ -12,6 +12,7 @@ pub mod shard;
 pub mod topk;
 
 pub use filter::Filter;
+pub use index::HnswIndex;
 pub use index::IndexParams;
-pub use segment::Segment;
-pub use shard::{Hit, SearchPlan, Shard, ShardConfig, ShardStats};
+pub use segment::{Segment, SegmentSnapshot};
+pub use shard::{CompactionPolicy, Hit, SearchPlan, SegmentState, Shard, ShardConfig, ShardStats};

@@ -8,18 +8,18 @@
 //! nothing disappears from results during the hand-off.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray, UInt32Array, UInt64Array};
 use arrow::buffer::ScalarBuffer;
-use arrow::datatypes::Float32Type;
+use arrow::datatypes::{DataType as ArrowType, Field, Float32Type, Schema, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use vectorflow_core::value::pks_from_array;
-use vectorflow_core::{CollectionSchema, DataType, Metric, Pk, Result, Timestamp, Value, VersionId};
+use vectorflow_core::{CollectionSchema, DataType, Error, Metric, Pk, Result, Timestamp, Value, VersionId};
 
 use crate::distance::distance;
 use crate::filter::Filter;
-use crate::index::{HnswIndex, IndexParams};
+use crate::index::{HnswIndex, IndexParams, IndexSlot};
 use crate::topk::{Candidate, TopK};
 
 /// `delete_ts` of a version nothing has retired yet.
@@ -49,12 +49,15 @@ struct VectorColumn {
     metric: Metric,
     /// One contiguous buffer per chunk.
     chunks: Vec<ScalarBuffer<f32>>,
-    index: Option<Arc<OnceLock<HnswIndex>>>,
+    index: Option<Arc<IndexSlot>>,
 }
 
 #[derive(Debug)]
 pub struct Segment {
+    /// Position in its shard (renumbered when compaction replaces segments).
     pub id: u64,
+    /// Name in the object store, unique for the store's life; set at seal.
+    uid: String,
     chunks: Vec<RecordBatch>,
     /// First row of each chunk.
     chunk_starts: Vec<usize>,
@@ -112,6 +115,7 @@ impl Segment {
             .collect();
         Segment {
             id,
+            uid: String::new(),
             chunks: Vec::new(),
             chunk_starts: Vec::new(),
             vectors,
@@ -140,9 +144,188 @@ impl Segment {
         self.sealed
     }
 
-    /// Whether every vector field's index is built (false while growing).
+    /// Whether every vector field's index build has ended (false while growing).
     pub fn is_indexed(&self) -> bool {
         self.sealed && self.vectors.iter().all(|v| v.index.as_ref().is_some_and(|i| i.get().is_some()))
+    }
+
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// Rows retired by a later version (or a delete).
+    pub fn retired(&self) -> usize {
+        self.retired
+    }
+
+    /// `(row, delete_ts)` of every retired row.
+    pub fn deletes(&self) -> Vec<(u32, Timestamp)> {
+        self.delete_ts.iter().enumerate().filter(|(_, ts)| **ts != ALIVE).map(|(row, ts)| (row as u32, *ts)).collect()
+    }
+
+    /// Rows no read inside the retention window can see: retired at or
+    /// before `horizon`, or hidden (never visible).
+    pub fn dead_rows(&self, horizon: Timestamp) -> usize {
+        (0..self.len()).filter(|&row| self.is_dead(row, horizon)).count()
+    }
+
+    fn is_dead(&self, row: usize, horizon: Timestamp) -> bool {
+        self.delete_ts[row] <= horizon || self.insert_ts[row] == ALIVE
+    }
+
+    /// What persistence needs of a sealed segment: its rows with the system
+    /// columns (see [`SYSTEM_COLUMNS`]) and its index slots.
+    pub fn snapshot(&self) -> Result<SegmentSnapshot> {
+        let Some(chunk) = self.chunks.first().filter(|_| self.sealed && self.chunks.len() == 1) else {
+            return Err(Error::storage(format!("segment {} is not sealed", self.uid)));
+        };
+        let mut fields: Vec<Field> = chunk.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut columns: Vec<ArrayRef> = chunk.columns().to_vec();
+        fields.extend(system_fields());
+        columns.push(Arc::new(UInt64Array::from(self.insert_ts.clone())));
+        columns.push(Arc::new(UInt64Array::from_iter_values(self.versions.iter().map(|v| v.ts))));
+        columns.push(Arc::new(UInt32Array::from_iter_values(self.versions.iter().map(|v| v.partition))));
+        columns.push(Arc::new(UInt32Array::from_iter_values(self.versions.iter().map(|v| v.row))));
+        let data = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        let indexes =
+            self.vectors.iter().filter_map(|v| v.index.clone().map(|slot| (v.field, v.metric, slot))).collect();
+        Ok(SegmentSnapshot { uid: self.uid.clone(), data, indexes })
+    }
+
+    /// A sealed segment from stored parts: `data` as [`Segment::snapshot`]
+    /// wrote it, the deletes, and one index per vector field (`None` to
+    /// build it here, in the background). The segment is restored as of
+    /// `as_of`: rows inserted later are hidden and later deletes undone, so
+    /// replaying the log from `as_of` cannot apply anything twice.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        id: u64,
+        uid: String,
+        schema: &CollectionSchema,
+        data: RecordBatch,
+        deletes: &[(u32, Timestamp)],
+        mut indexes: HashMap<usize, HnswIndex>,
+        as_of: Timestamp,
+        params: IndexParams,
+    ) -> Result<Segment> {
+        let corrupt = |problem: String| Error::Corrupt { location: format!("segment {uid}"), problem };
+        let user_columns = schema.fields.len();
+        if data.num_columns() != user_columns + SYSTEM_COLUMNS.len() {
+            return Err(corrupt(format!(
+                "{} columns, the schema needs {} plus {} system columns",
+                data.num_columns(),
+                user_columns,
+                SYSTEM_COLUMNS.len()
+            )));
+        }
+        let system = |i: usize| data.column(user_columns + i);
+        let (Some(insert_ts), Some(version_ts), Some(version_partition), Some(version_row)) = (
+            system(0).as_primitive_opt::<UInt64Type>(),
+            system(1).as_primitive_opt::<UInt64Type>(),
+            system(2).as_primitive_opt::<UInt32Type>(),
+            system(3).as_primitive_opt::<UInt32Type>(),
+        ) else {
+            return Err(corrupt("system columns of the wrong type".into()));
+        };
+        let rows = data.num_rows();
+        let user = data.project(&(0..user_columns).collect::<Vec<_>>())?;
+        let mut segment = Segment::new(id, schema);
+        segment.uid = uid.clone();
+        segment.pks = pks_from_array(user.column(segment.pk_field).as_ref())?;
+        segment.tiebreaks = segment.pks.iter().map(Pk::order_key).collect();
+        segment.versions = (0..rows)
+            .map(|i| VersionId {
+                ts: version_ts.value(i),
+                partition: version_partition.value(i),
+                row: version_row.value(i),
+            })
+            .collect();
+        segment.insert_ts = insert_ts.values().iter().map(|&ts| if ts <= as_of { ts } else { ALIVE }).collect();
+        segment.delete_ts = vec![ALIVE; rows];
+        for &(row, ts) in deletes {
+            let slot = segment
+                .delete_ts
+                .get_mut(row as usize)
+                .ok_or_else(|| corrupt(format!("deleted row {row} of {rows}")))?;
+            if ts <= as_of {
+                *slot = ts;
+            }
+        }
+        segment.retired =
+            (0..rows).filter(|&row| segment.delete_ts[row] != ALIVE || segment.insert_ts[row] == ALIVE).count();
+        segment.max_insert_ts = segment.insert_ts.iter().copied().filter(|&ts| ts != ALIVE).max().unwrap_or(0);
+        segment.chunk_starts = vec![0];
+        segment.chunks = vec![user];
+        segment.sealed = true;
+        let Some(batch) = segment.chunks.first().cloned() else { return Ok(segment) };
+        for column in &mut segment.vectors {
+            let buffer = vector_buffer(&batch, column.field, column.dim);
+            column.chunks = vec![buffer.clone()];
+            let slot = Arc::new(IndexSlot::new());
+            match indexes.remove(&column.field) {
+                Some(index) => {
+                    let _ = slot.set(Some(index));
+                }
+                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &uid),
+            }
+            column.index = Some(slot);
+        }
+        Ok(segment)
+    }
+
+    /// Whether `hidden` rows (see [`Segment::restore`]) are never visible.
+    pub fn is_hidden(&self, row: u32) -> bool {
+        self.insert_ts[row as usize] == ALIVE
+    }
+
+    /// The rows of this sealed segment that some read inside the window
+    /// after `horizon` can still see, as a new sealed segment of its own
+    /// (uid `uid`, index building in the background), with the source row
+    /// of each new row.
+    pub fn compacted(
+        inputs: &[&Segment],
+        id: u64,
+        uid: String,
+        schema: &CollectionSchema,
+        horizon: Timestamp,
+        params: IndexParams,
+    ) -> Result<(Segment, Vec<(usize, u32)>)> {
+        let mut output = Segment::new(id, schema);
+        output.uid = uid;
+        let mut sources = Vec::new();
+        for (input_index, input) in inputs.iter().enumerate() {
+            let Some(chunk) = input.chunks.first().filter(|_| input.sealed) else { continue };
+            let keep: Vec<u32> =
+                (0..input.len()).filter(|&row| !input.is_dead(row, horizon)).map(|r| r as u32).collect();
+            if keep.is_empty() {
+                continue;
+            }
+            let batch = vectorflow_core::batch::take_rows(chunk, &keep)?;
+            let first = output.len();
+            let versions = keep.iter().map(|&row| input.versions[row as usize]).collect();
+            output.append(batch, versions, 0)?;
+            for (i, &row) in keep.iter().enumerate() {
+                output.insert_ts[first + i] = input.insert_ts[row as usize];
+                output.delete_ts[first + i] = input.delete_ts[row as usize];
+                sources.push((input_index, row));
+            }
+        }
+        output.retired = output.delete_ts.iter().filter(|&&ts| ts != ALIVE).count();
+        output.max_insert_ts = output.insert_ts.iter().copied().max().unwrap_or(0);
+        output.seal(params)?;
+        Ok((output, sources))
+    }
+
+    /// Copies the current `delete_ts` of each row's source (deletes that
+    /// arrived while the compacted segment was being built).
+    pub fn take_deletes_from(&mut self, inputs: &[&Segment], sources: &[(usize, u32)]) {
+        for (row, &(input, source_row)) in sources.iter().enumerate() {
+            let ts = inputs[input].delete_ts[source_row as usize];
+            if ts != ALIVE && self.delete_ts[row] == ALIVE {
+                self.retired += 1;
+            }
+            self.delete_ts[row] = self.delete_ts[row].min(ts);
+        }
     }
 
     /// Rows not retired by any later version.
@@ -195,9 +378,14 @@ impl Segment {
         *slot = (*slot).min(ts);
     }
 
-    /// Seals the segment: one chunk, and an HNSW index per vector field built
-    /// off the calling thread.
-    pub fn seal(&mut self, params: IndexParams) -> Result<()> {
+    /// Seals the segment under `uid`: one chunk, and an HNSW index per
+    /// vector field built off the calling thread.
+    pub fn seal_as(&mut self, uid: String, params: IndexParams) -> Result<()> {
+        self.uid = uid;
+        self.seal(params)
+    }
+
+    fn seal(&mut self, params: IndexParams) -> Result<()> {
         if self.sealed {
             return Ok(());
         }
@@ -212,19 +400,9 @@ impl Segment {
         for column in &mut self.vectors {
             let buffer = vector_buffer(batch, column.field, column.dim);
             column.chunks = vec![buffer.clone()];
-            let slot = Arc::new(OnceLock::new());
+            let slot = Arc::new(IndexSlot::new());
             column.index = Some(slot.clone());
-            let (dim, metric, segment) = (column.dim, column.metric, self.id);
-            let spawned = std::thread::Builder::new().name(format!("hnsw-build-{segment}")).spawn(move || {
-                let started = std::time::Instant::now();
-                let index = HnswIndex::build(&buffer, dim, metric, params);
-                tracing::debug!(segment, rows = index.rows(), elapsed = ?started.elapsed(), "index built");
-                let _ = slot.set(index);
-            });
-            if let Err(e) = spawned {
-                // The segment still answers, exactly, without an index.
-                tracing::warn!(segment, "could not start the index build: {e}");
-            }
+            spawn_index_build(slot, buffer, column.dim, column.metric, params, &self.uid);
         }
         Ok(())
     }
@@ -297,7 +475,7 @@ impl Segment {
             return Vec::new();
         }
         let exact_below = plan.exact_below_rows.max((self.len() as f32 * plan.exact_below_fraction) as usize);
-        let index = column.index.as_ref().and_then(|slot| slot.get());
+        let index = column.index.as_ref().and_then(|slot| slot.get()).and_then(Option::as_ref);
         let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
         match index {
             Some(index) if passing >= exact_below => {
@@ -379,6 +557,56 @@ impl Segment {
     }
 }
 
+/// Builds an index into `slot` on a thread of its own. The slot ends up
+/// `None` if the build fails; the segment then keeps answering exactly.
+fn spawn_index_build(
+    slot: Arc<IndexSlot>,
+    vectors: ScalarBuffer<f32>,
+    dim: usize,
+    metric: Metric,
+    params: IndexParams,
+    uid: &str,
+) {
+    let segment = uid.to_string();
+    let failed = slot.clone();
+    let spawned = std::thread::Builder::new().name("hnsw-build".into()).spawn(move || {
+        let started = std::time::Instant::now();
+        let built = std::panic::catch_unwind(|| HnswIndex::build(&vectors, dim, metric, params));
+        match built {
+            Ok(index) => {
+                tracing::debug!(segment, rows = index.rows(), elapsed = ?started.elapsed(), "index built");
+                let _ = slot.set(Some(index));
+            }
+            Err(_) => {
+                tracing::error!(segment, "the index build panicked; the segment answers exactly");
+                let _ = slot.set(None);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(segment = uid, "could not start the index build: {e}");
+        let _ = failed.set(None);
+    }
+}
+
+/// What persistence writes of a sealed segment.
+#[derive(Debug, Clone)]
+pub struct SegmentSnapshot {
+    pub uid: String,
+    /// The user columns, then [`SYSTEM_COLUMNS`].
+    pub data: RecordBatch,
+    /// `(field, metric, slot)` per vector field.
+    pub indexes: Vec<(usize, Metric, Arc<IndexSlot>)>,
+}
+
+/// Columns stored after the user's: insert time and version id.
+pub const SYSTEM_COLUMNS: [&str; 4] = ["__insert_ts", "__version_ts", "__version_partition", "__version_row"];
+
+fn system_fields() -> Vec<Field> {
+    let types = [ArrowType::UInt64, ArrowType::UInt64, ArrowType::UInt32, ArrowType::UInt32];
+    SYSTEM_COLUMNS.iter().zip(types).map(|(name, t)| Field::new(*name, t, false)).collect()
+}
+
 /// The contiguous values of a `FixedSizeList<Float32>` column.
 fn vector_buffer(batch: &RecordBatch, field: usize, dim: usize) -> ScalarBuffer<f32> {
     let list = batch.column(field).as_fixed_size_list();
@@ -418,7 +646,7 @@ mod tests {
         let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
         let mut segment = Segment::new(0, &schema);
         segment.append(batch, versions, 10).unwrap();
-        segment.seal(IndexParams::default()).unwrap();
+        segment.seal_as("s".into(), IndexParams::default()).unwrap();
         while !segment.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

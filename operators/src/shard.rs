@@ -11,7 +11,7 @@ use vectorflow_core::{CollectionSchema, Pk, Result, Timestamp, Value, VersionId}
 use crate::filter::Filter;
 use crate::index::IndexParams;
 pub use crate::segment::SearchPlan;
-use crate::segment::{RowSet, Segment};
+use crate::segment::{RowSet, Segment, SegmentSnapshot};
 use crate::topk::TopK;
 
 /// Shard tuning, the same for every shard of an engine.
@@ -47,6 +47,8 @@ pub struct ShardStats {
     pub growing_rows: usize,
     pub sealed_segments: usize,
     pub indexed_segments: usize,
+    /// Shards with a compaction waiting for its index.
+    pub compacting: usize,
 }
 
 impl std::ops::AddAssign for ShardStats {
@@ -56,6 +58,7 @@ impl std::ops::AddAssign for ShardStats {
         self.growing_rows += other.growing_rows;
         self.sealed_segments += other.sealed_segments;
         self.indexed_segments += other.indexed_segments;
+        self.compacting += other.compacting;
     }
 }
 
@@ -69,14 +72,228 @@ pub struct Shard {
     /// Segment `i` has id `i`; the last one is the growing segment.
     segments: Vec<Segment>,
     locations: HashMap<VersionId, RowAddress>,
-    /// Every version of a key still held, oldest first.
+    /// Every version of a key still held.
     versions_by_pk: HashMap<Pk, Vec<RowAddress>>,
+    /// Segments sealed since persistence last took them.
+    newly_sealed: Vec<SegmentSnapshot>,
+    /// A compacted segment whose index is still building, and what it replaces.
+    compacting: Option<PendingCompaction>,
+    /// History before this time is compacted away: reads before it are refused.
+    compacted_through: Timestamp,
+}
+
+#[derive(Debug)]
+struct PendingCompaction {
+    /// uids of the segments it replaces.
+    inputs: Vec<String>,
+    output: Segment,
+    /// Per output row: (input position in `inputs`, row there).
+    sources: Vec<(usize, u32)>,
+    horizon: Timestamp,
+}
+
+/// What a checkpoint records of one sealed segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentState {
+    pub uid: String,
+    pub rows: usize,
+    /// Rows retired so far.
+    pub retired: usize,
+    /// `(row, delete_ts)` of the retired rows; left out (`None`) when the
+    /// caller already knows this segment with this `retired` count.
+    pub deletes: Option<Vec<(u32, Timestamp)>>,
+}
+
+/// When compaction rewrites segments.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CompactionPolicy {
+    /// Rewrite a segment when more than this fraction of its rows is dead.
+    pub dead_fraction: f32,
+    /// Merge segments with fewer live rows than this.
+    pub small_rows: usize,
+}
+
+/// A fresh segment name: time first (for people reading listings), then
+/// 64 random bits (std's per-process random hasher keys).
+pub fn new_uid() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{:x}-{random:016x}", vectorflow_core::time::wall_clock_ms())
 }
 
 impl Shard {
     pub fn new(schema: Arc<CollectionSchema>, config: ShardConfig) -> Shard {
-        let growing = Segment::new(0, &schema);
-        Shard { schema, config, segments: vec![growing], locations: HashMap::new(), versions_by_pk: HashMap::new() }
+        Shard::restore(schema, config, Vec::new())
+    }
+
+    /// A shard over restored sealed segments (see [`Segment::restore`]),
+    /// with a new growing segment after them.
+    pub fn restore(schema: Arc<CollectionSchema>, config: ShardConfig, mut segments: Vec<Segment>) -> Shard {
+        for (position, segment) in segments.iter_mut().enumerate() {
+            segment.id = position as u64;
+        }
+        segments.push(Segment::new(segments.len() as u64, &schema));
+        let mut shard = Shard {
+            schema,
+            config,
+            segments,
+            locations: HashMap::new(),
+            versions_by_pk: HashMap::new(),
+            newly_sealed: Vec::new(),
+            compacting: None,
+            compacted_through: 0,
+        };
+        shard.index_rows();
+        shard
+    }
+
+    /// Rebuilds where every version lives (after segments moved).
+    fn index_rows(&mut self) {
+        self.locations.clear();
+        self.versions_by_pk.clear();
+        for segment in &self.segments {
+            for row in 0..segment.len() as u32 {
+                if segment.is_hidden(row) {
+                    continue;
+                }
+                let address = (segment.id, row);
+                self.locations.insert(segment.version(row), address);
+                self.versions_by_pk.entry(segment.pk(row).clone()).or_default().push(address);
+            }
+        }
+    }
+
+    /// The current version of every key (its live row), for restoring the
+    /// upsert arrangement after recovery.
+    pub fn live_versions(&self) -> Vec<(Pk, VersionId)> {
+        let mut live = Vec::new();
+        for segment in &self.segments {
+            for row in 0..segment.len() as u32 {
+                if !segment.is_hidden(row) && segment.visible(row as usize, Timestamp::MAX - 1) {
+                    live.push((segment.pk(row).clone(), segment.version(row)));
+                }
+            }
+        }
+        live
+    }
+
+    /// Sealed segments not yet handed to persistence.
+    pub fn take_newly_sealed(&mut self) -> Vec<SegmentSnapshot> {
+        std::mem::take(&mut self.newly_sealed)
+    }
+
+    /// The sealed segments as a checkpoint records them; `known` maps uids
+    /// the caller has stored to the `retired` count stored with them.
+    pub fn checkpoint_state(&self, known: &HashMap<String, usize>) -> Vec<SegmentState> {
+        self.segments
+            .iter()
+            .filter(|s| s.is_sealed())
+            .map(|s| SegmentState {
+                uid: s.uid().to_string(),
+                rows: s.len(),
+                retired: s.retired(),
+                deletes: (known.get(s.uid()) != Some(&s.retired())).then(|| s.deletes()),
+            })
+            .collect()
+    }
+
+    /// Starts compacting the sealed, indexed segments that have more dead
+    /// rows (see [`Segment::dead_rows`]) than the policy allows, or too few
+    /// live ones; their rows still visible after `horizon` go to one new
+    /// segment, swapped in by [`Shard::finish_compaction`] once its index is
+    /// built. Returns how many segments it replaces (0: nothing to do).
+    pub fn start_compaction(&mut self, horizon: Timestamp, policy: CompactionPolicy) -> Result<usize> {
+        if self.compacting.is_some() {
+            return Ok(0);
+        }
+        let mut chosen = Vec::new();
+        let mut small = Vec::new();
+        for (position, segment) in self.segments.iter().enumerate() {
+            if !segment.is_sealed() || !segment.is_indexed() {
+                continue;
+            }
+            let dead = segment.dead_rows(horizon);
+            let live = segment.len() - dead;
+            if dead as f32 > policy.dead_fraction * segment.len() as f32 {
+                chosen.push(position);
+            } else if live < policy.small_rows {
+                small.push(position);
+            }
+        }
+        // Merging pays off only with at least two small segments.
+        if small.len() >= 2 || !chosen.is_empty() {
+            chosen.extend(small);
+        }
+        chosen.sort_unstable();
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let inputs: Vec<&Segment> = chosen.iter().map(|&p| &self.segments[p]).collect();
+        let (output, sources) = Segment::compacted(&inputs, 0, new_uid(), &self.schema, horizon, self.config.index)?;
+        let count = inputs.len();
+        tracing::debug!(inputs = count, rows = output.len(), "compaction started");
+        self.compacting = Some(PendingCompaction {
+            inputs: inputs.iter().map(|s| s.uid().to_string()).collect(),
+            output,
+            sources,
+            horizon,
+        });
+        Ok(count)
+    }
+
+    /// Swaps a started compaction in once its index is built: the new
+    /// segment takes the deletes that arrived meanwhile and replaces its
+    /// inputs. Returns the uids of the segments it replaced (none while
+    /// the index is still building).
+    pub fn finish_compaction(&mut self) -> Vec<String> {
+        if !self.compacting.as_ref().is_some_and(|c| c.output.is_indexed() || c.output.is_empty()) {
+            return Vec::new();
+        }
+        let Some(PendingCompaction { inputs, mut output, sources, horizon }) = self.compacting.take() else {
+            return Vec::new();
+        };
+        let positions: Vec<usize> =
+            inputs.iter().filter_map(|uid| self.segments.iter().position(|s| s.uid() == uid)).collect();
+        if positions.len() != inputs.len() {
+            tracing::error!("a compaction input vanished; the compaction is dropped");
+            return Vec::new();
+        }
+        {
+            let input_segments: Vec<&Segment> = positions.iter().map(|&p| &self.segments[p]).collect();
+            output.take_deletes_from(&input_segments, &sources);
+        }
+        let growing = self.segments.pop();
+        self.segments = std::mem::take(&mut self.segments)
+            .into_iter()
+            .enumerate()
+            .filter(|(position, _)| !positions.contains(position))
+            .map(|(_, s)| s)
+            .collect();
+        if !output.is_empty() {
+            match output.snapshot() {
+                Ok(snapshot) => self.newly_sealed.push(snapshot),
+                Err(e) => tracing::error!("snapshot of a compacted segment: {e}"),
+            }
+            self.segments.push(output);
+        }
+        self.segments.extend(growing);
+        for (position, segment) in self.segments.iter_mut().enumerate() {
+            segment.id = position as u64;
+        }
+        self.index_rows();
+        self.compacted_through = self.compacted_through.max(horizon);
+        tracing::debug!(replaced = inputs.len(), "compaction swapped in");
+        inputs
+    }
+
+    /// Reads before this time are refused: compaction dropped history there.
+    pub fn compacted_through(&self) -> Timestamp {
+        self.compacted_through
+    }
+
+    /// Whether a compaction is waiting for its index.
+    pub fn is_compacting(&self) -> bool {
+        self.compacting.is_some()
     }
 
     pub fn schema(&self) -> &Arc<CollectionSchema> {
@@ -144,7 +361,9 @@ impl Shard {
             return Ok(());
         }
         let params = self.config.index;
-        self.growing().seal(params)?;
+        self.growing().seal_as(new_uid(), params)?;
+        let snapshot = self.growing().snapshot()?;
+        self.newly_sealed.push(snapshot);
         let id = self.segments.len() as u64;
         self.segments.push(Segment::new(id, &self.schema));
         Ok(())
@@ -247,7 +466,7 @@ impl Shard {
     }
 
     pub fn stats(&self) -> ShardStats {
-        let mut stats = ShardStats::default();
+        let mut stats = ShardStats { compacting: usize::from(self.compacting.is_some()), ..Default::default() };
         for segment in &self.segments {
             stats.versions += segment.len();
             stats.live_rows += segment.live_rows();
