@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_recovery;
 mod client;
 mod config;
 mod plot;
@@ -34,6 +35,8 @@ enum Command {
     },
     /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory.
     Bench(bench::BenchArgs),
+    /// Benchmark restarts: full log replay vs recovery from a checkpoint vs rebuilding indexes; bytes stored per vector.
+    BenchRecovery(bench_recovery::RecoveryArgs),
     /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
     Serve(config::ServeArgs),
     /// List the collections in a data directory.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} rows and {} queries to {}", sample.info.n_base, sample.info.n_queries, to.display());
         }
         Command::Bench(args) => bench::run(args)?,
+        Command::BenchRecovery(args) => bench_recovery::run(args)?,
         Command::Serve(_) => {
             let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;

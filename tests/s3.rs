@@ -1,8 +1,8 @@
 //! The object store on S3: a real S3-compatible server (moto's
 //! `moto_server`, installed by `.ci/run` into /opt/vectorflow-s3) on loopback.
 //!
-//! The server binary is `$VECTORFLOW_S3_SERVER`, or moto's in that venv.
-//! Without one the test says so and passes, unless `VECTORFLOW_REQUIRE_S3`
+//! The server binary is `$VF_TEST_S3_SERVER`, or moto's in that venv.
+//! Without one the test says so and passes, unless `VF_TEST_REQUIRE_S3`
 //! is set (as `.ci/run` does), when a missing server fails it.
 
 mod common;
@@ -31,7 +31,7 @@ impl Drop for S3Server {
 }
 
 fn server_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("VECTORFLOW_S3_SERVER")
+    let path = std::env::var_os("VF_TEST_S3_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/opt/vectorflow-s3/venv/bin/moto_server"));
     path.exists().then_some(path)
@@ -40,8 +40,8 @@ fn server_binary() -> Option<PathBuf> {
 fn start_s3() -> Option<S3Server> {
     let Some(binary) = server_binary() else {
         assert!(
-            std::env::var_os("VECTORFLOW_REQUIRE_S3").is_none(),
-            "VECTORFLOW_REQUIRE_S3 is set but no S3 server: install moto (see .ci/run) or set VECTORFLOW_S3_SERVER"
+            std::env::var_os("VF_TEST_REQUIRE_S3").is_none(),
+            "VF_TEST_REQUIRE_S3 is set but no S3 server: install moto (see .ci/run) or set VF_TEST_S3_SERVER"
         );
         eprintln!("no S3-compatible server found (see .ci/run); the S3 test does not run here");
         return None;

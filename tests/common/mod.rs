@@ -65,23 +65,7 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the real binary on `data_dir` with extra flags and waits for its address line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vectorflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("the server starts");
-        let stdout = child.stdout.take().expect("the server's stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("the server prints its address");
-        let Some(address) = line.trim().strip_prefix("vectorflow listening on ").map(str::to_string) else {
-            let _ = child.kill();
-            panic!("unexpected first line from the server: {line:?}");
-        };
-        ServerProcess { child, address }
+        ServerProcess::start_within(data_dir, extra, std::time::Duration::from_secs(120))
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -95,5 +79,54 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    /// Like [`ServerProcess::start`], but gives up (killing the process) if the
+    /// address line does not come within `timeout`, e.g. when recovery hangs.
+    pub fn start_within(data_dir: &Path, extra: &[&str], timeout: std::time::Duration) -> ServerProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vectorflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let stdout = child.stdout.take().expect("the server's stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let _ = sender.send(read);
+        });
+        let line = match receiver.recv_timeout(timeout) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("reading the server's address line: {e}");
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server printed no address within {timeout:?}");
+            }
+        };
+        let Some(address) = line.trim().strip_prefix("vectorflow listening on ").map(str::to_string) else {
+            let status = child.try_wait();
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("unexpected first line from the server: {line:?} (process status {status:?})");
+        };
+        ServerProcess { child, address }
+    }
+
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        self.child.kill().expect("SIGKILL is sent");
+        self.child.wait().expect("the killed server is reaped")
     }
 }

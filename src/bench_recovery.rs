@@ -1,0 +1,215 @@
+//! `vectorflow bench-recovery`: what a restart costs. Ingests a dataset, then
+//! measures in one run, on the same data:
+//! - recovery by full log replay (no checkpoint yet: every row replayed, every
+//!   index built again), the baseline;
+//! - a checkpoint (flush) and the bytes it stores, per kind of object;
+//! - recovery from the checkpoint (segments and index files loaded);
+//! - recovery when the index files are gone (data loaded, indexes rebuilt).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use vectorflow::crates::connectors::Dataset;
+use vectorflow::{Consistency, Engine, EngineConfig, Pk, SearchOptions};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecoveryArgs {
+    /// A dataset folder in the layout of shared/datasets/README.md.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Where `recovery.json` goes.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 16_384)]
+    pub seal_rows: usize,
+    /// Query vectors whose answers are compared before and after recovery.
+    #[arg(long, default_value_t = 100)]
+    pub queries: usize,
+}
+
+const COLLECTION: &str = "bench";
+const INDEX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Timings of one restart: `open` returns after loading and replaying;
+/// `ready` adds the wait for every index.
+struct Restart {
+    open_s: f64,
+    ready_s: f64,
+    report: vectorflow::RecoveryReport,
+}
+
+fn restart(config: &EngineConfig) -> anyhow::Result<(Engine, Restart)> {
+    let started = Instant::now();
+    let engine = Engine::open(config.clone())?;
+    let open_s = started.elapsed().as_secs_f64();
+    engine.wait_for_indexes(COLLECTION, INDEX_WAIT)?;
+    let ready_s = started.elapsed().as_secs_f64();
+    let report = engine.recovery_report();
+    Ok((engine, Restart { open_s, ready_s, report }))
+}
+
+fn answers(engine: &Engine, queries: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<Pk>>> {
+    let options = SearchOptions { ef: Some(64), ..SearchOptions::new(10) };
+    Ok(engine
+        .search(COLLECTION, queries, &options)?
+        .hits
+        .iter()
+        .map(|hits| hits.iter().map(|h| h.pk.clone()).collect())
+        .collect())
+}
+
+/// Bytes per kind of stored object (data, index graph, index data, delete logs, manifests, catalog).
+fn storage_by_kind(engine: &Engine) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let mut kinds = BTreeMap::new();
+    for prefix in ["catalog", "collections"] {
+        for (path, size) in engine.storage().list(prefix)? {
+            let kind = if path.ends_with("data.parquet") {
+                "segment_data"
+            } else if path.ends_with(".hnsw.graph") {
+                "index_graph"
+            } else if path.ends_with(".hnsw.data") {
+                "index_vectors"
+            } else if path.contains("/deletes-") {
+                "delete_logs"
+            } else if path.contains("/manifest/") {
+                "manifests"
+            } else {
+                "catalog"
+            };
+            *kinds.entry(kind).or_insert(0) += size;
+        }
+    }
+    Ok(kinds)
+}
+
+pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
+    let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let vectors = dataset.base_vectors()?;
+    let attributes = dataset.base_attributes()?;
+    let query_vectors = dataset.query_vectors()?;
+    let queries: Vec<Vec<f32>> =
+        (0..args.queries.min(query_vectors.rows)).map(|q| query_vectors.row(q).to_vec()).collect();
+    let n = vectors.rows;
+    let data_dir = tempfile::tempdir()?;
+    let config = EngineConfig {
+        workers: args.workers,
+        seal_rows: args.seal_rows,
+        checkpoint_interval: None,
+        compaction_interval: None,
+        ..EngineConfig::new(data_dir.path())
+    };
+    println!(
+        "dataset {}: {n} x {}, workers {}, seal_rows {}",
+        dataset.name(),
+        vectors.cols,
+        args.workers,
+        args.seal_rows
+    );
+
+    // ---- ingest, nothing checkpointed ----
+    let schema = dataset.collection_schema(COLLECTION, &attributes)?;
+    {
+        let engine = Engine::open(config.clone())?;
+        engine.create_collection(schema.clone())?;
+        let started = Instant::now();
+        for start in (0..n).step_by(1000) {
+            let batch = dataset.base_batch(&schema, &vectors, &attributes, start..(start + 1000).min(n))?;
+            engine.insert(COLLECTION, &batch)?;
+        }
+        let stats = engine.stats(COLLECTION, Consistency::Strong)?;
+        anyhow::ensure!(stats.live_rows == n, "ingested {} of {n} rows", stats.live_rows);
+        engine.wait_for_indexes(COLLECTION, INDEX_WAIT)?;
+        println!("ingested {n} rows and built the indexes in {:.1} s", started.elapsed().as_secs_f64());
+    }
+
+    // ---- baseline: recovery by replaying the whole log ----
+    let (engine, replay) = restart(&config)?;
+    println!(
+        "full log replay: open {:.2} s ({} records), indexes ready {:.2} s",
+        replay.open_s, replay.report.replayed_records, replay.ready_s
+    );
+
+    // ---- checkpoint ----
+    let started = Instant::now();
+    engine.flush(COLLECTION)?;
+    let flush_s = started.elapsed().as_secs_f64();
+    let stored = storage_by_kind(&engine)?;
+    let total_bytes: u64 = stored.values().sum();
+    let before = answers(&engine, &queries)?;
+    drop(engine);
+    println!(
+        "checkpoint: {flush_s:.2} s, {total_bytes} bytes stored ({:.0} bytes/vector)",
+        total_bytes as f64 / n as f64
+    );
+
+    // ---- recovery from the checkpoint ----
+    let (engine, loaded) = restart(&config)?;
+    let answers_equal = answers(&engine, &queries)? == before;
+    anyhow::ensure!(loaded.report.rebuilt_indexes == 0, "indexes were rebuilt: {:?}", loaded.report);
+    let load_s = loaded.report.load.as_secs_f64();
+    println!(
+        "from the checkpoint: open {:.2} s (segments {} loaded in {load_s:.2} s: {:.0} MB/s, {:.0} rows/s), \
+         indexes ready {:.2} s; answers equal to before: {answers_equal}",
+        loaded.open_s,
+        loaded.report.segments,
+        loaded.report.bytes as f64 / load_s / 1e6,
+        loaded.report.rows as f64 / load_s,
+        loaded.ready_s
+    );
+    // ---- recovery without the index files: data loaded, indexes rebuilt ----
+    for (path, _) in engine.storage().list("collections")? {
+        if path.ends_with(".hnsw.graph") {
+            engine.storage().delete(&path)?;
+        }
+    }
+    drop(engine);
+    let (_engine, rebuilt) = restart(&config)?;
+    println!(
+        "without index files: open {:.2} s ({} indexes rebuilt), indexes ready {:.2} s",
+        rebuilt.open_s, rebuilt.report.rebuilt_indexes, rebuilt.ready_s
+    );
+
+    let restart_json = |r: &Restart| {
+        json!({
+            "open_s": r.open_s,
+            "ready_s": r.ready_s,
+            "segments": r.report.segments,
+            "rows": r.report.rows,
+            "bytes_read": r.report.bytes,
+            "load_s": r.report.load.as_secs_f64(),
+            "replayed_records": r.report.replayed_records,
+            "rebuilt_indexes": r.report.rebuilt_indexes,
+        })
+    };
+    let results = json!({
+        "dataset": dataset.name(),
+        "rows": n,
+        "dim": vectors.cols,
+        "workers": args.workers,
+        "seal_rows": args.seal_rows,
+        "full_log_replay": restart_json(&replay),
+        "checkpoint": {"flush_s": flush_s, "stored_bytes": total_bytes, "bytes_per_vector": total_bytes as f64 / n as f64,
+                       "raw_vector_bytes": vectors.cols * 4, "by_kind": stored},
+        "from_checkpoint": restart_json(&loaded),
+        "segment_load": {
+            "mb_per_s": loaded.report.bytes as f64 / load_s / 1e6,
+            "rows_per_s": loaded.report.rows as f64 / load_s,
+        },
+        "answers_equal_after_recovery": answers_equal,
+        "without_index_files": restart_json(&rebuilt),
+        "ratios": {
+            "ready_from_checkpoint_vs_replay": loaded.ready_s / replay.ready_s,
+            "ready_from_checkpoint_vs_rebuild": loaded.ready_s / rebuilt.ready_s,
+        },
+    });
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("recovery.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
