@@ -184,9 +184,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // ---- ingest ----
     let data_dir = tempfile::tempdir()?;
+    // No background checkpoints or compaction: they would share the cores
+    // with the searches measured here (`bench-recovery` measures them).
     let engine = Engine::open(EngineConfig {
         workers: args.workers,
         seal_rows: args.seal_rows,
+        checkpoint_interval: None,
+        compaction_interval: None,
         ..EngineConfig::new(data_dir.path())
     })?;
     let schema = dataset.collection_schema("bench", &attributes)?;

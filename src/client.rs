@@ -562,37 +562,7 @@ fn json_row(schema: &CollectionSchema, line: &str) -> anyhow::Result<BTreeMap<St
     let serde_json::Value::Object(object) = json else {
         bail!("expected a JSON object (field name -> value), got {}", short(&json.to_string()));
     };
-    let mut row = BTreeMap::new();
-    for (name, json) in object {
-        let field = schema.field(&name).map(|(_, f)| f)?;
-        if field.is_primary && field.auto_id {
-            bail!("field `{name}`: the primary key is assigned by the server (auto_id): leave it out");
-        }
-        let value = wire::value_from_json(&name, &field.data_type, json)?;
-        value.check_type(&name, &field.data_type)?;
-        if let Value::Vector(v) = &value
-            && let Some(i) = v.iter().position(|x| !x.is_finite())
-        {
-            bail!("field `{name}`: element {i} is outside the range of f32");
-        }
-        if let (Value::Vector(v), DataType::FloatVector { metric: vectorflow::Metric::COSINE, .. }) =
-            (&value, &field.data_type)
-            && v.iter().all(|x| *x == 0.0)
-        {
-            bail!("field `{name}`: a zero vector has no direction for COSINE");
-        }
-        if value == Value::Null && !field.nullable && field.default_value.is_none() {
-            bail!("field `{name}`: null, but the field is not nullable and has no default");
-        }
-        row.insert(name, value);
-    }
-    for field in &schema.fields {
-        let needed = !(field.nullable || field.default_value.is_some() || (field.is_primary && field.auto_id));
-        if needed && !row.contains_key(&field.name) {
-            bail!("field `{}`: missing (not nullable and no default value)", field.name);
-        }
-    }
-    Ok(row)
+    Ok(vectorflow::crates::core::batch::row_from_json(schema, object)?)
 }
 
 fn short(text: &str) -> String {

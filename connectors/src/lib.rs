@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod dataset;
+pub mod kafka_record;
 pub mod log;
 pub mod manifest;
 pub mod npy;

@@ -46,11 +46,23 @@ pub struct ObjectRef {
     pub crc32: u32,
 }
 
+/// The store's runtime. Dropped without waiting, so the last handle may go
+/// away anywhere, even inside another runtime's task.
+struct StoreRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for StoreRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A synchronous handle on the object store; cheap to clone.
 #[derive(Clone)]
 pub struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<StoreRuntime>,
     /// What the store is, for messages (`file:///…` or `s3://…`).
     description: String,
 }
@@ -103,7 +115,7 @@ impl ObjectStorage {
         } else {
             return Err(Error::argument("storage.url", format!("`{url}`: expected s3://bucket/prefix or file:///dir")));
         };
-        Ok(ObjectStorage { store, runtime: Arc::new(runtime), description })
+        Ok(ObjectStorage { store, runtime: Arc::new(StoreRuntime(Some(runtime))), description })
     }
 
     pub fn description(&self) -> &str {
@@ -116,9 +128,11 @@ impl ObjectStorage {
         future: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     ) -> object_store::Result<T> {
         let (done, result) = std::sync::mpsc::sync_channel(1);
-        self.runtime.spawn(async move {
-            let _ = done.send(future.await);
-        });
+        if let Some(runtime) = &self.runtime.0 {
+            runtime.spawn(async move {
+                let _ = done.send(future.await);
+            });
+        }
         result.recv().unwrap_or_else(|_| {
             Err(object_store::Error::Generic { store: "vectorflow", source: "object store runtime stopped".into() })
         })

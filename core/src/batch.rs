@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::schema::{CollectionSchema, DataType, FieldSchema, Metric};
-use crate::value::{Pk, Value, pks_from_array};
+use crate::value::{Pk, Value, pks_from_array, value_from_json};
 
 /// One row given by name, as a user writes it.
 pub type Row = BTreeMap<String, Value>;
@@ -105,6 +105,45 @@ impl WriteBatch {
             RecordBatch::try_new_with_options(Arc::new(arrow::datatypes::Schema::new(fields)), columns, &options)?;
         WriteBatch::from_record_batch(schema, &input, kind)
     }
+}
+
+/// One JSON object (field name → value) as a row of `schema`, checked as the
+/// engine will check it, so a bad row is refused before it is sent or
+/// logged: unknown fields, an `auto_id` key given, types and ranges,
+/// dimensions, non-finite vector elements, zero COSINE vectors, nulls a field
+/// cannot hold and missing required fields. Every error is [`Error::Field`].
+/// Fields left out stay out (the write fills defaults and nulls).
+pub fn row_from_json(schema: &CollectionSchema, object: serde_json::Map<String, serde_json::Value>) -> Result<Row> {
+    let mut row = Row::new();
+    for (name, json) in object {
+        let field = schema.field(&name).map(|(_, f)| f)?;
+        if field.is_primary && field.auto_id {
+            return Err(Error::field(name, "the primary key is assigned by the engine (auto_id): leave it out"));
+        }
+        let value = value_from_json(&name, &field.data_type, json)?;
+        value.check_type(&name, &field.data_type)?;
+        if let Value::Vector(v) = &value {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::field(name, format!("element {i} is outside the range of f32")));
+            }
+            if matches!(field.data_type, DataType::FloatVector { metric: Metric::COSINE, .. })
+                && v.iter().all(|x| *x == 0.0)
+            {
+                return Err(Error::field(name, "a zero vector has no direction for COSINE"));
+            }
+        }
+        if value == Value::Null && !field.nullable && field.default_value.is_none() {
+            return Err(Error::field(name, "null, but the field is not nullable and has no default"));
+        }
+        row.insert(name, value);
+    }
+    for field in &schema.fields {
+        let needed = !(field.nullable || field.default_value.is_some() || (field.is_primary && field.auto_id));
+        if needed && !row.contains_key(&field.name) {
+            return Err(Error::field(&field.name, "missing (not nullable and no default value)"));
+        }
+    }
+    Ok(row)
 }
 
 /// Brings one given column to the field's canonical type and checks its values.
@@ -435,6 +474,69 @@ mod tests {
         let missing = Row::from([("v".to_string(), Value::Vector(vec![1.0, 0.0]))]);
         let err = WriteBatch::from_rows(&s, &[missing], WriteKind::Upsert).unwrap_err();
         assert!(err.to_string().contains("`id`"), "{err}");
+    }
+
+    fn json_row(text: &str) -> Result<Row> {
+        let serde_json::Value::Object(object) = serde_json::from_str(text).unwrap() else { panic!("not an object") };
+        row_from_json(&schema(), object)
+    }
+
+    #[test]
+    fn json_rows_convert_and_leave_missing_fields_out() {
+        let row = json_row(r#"{"id": 7, "v": [3, 4], "title": null}"#).unwrap();
+        assert_eq!(
+            row,
+            Row::from([
+                ("id".to_string(), Value::Int(7)),
+                ("v".to_string(), Value::Vector(vec![3.0, 4.0])),
+                ("title".to_string(), Value::Null),
+            ])
+        );
+        // The same vector as base64 of little-endian f32, with and without padding.
+        let bytes: Vec<u8> = [3.0f32, 4.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        use base64::Engine as _;
+        let padded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let unpadded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&bytes);
+        for text in [padded, unpadded] {
+            let row = json_row(&format!(r#"{{"id": 7, "v": "{text}"}}"#)).unwrap();
+            assert_eq!(row["v"], Value::Vector(vec![3.0, 4.0]));
+        }
+    }
+
+    #[test]
+    fn json_row_errors_name_the_field() {
+        let cases = [
+            (r#"{"id": 1, "v": [1, 0], "nope": 1}"#, "field `nope`: no such field in collection `docs`"),
+            (r#"{"id": 1.5, "v": [1, 0]}"#, "field `id`: 1.5 is not an integer"),
+            (r#"{"id": 1, "v": [1, 0], "year": "x"}"#, "field `year`: \"x\" does not fit type Int32"),
+            (r#"{"id": 1, "v": [1, 0], "year": 3000000000}"#, "field `year`: value 3000000000 does not fit type Int32"),
+            (r#"{"id": 1, "v": [1, 0], "title": "toolong"}"#, "field `title`: value \"toolong\" does not fit"),
+            (r#"{"id": 1, "v": [1, 0, 0]}"#, "field `v`: dimension 3 does not match dim 2"),
+            (r#"{"id": 1, "v": [1, "x"]}"#, "field `v`: a vector holds something that is not a number: element 1"),
+            (r#"{"id": 1, "v": [1, 1e300]}"#, "field `v`: element 1 is outside the range of f32"),
+            (r#"{"id": 1, "v": [0, 0]}"#, "field `v`: a zero vector has no direction for COSINE"),
+            (r#"{"id": 1, "v": "AACAPw"}"#, "field `v`: base64 vector of 4 bytes, but dim 2 needs 8 bytes"),
+            (r#"{"id": 1, "v": "not base64!"}"#, "field `v`: a vector string must be base64"),
+            (r#"{"id": null, "v": [1, 0]}"#, "field `id`: null, but the field is not nullable"),
+            (r#"{"v": [1, 0]}"#, "field `id`: missing"),
+            (r#"{"id": 1}"#, "field `v`: missing"),
+        ];
+        for (text, expected) in cases {
+            let error = json_row(text).unwrap_err();
+            assert!(matches!(error, Error::Field { .. }), "{text}: {error:?}");
+            assert!(error.to_string().starts_with(expected), "{text}: {error}");
+        }
+        // A null for a field with a default is allowed (the write fills it).
+        assert_eq!(json_row(r#"{"id": 1, "v": [1, 0], "year": null}"#).unwrap()["year"], Value::Null);
+        let auto = CollectionSchema::new(
+            "auto",
+            vec![FieldSchema::int64_primary("id", true), FieldSchema::vector("v", 1, Metric::L2)],
+        );
+        let object = serde_json::json!({"id": 1, "v": [1]}).as_object().cloned().unwrap();
+        let error = row_from_json(&auto, object).unwrap_err().to_string();
+        assert!(error.starts_with("field `id`: the primary key is assigned by the engine (auto_id)"), "{error}");
+        let object = serde_json::json!({"v": [1]}).as_object().cloned().unwrap();
+        assert_eq!(row_from_json(&auto, object).unwrap().len(), 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use arrow::datatypes::{self as adt, DataType as ArrowType};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::schema::DataType;
 
 /// A primary key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -183,6 +184,76 @@ impl Value {
             Value::String(v) => v.clone().into(),
             Value::Vector(v) => v.iter().map(|x| serde_json::Value::from(*x as f64)).collect(),
         }
+    }
+}
+
+/// Base64 of vectors in JSON: the standard alphabet, padding optional.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// A JSON value as a value of a field of `data_type`: the one conversion the
+/// CLI, schema defaults and the Kafka decoder share. `null` is [`Value::Null`]
+/// (whether the field may hold it is the row's check); JSON fields keep their
+/// text; integers must be whole numbers; a float vector is an array of
+/// numbers or a base64 string of its little-endian `f32` bytes. Ranges,
+/// dimensions and lengths are checked by [`Value::check_type`], not here.
+pub fn value_from_json(field: &str, data_type: &DataType, json: serde_json::Value) -> Result<Value> {
+    use serde_json::Value as J;
+    Ok(match (data_type, json) {
+        (_, J::Null) => Value::Null,
+        (DataType::Json, other) => Value::String(other.to_string()),
+        (DataType::Bool, J::Bool(b)) => Value::Bool(b),
+        (DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64, J::Number(n)) => {
+            Value::Int(n.as_i64().ok_or_else(|| Error::field(field, format!("{n} is not an integer")))?)
+        }
+        (DataType::Float | DataType::Double, J::Number(n)) => {
+            Value::Float(n.as_f64().ok_or_else(|| Error::field(field, format!("{n} is not a number")))?)
+        }
+        (DataType::VarChar { .. }, J::String(s)) => Value::String(s),
+        (DataType::FloatVector { .. }, J::Array(items)) => Value::Vector(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_f64().map(|f| f as f32).ok_or_else(|| {
+                        Error::field(
+                            field,
+                            format!("a vector holds something that is not a number: element {i} is {}", short(x)),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<f32>>>()?,
+        ),
+        (DataType::FloatVector { dim, .. }, J::String(text)) => {
+            use base64::Engine as _;
+            let bytes = BASE64.decode(text.trim()).map_err(|e| {
+                Error::field(field, format!("a vector string must be base64 of little-endian f32 (dim {dim}): {e}"))
+            })?;
+            let needed = dim.saturating_mul(4);
+            if bytes.len() != needed {
+                return Err(Error::field(
+                    field,
+                    format!(
+                        "base64 vector of {} bytes, but dim {dim} needs {needed} bytes (little-endian f32)",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Value::Vector(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
+        (t, other) => return Err(Error::field(field, format!("{} does not fit type {t:?}", short(&other)))),
+    })
+}
+
+/// A JSON value as text for an error message, cut at 60 characters.
+fn short(json: &serde_json::Value) -> String {
+    let text = json.to_string();
+    match text.char_indices().nth(60) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
     }
 }
 

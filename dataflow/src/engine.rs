@@ -273,7 +273,10 @@ impl Engine {
         }
         let shard_config = ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan };
         let persister = Persister::start(storage.clone())?;
-        let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config)?;
+        let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config).inspect_err(|_| {
+            // Nothing will submit to it: let its thread end.
+            persister.stop();
+        })?;
         let schemas = entries.iter().map(|e| (e.id, Arc::new(e.schema.clone()))).collect();
         let collections = entries.into_iter().map(|e| (e.schema.name.clone(), e)).collect();
         let shared = Arc::new(Shared {

@@ -11,6 +11,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{Field, Schema};
 use vectorflow_core::batch::{IpcBatch, vector_array};
+use vectorflow_core::value::value_from_json;
 use vectorflow_core::{CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Value};
 
 #[allow(clippy::all, missing_docs)]
@@ -62,7 +63,16 @@ fn field_to_proto(field: &FieldSchema) -> v1::FieldSchema {
         nullable: field.nullable,
         is_primary: field.is_primary,
         auto_id: field.auto_id,
-        default_json: field.default_value.as_ref().map(|v| v.to_json().to_string()).unwrap_or_default(),
+        default_json: field.default_value.as_ref().map(|v| default_json(&field.data_type, v)).unwrap_or_default(),
+    }
+}
+
+/// A default as the JSON text `field_from_proto` reads back: a JSON field's
+/// value already is JSON text, so it is sent as it is, not as a JSON string.
+fn default_json(data_type: &DataType, value: &Value) -> String {
+    match (data_type, value) {
+        (DataType::Json, Value::String(text)) => text.clone(),
+        _ => value.to_json().to_string(),
     }
 }
 
@@ -109,31 +119,6 @@ fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
         default_value,
         is_primary: field.is_primary,
         auto_id: field.auto_id,
-    })
-}
-
-/// A JSON value as a field value (JSON fields keep their text).
-pub fn value_from_json(field: &str, data_type: &DataType, json: serde_json::Value) -> Result<Value> {
-    use serde_json::Value as J;
-    Ok(match (data_type, json) {
-        (_, J::Null) => Value::Null,
-        (DataType::Json, other) => Value::String(other.to_string()),
-        (DataType::Bool, J::Bool(b)) => Value::Bool(b),
-        (DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64, J::Number(n)) => {
-            Value::Int(n.as_i64().ok_or_else(|| Error::field(field, format!("{n} is not an integer")))?)
-        }
-        (DataType::Float | DataType::Double, J::Number(n)) => {
-            Value::Float(n.as_f64().ok_or_else(|| Error::field(field, format!("{n} is not a number")))?)
-        }
-        (DataType::VarChar { .. }, J::String(s)) => Value::String(s),
-        (DataType::FloatVector { .. }, J::Array(items)) => Value::Vector(
-            items
-                .iter()
-                .map(|x| x.as_f64().map(|f| f as f32))
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| Error::field(field, "a vector holds something that is not a number"))?,
-        ),
-        (t, other) => return Err(Error::field(field, format!("{other} does not fit type {t:?}"))),
     })
 }
 
@@ -410,6 +395,23 @@ mod tests {
                 prop_assert_eq!(back.ok(), Some(schema));
             }
         }
+    }
+
+    #[test]
+    fn json_field_defaults_round_trip_as_json() {
+        let schema = CollectionSchema::new(
+            "c",
+            vec![
+                FieldSchema::int64_primary("id", false),
+                FieldSchema::vector("v", 2, Metric::L2),
+                FieldSchema::new("meta", DataType::Json).with_default(Value::String(r#"{"a":1}"#.into())),
+                FieldSchema::new("tag", DataType::VarChar { max_length: 8 }).with_default(Value::String("x".into())),
+            ],
+        );
+        let proto = schema_to_proto(&schema);
+        assert_eq!(proto.fields[2].default_json, r#"{"a":1}"#);
+        assert_eq!(proto.fields[3].default_json, r#""x""#);
+        assert_eq!(schema_from_proto(proto).unwrap(), schema);
     }
 
     #[test]
