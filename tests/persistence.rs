@@ -238,7 +238,7 @@ fn compaction_drops_history_outside_retention_shrinks_storage_and_keeps_answers_
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let mut cfg = config(dir.path(), 2, 150, true);
-    cfg.retention = Duration::from_secs(2);
+    cfg.retention = Duration::from_secs(6);
     let engine = Engine::open(cfg.clone()).unwrap();
     engine.create_collection(schema()).unwrap();
     for start in (0..1200).step_by(100) {
@@ -250,7 +250,7 @@ fn compaction_drops_history_outside_retention_shrinks_storage_and_keeps_answers_
     engine.flush("docs").unwrap();
     let segments_before = engine.stats("docs", Default::default()).unwrap().sealed_segments;
     let bytes_before = engine.storage_bytes("docs").unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(6500));
     // Inside the window: after the deletes, and a later upsert.
     let inside = engine.upsert_rows("docs", &rows(&mut rng, 900..950, 3)).unwrap().ts;
     let at_inside = answers(&engine, Some(inside));

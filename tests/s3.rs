@@ -83,6 +83,12 @@ fn s3_config(endpoint: &str) -> StorageConfig {
     }
 }
 
+/// The keys of the 5 nearest rows to `query`, as of `as_of` (now when `None`).
+fn top5(engine: &Engine, query: &[f32], as_of: Option<u64>) -> Vec<Pk> {
+    let options = SearchOptions { as_of, ..SearchOptions::new(5) };
+    common::pks(&engine.search("docs", &[query.to_vec()], &options).unwrap().hits[0])
+}
+
 #[test]
 fn segments_manifests_and_the_catalog_live_in_s3_and_recovery_reads_them_back() {
     let Some(s3) = start_s3() else { return };
@@ -111,15 +117,7 @@ fn segments_manifests_and_the_catalog_live_in_s3_and_recovery_reads_them_back() 
         let deleted_ts = engine.delete("docs", &[Pk::Int(500), Pk::Int(501)]).unwrap().ts;
         engine.flush("docs").unwrap();
         engine.insert_rows("docs", &[common::small_row(2000, [0.5, 0.5])]).unwrap();
-        let search = |as_of| {
-            common::pks(
-                &engine
-                    .search("docs", std::slice::from_ref(&query), &SearchOptions { as_of, ..SearchOptions::new(5) })
-                    .unwrap()
-                    .hits[0],
-            )
-        };
-        let result = (deleted_ts, search(Some(deleted_ts - 1)), search(None));
+        let result = (deleted_ts, top5(&engine, &query, Some(deleted_ts - 1)), top5(&engine, &query, None));
         assert!(engine.storage_bytes("docs").unwrap() > 0);
         engine.shutdown();
         result
@@ -129,16 +127,8 @@ fn segments_manifests_and_the_catalog_live_in_s3_and_recovery_reads_them_back() 
     let engine = Engine::open(config).unwrap();
     let report = engine.recovery_report();
     assert!(report.segments >= 2 && report.bytes > 0 && report.rebuilt_indexes == 0, "{report:?}");
-    let search = |as_of| {
-        common::pks(
-            &engine
-                .search("docs", std::slice::from_ref(&query), &SearchOptions { as_of, ..SearchOptions::new(5) })
-                .unwrap()
-                .hits[0],
-        )
-    };
-    assert_eq!(search(Some(deleted_ts - 1)), before_delete);
-    assert_eq!(search(None), now);
+    assert_eq!(top5(&engine, &query, Some(deleted_ts - 1)), before_delete);
+    assert_eq!(top5(&engine, &query, None), now);
     assert_eq!(engine.count("docs", &QueryOptions::default()).unwrap(), 999);
     let listed = engine.storage().list("catalog").unwrap();
     assert!(!listed.is_empty(), "the catalog is in the bucket");
