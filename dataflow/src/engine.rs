@@ -786,14 +786,7 @@ impl Engine {
     fn truncate_log(&self) -> Result<()> {
         let manifests = self.inner.manifests.lock().map_err(|_| Error::Shutdown)?;
         let log = &self.inner.shared.log;
-        let mut below = log.ends();
-        for manifest in manifests.values() {
-            for (p, position) in manifest.checkpoint.log_positions.iter().enumerate() {
-                if let Some(slot) = below.get_mut(p) {
-                    *slot = (*slot).min(*position);
-                }
-            }
-        }
+        let below = oldest_checkpoint_positions(manifests.values(), log.ends());
         drop(manifests);
         let removed = log.truncate_below(&below)?;
         if removed > 0 {
@@ -1152,6 +1145,17 @@ fn initial_manifest(entry: &CatalogEntry, log: &EmbeddedLog, workers: usize) -> 
     })
 }
 
+/// Per log partition, the lowest position any of `manifests` still needs
+/// (`ends` where none needs anything).
+fn oldest_checkpoint_positions<'a>(manifests: impl Iterator<Item = &'a Manifest>, mut ends: Vec<u64>) -> Vec<u64> {
+    for manifest in manifests {
+        for (slot, position) in ends.iter_mut().zip(&manifest.checkpoint.log_positions) {
+            *slot = (*slot).min(*position);
+        }
+    }
+    ends
+}
+
 /// What recovery hands the dataflow and the engine.
 struct Recovered {
     shards: HashMap<usize, Vec<RecoveredShard>>,
@@ -1240,17 +1244,7 @@ fn recover(
         let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
         shards.entry(worker).or_default().push((collection, at, shard));
     }
-    let mut replay_from = log.ends();
-    for manifest in manifests.values() {
-        for (p, position) in manifest.checkpoint.log_positions.iter().enumerate() {
-            if let Some(slot) = replay_from.get_mut(p) {
-                *slot = (*slot).min(*position);
-            }
-        }
-    }
-    if manifests.is_empty() {
-        replay_from.iter_mut().for_each(|p| *p = 0);
-    }
+    let replay_from = oldest_checkpoint_positions(manifests.values(), log.ends());
     let skip_through = manifests.iter().map(|(id, m)| (*id, m.checkpoint.ts)).collect();
     Ok(Recovered { shards, replay_from, skip_through, manifests, dirty, report })
 }

@@ -204,7 +204,7 @@ impl Segment {
         schema: &CollectionSchema,
         data: RecordBatch,
         deletes: &[(u32, Timestamp)],
-        mut indexes: HashMap<usize, HnswIndex>,
+        indexes: HashMap<usize, HnswIndex>,
         as_of: Timestamp,
         params: IndexParams,
     ) -> Result<Segment> {
@@ -257,20 +257,26 @@ impl Segment {
         segment.chunk_starts = vec![0];
         segment.chunks = vec![user];
         segment.sealed = true;
-        let Some(batch) = segment.chunks.first().cloned() else { return Ok(segment) };
-        for column in &mut segment.vectors {
-            let buffer = vector_buffer(&batch, column.field, column.dim);
+        segment.attach_indexes(indexes, params);
+        Ok(segment)
+    }
+
+    /// Gives each vector field of the sealed single chunk its contiguous
+    /// buffer and its index: the one in `ready`, else one built in the background.
+    fn attach_indexes(&mut self, mut ready: HashMap<usize, HnswIndex>, params: IndexParams) {
+        let Some(batch) = self.chunks.first() else { return };
+        for column in &mut self.vectors {
+            let buffer = vector_buffer(batch, column.field, column.dim);
             column.chunks = vec![buffer.clone()];
             let slot = Arc::new(IndexSlot::new());
-            match indexes.remove(&column.field) {
+            match ready.remove(&column.field) {
                 Some(index) => {
                     let _ = slot.set(Some(index));
                 }
-                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &uid),
+                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &self.uid),
             }
             column.index = Some(slot);
         }
-        Ok(segment)
     }
 
     /// Whether `hidden` rows (see [`Segment::restore`]) are never visible.
@@ -396,14 +402,7 @@ impl Segment {
             self.chunks = vec![batch];
             self.chunk_starts = vec![0];
         }
-        let Some(batch) = self.chunks.first() else { return Ok(()) };
-        for column in &mut self.vectors {
-            let buffer = vector_buffer(batch, column.field, column.dim);
-            column.chunks = vec![buffer.clone()];
-            let slot = Arc::new(IndexSlot::new());
-            column.index = Some(slot.clone());
-            spawn_index_build(slot, buffer, column.dim, column.metric, params, &self.uid);
-        }
+        self.attach_indexes(HashMap::new(), params);
         Ok(())
     }
 
