@@ -8,7 +8,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::{EngineConfig, StorageConfig};
+use vectorflow::{EngineConfig, KafkaConfig, StorageConfig};
 
 /// Everything `vectorflow serve` reads. In TOML:
 ///
@@ -23,6 +23,14 @@ use vectorflow::{EngineConfig, StorageConfig};
 /// url = "s3://bucket/prefix"   # empty: <data_dir>/store on the local filesystem
 /// endpoint = "http://127.0.0.1:9000"
 /// allow_http = true
+///
+/// [log]
+/// kind = "kafka"               # default: "embedded"
+/// [log.kafka]
+/// bootstrap_servers = "127.0.0.1:9092"
+/// topics = { docs = "pg.public.docs" }
+/// formats = { docs = "debezium" }
+/// properties = { "security.protocol" = "SASL_SSL" }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,7 +51,7 @@ pub struct ServerConfig {
     /// Largest request or response message, in bytes; larger requests get RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// Log filter (tracing's env-filter syntax), overridden by RUST_LOG.
-    pub log: String,
+    pub log_filter: String,
     /// How often collections with new writes are checkpointed to the object
     /// store, in milliseconds (0: only on flush).
     pub checkpoint_interval_ms: u64,
@@ -52,6 +60,29 @@ pub struct ServerConfig {
     /// The object store (`[storage]` in TOML, `VECTORFLOW_STORAGE__URL`, ...):
     /// empty `url` for `<data_dir>/store`, or `s3://bucket/prefix`.
     pub storage: StorageConfig,
+    /// The write-ahead log (`[log]`): embedded, or Kafka topics.
+    pub log: LogSettings,
+}
+
+/// `[log]`: which log the server reads and writes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub kind: LogKind,
+    /// `[log.kafka]`, read when `kind = "kafka"`.
+    pub kafka: KafkaConfig,
+    /// A source stops reading while this many of its rows are not yet applied.
+    pub max_in_flight_rows: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// A redb write-ahead log in `<data_dir>/wal`.
+    #[default]
+    Embedded,
+    /// One Kafka topic per collection.
+    Kafka,
 }
 
 impl Default for ServerConfig {
@@ -66,10 +97,11 @@ impl Default for ServerConfig {
             bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
             request_timeout_secs: engine.request_timeout.as_secs(),
             max_message_bytes: 256 << 20,
-            log: "info".into(),
+            log_filter: "info".into(),
             checkpoint_interval_ms: engine.checkpoint_interval.map_or(0, |d| d.as_millis() as u64),
             compaction_interval_ms: engine.compaction_interval.map_or(0, |d| d.as_millis() as u64),
             storage: StorageConfig::default(),
+            log: LogSettings::default(),
         }
     }
 }
@@ -109,6 +141,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub storage: Option<String>,
+    /// Kafka bootstrap servers: read and write Kafka topics instead of the
+    /// embedded log (sets `log.kind = "kafka"` and `log.kafka.bootstrap_servers`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub kafka: Option<String>,
 }
 
 impl ServerConfig {
@@ -125,10 +162,15 @@ impl ServerConfig {
         if let Some(url) = &args.storage {
             config.storage.url = url.clone();
         }
+        if let Some(bootstrap) = &args.kafka {
+            config.log.kind = LogKind::Kafka;
+            config.log.kafka.bootstrap_servers = bootstrap.clone();
+        }
         Ok(config)
     }
 
     pub fn engine_config(&self) -> EngineConfig {
+        let defaults = EngineConfig::new(&self.data_dir);
         EngineConfig {
             workers: self.workers,
             seal_rows: self.seal_rows,
@@ -140,7 +182,9 @@ impl ServerConfig {
             compaction_interval: (self.compaction_interval_ms > 0)
                 .then(|| Duration::from_millis(self.compaction_interval_ms)),
             storage: self.storage.clone(),
-            ..EngineConfig::new(&self.data_dir)
+            kafka: (self.log.kind == LogKind::Kafka).then(|| self.log.kafka.clone()),
+            max_in_flight_rows: self.log.max_in_flight_rows.unwrap_or(defaults.max_in_flight_rows),
+            ..defaults
         }
     }
 }
@@ -171,6 +215,17 @@ mod tests {
             let shipped = ServerConfig::load(&ServeArgs { config: Some(example), ..Default::default() })
                 .map_err(|e| e.to_string())?;
             assert_eq!(shipped.listen, "127.0.0.1:19530");
+            assert_eq!(shipped.log.kind, LogKind::Embedded);
+            jail.set_env("VECTORFLOW_LOG__KIND", "kafka");
+            jail.set_env("VECTORFLOW_LOG__KAFKA__BOOTSTRAP_SERVERS", "broker:9093");
+            jail.create_file("kafka.toml", "[log.kafka]\ngroup_id = \"g\"\nproperties = { \"security.protocol\" = \"SASL_SSL\" }\n")?;
+            let kafka = ServerConfig::load(&ServeArgs { config: Some("kafka.toml".into()), ..Default::default() })
+                .map_err(|e| e.to_string())?;
+            let engine_kafka = kafka.engine_config().kafka.unwrap_or_default();
+            assert_eq!(engine_kafka.bootstrap_servers, "broker:9093");
+            assert_eq!(engine_kafka.group_id, "g");
+            assert_eq!(engine_kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+            jail.set_env("VECTORFLOW_LOG__KIND", "embedded");
             jail.create_file("bad.toml", "listen = 5\n")?;
             let bad = ServeArgs { config: Some("bad.toml".into()), ..Default::default() };
             let error = ServerConfig::load(&bad).err().map(|e| e.to_string()).unwrap_or_default();

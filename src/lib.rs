@@ -22,14 +22,14 @@
 //! ```
 
 pub use vectorflow_connectors::Dataset;
-pub use vectorflow_connectors::StorageConfig;
+pub use vectorflow_connectors::{KafkaConfig, PartitionLag, RecordFormat, StorageConfig};
 pub use vectorflow_core::{
     CollectionId, CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Row, Timestamp, Value,
 };
 pub use vectorflow_dataflow::RecoveryReport;
 pub use vectorflow_dataflow::engine::CompactionReport;
 pub use vectorflow_dataflow::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, QueryOptions, SearchHit,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, IngestStats, QueryOptions, SearchHit,
     SearchOptions, SearchResult, Session, WriteResult, row,
 };
 pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};

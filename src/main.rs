@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => Some(config::ServerConfig::load(args)?),
         _ => None,
     };
-    let default_log = server_config.as_ref().map_or("warn", |c| c.log.as_str());
+    let default_log = server_config.as_ref().map_or("warn", |c| c.log_filter.as_str());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()))
         .with_writer(std::io::stderr)

@@ -329,9 +329,10 @@ impl Vectorflow for VectorflowService {
         let stats = self
             .run(&request, move |engine, _| {
                 let read = read_options(Some(v1::ReadOptions { consistency: body.consistency, ..Default::default() }));
-                engine.stats(&body.collection, read.consistency)
+                Ok((engine.stats(&body.collection, read.consistency)?, engine.ingest_stats(&body.collection)?))
             })
             .await?;
+        let (stats, ingest) = stats;
         Ok(Response::new(v1::CollectionStats {
             live_rows: stats.live_rows as u64,
             versions: stats.versions as u64,
@@ -339,6 +340,20 @@ impl Vectorflow for VectorflowService {
             sealed_segments: stats.sealed_segments as u64,
             indexed_segments: stats.indexed_segments as u64,
             read_ts: stats.read_ts,
+            kafka: ingest.map(|ingest| v1::KafkaIngest {
+                dead_letters: ingest.dead_letters,
+                partitions: ingest
+                    .partitions
+                    .iter()
+                    .map(|p| v1::PartitionLag {
+                        partition: p.partition,
+                        position: p.position,
+                        high_watermark: p.high_watermark,
+                        lag: p.lag(),
+                    })
+                    .collect(),
+                topic: ingest.topic,
+            }),
         }))
     }
 

@@ -25,12 +25,14 @@
 
 use serde_json::{Map, Value as J};
 use vectorflow_core::batch::{Row, row_from_json};
-use vectorflow_core::value::value_from_json;
+use vectorflow_core::value::{value_from_json, vector_to_base64};
 use vectorflow_core::{CollectionSchema, DataType, Error, FieldSchema, Pk, Value};
 
 /// How a record's value is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RecordFormat {
+    #[default]
     /// The row as one JSON object; `{"op": "delete"}` deletes.
     Json,
     /// A Debezium change event, with or without the `schema`/`payload` envelope.
@@ -72,6 +74,33 @@ impl From<Error> for DecodeError {
             other => DecodeError::Value(other.to_string()),
         }
     }
+}
+
+/// The record key of a primary key: decimal text or the string's UTF-8,
+/// what [`decode`] reads back and what Kafka's string serializers write.
+pub fn encode_key(pk: &Pk) -> Vec<u8> {
+    match pk {
+        Pk::Int(v) => v.to_string().into_bytes(),
+        Pk::Str(v) => v.clone().into_bytes(),
+    }
+}
+
+/// Row `row` of a canonical batch of `schema` as a record value: a JSON
+/// object of its non-null fields, vectors as base64 of little-endian `f32`
+/// (exact, and half the size of number arrays), JSON fields as JSON.
+/// [`decode`] reads it back to the same row.
+pub fn encode_row(schema: &CollectionSchema, batch: &arrow::record_batch::RecordBatch, row: usize) -> Vec<u8> {
+    let mut object = Map::new();
+    for (field, column) in schema.fields.iter().zip(batch.columns()) {
+        let json = match (Value::from_array(column.as_ref(), row), &field.data_type) {
+            (Value::Null, _) => continue,
+            (Value::Vector(v), _) => J::String(vector_to_base64(&v)),
+            (Value::String(text), DataType::Json) => serde_json::from_str(&text).unwrap_or(J::String(text)),
+            (value, _) => value.to_json(),
+        };
+        object.insert(field.name.clone(), json);
+    }
+    J::Object(object).to_string().into_bytes()
 }
 
 fn missing_key() -> DecodeError {

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod dataset;
+pub mod kafka;
 pub mod kafka_record;
 pub mod log;
 pub mod manifest;
@@ -13,6 +14,8 @@ pub mod store;
 
 pub use catalog::{CatalogEntry, CatalogStore};
 pub use dataset::Dataset;
+pub use kafka::{KafkaConfig, KafkaLog, KafkaReader, PartitionLag};
+pub use kafka_record::RecordFormat;
 pub use log::{EmbeddedLog, LogEntry, LogOp, LogPoll, LogReader, LogRecord};
 pub use manifest::{Checkpoint, IndexFiles, Manifest, SegmentFiles};
 pub use store::{ObjectRef, ObjectStorage, StorageConfig};

@@ -194,6 +194,14 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::n
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
 );
 
+/// A vector as base64 of its little-endian `f32` bytes: the compact form
+/// [`value_from_json`] reads back exactly.
+pub fn vector_to_base64(vector: &[f32]) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    BASE64.encode(bytes)
+}
+
 /// A JSON value as a value of a field of `data_type`: the one conversion the
 /// CLI, schema defaults and the Kafka decoder share. `null` is [`Value::Null`]
 /// (whether the field may hold it is the row's check); JSON fields keep their

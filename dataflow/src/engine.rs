@@ -12,8 +12,8 @@ use differential_dataflow::Hashable;
 use timely::communication::WorkerGuards;
 use vectorflow_connectors::manifest::{collection_prefix, delete_collection_objects, load_manifest, publish_manifest};
 use vectorflow_connectors::{
-    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, LogOp, LogRecord, Manifest, ObjectStorage, SegmentFiles,
-    StorageConfig,
+    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, KafkaConfig, KafkaLog, LogOp, LogRecord, Manifest,
+    ObjectStorage, PartitionLag, SegmentFiles, StorageConfig,
 };
 use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
@@ -22,6 +22,7 @@ use vectorflow_operators::distance::{normalize, score};
 use vectorflow_operators::{CompactionPolicy, Filter, IndexParams, SearchPlan, Shard, ShardConfig, ShardStats};
 
 use crate::graph::{RecoveredShard, Shared, run_worker};
+use crate::log::Log;
 use crate::messages::{Answer, Request, RequestKind};
 use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
 
@@ -61,6 +62,11 @@ pub struct EngineConfig {
     pub compaction_dead_fraction: f32,
     /// Threads that load segments at recovery.
     pub load_threads: usize,
+    /// Read and write Kafka topics instead of the embedded log.
+    pub kafka: Option<KafkaConfig>,
+    /// A log source stops reading while this many of its rows are not yet
+    /// applied (Kafka keeps the rest: backpressure instead of buffering).
+    pub max_in_flight_rows: usize,
 }
 
 impl EngineConfig {
@@ -82,6 +88,8 @@ impl EngineConfig {
             compaction_interval: Some(Duration::from_secs(60)),
             compaction_dead_fraction: 0.2,
             load_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            kafka: None,
+            max_in_flight_rows: 200_000,
         }
     }
 }
@@ -206,6 +214,22 @@ pub struct CollectionStats {
     pub read_ts: Timestamp,
 }
 
+/// How a collection's Kafka topic is being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestStats {
+    pub topic: String,
+    /// Bad records sent to the dead-letter topic since the engine started.
+    pub dead_letters: u64,
+    pub partitions: Vec<PartitionLag>,
+}
+
+impl IngestStats {
+    /// Records the brokers hold that the sources have not read yet.
+    pub fn lag(&self) -> u64 {
+        self.partitions.iter().map(PartitionLag::lag).sum()
+    }
+}
+
 struct Inner {
     config: EngineConfig,
     shared: Arc<Shared>,
@@ -265,7 +289,10 @@ impl Engine {
         let started = Instant::now();
         let storage = ObjectStorage::open(&config.storage, &config.data_dir)?;
         let partitions = config.log_partitions.unwrap_or(config.workers as u32);
-        let log = EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?;
+        let log = match &config.kafka {
+            Some(kafka) => Log::Kafka(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
+            None => Log::Embedded(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
+        };
         let catalog_store = CatalogStore::open(storage.clone())?;
         let entries = catalog_store.load()?;
         for entry in &entries {
@@ -293,7 +320,8 @@ impl Engine {
             ingest_paused: AtomicBool::new(false),
             shard_config,
             tick: config.tick,
-            poll_batch: 256,
+            poll_batch: if config.kafka.is_some() { 1024 } else { 256 },
+            max_in_flight_rows: config.max_in_flight_rows.max(1),
             persister,
             recovered: Mutex::new(recovered.shards),
             replay_from: recovered.replay_from,
@@ -343,6 +371,10 @@ impl Engine {
     /// open, and records how long recovery took.
     fn wait_for_replay(&self, started: Instant) -> Result<()> {
         let shared = &self.inner.shared;
+        if let Some(kafka) = shared.log.kafka() {
+            // Everything the brokers hold now is the "log at open".
+            kafka.sync_all(self.inner.config.request_timeout.max(Duration::from_secs(600)))?;
+        }
         let target = shared.log.tso().next_possible();
         let mut logged = Instant::now();
         while shared.applied_frontier() <= target {
@@ -380,7 +412,10 @@ impl Engine {
 
     /// Log records held (not yet covered by every collection's checkpoint).
     pub fn log_records(&self) -> Result<u64> {
-        self.inner.shared.log.held_records()
+        match &self.inner.shared.log {
+            Log::Embedded(log) => log.held_records(),
+            Log::Kafka(_) => Ok(0),
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -415,6 +450,9 @@ impl Engine {
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
         let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
         publish_manifest(&self.inner.storage, &manifest)?;
+        if let Some(kafka) = self.inner.shared.log.kafka() {
+            kafka.register(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
+        }
         if let Ok(mut manifests) = self.inner.manifests.lock() {
             manifests.insert(entry.id, manifest);
         }
@@ -435,6 +473,11 @@ impl Engine {
         }
         if let Ok(mut manifests) = self.inner.manifests.lock() {
             manifests.remove(&entry.id);
+        }
+        if let Some(kafka) = self.inner.shared.log.kafka()
+            && let Err(e) = kafka.unregister(entry.id)
+        {
+            tracing::warn!(collection = name, "forgetting the dropped collection's offset bindings: {e}");
         }
         if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
             tracing::warn!(collection = name, "removing the dropped collection's objects: {e}");
@@ -498,7 +541,14 @@ impl Engine {
                 return Err(Error::field(&pk_field.name, format!("key {pk} does not fit {:?}", pk_field.data_type)));
             }
         }
-        let partitions = self.inner.shared.log.partitions();
+        let log = match &self.inner.shared.log {
+            Log::Embedded(log) => log,
+            Log::Kafka(kafka) => {
+                let ts = kafka.write(entry.id, None, pks, self.inner.config.request_timeout)?;
+                return Ok(WriteResult { pks: pks.to_vec(), ts });
+            }
+        };
+        let partitions = log.partitions();
         let mut by_partition: BTreeMap<u32, Vec<Pk>> = BTreeMap::new();
         for pk in pks {
             by_partition.entry(partition_of(entry.id, pk, partitions)).or_default().push(pk.clone());
@@ -507,7 +557,7 @@ impl Engine {
             .into_iter()
             .map(|(p, pks)| (p, LogRecord { collection: entry.id, op: LogOp::Delete(pks) }))
             .collect();
-        let ts = self.inner.shared.log.append(records)?;
+        let ts = log.append(records)?;
         Ok(WriteResult { pks: pks.to_vec(), ts })
     }
 
@@ -526,9 +576,20 @@ impl Engine {
         }
         let pk_index = schema.primary_index();
         let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
-        let partitions = self.inner.shared.log.partitions();
+        let log = match &self.inner.shared.log {
+            Log::Embedded(log) => log,
+            Log::Kafka(kafka) => {
+                // Auto ids from reserved timestamps, as in the embedded log;
+                // the records carry them as keys.
+                let write =
+                    if auto_id { with_auto_ids(write, pk_index, kafka.tso().allocate(rows as u64) as i64)? } else { write };
+                let ts = kafka.write(entry.id, Some(&write), &[], self.inner.config.request_timeout)?;
+                return Ok(WriteResult { pks: write.pks, ts });
+            }
+        };
+        let partitions = log.partitions();
         let mut pks = Vec::new();
-        let ts = self.inner.shared.log.append_with(rows as u64, |first_ts| {
+        let ts = log.append_with(rows as u64, |first_ts| {
             let write = if auto_id { with_auto_ids(write, pk_index, first_ts as i64)? } else { write };
             let mut rows_by_partition: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
             for (row, pk) in write.pks.iter().enumerate() {
@@ -589,7 +650,7 @@ impl Engine {
         let output_fields = self.output_fields(schema, &options.output_fields)?;
         let filter = checked_filter(schema, options.filter.as_deref())?;
         let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
-        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let kind =
             RequestKind::Search { field, queries, k: options.k, ef, filter, output_fields: output_fields.clone() };
         let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
@@ -614,7 +675,7 @@ impl Engine {
         let entry = self.entry(collection)?;
         let schema = &entry.schema;
         let output_fields = self.output_fields(schema, &options.output_fields)?;
-        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let kind = RequestKind::Get { pks: pks.to_vec(), output_fields: output_fields.clone() };
         let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
         let Answer::Get(rows) = answer else { return Err(unexpected(answer)) };
@@ -657,7 +718,7 @@ impl Engine {
         output_fields: &[usize],
     ) -> Result<Vec<(Pk, Vec<Value>)>> {
         let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
-        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
         let kind = RequestKind::Query { filter, output_fields: output_fields.to_vec(), limit };
         let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
@@ -669,7 +730,7 @@ impl Engine {
     pub fn count(&self, collection: &str, options: &QueryOptions) -> Result<usize> {
         let entry = self.entry(collection)?;
         let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
-        let read_ts = self.read_ts(options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let kind = RequestKind::Count { filter };
         match self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
             Answer::Count(count) => Ok(count),
@@ -716,7 +777,10 @@ impl Engine {
         let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
         let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
         // Every write at or before `ts` is committed now (the frontier passed it).
-        let log_positions = inner.shared.log.positions_after(ts)?;
+        let log_positions = match &inner.shared.log {
+            Log::Embedded(log) => log.positions_after(ts)?,
+            Log::Kafka(kafka) => kafka.positions_after(entry.id, ts)?,
+        };
         let version = previous.version + 1;
         let mut segments = vec![Vec::new(); inner.config.workers];
         for (shard, states) in parts {
@@ -754,7 +818,11 @@ impl Engine {
         if let Err(e) = self.collect_garbage(&manifest) {
             tracing::warn!(collection = entry.schema.name, "removing unreferenced objects: {e}");
         }
-        if let Err(e) = self.truncate_log() {
+        let truncated = match &inner.shared.log {
+            Log::Embedded(_) => self.truncate_log(),
+            Log::Kafka(kafka) => kafka.checkpointed(entry.id, &manifest.checkpoint.log_positions),
+        };
+        if let Err(e) = truncated {
             tracing::warn!("truncating the log: {e}");
         }
         tracing::debug!(collection = entry.schema.name, version, ts, "checkpoint published");
@@ -784,8 +852,8 @@ impl Engine {
 
     /// Drops the log records every collection's checkpoint covers.
     fn truncate_log(&self) -> Result<()> {
+        let Log::Embedded(log) = &self.inner.shared.log else { return Ok(()) };
         let manifests = self.inner.manifests.lock().map_err(|_| Error::Shutdown)?;
-        let log = &self.inner.shared.log;
         let below = oldest_checkpoint_positions(manifests.values(), log.ends());
         drop(manifests);
         let removed = log.truncate_below(&below)?;
@@ -862,13 +930,17 @@ impl Engine {
     /// Checkpoints a collection if the log moved past its checkpoint or a
     /// compaction changed it since.
     fn checkpoint_if_changed(&self, entry: &CatalogEntry) -> Result<()> {
+        let positions = match &self.inner.shared.log {
+            Log::Embedded(log) => log.ends(),
+            Log::Kafka(kafka) => kafka.positions(entry.id)?,
+        };
         let behind = self
             .inner
             .manifests
             .lock()
             .map_err(|_| Error::Shutdown)?
             .get(&entry.id)
-            .is_none_or(|m| m.checkpoint.log_positions != self.inner.shared.log.ends());
+            .is_none_or(|m| m.checkpoint.log_positions != positions);
         let dirty = self.inner.dirty.lock().is_ok_and(|d| d.contains(&entry.id));
         if behind || dirty {
             self.checkpoint(entry)?;
@@ -879,13 +951,25 @@ impl Engine {
     /// Row and segment counts at a consistency level.
     pub fn stats(&self, collection: &str, consistency: Consistency) -> Result<CollectionStats> {
         let entry = self.entry(collection)?;
-        let read_ts = self.read_ts(consistency, None, None)?;
+        let read_ts = self.read_ts(entry.id, consistency, None, None)?;
         match self.request(entry.id, read_ts, RequestKind::Stats, None, consistency, None)? {
             Answer::Stats(ShardStats {
                 versions, live_rows, growing_rows, sealed_segments, indexed_segments, ..
             }) => Ok(CollectionStats { live_rows, versions, growing_rows, sealed_segments, indexed_segments, read_ts }),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Kafka ingestion of the collection: dead letters and lag per partition
+    /// (`None` on the embedded log). Asks the brokers for their watermarks.
+    pub fn ingest_stats(&self, collection: &str) -> Result<Option<IngestStats>> {
+        let entry = self.entry(collection)?;
+        let Some(kafka) = self.inner.shared.log.kafka() else { return Ok(None) };
+        Ok(Some(IngestStats {
+            topic: kafka.config().topic_of(&entry.schema.name),
+            dead_letters: kafka.dead_letters(entry.id),
+            partitions: kafka.lag(entry.id)?,
+        }))
     }
 
     /// Waits until every sealed segment of the collection has its index, or `timeout`.
@@ -910,6 +994,7 @@ impl Engine {
     /// The timestamp a read answers at.
     fn read_ts(
         &self,
+        collection: CollectionId,
         consistency: Consistency,
         as_of: Option<Timestamp>,
         guarantee_ts: Option<Timestamp>,
@@ -928,7 +1013,14 @@ impl Engine {
         }
         let applied = self.inner.shared.applied_frontier().saturating_sub(1);
         Ok(match consistency {
-            Consistency::Strong => tso.allocate(1),
+            Consistency::Strong => {
+                if let Some(kafka) = self.inner.shared.log.kafka() {
+                    // Acknowledged by the brokers means read by the sources
+                    // first; their records then have times before this read's.
+                    kafka.sync(collection, self.inner.config.request_timeout)?;
+                }
+                tso.allocate(1)
+            }
             Consistency::Session => applied.max(guarantee_ts.unwrap_or(0)),
             Consistency::Bounded => applied.max(before(tso.next_possible(), self.inner.config.bounded_staleness)),
             Consistency::Eventually => applied,
@@ -1135,12 +1227,17 @@ fn maintain(inner: std::sync::Weak<Inner>, checkpoint_every: Option<Duration>, c
 
 /// The manifest of a collection nothing has been checkpointed for: no
 /// segments, replay from the log position at its creation.
-fn initial_manifest(entry: &CatalogEntry, log: &EmbeddedLog, workers: usize) -> Result<Manifest> {
+fn initial_manifest(entry: &CatalogEntry, log: &Log, workers: usize) -> Result<Manifest> {
+    let log_positions = match log {
+        Log::Embedded(log) => log.positions_after(entry.created_ts)?,
+        // A topic is read from its beginning (Kafka's `earliest`).
+        Log::Kafka(_) => Vec::new(),
+    };
     Ok(Manifest {
         version: 1,
         collection: entry.id,
         shards: workers,
-        checkpoint: Checkpoint { ts: entry.created_ts, log_positions: log.positions_after(entry.created_ts)? },
+        checkpoint: Checkpoint { ts: entry.created_ts, log_positions },
         segments: vec![Vec::new(); workers],
     })
 }
@@ -1171,13 +1268,16 @@ struct Recovered {
 fn recover(
     config: &EngineConfig,
     storage: &ObjectStorage,
-    log: &EmbeddedLog,
+    log: &Log,
     entries: &[CatalogEntry],
     persister: &Persister,
     shard_config: ShardConfig,
 ) -> Result<Recovered> {
-    let mut report =
-        RecoveryReport { collections: entries.len(), replayed_records: log.held_records()?, ..Default::default() };
+    let replayed_records = match log {
+        Log::Embedded(log) => log.held_records()?,
+        Log::Kafka(_) => 0,
+    };
+    let mut report = RecoveryReport { collections: entries.len(), replayed_records, ..Default::default() };
     let mut manifests = HashMap::new();
     for entry in entries {
         let manifest = match load_manifest(storage, entry.id)? {
@@ -1244,7 +1344,17 @@ fn recover(
         let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
         shards.entry(worker).or_default().push((collection, at, shard));
     }
-    let replay_from = oldest_checkpoint_positions(manifests.values(), log.ends());
+    let replay_from = match log {
+        Log::Embedded(log) => oldest_checkpoint_positions(manifests.values(), log.ends()),
+        Log::Kafka(kafka) => {
+            // Each collection's sources seek to its own checkpoint.
+            for entry in entries {
+                let positions = &manifests[&entry.id].checkpoint.log_positions;
+                kafka.register(entry.id, Arc::new(entry.schema.clone()), positions)?;
+            }
+            Vec::new()
+        }
+    };
     let skip_through = manifests.iter().map(|(id, m)| (*id, m.checkpoint.ts)).collect();
     Ok(Recovered { shards, replay_from, skip_through, manifests, dirty, report })
 }

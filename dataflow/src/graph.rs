@@ -2,7 +2,7 @@
 //! arrangement → segment operator ← broadcast requests; partial answers go to
 //! the origin worker's merge.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,17 +19,18 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::{Scope, StreamVec};
 use timely::scheduling::SyncActivator;
 use timely::worker::Worker;
-use vectorflow_connectors::{EmbeddedLog, LogEntry, LogOp, LogReader};
+use vectorflow_connectors::{LogEntry, LogOp, LogReader};
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
 use vectorflow_operators::{Filter, Shard, ShardConfig};
 
+use crate::log::Log;
 use crate::messages::{Answer, ChunkBody, Partial, Request, RequestKind, SegmentInput, ShardChunk};
 use crate::persist::Persister;
 
 /// State the engine and every worker share.
 pub(crate) struct Shared {
-    pub log: Arc<EmbeddedLog>,
+    pub log: Log,
     pub workers: usize,
     pub schemas: RwLock<HashMap<CollectionId, Arc<CollectionSchema>>>,
     /// Bumped on every create/drop so workers drop state of dropped collections.
@@ -49,6 +50,9 @@ pub(crate) struct Shared {
     pub tick: Duration,
     /// Log entries one source activation reads at most.
     pub poll_batch: usize,
+    /// A source stops reading while this many rows it emitted are not yet
+    /// applied (backpressure: Kafka keeps the rest, the lag grows).
+    pub max_in_flight_rows: usize,
     /// Writes sealed segments to the object store.
     pub persister: Arc<Persister>,
     /// Shards loaded from the object store at recovery, per worker, with
@@ -181,24 +185,46 @@ fn log_source<'scope>(
     peers: usize,
 ) -> StreamVec<'scope, Timestamp, ShardChunk> {
     source(scope, "LogSource", move |capability, info| {
-        let partitions: Vec<u32> = (0..shared.log.partitions()).filter(|p| *p as usize % peers == index).collect();
-        let mut reader = shared.log.reader_from(partitions.clone(), &shared.replay_from);
+        let mut reader: Option<Box<dyn LogReader>> = match &shared.log {
+            Log::Embedded(log) => {
+                let partitions: Vec<u32> = (0..log.partitions()).filter(|p| *p as usize % peers == index).collect();
+                let wake = scope.worker().sync_activator_for(info.address.to_vec());
+                log.subscribe(Box::new(move || {
+                    let _ = wake.activate();
+                }));
+                (!partitions.is_empty()).then(|| Box::new(log.reader_from(partitions, &shared.replay_from)) as _)
+            }
+            Log::Kafka(kafka) => match kafka.reader(index) {
+                Ok(reader) => Some(Box::new(reader) as _),
+                Err(e) => {
+                    tracing::error!(worker = index, "no kafka consumer, this worker reads nothing: {e}");
+                    None
+                }
+            },
+        };
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
-        let wake = scope.worker().sync_activator_for(info.address.to_vec());
-        shared.log.subscribe(Box::new(move || {
-            let _ = wake.activate();
-        }));
         if let Ok(mut activators) = shared.source_activators.lock() {
             activators.insert(index, scope.worker().sync_activator_for(info.address.to_vec()));
         }
         let delayed = scope.worker().activator_for(info.address.clone());
-        let mut capability = if partitions.is_empty() { None } else { Some(capability) };
+        let mut capability = reader.is_some().then_some(capability);
+        // Rows emitted and not yet applied, by time.
+        let mut in_flight: VecDeque<(Timestamp, usize)> = VecDeque::new();
+        let mut in_flight_rows = 0;
         move |output| {
             if shared.shutdown.load(Ordering::Acquire) {
                 capability = None;
             }
-            let Some(cap) = capability.as_mut() else { return };
+            let (Some(cap), Some(reader)) = (capability.as_mut(), reader.as_mut()) else { return };
             if shared.ingest_paused.load(Ordering::Acquire) {
+                delayed.activate_after(shared.tick);
+                return;
+            }
+            let applied = shared.applied_frontier();
+            while in_flight.front().is_some_and(|(ts, _)| *ts < applied) {
+                in_flight_rows -= in_flight.pop_front().map_or(0, |(_, rows)| rows);
+            }
+            if in_flight_rows >= shared.max_in_flight_rows {
                 delayed.activate_after(shared.tick);
                 return;
             }
@@ -210,8 +236,15 @@ fn log_source<'scope>(
                     return;
                 }
             };
+            let full = poll.entries.len() >= shared.poll_batch;
             for entry in poll.entries {
                 let time = entry.ts.max(*cap.time());
+                let rows = match &entry.record.op {
+                    LogOp::Upsert(batch) => batch.0.num_rows(),
+                    LogOp::Delete(pks) => pks.len(),
+                };
+                in_flight_rows += rows;
+                in_flight.push_back((time, rows));
                 let at = cap.delayed(&time);
                 let mut session = output.session(&at);
                 for chunk in cut_into_chunks(&shared, entry, peers) {
@@ -223,7 +256,11 @@ fn log_source<'scope>(
                     if frontier > *cap.time() {
                         cap.downgrade(&frontier);
                     }
-                    delayed.activate_after(shared.tick);
+                    if full {
+                        let _ = activator.activate();
+                    } else {
+                        delayed.activate_after(shared.tick);
+                    }
                 }
                 // Behind: read on at once.
                 None => {

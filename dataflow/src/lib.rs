@@ -21,11 +21,12 @@
 
 pub mod engine;
 mod graph;
+mod log;
 mod messages;
 pub mod persist;
 
 pub use engine::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, QueryOptions, SearchHit,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, GetOptions, IngestStats, QueryOptions, SearchHit,
     SearchOptions, SearchResult, Session, WriteResult, row,
 };
 pub use persist::RecoveryReport;

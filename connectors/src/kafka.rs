@@ -1,0 +1,917 @@
+//! Kafka as the log: one topic per collection, read by rdkafka consumers
+//! inside the dataflow (each worker reads its share of every topic's
+//! partitions), written by an idempotent producer on behalf of the API.
+//!
+//! **Timestamps.** A record's timestamp is assigned when the source first
+//! reads it, from the engine's timestamp oracle, and *bound* to its offset
+//! durably (a redb table in the data directory) before the record enters the
+//! dataflow. A replay after a crash reuses the bindings, so every record
+//! gets the timestamp it had, and time travel answers as before the crash.
+//! Producer timestamps (`CreateTime`) are not used for the dataflow time:
+//! they may be skewed, repeated or set for backfills, and a partition that
+//! waits for them would hold the frontier back. Because later records
+//! always get later oracle timestamps, an idle partition never holds the
+//! frontier back: a source may always advance to the oracle's next time.
+//!
+//! Records of one partition that name distinct keys share a timestamp (a
+//! *run*); a run ends where a key repeats, so one key never changes twice at
+//! one time. A binding is `(partition, first offset, last offset) → time`.
+//!
+//! **Exactly once.** A checkpoint stores, per partition, the first offset
+//! whose time is after the checkpoint; recovery loads the segments as of the
+//! checkpoint and seeks the consumers there. Consumer-group commits are
+//! made after each checkpoint for monitoring only.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use vectorflow_core::batch::{Row, WriteBatch, WriteKind};
+use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Pk, Result, Timestamp, Tso, Value};
+
+use crate::kafka_record::{Mutation, RecordFormat, decode, encode_key, encode_row};
+use crate::log::{LogEntry, LogOp, LogPoll, LogReader, LogRecord};
+
+/// `[log.kafka]` of the server configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub bootstrap_servers: String,
+    /// Consumer group the checkpointed positions are committed to (for monitoring).
+    pub group_id: String,
+    /// A collection without an entry in `topics` reads `<topic_prefix><name>`.
+    pub topic_prefix: String,
+    /// Collection name → topic.
+    pub topics: BTreeMap<String, String>,
+    /// Collection name → record format (`json`, the default, or `debezium`).
+    pub formats: BTreeMap<String, RecordFormat>,
+    /// Partitions of the topics Vectorflow creates (0: one per worker).
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Bad records of topic `t` go to `t<dead_letter_suffix>`.
+    pub dead_letter_suffix: String,
+    /// librdkafka settings for every client (SASL, TLS, ...); they win over Vectorflow's.
+    pub properties: BTreeMap<String, String>,
+    /// Broker requests (metadata, admin, delivery) fail after this long, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "vectorflow".into(),
+            topic_prefix: "vectorflow.".into(),
+            topics: BTreeMap::new(),
+            formats: BTreeMap::new(),
+            partitions: 0,
+            replication_factor: 1,
+            dead_letter_suffix: ".dlq".into(),
+            properties: BTreeMap::new(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The topic collection `name` reads.
+    pub fn topic_of(&self, name: &str) -> String {
+        self.topics.get(name).cloned().unwrap_or_else(|| format!("{}{name}", self.topic_prefix))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.max(1))
+    }
+}
+
+/// One partition's consumer lag, as the statistics report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionLag {
+    pub partition: u32,
+    /// The next offset the source will read.
+    pub position: u64,
+    /// The broker's high watermark (the offset after the last acknowledged record).
+    pub high_watermark: u64,
+}
+
+impl PartitionLag {
+    pub fn lag(&self) -> u64 {
+        self.high_watermark.saturating_sub(self.position)
+    }
+}
+
+/// Offsets `first..=last` of a partition, read at time `ts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Binding {
+    first: u64,
+    last: u64,
+    ts: Timestamp,
+}
+
+/// Bindings: (collection, partition, first offset) → (last offset, time).
+const BINDINGS: TableDefinition<(u32, u32, u64), (u64, u64)> = TableDefinition::new("bindings");
+
+fn kafka_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::storage(format!("kafka: {what}: {e}"))
+}
+
+fn bindings_error(e: impl std::fmt::Display) -> Error {
+    Error::storage(format!("kafka offset bindings: {e}"))
+}
+
+/// What the engine knows of one collection's topic.
+struct Feed {
+    topic: String,
+    dead_letter_topic: String,
+    schema: Arc<CollectionSchema>,
+    format: RecordFormat,
+    partitions: Vec<PartitionState>,
+    dead_letters: u64,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    /// Every offset below is bound (and handed to the dataflow).
+    next: u64,
+    /// Bindings since the checkpoint, by first offset; those at or after
+    /// `next` were made before a restart and are replayed as they are.
+    bindings: VecDeque<Binding>,
+}
+
+impl PartitionState {
+    fn binding_of(&self, offset: u64) -> Option<Binding> {
+        let i = self.bindings.partition_point(|b| b.last < offset);
+        self.bindings.get(i).copied().filter(|b| b.first <= offset)
+    }
+
+    /// The time of the first binding still to replay, if any.
+    fn pending_ts(&self) -> Option<Timestamp> {
+        let i = self.bindings.partition_point(|b| b.last < self.next);
+        self.bindings.get(i).map(|b| b.ts)
+    }
+}
+
+/// The Kafka log shared by the engine and every worker's source.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    workers: usize,
+    tso: Tso,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Metadata, watermarks and the informational group commits.
+    metadata: BaseConsumer,
+    bindings: Database,
+    feeds: Mutex<HashMap<CollectionId, Feed>>,
+    /// Signalled whenever offsets are bound.
+    bound: Condvar,
+    /// Bumped when a feed is added or removed, so sources reassign.
+    version: AtomicU64,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog").field("bootstrap_servers", &self.config.bootstrap_servers).finish()
+    }
+}
+
+impl KafkaLog {
+    /// Connects to the brokers (failing with a clear error when they cannot
+    /// be reached) and opens the offset bindings in `dir`.
+    pub fn open(config: KafkaConfig, workers: usize, dir: &Path) -> Result<Arc<KafkaLog>> {
+        if config.bootstrap_servers.trim().is_empty() {
+            return Err(Error::argument("log.kafka.bootstrap_servers", "must name at least one broker"));
+        }
+        let producer: FutureProducer = client_config(
+            &config,
+            &[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "1"), ("partitioner", "murmur2_random")],
+        )
+        .create()
+        .map_err(|e| kafka_error("creating the producer", e))?;
+        let admin: AdminClient<DefaultClientContext> =
+            client_config(&config, &[]).create().map_err(|e| kafka_error("creating the admin client", e))?;
+        let metadata: BaseConsumer = client_config(&config, &consumer_settings(&config))
+            .create()
+            .map_err(|e| kafka_error("creating the metadata consumer", e))?;
+        metadata.fetch_metadata(None, config.timeout()).map_err(|e| {
+            kafka_error(&format!("cannot reach the brokers at `{}`", config.bootstrap_servers), e)
+        })?;
+        std::fs::create_dir_all(dir)?;
+        let bindings = Database::create(dir.join("bindings.redb")).map_err(bindings_error)?;
+        let mut floor = 0;
+        {
+            let txn = bindings.begin_write().map_err(bindings_error)?;
+            txn.open_table(BINDINGS).map_err(bindings_error)?;
+            txn.commit().map_err(bindings_error)?;
+            let read = bindings.begin_read().map_err(bindings_error)?;
+            let table = read.open_table(BINDINGS).map_err(bindings_error)?;
+            for item in table.iter().map_err(bindings_error)? {
+                let (_, value) = item.map_err(bindings_error)?;
+                floor = floor.max(value.value().1);
+            }
+        }
+        Ok(Arc::new(KafkaLog {
+            config,
+            workers: workers.max(1),
+            tso: Tso::new(floor),
+            producer,
+            admin,
+            metadata,
+            bindings,
+            feeds: Mutex::new(HashMap::new()),
+            bound: Condvar::new(),
+            version: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// The timestamp oracle writes and reads draw from.
+    pub fn tso(&self) -> &Tso {
+        &self.tso
+    }
+
+    fn feeds(&self) -> Result<MutexGuard<'_, HashMap<CollectionId, Feed>>> {
+        self.feeds.lock().map_err(|_| Error::Shutdown)
+    }
+
+    /// Starts reading collection `id` from `positions` (per partition; 0, the
+    /// topic's beginning, where short). Creates the topic and its dead-letter
+    /// topic when they do not exist. Bindings made after `positions` before a
+    /// restart are kept, to replay with their timestamps.
+    pub fn register(&self, id: CollectionId, schema: Arc<CollectionSchema>, positions: &[u64]) -> Result<()> {
+        let topic = self.config.topic_of(&schema.name);
+        let dead_letter_topic = format!("{topic}{}", self.config.dead_letter_suffix);
+        let partitions = self.ensure_topic(&topic, self.default_partitions())?;
+        self.ensure_topic(&dead_letter_topic, 1)?;
+        let mut states: Vec<PartitionState> = (0..partitions)
+            .map(|p| {
+                let next = positions.get(p as usize).copied().unwrap_or(0);
+                PartitionState { next, bindings: VecDeque::new() }
+            })
+            .collect();
+        let read = self.bindings.begin_read().map_err(bindings_error)?;
+        let table = read.open_table(BINDINGS).map_err(bindings_error)?;
+        for item in table.range((id, 0, 0)..=(id, u32::MAX, u64::MAX)).map_err(bindings_error)? {
+            let (key, value) = item.map_err(bindings_error)?;
+            let ((_, partition, first), (last, ts)) = (key.value(), value.value());
+            if let Some(state) = states.get_mut(partition as usize)
+                && last >= state.next
+            {
+                state.bindings.push_back(Binding { first, last, ts });
+                self.tso.observe(ts);
+            }
+        }
+        let format = self.config.formats.get(&schema.name).copied().unwrap_or_default();
+        tracing::info!(collection = schema.name, topic, partitions, ?format, "reading from kafka");
+        let feed = Feed { topic, dead_letter_topic, schema, format, partitions: states, dead_letters: 0 };
+        self.feeds()?.insert(id, feed);
+        self.version.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Stops reading a dropped collection and forgets its bindings. The
+    /// topic stays: it belongs to its producers.
+    pub fn unregister(&self, id: CollectionId) -> Result<()> {
+        self.feeds()?.remove(&id);
+        self.version.fetch_add(1, Ordering::AcqRel);
+        let txn = self.bindings.begin_write().map_err(bindings_error)?;
+        {
+            let mut table = txn.open_table(BINDINGS).map_err(bindings_error)?;
+            table.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false).map_err(bindings_error)?;
+        }
+        txn.commit().map_err(bindings_error)
+    }
+
+    fn default_partitions(&self) -> i32 {
+        if self.config.partitions > 0 { self.config.partitions } else { self.workers as i32 }
+    }
+
+    /// Creates `topic` with `partitions` unless it exists; returns its partition count.
+    fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<u32> {
+        if let Some(count) = self.partition_count(topic)? {
+            return Ok(count);
+        }
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.replication_factor));
+        let options = AdminOptions::new().operation_timeout(Some(self.config.timeout()));
+        let results = futures::executor::block_on(self.admin.create_topics([&new], &options))
+            .map_err(|e| kafka_error(&format!("creating topic `{topic}`"), e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => return Err(kafka_error(&format!("creating topic `{name}`"), code)),
+            }
+        }
+        // Metadata lags creation briefly.
+        let deadline = Instant::now() + self.config.timeout();
+        loop {
+            if let Some(count) = self.partition_count(topic)? {
+                tracing::info!(topic, partitions = count, "created topic");
+                return Ok(count);
+            }
+            if Instant::now() >= deadline {
+                return Err(kafka_error(&format!("topic `{topic}`"), "created, but not in the metadata"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
+        let metadata = self
+            .metadata
+            .fetch_metadata(Some(topic), self.config.timeout())
+            .map_err(|e| kafka_error(&format!("metadata of topic `{topic}`"), e))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as u32))
+    }
+
+    /// Per partition of `id`'s topic, the first offset whose time is after
+    /// `ts`: where a replay from a checkpoint at `ts` starts. Call it once
+    /// the dataflow has applied everything at or before `ts`.
+    pub fn positions_after(&self, id: CollectionId, ts: Timestamp) -> Result<Vec<u64>> {
+        let feeds = self.feeds()?;
+        let Some(feed) = feeds.get(&id) else { return Ok(Vec::new()) };
+        Ok(feed
+            .partitions
+            .iter()
+            .map(|state| {
+                // Times grow with offsets: the first binding after `ts` starts the replay.
+                let i = state.bindings.partition_point(|b| b.ts <= ts);
+                state.bindings.get(i).map_or(state.next, |b| b.first.min(state.next))
+            })
+            .collect())
+    }
+
+    /// The next offset to read, per partition of `id`'s topic.
+    pub fn positions(&self, id: CollectionId) -> Result<Vec<u64>> {
+        Ok(self.feeds()?.get(&id).map(|f| f.partitions.iter().map(|s| s.next).collect()).unwrap_or_default())
+    }
+
+    /// Forgets the bindings a checkpoint at `positions` covers, and commits
+    /// the positions to the consumer group (for monitoring tools).
+    pub fn checkpointed(&self, id: CollectionId, positions: &[u64]) -> Result<()> {
+        let topic = {
+            let mut feeds = self.feeds()?;
+            let Some(feed) = feeds.get_mut(&id) else { return Ok(()) };
+            for (state, &position) in feed.partitions.iter_mut().zip(positions) {
+                while state.bindings.front().is_some_and(|b| b.last < position) {
+                    state.bindings.pop_front();
+                }
+            }
+            feed.topic.clone()
+        };
+        let txn = self.bindings.begin_write().map_err(bindings_error)?;
+        {
+            let mut table = txn.open_table(BINDINGS).map_err(bindings_error)?;
+            for (p, &position) in positions.iter().enumerate() {
+                let p = p as u32;
+                table.retain_in((id, p, 0)..(id, p, position), |_, v| v.0 >= position).map_err(bindings_error)?;
+            }
+        }
+        txn.commit().map_err(bindings_error)?;
+        let mut list = TopicPartitionList::new();
+        for (p, &position) in positions.iter().enumerate() {
+            list.add_partition_offset(&topic, p as i32, Offset::Offset(position as i64))
+                .map_err(|e| kafka_error("commit list", e))?;
+        }
+        if let Err(e) = self.metadata.commit(&list, CommitMode::Async) {
+            tracing::debug!(topic, "informational offset commit failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// Waits until the sources have read every record the brokers had
+    /// acknowledged for `id`'s topic when this was called (a Strong read's
+    /// precondition). Asks the brokers for the high watermarks.
+    pub fn sync(&self, id: CollectionId, timeout: Duration) -> Result<()> {
+        let targets = self.high_watermarks(id)?;
+        self.wait_for(id, &targets, timeout)
+    }
+
+    /// Waits until every registered collection's sources caught up with the brokers.
+    pub fn sync_all(&self, timeout: Duration) -> Result<()> {
+        let ids: Vec<CollectionId> = self.feeds()?.keys().copied().collect();
+        let deadline = Instant::now() + timeout;
+        for id in ids {
+            self.sync(id, deadline.saturating_duration_since(Instant::now()))?;
+        }
+        Ok(())
+    }
+
+    fn high_watermarks(&self, id: CollectionId) -> Result<Vec<u64>> {
+        let (topic, partitions) = {
+            let feeds = self.feeds()?;
+            let Some(feed) = feeds.get(&id) else { return Ok(Vec::new()) };
+            (feed.topic.clone(), feed.partitions.len())
+        };
+        (0..partitions)
+            .map(|p| {
+                self.metadata
+                    .fetch_watermarks(&topic, p as i32, self.config.timeout())
+                    .map(|(_, high)| high.max(0) as u64)
+                    .map_err(|e| kafka_error(&format!("watermarks of `{topic}` partition {p}"), e))
+            })
+            .collect()
+    }
+
+    /// Waits until offset `targets[p] - 1` of every partition is bound.
+    fn wait_for(&self, id: CollectionId, targets: &[u64], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut feeds = self.feeds()?;
+        loop {
+            let Some(feed) = feeds.get(&id) else { return Ok(()) };
+            if feed.partitions.iter().zip(targets).all(|(state, &target)| state.next >= target) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(timeout));
+            }
+            feeds = self.bound.wait_timeout(feeds, left.min(Duration::from_millis(50))).map_err(|_| Error::Shutdown)?.0;
+        }
+    }
+
+    /// Consumer lag per partition of `id`'s topic (asks the brokers).
+    pub fn lag(&self, id: CollectionId) -> Result<Vec<PartitionLag>> {
+        let highs = self.high_watermarks(id)?;
+        let positions = self.positions(id)?;
+        Ok(positions
+            .into_iter()
+            .zip(highs)
+            .enumerate()
+            .map(|(p, (position, high_watermark))| PartitionLag { partition: p as u32, position, high_watermark })
+            .collect())
+    }
+
+    /// Records of `id` sent to its dead-letter topic since the engine started.
+    pub fn dead_letters(&self, id: CollectionId) -> u64 {
+        self.feeds.lock().ok().and_then(|f| f.get(&id).map(|f| f.dead_letters)).unwrap_or(0)
+    }
+
+    /// Produces rows (upserts) and keys (tombstones) of collection `id` to
+    /// its topic, waits for the brokers to acknowledge all of them
+    /// (idempotent producer, `acks=all`) and then for the sources to read
+    /// them; returns the newest timestamp they were given.
+    pub fn write(&self, id: CollectionId, write: Option<&WriteBatch>, deletes: &[Pk], timeout: Duration) -> Result<Timestamp> {
+        let (topic, schema) = {
+            let feeds = self.feeds()?;
+            let feed = feeds.get(&id).ok_or_else(|| Error::storage(format!("collection {id} has no topic")))?;
+            (feed.topic.clone(), feed.schema.clone())
+        };
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        if let Some(write) = write {
+            for (row, pk) in write.pks.iter().enumerate() {
+                records.push((encode_key(pk), Some(encode_row(&schema, &write.batch, row))));
+            }
+        }
+        records.extend(deletes.iter().map(|pk| (encode_key(pk), None)));
+        let deadline = Instant::now() + timeout;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (key, value) in &records {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&topic).key(key.as_slice());
+            if let Some(value) = value {
+                record = record.payload(value.as_slice());
+            }
+            deliveries.push(self.enqueue(record, deadline)?);
+        }
+        let mut targets: BTreeMap<u32, u64> = BTreeMap::new();
+        for delivery in deliveries {
+            let delivered = futures::executor::block_on(delivery)
+                .map_err(|_| kafka_error(&format!("producing to `{topic}`"), "the producer went away"))?
+                .map_err(|(e, _)| kafka_error(&format!("producing to `{topic}`"), e))?;
+            let target = targets.entry(delivered.partition as u32).or_default();
+            *target = (*target).max(delivered.offset as u64 + 1);
+        }
+        let partitions = targets.keys().next_back().map_or(0, |p| *p as usize + 1);
+        let mut wanted = vec![0; partitions];
+        for (&p, &target) in &targets {
+            wanted[p as usize] = target;
+        }
+        self.wait_for(id, &wanted, deadline.saturating_duration_since(Instant::now()))?;
+        let feeds = self.feeds()?;
+        let feed = feeds.get(&id).ok_or_else(|| Error::CollectionNotFound(schema.name.clone()))?;
+        Ok(targets
+            .iter()
+            .filter_map(|(&p, &target)| feed.partitions.get(p as usize)?.binding_of(target - 1))
+            .map(|b| b.ts)
+            .max()
+            .unwrap_or_else(|| self.tso.last()))
+    }
+
+    /// Hands a record to the producer, waiting while its queue is full.
+    fn enqueue<'a>(&self, mut record: FutureRecord<'a, [u8], [u8]>, deadline: Instant) -> Result<DeliveryFuture> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(kafka_error("producing", "the producer queue stayed full"));
+                    }
+                    self.producer.poll(Duration::from_millis(10));
+                    record = back;
+                }
+                Err((e, _)) => return Err(kafka_error("producing", e)),
+            }
+        }
+    }
+
+    /// Waits for every record handed to the producer to be delivered.
+    pub fn flush_producer(&self) -> Result<()> {
+        self.producer.flush(self.config.timeout()).map_err(|e| kafka_error("flushing the producer", e))
+    }
+
+    /// A reader of worker `worker`'s share of every collection's partitions
+    /// (partition `p` of collection `c` goes to worker `(p + c) mod workers`).
+    pub fn reader(self: &Arc<Self>, worker: usize) -> Result<KafkaReader> {
+        let consumer: BaseConsumer = client_config(&self.config, &consumer_settings(&self.config))
+            .create()
+            .map_err(|e| kafka_error("creating a consumer", e))?;
+        Ok(KafkaReader {
+            log: self.clone(),
+            worker,
+            consumer,
+            version: u64::MAX,
+            assigned: HashMap::new(),
+            dead_letters_in_flight: Vec::new(),
+        })
+    }
+}
+
+fn consumer_settings(config: &KafkaConfig) -> Vec<(&'static str, &str)> {
+    vec![
+        ("group.id", config.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        // Fetches wait at most this long for data: freshness over batching.
+        ("fetch.wait.max.ms", "5"),
+        // The prefetch queue per consumer: bounded memory when the dataflow falls behind.
+        ("queued.max.messages.kbytes", "16384"),
+        ("enable.partition.eof", "false"),
+    ]
+}
+
+fn client_config(config: &KafkaConfig, settings: &[(&str, &str)]) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.bootstrap_servers);
+    for (key, value) in settings {
+        client.set(*key, *value);
+    }
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
+    client
+}
+
+/// One worker's consumer: reads its partitions, binds offsets to times,
+/// decodes records and dead-letters the bad ones.
+pub struct KafkaReader {
+    log: Arc<KafkaLog>,
+    worker: usize,
+    consumer: BaseConsumer,
+    /// The feeds version the assignment follows.
+    version: u64,
+    /// (topic, partition) → collection.
+    assigned: HashMap<(String, i32), CollectionId>,
+    dead_letters_in_flight: Vec<(String, DeliveryFuture)>,
+}
+
+/// A record of one partition, decoded.
+struct Read {
+    offset: u64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    decoded: std::result::Result<Mutation, String>,
+}
+
+impl KafkaReader {
+    /// Follows feeds added or removed since the last call.
+    fn reassign(&mut self) -> Result<()> {
+        let version = self.log.version.load(Ordering::Acquire);
+        if version == self.version {
+            return Ok(());
+        }
+        let workers = self.log.workers;
+        let mut wanted: HashMap<(String, i32), (CollectionId, u64)> = HashMap::new();
+        for (&id, feed) in self.log.feeds()?.iter() {
+            for (p, state) in feed.partitions.iter().enumerate() {
+                if (p + id as usize) % workers == self.worker {
+                    wanted.insert((feed.topic.clone(), p as i32), (id, state.next));
+                }
+            }
+        }
+        let mut removed = TopicPartitionList::new();
+        self.assigned.retain(|key, id| {
+            let keep = wanted.get(key).is_some_and(|(wanted_id, _)| wanted_id == id);
+            if !keep {
+                removed.add_partition(&key.0, key.1);
+            }
+            keep
+        });
+        if removed.count() > 0 {
+            self.consumer.incremental_unassign(&removed).map_err(|e| kafka_error("unassigning partitions", e))?;
+        }
+        let mut added = TopicPartitionList::new();
+        for (key, (id, next)) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.assigned.entry(key) {
+                added
+                    .add_partition_offset(&slot.key().0, slot.key().1, Offset::Offset(next as i64))
+                    .map_err(|e| kafka_error("assignment", e))?;
+                slot.insert(id);
+            }
+        }
+        if added.count() > 0 {
+            self.consumer.incremental_assign(&added).map_err(|e| kafka_error("assigning partitions", e))?;
+        }
+        self.version = version;
+        Ok(())
+    }
+
+    /// Counts dead letters whose delivery finished and reports failures.
+    fn settle_dead_letters(&mut self) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        self.dead_letters_in_flight.retain_mut(|(topic, delivery)| match Pin::new(delivery).poll(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(Ok(_))) => false,
+            Poll::Ready(Ok(Err((e, _)))) => {
+                tracing::error!(topic, "a dead letter could not be delivered: {e}");
+                false
+            }
+            Poll::Ready(Err(_)) => false,
+        });
+    }
+
+    fn dead_letter(&mut self, feed_topic: &str, dead_letter_topic: &str, partition: i32, read: &Read, reason: &str) {
+        let partition_text = partition.to_string();
+        let offset_text = read.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "vectorflow.error", value: Some(reason) })
+            .insert(Header { key: "vectorflow.topic", value: Some(feed_topic) })
+            .insert(Header { key: "vectorflow.partition", value: Some(&partition_text) })
+            .insert(Header { key: "vectorflow.offset", value: Some(&offset_text) });
+        let mut record = FutureRecord::<[u8], [u8]>::to(dead_letter_topic).headers(headers);
+        if let Some(key) = &read.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &read.value {
+            record = record.payload(value.as_slice());
+        }
+        let deadline = Instant::now() + self.log.config.timeout();
+        match self.log.enqueue(record, deadline) {
+            Ok(delivery) => self.dead_letters_in_flight.push((dead_letter_topic.to_string(), delivery)),
+            Err(e) => tracing::error!(topic = dead_letter_topic, "a dead letter could not be produced: {e}"),
+        }
+    }
+}
+
+impl LogReader for KafkaReader {
+    fn partitions(&self) -> Vec<u32> {
+        self.assigned.keys().map(|(_, p)| *p as u32).collect()
+    }
+
+    fn poll(&mut self, max: usize) -> Result<LogPoll> {
+        self.reassign()?;
+        self.settle_dead_letters();
+        let mut messages: Vec<OwnedMessage> = Vec::new();
+        if !self.assigned.is_empty() {
+            while messages.len() < max {
+                match self.consumer.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => messages.push(message.detach()),
+                    Some(Err(e)) => {
+                        // Broker or network trouble: librdkafka retries on its own.
+                        tracing::warn!(worker = self.worker, "kafka consumer: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        let entries = if messages.is_empty() { Vec::new() } else { self.bind(messages)? };
+        let pending = {
+            let feeds = self.log.feeds()?;
+            self.assigned
+                .iter()
+                .filter_map(|((_, p), id)| feeds.get(id)?.partitions.get(*p as usize)?.pending_ts())
+                .min()
+        };
+        // Later records get later oracle times, so the source may advance to
+        // the oracle's next time; bindings made before a restart hold it
+        // below their times until they are replayed.
+        let next = self.log.tso.next_possible();
+        Ok(LogPoll { entries, frontier: Some(pending.map_or(next, |ts| ts.min(next))) })
+    }
+}
+
+impl KafkaReader {
+    /// Decodes `messages`, binds their offsets to times (reusing bindings
+    /// made before a restart), persists new bindings, dead-letters bad
+    /// records and returns the log entries to apply.
+    fn bind(&mut self, messages: Vec<OwnedMessage>) -> Result<Vec<LogEntry>> {
+        // Decode per (collection, partition), in offset order.
+        let mut by_partition: BTreeMap<(CollectionId, i32), Vec<Read>> = BTreeMap::new();
+        let feeds_snapshot: HashMap<CollectionId, (Arc<CollectionSchema>, RecordFormat)> = {
+            let feeds = self.log.feeds()?;
+            feeds.iter().map(|(id, f)| (*id, (f.schema.clone(), f.format))).collect()
+        };
+        for message in messages {
+            let Some(&id) = self.assigned.get(&(message.topic().to_string(), message.partition())) else { continue };
+            let Some((schema, format)) = feeds_snapshot.get(&id) else { continue };
+            let key = message.key().map(<[u8]>::to_vec);
+            let value = message.payload().map(<[u8]>::to_vec);
+            let decoded = decode(schema, *format, key.as_deref(), value.as_deref()).map_err(|e| e.to_string());
+            let read = Read { offset: message.offset().max(0) as u64, key, value, decoded };
+            by_partition.entry((id, message.partition())).or_default().push(read);
+        }
+
+        // Assign times: replayed offsets keep theirs, new ones form runs;
+        // `timed` holds every run in offset order, new ones with the index
+        // of their binding (its time is allocated below).
+        let mut new_bindings: Vec<(CollectionId, u32, Binding)> = Vec::new();
+        let mut timed: Vec<(CollectionId, i32, Option<usize>, Timestamp, Vec<Read>)> = Vec::new();
+        {
+            let feeds = self.log.feeds()?;
+            for ((id, partition), reads) in by_partition {
+                let Some(state) = feeds.get(&id).and_then(|f| f.partitions.get(partition as usize)) else { continue };
+                let schema = &feeds_snapshot[&id].0;
+                let mut run: Option<(Binding, Vec<Read>, HashSet<Pk>, bool)> = None;
+                let mut close = |run: &mut Option<(Binding, Vec<Read>, HashSet<Pk>, bool)>,
+                                 timed: &mut Vec<(CollectionId, i32, Option<usize>, Timestamp, Vec<Read>)>| {
+                    if let Some((binding, reads, _, _)) = run.take() {
+                        new_bindings.push((id, partition as u32, binding));
+                        timed.push((id, partition, Some(new_bindings.len() - 1), 0, reads));
+                    }
+                };
+                for read in reads {
+                    if read.offset < state.next {
+                        continue; // already handed to the dataflow
+                    }
+                    if let Some(stored) = state.binding_of(read.offset) {
+                        close(&mut run, &mut timed);
+                        match timed.last_mut() {
+                            Some((i, p, None, ts, reads)) if *i == id && *p == partition && *ts == stored.ts => {
+                                reads.push(read)
+                            }
+                            _ => timed.push((id, partition, None, stored.ts, vec![read])),
+                        }
+                        continue;
+                    }
+                    let (key, keyed) = run_key(schema, &read.decoded);
+                    let continues = run.as_ref().is_some_and(|(_, _, keys, run_keyed)| {
+                        key.as_ref().is_none_or(|k| !keys.contains(k)) && (read.decoded.is_err() || *run_keyed == keyed)
+                    });
+                    if !continues {
+                        close(&mut run, &mut timed);
+                    }
+                    let (binding, reads, keys, _) = run.get_or_insert_with(|| {
+                        (Binding { first: read.offset, last: read.offset, ts: 0 }, Vec::new(), HashSet::new(), keyed)
+                    });
+                    binding.last = read.offset;
+                    if let Some(key) = key {
+                        keys.insert(key);
+                    }
+                    reads.push(read);
+                }
+                close(&mut run, &mut timed);
+            }
+        }
+        // New runs get oracle times in offset order; rows without keys
+        // (auto id) take their ids from the run's reserved times.
+        for (_, _, binding, ts, reads) in timed.iter_mut() {
+            let Some(index) = *binding else { continue };
+            let auto_rows = reads.iter().filter(|r| matches!(&r.decoded, Ok(Mutation::Upsert(_)))).count() as u64;
+            *ts = self.log.tso.allocate(auto_rows.max(1));
+            new_bindings[index].2.ts = *ts;
+        }
+
+        if !new_bindings.is_empty() {
+            let txn = self.log.bindings.begin_write().map_err(bindings_error)?;
+            {
+                let mut table = txn.open_table(BINDINGS).map_err(bindings_error)?;
+                for (id, partition, b) in &new_bindings {
+                    table.insert((*id, *partition, b.first), (b.last, b.ts)).map_err(bindings_error)?;
+                }
+            }
+            txn.commit().map_err(bindings_error)?;
+        }
+
+        // Publish the bindings and the new positions, and build the entries.
+        let mut entries = Vec::new();
+        let mut dead: Vec<(String, String, i32, Read, String)> = Vec::new();
+        {
+            let mut feeds = self.log.feeds()?;
+            for (id, partition, b) in &new_bindings {
+                if let Some(state) = feeds.get_mut(id).and_then(|f| f.partitions.get_mut(*partition as usize)) {
+                    state.bindings.push_back(*b);
+                }
+            }
+            for (id, partition, _, ts, reads) in timed {
+                let Some(feed) = feeds.get_mut(&id) else { continue };
+                let schema = feed.schema.clone();
+                if let Some(state) = feed.partitions.get_mut(partition as usize)
+                    && let Some(last) = reads.last()
+                {
+                    state.next = state.next.max(last.offset + 1);
+                }
+                let (good, bad) = run_entries(&schema, id, partition as u32, ts, reads);
+                entries.extend(good);
+                for (read, reason) in bad {
+                    feed.dead_letters += 1;
+                    dead.push((feed.topic.clone(), feed.dead_letter_topic.clone(), partition, read, reason));
+                }
+            }
+        }
+        self.log.bound.notify_all();
+        for (topic, dead_letter_topic, partition, read, reason) in dead {
+            tracing::debug!(topic, partition, offset = read.offset, reason, "dead letter");
+            self.dead_letter(&topic, &dead_letter_topic, partition, &read, &reason);
+        }
+        Ok(entries)
+    }
+}
+
+/// The key a record changes (for cutting runs) and whether it carries one.
+fn run_key(schema: &CollectionSchema, decoded: &std::result::Result<Mutation, String>) -> (Option<Pk>, bool) {
+    match decoded {
+        Ok(Mutation::Delete(pk)) => (Some(pk.clone()), true),
+        Ok(Mutation::Upsert(row)) => {
+            let pk = row.get(&schema.primary().name).and_then(|v| match v {
+                Value::Int(i) => Some(Pk::Int(*i)),
+                Value::String(s) => Some(Pk::Str(s.clone())),
+                _ => None,
+            });
+            let keyed = pk.is_some();
+            (pk, keyed)
+        }
+        Err(_) => (None, true),
+    }
+}
+
+/// The log entries of one run (all at `ts`): one upsert batch and one
+/// delete list; records that fail the batch's checks come back with a reason.
+fn run_entries(
+    schema: &CollectionSchema,
+    collection: CollectionId,
+    partition: u32,
+    ts: Timestamp,
+    reads: Vec<Read>,
+) -> (Vec<LogEntry>, Vec<(Read, String)>) {
+    let mut rows: Vec<(Row, Read)> = Vec::new();
+    let mut deletes = Vec::new();
+    let mut bad = Vec::new();
+    let offset = reads.first().map_or(0, |r| r.offset);
+    for mut read in reads {
+        match std::mem::replace(&mut read.decoded, Err(String::new())) {
+            Ok(Mutation::Upsert(row)) => rows.push((row, read)),
+            Ok(Mutation::Delete(pk)) => deletes.push(pk),
+            Err(reason) => bad.push((read, reason)),
+        }
+    }
+    let entry = |op| LogEntry { partition, offset, ts, record: LogRecord { collection, op } };
+    let mut entries = Vec::new();
+    if !rows.is_empty() {
+        let auto = schema.primary().auto_id && !rows.iter().any(|(row, _)| row.contains_key(&schema.primary().name));
+        let kind = if auto { WriteKind::Insert { first_auto_id: ts as i64 } } else { WriteKind::Upsert };
+        let only_rows: Vec<Row> = rows.iter().map(|(row, _)| row.clone()).collect();
+        let write = match WriteBatch::from_rows(schema, &only_rows, kind) {
+            Ok(write) => Some(write),
+            Err(_) => {
+                // Find the rows the batch refuses; the rest go on.
+                let (fine, refused): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(row, _)| {
+                    WriteBatch::from_rows(schema, std::slice::from_ref(row), kind).is_ok()
+                });
+                for (row, read) in refused {
+                    let reason = WriteBatch::from_rows(schema, &[row], kind).err().map(|e| e.to_string());
+                    bad.push((read, reason.unwrap_or_default()));
+                }
+                let fine: Vec<Row> = fine.into_iter().map(|(row, _)| row).collect();
+                WriteBatch::from_rows(schema, &fine, kind).ok().filter(|w| w.batch.num_rows() > 0)
+            }
+        };
+        if let Some(write) = write {
+            entries.push(entry(LogOp::Upsert(IpcBatch(write.batch))));
+        }
+    }
+    if !deletes.is_empty() {
+        entries.push(entry(LogOp::Delete(deletes)));
+    }
+    (entries, bad)
+}
