@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use vectorflow::{
     CollectionSchema, Consistency, DataType, Engine, EngineConfig, FieldSchema, KafkaConfig, Metric, Pk,
@@ -287,5 +287,257 @@ fn any_partition_count_with_any_worker_count() {
         assert_eq!(stats.partitions.len(), partitions as usize);
         assert_eq!(stats.lag(), 0);
         assert_eq!(stats.dead_letters, 0);
+    }
+}
+
+/// 100k rows from a plain producer, with tombstones and `{"op": "delete"}`
+/// mixed in: the searchable set equals the reference, read while the
+/// records are still arriving and once they are all in.
+#[test]
+fn hundred_thousand_rows_with_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(dir.path()) else { return };
+    broker.create_topic("vectorflow.items", 3);
+    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
+    engine.create_collection(schema("items")).unwrap();
+    let mut reference = BTreeMap::new();
+    let mut records = Vec::new();
+    for i in 0..100_000i64 {
+        let id = i % 60_000;
+        reference.insert(id, i);
+        records.push((id.to_string(), Some(json_row(id, i))));
+        if i % 10 == 9 {
+            // Delete an earlier key: a tombstone, or the explicit op.
+            let gone = (i * 7919) % (id + 1);
+            reference.remove(&gone);
+            let value = (i % 20 == 9).then(|| r#"{"op":"delete"}"#.to_string());
+            records.push((gone.to_string(), value));
+        }
+    }
+    let producer = broker.producer();
+    let (first, rest) = records.split_at(records.len() / 2);
+    produce(&producer, "vectorflow.items", first);
+    // A Strong read in the middle sees exactly the acknowledged half.
+    let mut half = BTreeMap::new();
+    for (key, value) in first {
+        let id: i64 = key.parse().unwrap();
+        match value.as_deref().map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap()) {
+            Some(json) if json.get("n").is_some() => half.insert(id, json["n"].as_i64().unwrap()),
+            _ => half.remove(&id),
+        };
+    }
+    assert_eq!(live(&engine, "items", Consistency::Strong), half);
+    produce(&producer, "vectorflow.items", rest);
+    assert_eq!(live(&engine, "items", Consistency::Strong), reference);
+    // Searchable: the nearest row to a live row's own vector is itself.
+    let (&id, &n) = reference.iter().nth(12_345).unwrap();
+    let hits = engine.search("items", &[vector(id, n)], &vectorflow::SearchOptions::new(1)).unwrap();
+    assert_eq!(common::pks(&hits.hits[0]), vec![Pk::Int(id)]);
+    let ingest = engine.ingest_stats("items").unwrap().unwrap();
+    assert_eq!((ingest.lag(), ingest.dead_letters), (0, 0));
+}
+
+/// 10k malformed records between 20k good ones: every good one applied,
+/// every bad one in the dead-letter topic with its original bytes and a
+/// reason naming the problem, and the count in the statistics.
+#[test]
+fn bad_records_go_to_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(dir.path()) else { return };
+    broker.create_topic("vectorflow.mixed", 2);
+    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
+    engine.create_collection(schema("mixed")).unwrap();
+    let mut reference = BTreeMap::new();
+    let mut records = Vec::new();
+    let mut bad = BTreeMap::new();
+    for i in 0..30_000i64 {
+        if i % 3 != 2 {
+            reference.insert(i, i);
+            records.push((i.to_string(), Some(json_row(i, i))));
+            continue;
+        }
+        let (value, reason) = match i % 5 {
+            0 => ("not json at all".to_string(), "not JSON"),
+            1 => (serde_json::json!({ "id": i, "v": vector(i, i), "n": "seven" }).to_string(), "`n`"),
+            2 => (serde_json::json!({ "id": i, "v": [1.0, 2.0], "n": 1 }).to_string(), "`v`"),
+            3 => (serde_json::json!({ "v": vector(i, i), "n": 1 }).to_string(), "key"),
+            _ => (r#"{"op":"truncate"}"#.to_string(), "op"),
+        };
+        // A record without a key: the row gives none either.
+        let key = if i % 5 == 3 { String::new() } else { i.to_string() };
+        bad.insert(value.clone(), reason);
+        records.push((key, Some(value)));
+    }
+    produce(&broker.producer(), "vectorflow.mixed", &records);
+    assert_eq!(live(&engine, "mixed", Consistency::Strong), reference);
+    let ingest = engine.ingest_stats("mixed").unwrap().unwrap();
+    assert_eq!(ingest.dead_letters, 10_000);
+    let letters = broker.read_all("vectorflow.mixed.dlq", 1);
+    assert_eq!(letters.len(), 10_000);
+    for (_, value, headers) in &letters {
+        let value = String::from_utf8(value.clone().unwrap()).unwrap();
+        let expected = bad.get(&value).unwrap_or_else(|| panic!("unexpected dead letter {value}"));
+        let reason = &headers["vectorflow.error"];
+        assert!(reason.contains(expected), "{value}: {reason}");
+        assert_eq!(headers["vectorflow.topic"], "vectorflow.mixed");
+        assert!(headers.contains_key("vectorflow.offset"));
+    }
+}
+
+/// The broker is killed and restarted while records arrive: ingestion
+/// resumes on its own and nothing is lost or applied twice.
+#[test]
+fn ingestion_resumes_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut broker) = Broker::start(dir.path()) else { return };
+    broker.create_topic("vectorflow.steady", 2);
+    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
+    engine.create_collection(schema("steady")).unwrap();
+    let records: Vec<_> = (0..20_000i64).map(|i| (i.to_string(), Some(json_row(i, i)))).collect();
+    let producer = broker.producer();
+    produce(&producer, "vectorflow.steady", &records[..10_000]);
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart();
+    let producer = broker.producer();
+    produce(&producer, "vectorflow.steady", &records[10_000..]);
+    let expected: BTreeMap<i64, i64> = (0..20_000).map(|i| (i, i)).collect();
+    assert_eq!(live(&engine, "steady", Consistency::Strong), expected);
+    // One version per record: nothing was applied twice.
+    assert_eq!(engine.stats("steady", Consistency::Strong).unwrap().versions, 20_000);
+}
+
+mod sigkill {
+    //! `vectorflow serve --kafka` killed with SIGKILL while it consumes.
+
+    use super::*;
+    use common::ServerProcess;
+    use tonic::transport::{Channel, Endpoint};
+    use vectorflow_proto::v1;
+    use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
+
+    type Client = VectorflowClient<Channel>;
+
+    fn proto_schema() -> v1::CollectionSchema {
+        let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
+            name: name.into(),
+            data_type: data_type as i32,
+            ..Default::default()
+        };
+        v1::CollectionSchema {
+            name: "crashk".into(),
+            description: String::new(),
+            fields: vec![
+                v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
+                v1::FieldSchema { dim: DIM as u32, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
+                field("n", v1::DataType::Int64),
+            ],
+        }
+    }
+
+    async fn connect(server: &ServerProcess) -> Client {
+        let endpoint = Endpoint::from_shared(format!("http://{}", server.address)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                return VectorflowClient::new(channel).max_decoding_message_size(1 << 30);
+            }
+            assert!(Instant::now() < deadline, "no connection to the server");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// (id → n, count) as of `as_of` (0: a Strong read now).
+    async fn rows(client: &mut Client, as_of: u64) -> BTreeMap<i64, i64> {
+        let request = v1::QueryRequest {
+            collection: "crashk".into(),
+            output_fields: vec!["id".into(), "n".into()],
+            read: Some(v1::ReadOptions { consistency: v1::ConsistencyLevel::Strong as i32, as_of, guarantee_ts: 0 }),
+            ..Default::default()
+        };
+        let answer = client.query(request).await.unwrap().into_inner();
+        let column = |name: &str| -> Vec<i64> {
+            match answer.columns.iter().find(|c| c.name == name).and_then(|c| c.values.clone()) {
+                Some(v1::field_data::Values::Ints(ints)) => ints.values,
+                other => panic!("column {name}: {other:?}"),
+            }
+        };
+        column("id").into_iter().zip(column("n")).collect()
+    }
+
+    /// Records are produced (upserts over 3,000 keys and tombstones) while
+    /// the server is killed three times; after each restart the answers
+    /// as of times read before the kill are unchanged, and at the end the
+    /// rows equal the last record of every key in the topic.
+    #[test]
+    fn killed_while_consuming_applies_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(broker) = Broker::start(dir.path()) else { return };
+        broker.create_topic("vectorflow.crashk", 3);
+        let data = dir.path().join("data");
+        let bootstrap = broker.bootstrap();
+        let flags = ["--kafka", &bootstrap, "--workers", "2", "--seal-rows", "500", "--checkpoint-interval-ms", "300"];
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut server = ServerProcess::start(&data, &flags);
+        let mut client = runtime.block_on(connect(&server));
+        runtime
+            .block_on(client.create_collection(v1::CreateCollectionRequest { schema: Some(proto_schema()) }))
+            .unwrap();
+
+        let mut reference = BTreeMap::new();
+        let mut records = Vec::new();
+        for i in 0..40_000i64 {
+            let id = (i * 31) % 3_000;
+            if i % 9 == 8 {
+                reference.remove(&id);
+                records.push((id.to_string(), None));
+            } else {
+                reference.insert(id, i);
+                records.push((id.to_string(), Some(json_row(id, i))));
+            }
+        }
+        let producer_broker = broker.bootstrap();
+        let producing = std::thread::spawn(move || {
+            let producer: FutureProducer =
+                ClientConfig::new().set("bootstrap.servers", producer_broker).set("linger.ms", "5").create().unwrap();
+            for chunk in records.chunks(2_000) {
+                produce(&producer, "vectorflow.crashk", chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+
+        let mut remembered: Vec<(u64, BTreeMap<i64, i64>)> = Vec::new();
+        for kill in 0..3 {
+            std::thread::sleep(Duration::from_millis(400 + 300 * kill));
+            // An answer as of a time before the kill, to ask again after it.
+            let stats = runtime
+                .block_on(client.get_stats(v1::StatsRequest {
+                    collection: "crashk".into(),
+                    consistency: v1::ConsistencyLevel::Strong as i32,
+                }))
+                .unwrap()
+                .into_inner();
+            remembered.push((stats.read_ts, runtime.block_on(rows(&mut client, stats.read_ts))));
+            std::thread::sleep(Duration::from_millis(150));
+            server.kill();
+            server = ServerProcess::start(&data, &flags);
+            client = runtime.block_on(connect(&server));
+            for (ts, answer) in &remembered {
+                assert_eq!(&runtime.block_on(rows(&mut client, *ts)), answer, "as of {ts} after kill {kill}");
+            }
+        }
+        producing.join().unwrap();
+        assert_eq!(runtime.block_on(rows(&mut client, 0)), reference);
+        let stats = runtime
+            .block_on(client.get_stats(v1::StatsRequest {
+                collection: "crashk".into(),
+                consistency: v1::ConsistencyLevel::Strong as i32,
+            }))
+            .unwrap()
+            .into_inner();
+        let ingest = stats.kafka.expect("kafka statistics");
+        assert_eq!(ingest.partitions.iter().map(|p| p.lag).sum::<u64>(), 0);
+        assert_eq!(stats.live_rows as usize, reference.len());
+        assert!(remembered.iter().any(|(_, answer)| !answer.is_empty() && answer != &reference), "kills landed mid-stream");
     }
 }

@@ -552,6 +552,7 @@ impl KafkaLog {
             version: u64::MAX,
             assigned: HashMap::new(),
             dead_letters_in_flight: Vec::new(),
+            carry: BTreeMap::new(),
         })
     }
 }
@@ -593,6 +594,10 @@ pub struct KafkaReader {
     /// (topic, partition) → collection.
     assigned: HashMap<(String, i32), CollectionId>,
     dead_letters_in_flight: Vec<(String, DeliveryFuture)>,
+    /// Records of a binding made before a restart whose last offset has not
+    /// arrived yet: a binding is applied whole, as it was the first time, so
+    /// its rows get the same version ids.
+    carry: BTreeMap<(CollectionId, i32), Vec<Read>>,
 }
 
 /// A record of one partition, decoded.
@@ -627,6 +632,8 @@ impl KafkaReader {
             }
             keep
         });
+        let kept: HashSet<CollectionId> = self.assigned.values().copied().collect();
+        self.carry.retain(|(id, _), _| kept.contains(id));
         if removed.count() > 0 {
             self.consumer.incremental_unassign(&removed).map_err(|e| kafka_error("unassigning partitions", e))?;
         }
@@ -726,8 +733,9 @@ impl KafkaReader {
     /// made before a restart), persists new bindings, dead-letters bad
     /// records and returns the log entries to apply.
     fn bind(&mut self, messages: Vec<OwnedMessage>) -> Result<Vec<LogEntry>> {
-        // Decode per (collection, partition), in offset order.
-        let mut by_partition: BTreeMap<(CollectionId, i32), Vec<Read>> = BTreeMap::new();
+        // Decode per (collection, partition), in offset order, after what
+        // the last poll carried over.
+        let mut by_partition = std::mem::take(&mut self.carry);
         let feeds_snapshot: HashMap<CollectionId, (Arc<CollectionSchema>, RecordFormat)> = {
             let feeds = self.log.feeds()?;
             feeds.iter().map(|(id, f)| (*id, (f.schema.clone(), f.format))).collect()
@@ -792,6 +800,24 @@ impl KafkaReader {
                 }
                 close(&mut run, &mut timed);
             }
+        }
+        // A replayed binding whose last record is not here yet waits for it.
+        {
+            let feeds = self.log.feeds()?;
+            let mut complete = Vec::with_capacity(timed.len());
+            for item in timed {
+                let (id, partition, binding, _, reads) = &item;
+                let state = feeds.get(id).and_then(|f| f.partitions.get(*partition as usize));
+                let first = reads.first().map(|r| r.offset);
+                let stored = binding.is_none().then(|| state.zip(first).and_then(|(s, o)| s.binding_of(o))).flatten();
+                match (stored, reads.last()) {
+                    (Some(stored), Some(last)) if last.offset < stored.last => {
+                        self.carry.insert((*id, *partition), item.4);
+                    }
+                    _ => complete.push(item),
+                }
+            }
+            timed = complete;
         }
         // New runs get oracle times in offset order; rows without keys
         // (auto id) take their ids from the run's reserved times.
