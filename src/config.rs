@@ -218,7 +218,10 @@ mod tests {
             assert_eq!(shipped.log.kind, LogKind::Embedded);
             jail.set_env("VECTORFLOW_LOG__KIND", "kafka");
             jail.set_env("VECTORFLOW_LOG__KAFKA__BOOTSTRAP_SERVERS", "broker:9093");
-            jail.create_file("kafka.toml", "[log.kafka]\ngroup_id = \"g\"\nproperties = { \"security.protocol\" = \"SASL_SSL\" }\n")?;
+            jail.create_file(
+                "kafka.toml",
+                "[log.kafka]\ngroup_id = \"g\"\nproperties = { \"security.protocol\" = \"SASL_SSL\" }\n",
+            )?;
             let kafka = ServerConfig::load(&ServeArgs { config: Some("kafka.toml".into()), ..Default::default() })
                 .map_err(|e| e.to_string())?;
             let engine_kafka = kafka.engine_config().kafka.unwrap_or_default();

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_kafka;
 mod bench_recovery;
 mod client;
 mod config;
@@ -37,6 +38,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Benchmark restarts: full log replay vs recovery from a checkpoint vs rebuilding indexes; bytes stored per vector.
     BenchRecovery(bench_recovery::RecoveryArgs),
+    /// Kafka ingestion against a running broker: rows/s to searchable, produce-to-visible latency, overload.
+    BenchKafka(bench_kafka::KafkaBenchArgs),
     /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
     Serve(config::ServeArgs),
     /// List the collections in a data directory.
@@ -92,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args)?,
         Command::BenchRecovery(args) => bench_recovery::run(args)?,
+        Command::BenchKafka(args) => bench_kafka::run(args)?,
         Command::Serve(_) => {
             let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;

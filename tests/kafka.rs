@@ -22,8 +22,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use vectorflow::{
-    CollectionSchema, Consistency, DataType, Engine, EngineConfig, FieldSchema, KafkaConfig, Metric, Pk,
-    QueryOptions, SearchPlan, Value, row,
+    CollectionSchema, Consistency, DataType, Engine, EngineConfig, FieldSchema, KafkaConfig, Metric, Pk, QueryOptions,
+    SearchPlan, Value, row,
 };
 
 /// A tansu broker on a free loopback port with its SQLite file in `dir`;
@@ -119,7 +119,7 @@ impl Broker {
     }
 
     /// Every record of `topic` from the beginning: (key, value, headers).
-    fn read_all(&self, topic: &str, partitions: i32) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, BTreeMap<String, String>)> {
+    fn read_all(&self, topic: &str, partitions: i32) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", "test-reader")
@@ -154,6 +154,9 @@ impl Broker {
         records
     }
 }
+
+/// A record read back: key, value and headers.
+type Record = (Option<Vec<u8>>, Option<Vec<u8>>, BTreeMap<String, String>);
 
 /// Sends every record and waits for all acknowledgements.
 fn produce(producer: &FutureProducer, topic: &str, records: &[(String, Option<String>)]) {
@@ -261,7 +264,8 @@ fn any_partition_count_with_any_worker_count() {
 
         // API writes go through the topic and come back with their time.
         let session = engine.session();
-        let rows: Vec<_> = (1_000..1_100).map(|id| row([("id", id.into()), ("v", vector(id, 1).into()), ("n", 1.into())])).collect();
+        let rows: Vec<_> =
+            (1_000..1_100).map(|id| row([("id", id.into()), ("v", vector(id, 1).into()), ("n", 1.into())])).collect();
         let written = session.insert_rows(&name, &rows).unwrap();
         assert_eq!(written.pks.len(), 100);
         for id in 1_000..1_100 {
@@ -275,12 +279,15 @@ fn any_partition_count_with_any_worker_count() {
         assert_eq!(by_id(seen), reference);
         // Time travel to the insert: the deletes are not there yet.
         let before_delete = engine
-            .query(&name, &QueryOptions {
-                filter: Some("id == 0 or id == 1000".into()),
-                output_fields: vec!["id".into()],
-                as_of: Some(written.ts),
-                ..Default::default()
-            })
+            .query(
+                &name,
+                &QueryOptions {
+                    filter: Some("id == 0 or id == 1000".into()),
+                    output_fields: vec!["id".into()],
+                    as_of: Some(written.ts),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(before_delete.len(), 2);
         let stats = engine.ingest_stats(&name).unwrap().unwrap();
@@ -429,7 +436,11 @@ mod sigkill {
             description: String::new(),
             fields: vec![
                 v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-                v1::FieldSchema { dim: DIM as u32, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
+                v1::FieldSchema {
+                    dim: DIM as u32,
+                    metric: v1::Metric::L2 as i32,
+                    ..field("v", v1::DataType::FloatVector)
+                },
                 field("n", v1::DataType::Int64),
             ],
         }
@@ -538,6 +549,9 @@ mod sigkill {
         let ingest = stats.kafka.expect("kafka statistics");
         assert_eq!(ingest.partitions.iter().map(|p| p.lag).sum::<u64>(), 0);
         assert_eq!(stats.live_rows as usize, reference.len());
-        assert!(remembered.iter().any(|(_, answer)| !answer.is_empty() && answer != &reference), "kills landed mid-stream");
+        assert!(
+            remembered.iter().any(|(_, answer)| !answer.is_empty() && answer != &reference),
+            "kills landed mid-stream"
+        );
     }
 }

@@ -30,7 +30,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -39,6 +38,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use vectorflow_core::batch::{Row, WriteBatch, WriteKind};
 use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Pk, Result, Timestamp, Tso, Value};
@@ -127,7 +127,7 @@ struct Binding {
 const BINDINGS: TableDefinition<(u32, u32, u64), (u64, u64)> = TableDefinition::new("bindings");
 
 fn kafka_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::storage(format!("kafka: {what}: {e}"))
+    Error::Unavailable(format!("kafka: {what}: {e}"))
 }
 
 fn bindings_error(e: impl std::fmt::Display) -> Error {
@@ -207,9 +207,9 @@ impl KafkaLog {
         let metadata: BaseConsumer = client_config(&config, &consumer_settings(&config))
             .create()
             .map_err(|e| kafka_error("creating the metadata consumer", e))?;
-        metadata.fetch_metadata(None, config.timeout()).map_err(|e| {
-            kafka_error(&format!("cannot reach the brokers at `{}`", config.bootstrap_servers), e)
-        })?;
+        metadata
+            .fetch_metadata(None, config.timeout())
+            .map_err(|e| kafka_error(&format!("cannot reach the brokers at `{}`", config.bootstrap_servers), e))?;
         std::fs::create_dir_all(dir)?;
         let bindings = Database::create(dir.join("bindings.redb")).map_err(bindings_error)?;
         let mut floor = 0;
@@ -471,7 +471,13 @@ impl KafkaLog {
     /// its topic, waits for the brokers to acknowledge all of them
     /// (idempotent producer, `acks=all`) and then for the sources to read
     /// them; returns the newest timestamp they were given.
-    pub fn write(&self, id: CollectionId, write: Option<&WriteBatch>, deletes: &[Pk], timeout: Duration) -> Result<Timestamp> {
+    pub fn write(
+        &self,
+        id: CollectionId,
+        write: Option<&WriteBatch>,
+        deletes: &[Pk],
+        timeout: Duration,
+    ) -> Result<Timestamp> {
         let (topic, schema) = {
             let feeds = self.feeds()?;
             let feed = feeds.get(&id).ok_or_else(|| Error::storage(format!("collection {id} has no topic")))?;
@@ -600,6 +606,10 @@ pub struct KafkaReader {
     carry: BTreeMap<(CollectionId, i32), Vec<Read>>,
 }
 
+/// Records of one partition sharing a time: (collection, partition, index of
+/// the new binding, or `None` for one made before a restart, time, records).
+type TimedRun = (CollectionId, i32, Option<usize>, Timestamp, Vec<Read>);
+
 /// A record of one partition, decoded.
 struct Read {
     offset: u64,
@@ -712,7 +722,12 @@ impl LogReader for KafkaReader {
                 }
             }
         }
-        let entries = if messages.is_empty() { Vec::new() } else { self.bind(messages)? };
+        let entries = if messages.is_empty() {
+            self.skip_control_records()?;
+            Vec::new()
+        } else {
+            self.bind(messages)?
+        };
         let pending = {
             let feeds = self.log.feeds()?;
             self.assigned
@@ -729,6 +744,33 @@ impl LogReader for KafkaReader {
 }
 
 impl KafkaReader {
+    /// Moves each idle partition's position past offsets that hold no
+    /// records (transaction markers), which the consumer skips; otherwise a
+    /// Strong read would wait for them forever.
+    fn skip_control_records(&mut self) -> Result<()> {
+        let Ok(positions) = self.consumer.position() else { return Ok(()) };
+        let mut feeds = self.log.feeds()?;
+        let mut moved = false;
+        for element in positions.elements() {
+            let Offset::Offset(position) = element.offset() else { continue };
+            let Some(&id) = self.assigned.get(&(element.topic().to_string(), element.partition())) else { continue };
+            if self.carry.contains_key(&(id, element.partition())) {
+                continue;
+            }
+            if let Some(state) = feeds.get_mut(&id).and_then(|f| f.partitions.get_mut(element.partition() as usize))
+                && position.max(0) as u64 > state.next
+                && state.pending_ts().is_none()
+            {
+                state.next = position as u64;
+                moved = true;
+            }
+        }
+        if moved {
+            self.log.bound.notify_all();
+        }
+        Ok(())
+    }
+
     /// Decodes `messages`, binds their offsets to times (reusing bindings
     /// made before a restart), persists new bindings, dead-letters bad
     /// records and returns the log entries to apply.
@@ -754,7 +796,7 @@ impl KafkaReader {
         // `timed` holds every run in offset order, new ones with the index
         // of their binding (its time is allocated below).
         let mut new_bindings: Vec<(CollectionId, u32, Binding)> = Vec::new();
-        let mut timed: Vec<(CollectionId, i32, Option<usize>, Timestamp, Vec<Read>)> = Vec::new();
+        let mut timed: Vec<TimedRun> = Vec::new();
         {
             let feeds = self.log.feeds()?;
             for ((id, partition), reads) in by_partition {
@@ -762,7 +804,7 @@ impl KafkaReader {
                 let schema = &feeds_snapshot[&id].0;
                 let mut run: Option<(Binding, Vec<Read>, HashSet<Pk>, bool)> = None;
                 let mut close = |run: &mut Option<(Binding, Vec<Read>, HashSet<Pk>, bool)>,
-                                 timed: &mut Vec<(CollectionId, i32, Option<usize>, Timestamp, Vec<Read>)>| {
+                                 timed: &mut Vec<TimedRun>| {
                     if let Some((binding, reads, _, _)) = run.take() {
                         new_bindings.push((id, partition as u32, binding));
                         timed.push((id, partition, Some(new_bindings.len() - 1), 0, reads));
@@ -921,9 +963,9 @@ fn run_entries(
             Ok(write) => Some(write),
             Err(_) => {
                 // Find the rows the batch refuses; the rest go on.
-                let (fine, refused): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(row, _)| {
-                    WriteBatch::from_rows(schema, std::slice::from_ref(row), kind).is_ok()
-                });
+                let (fine, refused): (Vec<_>, Vec<_>) = rows
+                    .into_iter()
+                    .partition(|(row, _)| WriteBatch::from_rows(schema, std::slice::from_ref(row), kind).is_ok());
                 for (row, read) in refused {
                     let reason = WriteBatch::from_rows(schema, &[row], kind).err().map(|e| e.to_string());
                     bad.push((read, reason.unwrap_or_default()));
@@ -940,4 +982,77 @@ fn run_entries(
         entries.push(entry(LogOp::Delete(deletes)));
     }
     (entries, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(next: u64, bindings: &[(u64, u64, Timestamp)]) -> PartitionState {
+        PartitionState {
+            next,
+            bindings: bindings.iter().map(|&(first, last, ts)| Binding { first, last, ts }).collect(),
+        }
+    }
+
+    #[test]
+    fn bindings_answer_offsets_and_replays() {
+        let s = state(10, &[(0, 4, 100), (5, 9, 200), (10, 14, 300)]);
+        assert_eq!(s.binding_of(0).map(|b| b.ts), Some(100));
+        assert_eq!(s.binding_of(7).map(|b| b.ts), Some(200));
+        assert_eq!(s.binding_of(14).map(|b| b.ts), Some(300));
+        assert_eq!(s.binding_of(15), None);
+        // Offsets 10..=14 were bound before a restart and wait to be replayed.
+        assert_eq!(s.pending_ts(), Some(300));
+        assert_eq!(state(15, &[(10, 14, 300)]).pending_ts(), None);
+    }
+
+    #[test]
+    fn topics_and_settings() {
+        let mut config = KafkaConfig::default();
+        assert_eq!(config.topic_of("docs"), "vectorflow.docs");
+        config.topics.insert("docs".into(), "pg.public.docs".into());
+        assert_eq!(config.topic_of("docs"), "pg.public.docs");
+        config.properties.insert("fetch.wait.max.ms".into(), "50".into());
+        let client = client_config(&config, &consumer_settings(&config));
+        // The user's librdkafka settings win over Vectorflow's.
+        assert_eq!(client.get("fetch.wait.max.ms"), Some("50"));
+        assert_eq!(client.get("enable.auto.commit"), Some("false"));
+        assert_eq!(PartitionLag { partition: 0, position: 7, high_watermark: 10 }.lag(), 3);
+    }
+
+    #[test]
+    fn runs_split_where_a_key_repeats_and_bad_rows_are_refused() {
+        let schema = CollectionSchema::new(
+            "docs",
+            vec![
+                vectorflow_core::FieldSchema::int64_primary("id", false),
+                vectorflow_core::FieldSchema::vector("v", 2, vectorflow_core::Metric::L2),
+            ],
+        );
+        let read = |offset: u64, decoded: std::result::Result<Mutation, String>| Read {
+            offset,
+            key: None,
+            value: None,
+            decoded,
+        };
+        let row = |id: i64| {
+            Mutation::Upsert(Row::from([
+                ("id".to_string(), Value::Int(id)),
+                ("v".to_string(), vec![1.0f32, 2.0].into()),
+            ]))
+        };
+        assert_eq!(run_key(&schema, &Ok(row(3))), (Some(Pk::Int(3)), true));
+        assert_eq!(run_key(&schema, &Ok(Mutation::Delete(Pk::Int(4)))), (Some(Pk::Int(4)), true));
+        let reads = vec![
+            read(5, Ok(row(1))),
+            read(6, Err("value: not JSON".into())),
+            read(7, Ok(Mutation::Delete(Pk::Int(2)))),
+        ];
+        let (entries, bad) = run_entries(&schema, 1, 0, 42, reads);
+        assert_eq!(entries.len(), 2);
+        assert!(entries.iter().all(|e| e.ts == 42 && e.offset == 5));
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0.offset, 6);
+    }
 }

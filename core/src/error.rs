@@ -43,6 +43,10 @@ pub enum Error {
     /// The write-ahead log or another durable store failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// A service the engine depends on (the Kafka brokers) cannot be
+    /// reached now; retrying later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Bytes on disk or on the wire that do not decode.
     #[error("corrupt data in {location}: {problem}")]
     Corrupt { location: String, problem: String },

@@ -89,7 +89,7 @@ impl EngineConfig {
             compaction_dead_fraction: 0.2,
             load_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             kafka: None,
-            max_in_flight_rows: 200_000,
+            max_in_flight_rows: 50_000,
         }
     }
 }
@@ -581,8 +581,11 @@ impl Engine {
             Log::Kafka(kafka) => {
                 // Auto ids from reserved timestamps, as in the embedded log;
                 // the records carry them as keys.
-                let write =
-                    if auto_id { with_auto_ids(write, pk_index, kafka.tso().allocate(rows as u64) as i64)? } else { write };
+                let write = if auto_id {
+                    with_auto_ids(write, pk_index, kafka.tso().allocate(rows as u64) as i64)?
+                } else {
+                    write
+                };
                 let ts = kafka.write(entry.id, Some(&write), &[], self.inner.config.request_timeout)?;
                 return Ok(WriteResult { pks: write.pks, ts });
             }

@@ -348,6 +348,7 @@ pub fn status(error: &Error) -> tonic::Status {
         Error::OutsideRetention { .. } => Code::FailedPrecondition,
         Error::FutureTimestamp { .. } => Code::OutOfRange,
         Error::Timeout(_) => Code::DeadlineExceeded,
+        Error::Unavailable(_) => Code::Unavailable,
         Error::Shutdown => Code::Unavailable,
         Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => Code::Internal,
     };
