@@ -7,8 +7,9 @@
 //! - produce-to-visible latency under Strong (one record at a time from a
 //!   plain producer, then a Strong `get`), against the produce
 //!   acknowledgement alone; and API writes through the topic;
-//! - a sustained load above ingest capacity: lag and resident memory over
-//!   time, then the time to drain the lag.
+//! - a sustained load above ingest capacity: the producer at full speed
+//!   while ingestion is stalled for a while (capacity zero) and then runs
+//!   again; lag and resident memory over time, then the time to drain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,11 @@ pub struct KafkaBenchArgs {
     /// How long the overload phase produces, in seconds.
     #[arg(long, default_value_t = 30)]
     pub overload_secs: u64,
+    /// For this long at the start of the overload phase ingestion is
+    /// paused (a stalled dataflow: capacity zero), then it resumes while
+    /// the load goes on.
+    #[arg(long, default_value_t = 10)]
+    pub stall_secs: u64,
 }
 
 const COLLECTION: &str = "bench";
@@ -262,6 +268,9 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
 
     // ---- produce-to-visible latency under Strong ----
     let single = producer(&args.bootstrap, true)?;
+    // Connection and producer id set up before measuring.
+    // (Rewrites row 0 with its own values.)
+    futures::executor::block_on(send(&single, &topic, &records[0].0, &records[0].1)?)?.map_err(|(e, _)| e)?;
     let mut ack_ms = Vec::new();
     let mut visible_ms = Vec::new();
     let key_of = |i: usize| (n + i) as i64;
@@ -310,7 +319,6 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     );
 
     // ---- sustained load above ingest capacity ----
-    let rss_before = rss_mb();
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
     let first_key = n + args.latency_samples + 200;
@@ -322,6 +330,8 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
             (encode_key(&Pk::Int(id)), serde_json::Value::Object(object).to_string().into_bytes())
         })
         .collect();
+    // After the load's own records are built, so the growth is the engine's.
+    let rss_before = rss_mb();
     let load = {
         let (stop, produced, topic, bulk) = (stop.clone(), produced.clone(), topic.clone(), bulk.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
@@ -338,21 +348,34 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     };
     let mut samples = Vec::new();
     let started = Instant::now();
+    engine.pause_ingest();
+    let mut stalled = true;
     let rows_before = engine.stats(COLLECTION, Consistency::Eventually)?.live_rows;
+    let read_records = |engine: &Engine| -> anyhow::Result<u64> {
+        let ingest = engine.ingest_stats(COLLECTION)?.context("kafka statistics")?;
+        Ok(ingest.partitions.iter().map(|p| p.position).sum())
+    };
+    let read_before = read_records(&engine)?;
     while started.elapsed() < Duration::from_secs(args.overload_secs) {
         std::thread::sleep(Duration::from_secs(1));
+        if stalled && started.elapsed() >= Duration::from_secs(args.stall_secs) {
+            engine.resume_ingest();
+            stalled = false;
+        }
         let ingest = engine.ingest_stats(COLLECTION)?.context("kafka statistics")?;
-        let live = engine.stats(COLLECTION, Consistency::Eventually)?.live_rows;
+        let read: u64 = ingest.partitions.iter().map(|p| p.position).sum();
         let sample = json!({ "t_s": started.elapsed().as_secs_f64(), "produced": produced.load(Ordering::Relaxed),
-                             "ingested": live - rows_before, "lag": ingest.lag(), "rss_mb": rss_mb() });
+                             "ingested": read - read_before, "lag": ingest.lag(), "rss_mb": rss_mb(),
+                             "stalled": stalled });
         println!("overload {sample}");
         samples.push(sample);
     }
+    engine.resume_ingest();
     stop.store(true, Ordering::Release);
-    load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
-    let total_produced = produced.load(Ordering::Relaxed);
     let overload_s = started.elapsed().as_secs_f64();
     let drain_started = Instant::now();
+    load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+    let total_produced = produced.load(Ordering::Relaxed);
     loop {
         let ingest = engine.ingest_stats(COLLECTION)?.context("kafka statistics")?;
         if ingest.lag() == 0 {
@@ -364,7 +387,13 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let drain_s = drain_started.elapsed().as_secs_f64();
     let stats = engine.stats(COLLECTION, Consistency::Strong)?;
     let expected = rows_before + (total_produced as usize).min(n);
-    println!("drained in {drain_s:.1} s; {} live rows (expected {expected})", stats.live_rows);
+    let drained_records = read_records(&engine)? - read_before;
+    println!(
+        "drained in {drain_s:.1} s after the load stopped; read {drained_records} of {total_produced} records; \
+         {} live rows (expected {expected})",
+        stats.live_rows
+    );
+    anyhow::ensure!(drained_records == total_produced, "read {drained_records} of {total_produced} records");
     let peak_rss = samples.iter().filter_map(|s| s["rss_mb"].as_f64()).fold(rss_before, f64::max);
     let max_lag = samples.iter().filter_map(|s| s["lag"].as_u64()).max().unwrap_or(0);
 
@@ -388,12 +417,14 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
                      "api_insert_through_topic": api_write },
         "overload": {
             "seconds": overload_s,
+            "stall_s": args.stall_secs,
             "produced": total_produced,
             "produce_rate": total_produced as f64 / overload_s,
             "max_lag": max_lag,
             "rss_mb_before": rss_before,
             "rss_mb_peak": peak_rss,
-            "drain_s": drain_s,
+            "drain_s_after_load_stopped": drain_s,
+            "records_read": drained_records,
             "live_rows_after": stats.live_rows,
             "live_rows_expected": expected,
             "samples": samples,

@@ -40,6 +40,14 @@ impl Drop for Broker {
     }
 }
 
+/// The Kafka tests run one at a time: each starts a broker, and several
+/// brokers and engines at once on a 2-core machine starve each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn broker_binary() -> Option<PathBuf> {
     let path = std::env::var_os("VF_TEST_TANSU")
         .map(PathBuf::from)
@@ -113,7 +121,7 @@ impl Broker {
         ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
+            .set("message.timeout.ms", "300000")
             .create()
             .unwrap()
     }
@@ -242,6 +250,7 @@ fn by_id(rows: Vec<BTreeMap<String, Value>>) -> BTreeMap<i64, i64> {
 /// producers and API writes (produced to the topic by Vectorflow) together.
 #[test]
 fn any_partition_count_with_any_worker_count() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
     let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
@@ -297,11 +306,58 @@ fn any_partition_count_with_any_worker_count() {
     }
 }
 
+/// A Debezium change stream (with the schema/payload envelope) feeds a
+/// collection: creates, updates, snapshot reads and deletes.
+#[test]
+fn debezium_change_events_feed_a_collection() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(dir.path()) else { return };
+    broker.create_topic("pg.public.cdc", 2);
+    let config = EngineConfig {
+        workers: 2,
+        kafka: Some(KafkaConfig {
+            bootstrap_servers: broker.bootstrap(),
+            topics: [("cdc".to_string(), "pg.public.cdc".to_string())].into(),
+            formats: [("cdc".to_string(), vectorflow::RecordFormat::Debezium)].into(),
+            ..KafkaConfig::default()
+        }),
+        checkpoint_interval: None,
+        compaction_interval: None,
+        ..EngineConfig::new(dir.path().join("data"))
+    };
+    let engine = Engine::open(config).unwrap();
+    engine.create_collection(schema("cdc")).unwrap();
+    let event = |op: &str, before: Option<i64>, after: Option<(i64, i64)>| {
+        let row = |id: i64, n: i64| serde_json::json!({ "id": id, "v": vector(id, n), "n": n });
+        let payload = serde_json::json!({
+            "op": op,
+            "before": before.map(|id| row(id, 0)),
+            "after": after.map(|(id, n)| row(id, n)),
+            "source": { "connector": "postgresql", "table": "cdc" },
+        });
+        serde_json::json!({ "schema": {}, "payload": payload }).to_string()
+    };
+    let key = |id: i64| serde_json::json!({ "schema": {}, "payload": { "id": id } }).to_string();
+    let records = vec![
+        (key(1), Some(event("r", None, Some((1, 10))))),
+        (key(2), Some(event("c", None, Some((2, 20))))),
+        (key(3), Some(event("c", None, Some((3, 30))))),
+        (key(2), Some(event("u", Some(2), Some((2, 21))))),
+        (key(3), Some(event("d", Some(3), None))),
+        // Debezium's tombstone after a delete.
+        (key(3), None),
+    ];
+    produce(&broker.producer(), "pg.public.cdc", &records);
+    assert_eq!(live(&engine, "cdc", Consistency::Strong), BTreeMap::from([(1, 10), (2, 21)]));
+}
+
 /// 100k rows from a plain producer, with tombstones and `{"op": "delete"}`
 /// mixed in: the searchable set equals the reference, read while the
 /// records are still arriving and once they are all in.
 #[test]
 fn hundred_thousand_rows_with_tombstones() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
     broker.create_topic("vectorflow.items", 3);
@@ -349,6 +405,7 @@ fn hundred_thousand_rows_with_tombstones() {
 /// reason naming the problem, and the count in the statistics.
 #[test]
 fn bad_records_go_to_the_dead_letter_topic() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
     broker.create_topic("vectorflow.mixed", 2);
@@ -395,6 +452,7 @@ fn bad_records_go_to_the_dead_letter_topic() {
 /// resumes on its own and nothing is lost or applied twice.
 #[test]
 fn ingestion_resumes_after_a_broker_restart() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(mut broker) = Broker::start(dir.path()) else { return };
     broker.create_topic("vectorflow.steady", 2);
@@ -482,6 +540,7 @@ mod sigkill {
     /// rows equal the last record of every key in the topic.
     #[test]
     fn killed_while_consuming_applies_every_record_once() {
+        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let Some(broker) = Broker::start(dir.path()) else { return };
         broker.create_topic("vectorflow.crashk", 3);
