@@ -780,6 +780,12 @@ impl Engine {
         let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
         let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
         // Every write at or before `ts` is committed now (the frontier passed it).
+        if let Some(kafka) = inner.shared.log.kafka() {
+            // Dead letters of the records the checkpoint covers were handed
+            // to the producer before those records were applied: delivered
+            // before the checkpoint moves past them, they cannot be lost.
+            kafka.flush_producer()?;
+        }
         let log_positions = match &inner.shared.log {
             Log::Embedded(log) => log.positions_after(ts)?,
             Log::Kafka(kafka) => kafka.positions_after(entry.id, ts)?,
