@@ -15,25 +15,63 @@ use vectorflow::crates::operators::distance::{distance, normalize};
 use vectorflow::crates::operators::index::HnswIndex;
 use vectorflow::{Consistency, Dataset, Engine, EngineConfig, IndexParams, Metric, Pk, SearchOptions};
 
-/// Arguments of `vectorflow bench`.
+/// The dataset and engine settings every benchmark takes.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+pub struct DatasetArgs {
     /// A dataset folder in the layout of shared/datasets/README.md.
     #[arg(long)]
     pub dataset: PathBuf,
-    /// Where results.json goes.
+    /// Where the results go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    #[arg(long, default_value_t = 16_384)]
+    pub seal_rows: usize,
+}
+
+impl DatasetArgs {
+    pub fn open(&self) -> anyhow::Result<Dataset> {
+        Dataset::open(&self.dataset).with_context(|| format!("opening {}", self.dataset.display()))
+    }
+
+    /// Writes `results` to `<out>/<name>` and says where.
+    pub fn write_results(&self, name: &str, results: &serde_json::Value) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(&self.out)?;
+        let path = self.out.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
+        println!("wrote {}", path.display());
+        Ok(path)
+    }
+}
+
+/// Inserts every base row of `dataset` into `collection`, 1,000 rows per write.
+pub fn insert_all(
+    engine: &Engine,
+    collection: &str,
+    dataset: &Dataset,
+    schema: &vectorflow::CollectionSchema,
+    vectors: &Matrix<f32>,
+    attributes: &RecordBatch,
+) -> anyhow::Result<()> {
+    let n = vectors.rows;
+    for start in (0..n).step_by(1000) {
+        engine.insert(collection, &dataset.base_batch(schema, vectors, attributes, start..(start + 1000).min(n))?)?;
+    }
+    Ok(())
+}
+
+/// Arguments of `vectorflow bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub data: DatasetArgs,
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
     pub ef: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub clients: Vec<usize>,
     #[arg(long, default_value_t = 10)]
     pub k: usize,
-    #[arg(long, default_value_t = 16_384)]
-    pub seal_rows: usize,
     /// Use only the first N queries (all when left out).
     #[arg(long)]
     pub queries: Option<usize>,
@@ -152,7 +190,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k >= 1, "--k must be at least 1");
     anyhow::ensure!(args.clients.iter().all(|&c| c >= 1), "--clients must all be at least 1");
     anyhow::ensure!(args.grpc_clients.iter().all(|&c| c >= 1), "--grpc-clients must all be at least 1");
-    let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let dataset = args.data.open()?;
     // With --addr: a runtime for the gRPC part, and the server checked now rather than after the in-process part.
     let grpc_runtime = match &args.addr {
         Some(addr) => Some(grpc::check_server(addr)?),
@@ -178,8 +216,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dataset.name(),
         vectors.cols,
         queries.len(),
-        args.workers,
-        args.seal_rows
+        args.data.workers,
+        args.data.seal_rows
     );
 
     // ---- ingest ----
@@ -187,8 +225,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // No background checkpoints or compaction: they would share the cores
     // with the searches measured here (`bench-recovery` measures them).
     let engine = Engine::open(EngineConfig {
-        workers: args.workers,
-        seal_rows: args.seal_rows,
+        workers: args.data.workers,
+        seal_rows: args.data.seal_rows,
         checkpoint_interval: None,
         compaction_interval: None,
         ..EngineConfig::new(data_dir.path())
@@ -426,11 +464,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.data.out)?;
     let mut results = json!({
         "dataset": dataset.name(),
         "rows": n,
-        "workers": args.workers,
+        "workers": args.data.workers,
         "k": k,
         "consistency": "Bounded",
         "ingest": {"rows_per_s": n as f64 / ingest_s, "seconds": ingest_s},
@@ -465,9 +503,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "sealed_segments": grpc.sealed_segments,
         });
     }
-    let path = args.out.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("wrote {}", path.display());
+    args.data.write_results("results.json", &results)?;
     let one_client = args.clients.first().copied().unwrap_or(1);
     let line = |name: &str, filter: &str, points: &[Point]| crate::plot::Series {
         name: format!("{name} ({one_client} client)"),
@@ -500,7 +536,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (name.clone(), series)
         })
         .collect();
-    let plot = args.out.join("recall_qps.png");
+    let plot = args.data.out.join("recall_qps.png");
     crate::plot::recall_qps(&plot, &panels)?;
     println!("wrote {}", plot.display());
     engine.shutdown();

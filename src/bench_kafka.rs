@@ -11,7 +11,6 @@
 //!   while ingestion is stalled for a while (capacity zero) and then runs
 //!   again; lag and resident memory over time, then the time to drain.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,25 +24,18 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
-use vectorflow::crates::connectors::Dataset;
+
+use crate::bench::{DatasetArgs, insert_all};
 use vectorflow::crates::connectors::kafka_record::{RecordFormat, decode, encode_key};
 use vectorflow::{Consistency, Engine, EngineConfig, GetOptions, KafkaConfig, Pk, SearchOptions, Value};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaBenchArgs {
-    /// A dataset folder in the layout of shared/datasets/README.md.
-    #[arg(long)]
-    pub dataset: PathBuf,
+    #[command(flatten)]
+    pub data: DatasetArgs,
     /// The broker (`host:port`).
     #[arg(long)]
     pub bootstrap: String,
-    /// Where `kafka.json` goes.
-    #[arg(long, default_value = "bench-out")]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
-    #[arg(long, default_value_t = 16_384)]
-    pub seal_rows: usize,
     /// Partitions of the benchmark topic (0: one per worker).
     #[arg(long, default_value_t = 0)]
     pub partitions: i32,
@@ -129,19 +121,19 @@ fn rss_mb() -> f64 {
 }
 
 pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
-    let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let dataset = args.data.open()?;
     let vectors = dataset.base_vectors()?;
     let attributes = dataset.base_attributes()?;
     let n = vectors.rows;
     let schema = dataset.collection_schema(COLLECTION, &attributes)?;
-    let partitions = if args.partitions > 0 { args.partitions } else { args.workers as i32 };
+    let partitions = if args.partitions > 0 { args.partitions } else { args.data.workers as i32 };
     let run_id = std::process::id();
     let topic = format!("bench.{}.{run_id}", dataset.name());
     println!(
         "dataset {}: {n} x {}, workers {}, topic {topic} ({partitions} partitions)",
         dataset.name(),
         vectors.cols,
-        args.workers
+        args.data.workers
     );
 
     // ---- the rows as JSON records (vectors as number arrays), keyed by id ----
@@ -219,8 +211,8 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     // ---- baseline: the same rows through the embedded log ----
     let embedded_dir = tempfile::tempdir()?;
     let base_config = EngineConfig {
-        workers: args.workers,
-        seal_rows: args.seal_rows,
+        workers: args.data.workers,
+        seal_rows: args.data.seal_rows,
         checkpoint_interval: None,
         compaction_interval: None,
         ..EngineConfig::new(embedded_dir.path())
@@ -229,10 +221,7 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         let engine = Engine::open(base_config.clone())?;
         engine.create_collection(schema.clone())?;
         let started = Instant::now();
-        for start in (0..n).step_by(1000) {
-            let batch = dataset.base_batch(&schema, &vectors, &attributes, start..(start + 1000).min(n))?;
-            engine.insert(COLLECTION, &batch)?;
-        }
+        insert_all(&engine, COLLECTION, &dataset, &schema, &vectors, &attributes)?;
         let stats = engine.stats(COLLECTION, Consistency::Strong)?;
         anyhow::ensure!(stats.live_rows == n, "embedded: {} of {n} rows", stats.live_rows);
         started.elapsed().as_secs_f64()
@@ -401,9 +390,9 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         "dataset": dataset.name(),
         "rows": n,
         "dim": vectors.cols,
-        "workers": args.workers,
+        "workers": args.data.workers,
         "partitions": partitions,
-        "seal_rows": args.seal_rows,
+        "seal_rows": args.data.seal_rows,
         "json_bytes_per_record": json_bytes as f64 / n as f64,
         "produce": { "seconds": produce_s, "records_per_s": n as f64 / produce_s },
         "bare_consumer_decode": { "seconds": raw_s, "rows_per_s": n as f64 / raw_s },
@@ -430,9 +419,6 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
             "samples": samples,
         },
     });
-    std::fs::create_dir_all(&args.out)?;
-    let path = args.out.join("kafka.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("wrote {}", path.display());
+    args.data.write_results("kafka.json", &results)?;
     Ok(())
 }

@@ -7,26 +7,16 @@
 //! - recovery when the index files are gone (data loaded, indexes rebuilt).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use crate::bench::{DatasetArgs, insert_all};
 use serde_json::json;
-use vectorflow::crates::connectors::Dataset;
 use vectorflow::{Consistency, Engine, EngineConfig, Pk, SearchOptions};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecoveryArgs {
-    /// A dataset folder in the layout of shared/datasets/README.md.
-    #[arg(long)]
-    pub dataset: PathBuf,
-    /// Where `recovery.json` goes.
-    #[arg(long, default_value = "bench-out")]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
-    #[arg(long, default_value_t = 16_384)]
-    pub seal_rows: usize,
+    #[command(flatten)]
+    pub data: DatasetArgs,
     /// Query vectors whose answers are compared before and after recovery.
     #[arg(long, default_value_t = 100)]
     pub queries: usize,
@@ -88,7 +78,7 @@ fn storage_by_kind(engine: &Engine) -> anyhow::Result<BTreeMap<&'static str, u64
 }
 
 pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
-    let dataset = Dataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let dataset = args.data.open()?;
     let vectors = dataset.base_vectors()?;
     let attributes = dataset.base_attributes()?;
     let query_vectors = dataset.query_vectors()?;
@@ -97,8 +87,8 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     let n = vectors.rows;
     let data_dir = tempfile::tempdir()?;
     let config = EngineConfig {
-        workers: args.workers,
-        seal_rows: args.seal_rows,
+        workers: args.data.workers,
+        seal_rows: args.data.seal_rows,
         checkpoint_interval: None,
         compaction_interval: None,
         ..EngineConfig::new(data_dir.path())
@@ -107,8 +97,8 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         "dataset {}: {n} x {}, workers {}, seal_rows {}",
         dataset.name(),
         vectors.cols,
-        args.workers,
-        args.seal_rows
+        args.data.workers,
+        args.data.seal_rows
     );
 
     // ---- ingest, nothing checkpointed ----
@@ -117,10 +107,7 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         let engine = Engine::open(config.clone())?;
         engine.create_collection(schema.clone())?;
         let started = Instant::now();
-        for start in (0..n).step_by(1000) {
-            let batch = dataset.base_batch(&schema, &vectors, &attributes, start..(start + 1000).min(n))?;
-            engine.insert(COLLECTION, &batch)?;
-        }
+        insert_all(&engine, COLLECTION, &dataset, &schema, &vectors, &attributes)?;
         let stats = engine.stats(COLLECTION, Consistency::Strong)?;
         anyhow::ensure!(stats.live_rows == n, "ingested {} of {n} rows", stats.live_rows);
         engine.wait_for_indexes(COLLECTION, INDEX_WAIT)?;
@@ -190,8 +177,8 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         "dataset": dataset.name(),
         "rows": n,
         "dim": vectors.cols,
-        "workers": args.workers,
-        "seal_rows": args.seal_rows,
+        "workers": args.data.workers,
+        "seal_rows": args.data.seal_rows,
         "full_log_replay": restart_json(&replay),
         "checkpoint": {"flush_s": flush_s, "stored_bytes": total_bytes, "bytes_per_vector": total_bytes as f64 / n as f64,
                        "raw_vector_bytes": vectors.cols * 4, "by_kind": stored},
@@ -207,9 +194,6 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
             "ready_from_checkpoint_vs_rebuild": loaded.ready_s / rebuilt.ready_s,
         },
     });
-    std::fs::create_dir_all(&args.out)?;
-    let path = args.out.join("recovery.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("wrote {}", path.display());
+    args.data.write_results("recovery.json", &results)?;
     Ok(())
 }

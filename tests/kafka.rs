@@ -32,6 +32,8 @@ struct Broker {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Held while the broker lives (see `ONE_AT_A_TIME`).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Drop for Broker {
@@ -43,10 +45,6 @@ impl Drop for Broker {
 /// The Kafka tests run one at a time: each starts a broker, and several
 /// brokers and engines at once on a 2-core machine starve each other.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn broker_binary() -> Option<PathBuf> {
     let path = std::env::var_os("VF_TEST_TANSU")
@@ -67,8 +65,9 @@ impl Broker {
             eprintln!("no Kafka-protocol broker found (see .ci/run); this Kafka test does not run here");
             return None;
         }
+        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut broker = Broker { child: None, port, dir: dir.to_path_buf() };
+        let mut broker = Broker { child: None, port, dir: dir.to_path_buf(), _serial: serial };
         broker.restart();
         Some(broker)
     }
@@ -227,6 +226,15 @@ fn kafka_engine(dir: &Path, broker: &Broker, workers: usize) -> Engine {
     Engine::open(config).expect("engine opens on kafka")
 }
 
+/// An engine (2 workers) with collection `name`, reading topic
+/// `vectorflow.<name>` created with `partitions`.
+fn engine_reading(dir: &Path, broker: &Broker, name: &str, partitions: i32) -> Engine {
+    broker.create_topic(&format!("vectorflow.{name}"), partitions);
+    let engine = kafka_engine(&dir.join("data"), broker, 2);
+    engine.create_collection(schema(name)).unwrap();
+    engine
+}
+
 /// Every live row as id → n, read with `consistency`.
 fn live(engine: &Engine, collection: &str, consistency: Consistency) -> BTreeMap<i64, i64> {
     by_id(engine.query(collection, &everything(consistency)).unwrap())
@@ -250,7 +258,6 @@ fn by_id(rows: Vec<BTreeMap<String, Value>>) -> BTreeMap<i64, i64> {
 /// producers and API writes (produced to the topic by Vectorflow) together.
 #[test]
 fn any_partition_count_with_any_worker_count() {
-    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
     let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
@@ -310,7 +317,6 @@ fn any_partition_count_with_any_worker_count() {
 /// collection: creates, updates, snapshot reads and deletes.
 #[test]
 fn debezium_change_events_feed_a_collection() {
-    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
     broker.create_topic("pg.public.cdc", 2);
@@ -357,12 +363,9 @@ fn debezium_change_events_feed_a_collection() {
 /// records are still arriving and once they are all in.
 #[test]
 fn hundred_thousand_rows_with_tombstones() {
-    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
-    broker.create_topic("vectorflow.items", 3);
-    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
-    engine.create_collection(schema("items")).unwrap();
+    let engine = engine_reading(dir.path(), &broker, "items", 3);
     let mut reference = BTreeMap::new();
     let mut records = Vec::new();
     for i in 0..100_000i64 {
@@ -405,12 +408,9 @@ fn hundred_thousand_rows_with_tombstones() {
 /// reason naming the problem, and the count in the statistics.
 #[test]
 fn bad_records_go_to_the_dead_letter_topic() {
-    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(dir.path()) else { return };
-    broker.create_topic("vectorflow.mixed", 2);
-    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
-    engine.create_collection(schema("mixed")).unwrap();
+    let engine = engine_reading(dir.path(), &broker, "mixed", 2);
     let mut reference = BTreeMap::new();
     let mut records = Vec::new();
     let mut bad = BTreeMap::new();
@@ -452,12 +452,9 @@ fn bad_records_go_to_the_dead_letter_topic() {
 /// resumes on its own and nothing is lost or applied twice.
 #[test]
 fn ingestion_resumes_after_a_broker_restart() {
-    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let Some(mut broker) = Broker::start(dir.path()) else { return };
-    broker.create_topic("vectorflow.steady", 2);
-    let engine = kafka_engine(&dir.path().join("data"), &broker, 2);
-    engine.create_collection(schema("steady")).unwrap();
+    let engine = engine_reading(dir.path(), &broker, "steady", 2);
     let records: Vec<_> = (0..20_000i64).map(|i| (i.to_string(), Some(json_row(i, i)))).collect();
     let producer = broker.producer();
     produce(&producer, "vectorflow.steady", &records[..10_000]);
@@ -516,7 +513,13 @@ mod sigkill {
         }
     }
 
-    /// (id → n, count) as of `as_of` (0: a Strong read now).
+    async fn strong_stats(client: &mut Client) -> v1::CollectionStats {
+        let request =
+            v1::StatsRequest { collection: "crashk".into(), consistency: v1::ConsistencyLevel::Strong as i32 };
+        client.get_stats(request).await.unwrap().into_inner()
+    }
+
+    /// id → n as of `as_of` (0: a Strong read now).
     async fn rows(client: &mut Client, as_of: u64) -> BTreeMap<i64, i64> {
         let request = v1::QueryRequest {
             collection: "crashk".into(),
@@ -540,7 +543,6 @@ mod sigkill {
     /// rows equal the last record of every key in the topic.
     #[test]
     fn killed_while_consuming_applies_every_record_once() {
-        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let Some(broker) = Broker::start(dir.path()) else { return };
         broker.create_topic("vectorflow.crashk", 3);
@@ -580,13 +582,7 @@ mod sigkill {
         for kill in 0..3 {
             std::thread::sleep(Duration::from_millis(400 + 300 * kill));
             // An answer as of a time before the kill, to ask again after it.
-            let stats = runtime
-                .block_on(client.get_stats(v1::StatsRequest {
-                    collection: "crashk".into(),
-                    consistency: v1::ConsistencyLevel::Strong as i32,
-                }))
-                .unwrap()
-                .into_inner();
+            let stats = runtime.block_on(strong_stats(&mut client));
             remembered.push((stats.read_ts, runtime.block_on(rows(&mut client, stats.read_ts))));
             std::thread::sleep(Duration::from_millis(150));
             server.kill();
@@ -598,13 +594,7 @@ mod sigkill {
         }
         producing.join().unwrap();
         assert_eq!(runtime.block_on(rows(&mut client, 0)), reference);
-        let stats = runtime
-            .block_on(client.get_stats(v1::StatsRequest {
-                collection: "crashk".into(),
-                consistency: v1::ConsistencyLevel::Strong as i32,
-            }))
-            .unwrap()
-            .into_inner();
+        let stats = runtime.block_on(strong_stats(&mut client));
         let ingest = stats.kafka.expect("kafka statistics");
         assert_eq!(ingest.partitions.iter().map(|p| p.lag).sum::<u64>(), 0);
         assert_eq!(stats.live_rows as usize, reference.len());

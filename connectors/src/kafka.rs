@@ -606,9 +606,9 @@ pub struct KafkaReader {
     carry: BTreeMap<(CollectionId, i32), Vec<Read>>,
 }
 
-/// Records of one partition sharing a time: (collection, partition, index of
-/// the new binding, or `None` for one made before a restart, time, records).
-type TimedRun = (CollectionId, i32, Option<usize>, Timestamp, Vec<Read>);
+/// Records of one partition sharing a time: (collection, partition, their
+/// binding, records).
+type TimedRun = (CollectionId, i32, Binding, Vec<Read>);
 
 /// A record of one partition, decoded.
 struct Read {
@@ -792,9 +792,8 @@ impl KafkaReader {
             by_partition.entry((id, message.partition())).or_default().push(read);
         }
 
-        // Assign times: replayed offsets keep theirs, new ones form runs;
-        // `timed` holds every run in offset order, new ones with the index
-        // of their binding (its time is allocated below).
+        // Assign times: replayed offsets keep the binding they had, new ones
+        // form runs that get oracle times as they close (in offset order).
         let mut new_bindings: Vec<(CollectionId, u32, Binding)> = Vec::new();
         let mut timed: Vec<TimedRun> = Vec::new();
         {
@@ -805,9 +804,13 @@ impl KafkaReader {
                 let mut run: Option<(Binding, Vec<Read>, HashSet<Pk>, bool)> = None;
                 let mut close = |run: &mut Option<(Binding, Vec<Read>, HashSet<Pk>, bool)>,
                                  timed: &mut Vec<TimedRun>| {
-                    if let Some((binding, reads, _, _)) = run.take() {
+                    if let Some((mut binding, reads, _, _)) = run.take() {
+                        // Rows without keys (auto id) take their ids from the run's reserved times.
+                        let auto_rows =
+                            reads.iter().filter(|r| matches!(&r.decoded, Ok(Mutation::Upsert(_)))).count() as u64;
+                        binding.ts = self.log.tso.allocate(auto_rows.max(1));
                         new_bindings.push((id, partition as u32, binding));
-                        timed.push((id, partition, Some(new_bindings.len() - 1), 0, reads));
+                        timed.push((id, partition, binding, reads));
                     }
                 };
                 for read in reads {
@@ -817,10 +820,10 @@ impl KafkaReader {
                     if let Some(stored) = state.binding_of(read.offset) {
                         close(&mut run, &mut timed);
                         match timed.last_mut() {
-                            Some((i, p, None, ts, reads)) if *i == id && *p == partition && *ts == stored.ts => {
+                            Some((i, p, binding, reads)) if *i == id && *p == partition && *binding == stored => {
                                 reads.push(read)
                             }
-                            _ => timed.push((id, partition, None, stored.ts, vec![read])),
+                            _ => timed.push((id, partition, stored, vec![read])),
                         }
                         continue;
                     }
@@ -841,33 +844,16 @@ impl KafkaReader {
                     reads.push(read);
                 }
                 close(&mut run, &mut timed);
-            }
-        }
-        // A replayed binding whose last record is not here yet waits for it.
-        {
-            let feeds = self.log.feeds()?;
-            let mut complete = Vec::with_capacity(timed.len());
-            for item in timed {
-                let (id, partition, binding, _, reads) = &item;
-                let state = feeds.get(id).and_then(|f| f.partitions.get(*partition as usize));
-                let first = reads.first().map(|r| r.offset);
-                let stored = binding.is_none().then(|| state.zip(first).and_then(|(s, o)| s.binding_of(o))).flatten();
-                match (stored, reads.last()) {
-                    (Some(stored), Some(last)) if last.offset < stored.last => {
-                        self.carry.insert((*id, *partition), item.4);
-                    }
-                    _ => complete.push(item),
+                // A replayed binding whose last record is not here yet waits
+                // for it (a new run always ends at its last record).
+                if let Some((i, p, binding, reads)) = timed.last()
+                    && (*i, *p) == (id, partition)
+                    && reads.last().is_some_and(|r| r.offset < binding.last)
+                    && let Some((_, _, _, reads)) = timed.pop()
+                {
+                    self.carry.insert((id, partition), reads);
                 }
             }
-            timed = complete;
-        }
-        // New runs get oracle times in offset order; rows without keys
-        // (auto id) take their ids from the run's reserved times.
-        for (_, _, binding, ts, reads) in timed.iter_mut() {
-            let Some(index) = *binding else { continue };
-            let auto_rows = reads.iter().filter(|r| matches!(&r.decoded, Ok(Mutation::Upsert(_)))).count() as u64;
-            *ts = self.log.tso.allocate(auto_rows.max(1));
-            new_bindings[index].2.ts = *ts;
         }
 
         if !new_bindings.is_empty() {
@@ -891,7 +877,7 @@ impl KafkaReader {
                     state.bindings.push_back(*b);
                 }
             }
-            for (id, partition, _, ts, reads) in timed {
+            for (id, partition, Binding { ts, .. }, reads) in timed {
                 let Some(feed) = feeds.get_mut(&id) else { continue };
                 let schema = feed.schema.clone();
                 if let Some(state) = feed.partitions.get_mut(partition as usize)
@@ -921,11 +907,7 @@ fn run_key(schema: &CollectionSchema, decoded: &std::result::Result<Mutation, St
     match decoded {
         Ok(Mutation::Delete(pk)) => (Some(pk.clone()), true),
         Ok(Mutation::Upsert(row)) => {
-            let pk = row.get(&schema.primary().name).and_then(|v| match v {
-                Value::Int(i) => Some(Pk::Int(*i)),
-                Value::String(s) => Some(Pk::Str(s.clone())),
-                _ => None,
-            });
+            let pk = row.get(&schema.primary().name).and_then(Value::as_pk);
             let keyed = pk.is_some();
             (pk, keyed)
         }
@@ -963,14 +945,13 @@ fn run_entries(
             Ok(write) => Some(write),
             Err(_) => {
                 // Find the rows the batch refuses; the rest go on.
-                let (fine, refused): (Vec<_>, Vec<_>) = rows
-                    .into_iter()
-                    .partition(|(row, _)| WriteBatch::from_rows(schema, std::slice::from_ref(row), kind).is_ok());
-                for (row, read) in refused {
-                    let reason = WriteBatch::from_rows(schema, &[row], kind).err().map(|e| e.to_string());
-                    bad.push((read, reason.unwrap_or_default()));
+                let mut fine = Vec::with_capacity(rows.len());
+                for (row, read) in rows {
+                    match WriteBatch::from_rows(schema, std::slice::from_ref(&row), kind) {
+                        Ok(_) => fine.push(row),
+                        Err(e) => bad.push((read, e.to_string())),
+                    }
                 }
-                let fine: Vec<Row> = fine.into_iter().map(|(row, _)| row).collect();
                 WriteBatch::from_rows(schema, &fine, kind).ok().filter(|w| w.batch.num_rows() > 0)
             }
         };

@@ -129,6 +129,15 @@ impl From<Vec<f32>> for Value {
 }
 
 impl Value {
+    /// The value as a primary key (`Int` or `String`), the inverse of `From<Pk>`.
+    pub fn as_pk(&self) -> Option<Pk> {
+        match self {
+            Value::Int(v) => Some(Pk::Int(*v)),
+            Value::String(v) => Some(Pk::Str(v.clone())),
+            _ => None,
+        }
+    }
+
     /// Reads row `row` of an Arrow column of one of the types schemas map to.
     pub fn from_array(array: &dyn Array, row: usize) -> Value {
         if array.is_null(row) {
