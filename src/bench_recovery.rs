@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::bench::{DatasetArgs, insert_all};
 use serde_json::json;
-use vectorflow::{Consistency, Engine, EngineConfig, Pk, SearchOptions};
+use vectorflow::{
+    CollectionSchema, Consistency, Engine, EngineConfig, FieldSchema, Metric, Pk, QueryOptions, SearchOptions, row,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecoveryArgs {
@@ -20,6 +22,14 @@ pub struct RecoveryArgs {
     /// Query vectors whose answers are compared before and after recovery.
     #[arg(long, default_value_t = 100)]
     pub queries: usize,
+    /// Instead: the restart cost of a log of this many one-row writes (the
+    /// dataset's vectors, cycled), after a crash (nothing checkpointed: the
+    /// whole log is replayed) and after a clean shutdown (checkpointed).
+    #[arg(long)]
+    pub small_writes: Option<usize>,
+    /// Concurrent writers for `--small-writes`.
+    #[arg(long, default_value_t = 16)]
+    pub writers: usize,
 }
 
 const COLLECTION: &str = "bench";
@@ -78,6 +88,9 @@ fn storage_by_kind(engine: &Engine) -> anyhow::Result<BTreeMap<&'static str, u64
 }
 
 pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
+    if let Some(writes) = args.small_writes {
+        return small_writes(&args, writes);
+    }
     let dataset = args.data.open()?;
     let vectors = dataset.base_vectors()?;
     let attributes = dataset.base_attributes()?;
@@ -195,5 +208,92 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         },
     });
     args.data.write_results("recovery.json", &results)?;
+    Ok(())
+}
+
+/// Opens the engine, times it, and checks the row count it recovered.
+fn reopen_counting(config: &EngineConfig, expected: usize) -> anyhow::Result<(Engine, f64)> {
+    let started = Instant::now();
+    let engine = Engine::open(config.clone())?;
+    let open_s = started.elapsed().as_secs_f64();
+    let count = engine.count(COLLECTION, &QueryOptions::default())?;
+    anyhow::ensure!(count == expected, "recovered {count} of {expected} rows");
+    Ok((engine, open_s))
+}
+
+/// The restart cost of a log of `writes` one-row writes: after a crash
+/// (the engine stops with nothing checkpointed, as a SIGKILL leaves it:
+/// every write is replayed from the log) and after a clean shutdown (a
+/// checkpoint first, as `vectorflow serve` makes on SIGTERM).
+fn small_writes(args: &RecoveryArgs, writes: usize) -> anyhow::Result<()> {
+    let dataset = args.data.open()?;
+    let vectors = dataset.base_vectors()?;
+    let data_dir = tempfile::tempdir()?;
+    let config = EngineConfig {
+        workers: args.data.workers,
+        seal_rows: args.data.seal_rows,
+        checkpoint_interval: None,
+        compaction_interval: None,
+        ..EngineConfig::new(data_dir.path())
+    };
+    let writers = args.writers.max(1);
+    println!("{writes} one-row writes of {} x {} vectors from {writers} writers", vectors.rows, vectors.cols);
+    let engine = Engine::open(config.clone())?;
+    engine.create_collection(CollectionSchema::new(
+        COLLECTION,
+        vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", vectors.cols, Metric::COSINE)],
+    ))?;
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..writers)
+            .map(|writer| {
+                let (engine, vectors) = (&engine, &vectors);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for key in (writer..writes).step_by(writers) {
+                        let vector = vectors.row(key % vectors.rows).to_vec();
+                        engine.insert_rows(COLLECTION, &[row([("id", (key as i64).into()), ("v", vector.into())])])?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    let write_s = started.elapsed().as_secs_f64();
+    let log_records = engine.log_records()?;
+    println!("written in {write_s:.1} s ({:.0} writes/s), {log_records} log records", writes as f64 / write_s);
+    // A crash: the workers stop, nothing is checkpointed.
+    engine.shutdown();
+    drop(engine);
+
+    let (engine, after_crash_s) = reopen_counting(&config, writes)?;
+    let replayed = engine.recovery_report().replayed_records;
+    println!("after a crash: open {after_crash_s:.2} s replaying {replayed} records");
+    let started = Instant::now();
+    engine.flush(COLLECTION)?;
+    let flush_s = started.elapsed().as_secs_f64();
+    engine.shutdown();
+    drop(engine);
+    let (engine, after_clean_s) = reopen_counting(&config, writes)?;
+    let replayed_clean = engine.recovery_report().replayed_records;
+    println!(
+        "after a clean shutdown (checkpoint of {flush_s:.2} s): open {after_clean_s:.2} s replaying {replayed_clean} records"
+    );
+    let results = json!({
+        "dataset": dataset.name(),
+        "writes": writes,
+        "writers": writers,
+        "workers": args.data.workers,
+        "write_s": write_s,
+        "writes_per_s": writes as f64 / write_s,
+        "after_crash": {"open_s": after_crash_s, "replayed_records": replayed,
+                        "replayed_records_per_s": replayed as f64 / after_crash_s},
+        "checkpoint_s": flush_s,
+        "after_clean_shutdown": {"open_s": after_clean_s, "replayed_records": replayed_clean},
+    });
+    args.data.write_results("small-writes-recovery.json", &results)?;
     Ok(())
 }

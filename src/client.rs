@@ -18,6 +18,9 @@ use arrow::array::{
     Array, ArrayRef, AsArray, Float32Array, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{self as adt, DataType as ArrowType, Field, Schema};
+use base64::Engine as _;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use vectorflow::{CollectionSchema, DataType, Pk, Value};
 use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
@@ -29,8 +32,8 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:19530";
 /// How long connecting may take before the client gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connected client.
-pub type Client = VectorflowClient<Channel>;
+/// A connected client; every call carries the `authorization` metadata, if any.
+pub type Client = VectorflowClient<InterceptedService<Channel, Authorization>>;
 
 // ---- arguments ----
 
@@ -46,6 +49,74 @@ pub struct Connect {
     /// Deadline of each call in seconds (none by default).
     #[arg(long)]
     pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub credentials: Credentials,
+}
+
+/// Credentials for a server with `[auth]`: a user and password, or a token.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Credentials {
+    /// User name, with --password (sent as `Basic` authorization).
+    #[arg(long, env = "VECTORFLOW_USER")]
+    pub user: Option<String>,
+    /// Password of --user. The environment variable keeps it out of the process list.
+    #[arg(long, env = "VECTORFLOW_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Bearer token, instead of --user/--password.
+    #[arg(long, env = "VECTORFLOW_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Credentials {
+    /// From `VECTORFLOW_USER`, `VECTORFLOW_PASSWORD` and `VECTORFLOW_TOKEN` alone
+    /// (for tools without the flags, like `vectorflow bench --addr`).
+    pub fn from_env() -> Credentials {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Credentials {
+            user: var("VECTORFLOW_USER"),
+            password: var("VECTORFLOW_PASSWORD"),
+            token: var("VECTORFLOW_TOKEN"),
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.user.is_some() || self.password.is_some() || self.token.is_some()
+    }
+
+    /// The `authorization` metadata value, or an error naming what is missing.
+    pub fn authorization(&self) -> anyhow::Result<Authorization> {
+        let text = match (&self.user, &self.password, &self.token) {
+            (None, None, None) => return Ok(Authorization(None)),
+            (None, None, Some(token)) => format!("Bearer {}", token.trim()),
+            (Some(user), Some(password), None) => {
+                if user.contains(':') {
+                    bail!("--user `{user}`: a user name cannot contain `:`");
+                }
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+            }
+            (Some(_), None, None) => bail!("--user needs --password (or VECTORFLOW_PASSWORD)"),
+            (None, Some(_), None) => bail!("--password needs --user (or VECTORFLOW_USER)"),
+            (_, _, Some(_)) => bail!(
+                "give --user/--password or --token, not both (check VECTORFLOW_USER, VECTORFLOW_PASSWORD, VECTORFLOW_TOKEN)"
+            ),
+        };
+        let value = MetadataValue::try_from(text.as_str())
+            .map_err(|_| anyhow!("the credentials hold characters that cannot be sent as gRPC metadata"))?;
+        Ok(Authorization(Some(value)))
+    }
+}
+
+/// Adds the `authorization` metadata to every call (nothing when `None`).
+#[derive(Debug, Clone, Default)]
+pub struct Authorization(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// `vectorflow collection ...`
@@ -290,9 +361,16 @@ pub fn endpoint(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Endpoin
     })
 }
 
-/// A client on a fresh connection to `addr`.
+/// A client on a fresh connection to `addr`, with the credentials of the
+/// `VECTORFLOW_USER`/`VECTORFLOW_PASSWORD`/`VECTORFLOW_TOKEN` environment.
 pub async fn connect(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Client> {
-    Ok(VectorflowClient::new(channel(addr, timeout).await?).max_decoding_message_size(usize::MAX))
+    connect_as(addr, timeout, Credentials::from_env().authorization()?).await
+}
+
+/// A client on a fresh connection to `addr` that sends `authorization` on every call.
+pub async fn connect_as(addr: &str, timeout: Option<Duration>, authorization: Authorization) -> anyhow::Result<Client> {
+    let channel = channel(addr, timeout).await?;
+    Ok(VectorflowClient::with_interceptor(channel, authorization).max_decoding_message_size(usize::MAX))
 }
 
 /// A fresh HTTP/2 connection to `addr`.
@@ -315,9 +393,20 @@ fn timeout(connect: &Connect) -> anyhow::Result<Option<Duration>> {
 fn with_client<T>(connect: &Connect, f: impl AsyncFnOnce(&mut Client) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let timeout = timeout(connect)?;
-    runtime.block_on(async {
-        let mut client = self::connect(&connect.addr, timeout).await?;
+    let authorization = connect.credentials.authorization()?;
+    let result = runtime.block_on(async {
+        let mut client = connect_as(&connect.addr, timeout, authorization).await?;
         f(&mut client).await
+    });
+    result.map_err(|error| {
+        let status = error.downcast_ref::<RpcError>().map(|e| e.status.code());
+        match status {
+            Some(tonic::Code::Unauthenticated) if !connect.credentials.given() => error.context(
+                "the server requires credentials: give --user and --password, or --token \
+                 (or set VECTORFLOW_USER and VECTORFLOW_PASSWORD, or VECTORFLOW_TOKEN)",
+            ),
+            _ => error,
+        }
     })
 }
 
@@ -839,8 +928,14 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
 // ---- sql ----
 
 /// Runs one statement on the server (the `Sql` stream of Arrow IPC batches) and prints it.
-pub fn sql(addr: &str, query: &str, json: bool, timeout_secs: Option<f64>) -> anyhow::Result<()> {
-    let connect = Connect { addr: addr.to_string(), json, timeout: timeout_secs };
+pub fn sql(
+    addr: &str,
+    query: &str,
+    json: bool,
+    timeout_secs: Option<f64>,
+    credentials: Credentials,
+) -> anyhow::Result<()> {
+    let connect = Connect { addr: addr.to_string(), json, timeout: timeout_secs, credentials };
     let batches = with_client(&connect, async |client| {
         let mut stream = client.sql(v1::SqlRequest { query: query.to_string() }).await.map_err(rpc)?.into_inner();
         let mut batches = Vec::new();

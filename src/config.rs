@@ -2,13 +2,16 @@
 //! environment variables, then command-line flags (figment merges them in
 //! that order, later sources winning).
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::{EngineConfig, KafkaConfig, StorageConfig};
+use vectorflow::{EngineConfig, KafkaConfig, ReadLimits, StorageConfig};
+
+use crate::auth::{Authenticator, TokenEntry, UserEntry};
 
 /// Everything `vectorflow serve` reads. In TOML:
 ///
@@ -31,6 +34,16 @@ use vectorflow::{EngineConfig, KafkaConfig, StorageConfig};
 /// topics = { docs = "pg.public.docs" }
 /// formats = { docs = "debezium" }
 /// properties = { "security.protocol" = "SASL_SSL" }
+///
+/// [auth]
+/// enabled = true
+/// [[auth.users]]
+/// name = "ann"
+/// password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."   # vectorflow hash-password
+/// role = "admin"                                          # read | write | admin
+/// [[auth.tokens]]
+/// token_hash = "9f86d08188..."                            # vectorflow hash-password --token
+/// role = "read"
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -62,6 +75,104 @@ pub struct ServerConfig {
     pub storage: StorageConfig,
     /// The write-ahead log (`[log]`): embedded, or Kafka topics.
     pub log: LogSettings,
+    /// Opening fails when the log replay makes no progress for this many
+    /// seconds (the error says where it is stuck).
+    pub replay_stall_timeout_secs: u64,
+    /// `[limits]`: bounds on one request.
+    pub limits: LimitSettings,
+    /// `[auth]`: users, tokens and roles.
+    pub auth: AuthSettings,
+    /// Serve on a non-loopback address without authentication. Off, such a
+    /// server refuses to start: an open database on a network is rarely meant.
+    pub insecure: bool,
+}
+
+/// `[auth]` (`VECTORFLOW_AUTH__ENABLED=true`, `VECTORFLOW_AUTH__USERS='[{name="a", ...}]'`):
+/// who may call the server, and with which role.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Off: every call is allowed (then only a loopback address, or `insecure`).
+    pub enabled: bool,
+    /// `[[auth.users]]`: name, argon2 `password_hash` (PHC string) and role.
+    pub users: Vec<UserEntry>,
+    /// `[[auth.tokens]]`: SHA-256 hex `token_hash` and role, for `Bearer` tokens.
+    pub tokens: Vec<TokenEntry>,
+}
+
+impl AuthSettings {
+    /// The checker of credentials; `None` when auth is off.
+    pub fn authenticator(&self) -> Result<Option<Authenticator>, crate::auth::AuthError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        Authenticator::new(&self.users, &self.tokens).map(Some)
+    }
+}
+
+/// Why a configuration cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExposureError {
+    #[error(
+        "refusing to serve on {listen}: it is not a loopback address and authentication is off. \
+         Enable [auth] (auth.enabled = true with users or tokens; hashes from `vectorflow hash-password`), \
+         or pass --insecure (insecure = true, VECTORFLOW_INSECURE=true) to serve without authentication"
+    )]
+    Unauthenticated { listen: String },
+}
+
+/// Whether `listen` only reaches this machine: a loopback IP, or a host name
+/// whose every address is loopback (`localhost`). Unresolvable: not loopback.
+pub fn is_loopback(listen: &str) -> bool {
+    if let Ok(address) = listen.parse::<SocketAddr>() {
+        // `::ffff:127.0.0.1` is loopback too.
+        return address.ip().to_canonical().is_loopback();
+    }
+    match listen.to_socket_addrs() {
+        Ok(addresses) => {
+            let addresses: Vec<SocketAddr> = addresses.collect();
+            !addresses.is_empty() && addresses.iter().all(|a| a.ip().to_canonical().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// `[limits]` (`VECTORFLOW_LIMITS__MAX_SEARCH_HITS`, ...): what one read may
+/// ask for; over a limit, a request fails with RESOURCE_EXHAUSTED naming it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Query vectors × k per search.
+    pub max_search_hits: usize,
+    /// Query vectors per search.
+    pub max_search_vectors: usize,
+    /// Rows per query answer (limit + offset; without a limit, matching more is an error).
+    pub max_query_rows: usize,
+    /// Primary keys per get.
+    pub max_get_keys: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let limits = ReadLimits::default();
+        LimitSettings {
+            max_search_hits: limits.max_search_hits,
+            max_search_vectors: limits.max_search_vectors,
+            max_query_rows: limits.max_query_rows,
+            max_get_keys: limits.max_get_keys,
+        }
+    }
+}
+
+impl From<&LimitSettings> for ReadLimits {
+    fn from(settings: &LimitSettings) -> ReadLimits {
+        ReadLimits {
+            max_search_hits: settings.max_search_hits.max(1),
+            max_search_vectors: settings.max_search_vectors.max(1),
+            max_query_rows: settings.max_query_rows.max(1),
+            max_get_keys: settings.max_get_keys.max(1),
+        }
+    }
 }
 
 /// `[log]`: which log the server reads and writes.
@@ -102,6 +213,10 @@ impl Default for ServerConfig {
             compaction_interval_ms: engine.compaction_interval.map_or(0, |d| d.as_millis() as u64),
             storage: StorageConfig::default(),
             log: LogSettings::default(),
+            replay_stall_timeout_secs: engine.replay_stall_timeout.as_secs(),
+            limits: LimitSettings::default(),
+            auth: AuthSettings::default(),
+            insecure: false,
         }
     }
 }
@@ -109,34 +224,47 @@ impl Default for ServerConfig {
 /// Flags of `vectorflow serve` that override the file and the environment.
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct ServeArgs {
-    /// A TOML file with the settings of [`ServerConfig`].
+    /// A TOML file of server settings (see examples/vectorflow.toml); flags override it.
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Directory of the write-ahead log and the catalog [default: ./vectorflow-data].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// gRPC address, host:port; port 0 picks a free port [default: 127.0.0.1:19530].
+    /// A non-loopback address needs [auth] enabled, or --insecure.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Dataflow worker threads.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// A growing segment seals (and gets its index) at this many rows.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seal_rows: Option<usize>,
+    /// History kept for time travel, in seconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_secs: Option<u64>,
+    /// Largest request or response message, in bytes [default: 268435456].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
+    /// How often collections with new writes are checkpointed, in milliseconds (0: only on flush).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_interval_ms: Option<u64>,
+    /// How often compaction looks for segments to rewrite, in milliseconds (0: never).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compaction_interval_ms: Option<u64>,
+    /// Serve on a non-loopback address without authentication (sets `insecure = true`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// The object store URL (`s3://bucket/prefix`); sets `storage.url`.
     #[arg(long)]
     #[serde(skip)]
@@ -155,7 +283,10 @@ impl ServerConfig {
             figment = figment.merge(Toml::file_exact(path));
         }
         let mut config: ServerConfig = figment
-            .merge(Env::prefixed("VECTORFLOW_").split("__"))
+            // The client's credentials (`vectorflow search --user ...`) share the
+            // prefix; they are no server setting, and deny_unknown_fields would
+            // refuse them when both run from one shell.
+            .merge(Env::prefixed("VECTORFLOW_").ignore(&["user", "password", "token"]).split("__"))
             .merge(Serialized::defaults(args))
             .extract()
             .map_err(Box::new)?;
@@ -167,6 +298,14 @@ impl ServerConfig {
             config.log.kafka.bootstrap_servers = bootstrap.clone();
         }
         Ok(config)
+    }
+
+    /// Refuses a non-loopback `listen` without authentication, unless `insecure`.
+    pub fn check_exposure(&self) -> Result<(), ExposureError> {
+        if self.auth.enabled || self.insecure || is_loopback(&self.listen) {
+            return Ok(());
+        }
+        Err(ExposureError::Unauthenticated { listen: self.listen.clone() })
     }
 
     pub fn engine_config(&self) -> EngineConfig {
@@ -184,6 +323,8 @@ impl ServerConfig {
             storage: self.storage.clone(),
             kafka: (self.log.kind == LogKind::Kafka).then(|| self.log.kafka.clone()),
             max_in_flight_rows: self.log.max_in_flight_rows.unwrap_or(defaults.max_in_flight_rows),
+            replay_stall_timeout: Duration::from_secs(self.replay_stall_timeout_secs.max(1)),
+            limits: (&self.limits).into(),
             ..defaults
         }
     }
@@ -216,6 +357,11 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             assert_eq!(shipped.listen, "127.0.0.1:19530");
             assert_eq!(shipped.log.kind, LogKind::Embedded);
+            assert_eq!(shipped.limits, LimitSettings::default(), "the example lists the default limits");
+            jail.set_env("VECTORFLOW_LIMITS__MAX_SEARCH_HITS", "5000");
+            let limited = ServerConfig::load(&ServeArgs::default()).map_err(|e| e.to_string())?;
+            assert_eq!(limited.engine_config().limits.max_search_hits, 5000);
+            assert_eq!(limited.engine_config().limits.max_query_rows, LimitSettings::default().max_query_rows);
             jail.set_env("VECTORFLOW_LOG__KIND", "kafka");
             jail.set_env("VECTORFLOW_LOG__KAFKA__BOOTSTRAP_SERVERS", "broker:9093");
             jail.create_file(
@@ -233,6 +379,94 @@ mod tests {
             let bad = ServeArgs { config: Some("bad.toml".into()), ..Default::default() };
             let error = ServerConfig::load(&bad).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(error.contains("listen"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closures return figment's own (large) error
+    fn auth_section_from_file_and_environment() {
+        use crate::auth::Role;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "auth.toml",
+                r#"
+[auth]
+enabled = true
+[[auth.users]]
+name = "ann"
+password_hash = "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+role = "admin"
+[[auth.users]]
+name = "bob"
+password_hash = "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+role = "read"
+[[auth.tokens]]
+token_hash = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+role = "write"
+"#,
+            )?;
+            let args = ServeArgs { config: Some("auth.toml".into()), ..Default::default() };
+            let config = ServerConfig::load(&args).map_err(|e| e.to_string())?;
+            assert!(config.auth.enabled);
+            let roles: Vec<_> = config.auth.users.iter().map(|u| (u.name.as_str(), u.role)).collect();
+            assert_eq!(roles, [("ann", Role::Admin), ("bob", Role::Read)]);
+            assert_eq!(config.auth.tokens[0].role, Role::Write);
+            assert!(config.auth.authenticator().map_err(|e| e.to_string())?.is_some());
+            assert!(ServerConfig::default().auth.authenticator().map_err(|e| e.to_string())?.is_none());
+
+            jail.set_env("VECTORFLOW_AUTH__ENABLED", "true");
+            jail.set_env(
+                "VECTORFLOW_AUTH__USERS",
+                r#"[{name="env", password_hash="$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaA", role="write"}]"#,
+            );
+            jail.set_env("VECTORFLOW_TOKEN", "a client setting, not the server's");
+            jail.set_env("VECTORFLOW_USER", "ann");
+            let from_env = ServerConfig::load(&ServeArgs::default()).map_err(|e| e.to_string())?;
+            assert!(from_env.auth.enabled);
+            assert_eq!(from_env.auth.users.len(), 1);
+            assert_eq!(from_env.auth.users[0].name, "env");
+            assert_eq!(from_env.auth.users[0].role, Role::Write);
+            assert!(from_env.auth.users[0].password_hash.starts_with("$argon2id$v=19$m=64"));
+
+            jail.clear_env();
+            jail.create_file(
+                "bad_role.toml",
+                "[[auth.users]]\nname = \"x\"\npassword_hash = \"h\"\nrole = \"root\"\n",
+            )?;
+            let bad = ServerConfig::load(&ServeArgs { config: Some("bad_role.toml".into()), ..Default::default() });
+            let error = bad.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("root"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closures return figment's own (large) error
+    fn non_loopback_needs_auth_or_insecure() {
+        assert!(is_loopback("127.0.0.1:19530"));
+        assert!(is_loopback("127.8.0.1:0"));
+        assert!(is_loopback("[::1]:0"));
+        assert!(is_loopback("[::ffff:127.0.0.1]:0"));
+        assert!(is_loopback("localhost:0"));
+        assert!(!is_loopback("0.0.0.0:19530"));
+        assert!(!is_loopback("[::]:0"));
+        assert!(!is_loopback("192.0.2.1:80"));
+        assert!(!is_loopback("no-such-host.invalid:80"));
+        figment::Jail::expect_with(|jail| {
+            let exposed = ServeArgs { listen: Some("0.0.0.0:0".into()), ..Default::default() };
+            let config = ServerConfig::load(&exposed).map_err(|e| e.to_string())?;
+            let error = config.check_exposure().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("refusing to serve on 0.0.0.0:0"), "{error}");
+            assert!(error.contains("--insecure") && error.contains("[auth]"), "{error}");
+            let insecure = ServeArgs { insecure: true, ..exposed.clone() };
+            assert_eq!(ServerConfig::load(&insecure).map_err(|e| e.to_string())?.check_exposure(), Ok(()));
+            assert_eq!(ServerConfig::load(&ServeArgs::default()).map_err(|e| e.to_string())?.check_exposure(), Ok(()));
+            jail.set_env("VECTORFLOW_INSECURE", "true");
+            assert_eq!(ServerConfig::load(&exposed).map_err(|e| e.to_string())?.check_exposure(), Ok(()));
+            jail.set_env("VECTORFLOW_INSECURE", "false");
+            jail.set_env("VECTORFLOW_AUTH__ENABLED", "true");
+            assert_eq!(ServerConfig::load(&exposed).map_err(|e| e.to_string())?.check_exposure(), Ok(()));
             Ok(())
         });
     }

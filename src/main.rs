@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod auth;
 mod bench;
 mod bench_kafka;
 mod bench_recovery;
@@ -64,6 +65,14 @@ enum Command {
         timeout: Option<f64>,
         /// The statement, for example "SELECT id FROM docs ORDER BY cosine_distance(embedding, [..]) LIMIT 5".
         query: String,
+        #[command(flatten)]
+        credentials: client::Credentials,
+    },
+    /// Read a password from stdin and print its argon2 PHC string, for `password_hash` in `[[auth.users]]`.
+    HashPassword {
+        /// Read a bearer token instead and print its SHA-256 hex, for `token_hash` in `[[auth.tokens]]`.
+        #[arg(long)]
+        token: bool,
     },
     /// Create, list, describe or drop collections on a server (gRPC).
     #[command(subcommand)]
@@ -109,20 +118,42 @@ fn main() -> anyhow::Result<()> {
             }
             engine.shutdown();
         }
-        Command::Sql { data_dir, addr, json, timeout, query } => client::exit_on_error(match (data_dir, addr) {
-            (_, Some(addr)) => client::sql(&addr, &query, json, timeout),
-            (Some(data_dir), None) => (|| {
-                let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
-                let result = run_sql(&engine, &query);
-                engine.shutdown();
-                client::print_batches(&result?, json, &Default::default())
-            })(),
-            (None, None) => Err(anyhow::anyhow!("give --data-dir DIR or --addr HOST:PORT")),
-        }),
+        Command::Sql { data_dir, addr, json, timeout, query, credentials } => {
+            client::exit_on_error(match (data_dir, addr) {
+                (_, Some(addr)) => client::sql(&addr, &query, json, timeout, credentials),
+                (Some(data_dir), None) => (|| {
+                    let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
+                    let result = run_sql(&engine, &query);
+                    engine.shutdown();
+                    client::print_batches(&result?, json, &Default::default())
+                })(),
+                (None, None) => Err(anyhow::anyhow!("give --data-dir DIR or --addr HOST:PORT")),
+            })
+        }
         Command::Collection(command) => client::exit_on_error(client::collection(command)),
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
         Command::Query(args) => client::exit_on_error(client::query(args)),
+        Command::HashPassword { token } => client::exit_on_error(hash_password(token)),
+    }
+    Ok(())
+}
+
+/// `vectorflow hash-password`: the secret comes on stdin, never as an
+/// argument, so it stays out of the shell history and the process list.
+fn hash_password(token: bool) -> anyhow::Result<()> {
+    let mut secret = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut secret).context("reading the secret from stdin")?;
+    // `echo pw | vectorflow hash-password`: the line break is not part of it.
+    let secret = secret.strip_suffix('\n').unwrap_or(&secret);
+    let secret = secret.strip_suffix('\r').unwrap_or(secret);
+    if secret.is_empty() {
+        anyhow::bail!("no {} on stdin", if token { "token" } else { "password" });
+    }
+    if token {
+        println!("{}", auth::hash_token(secret));
+    } else {
+        println!("{}", auth::hash_password(secret)?);
     }
     Ok(())
 }

@@ -36,7 +36,8 @@ pub struct VectorflowService {
 
 impl VectorflowService {
     pub fn new(engine: Engine, max_message_bytes: usize) -> vectorflow::Result<Self> {
-        let sql = SqlSession::new(engine.clone())?;
+        // SQL from the network is untrusted: queries only, within a memory limit.
+        let sql = SqlSession::read_only(engine.clone())?;
         Ok(VectorflowService { engine, sql, max_message_bytes })
     }
 
@@ -93,19 +94,20 @@ struct Read {
     guarantee_ts: Option<Timestamp>,
 }
 
-fn read_options(read: Option<v1::ReadOptions>) -> Read {
+/// A request's read options; `argument` names the consistency field in errors.
+fn read_options(argument: &str, read: Option<v1::ReadOptions>) -> vectorflow::Result<Read> {
     let read = read.unwrap_or_default();
-    let consistency = match v1::ConsistencyLevel::try_from(read.consistency).unwrap_or_default() {
+    let consistency = match wire::consistency_from_proto(argument, read.consistency)? {
         v1::ConsistencyLevel::Strong => Consistency::Strong,
         v1::ConsistencyLevel::Session => Consistency::Session,
         v1::ConsistencyLevel::Bounded => Consistency::Bounded,
         v1::ConsistencyLevel::Eventually => Consistency::Eventually,
     };
-    Read {
+    Ok(Read {
         consistency,
         as_of: (read.as_of != 0).then_some(read.as_of),
         guarantee_ts: (read.guarantee_ts != 0).then_some(read.guarantee_ts),
-    }
+    })
 }
 
 fn non_empty(text: String) -> Option<String> {
@@ -126,7 +128,22 @@ fn write_batch(request: v1::WriteRequest) -> vectorflow::Result<arrow::record_ba
         if !request.columns.is_empty() {
             return Err(Error::argument("columns", "give either columns or arrow_ipc, not both"));
         }
-        return wire::ipc_to_batch(&request.arrow_ipc);
+        let batch = wire::ipc_to_batch(&request.arrow_ipc)?;
+        // Columns of the null type or without children carry rows in no
+        // bytes, and the write would allocate (keys, defaults) per declared
+        // row. A real write holds a vector of at least one f32 per row.
+        let most_rows = request.arrow_ipc.len() / 4;
+        if batch.num_rows() > most_rows {
+            return Err(Error::argument(
+                "arrow_ipc",
+                format!(
+                    "{} rows in {} bytes: every row needs its vector (4 bytes or more), so at most {most_rows} rows fit",
+                    batch.num_rows(),
+                    request.arrow_ipc.len()
+                ),
+            ));
+        }
+        return Ok(batch);
     }
     if request.columns.is_empty() {
         return Err(Error::argument("columns", "no rows: give columns or arrow_ipc"));
@@ -220,7 +237,7 @@ impl Vectorflow for VectorflowService {
             .run(&request, move |engine, timeout| {
                 let vectors = body.vectors.ok_or_else(|| Error::argument("vectors", "missing"))?;
                 let queries = wire::unpack_vectors("vectors", &vectors)?;
-                let read = read_options(body.read);
+                let read = read_options("read.consistency", body.read)?;
                 let options = SearchOptions {
                     field: non_empty(body.field),
                     k: body.k as usize,
@@ -258,7 +275,7 @@ impl Vectorflow for VectorflowService {
         let body = request.get_ref().clone();
         let response = self
             .run(&request, move |engine, timeout| {
-                let read = read_options(body.read);
+                let read = read_options("read.consistency", body.read)?;
                 let options = QueryOptions {
                     filter: non_empty(body.filter),
                     output_fields: body.output_fields.clone(),
@@ -285,7 +302,7 @@ impl Vectorflow for VectorflowService {
         let body = request.get_ref().clone();
         let response = self
             .run(&request, move |engine, timeout| {
-                let read = read_options(body.read);
+                let read = read_options("read.consistency", body.read)?;
                 let options = GetOptions {
                     output_fields: body.output_fields.clone(),
                     consistency: read.consistency,
@@ -308,10 +325,10 @@ impl Vectorflow for VectorflowService {
         if size > self.max_message_bytes {
             return Err(Status::resource_exhausted(format!("request of {size} bytes exceeds max_message_bytes")));
         }
-        let frame = self.sql.sql(&request.get_ref().query).await.map_err(|e| wire::status(&e))?;
-        let batches = frame.execute_stream().await.map_err(|e| wire::status(&vectorflow::crates::sql::sql_error(e)))?;
+        // Planned and run on the SQL runtime's large-stack threads, not this tokio worker.
+        let batches = self.sql.stream(&request.get_ref().query).await.map_err(|e| wire::status(&e))?;
         let stream = batches.map(|batch| {
-            let batch = batch.map_err(|e| wire::status(&vectorflow::crates::sql::sql_error(e)))?;
+            let batch = batch.map_err(|e| wire::status(&e))?;
             let arrow_ipc = wire::batch_to_ipc(&batch).map_err(|e| wire::status(&e))?;
             Ok(v1::SqlBatch { arrow_ipc })
         });
@@ -328,7 +345,10 @@ impl Vectorflow for VectorflowService {
         let body = request.get_ref().clone();
         let stats = self
             .run(&request, move |engine, _| {
-                let read = read_options(Some(v1::ReadOptions { consistency: body.consistency, ..Default::default() }));
+                let read = read_options(
+                    "consistency",
+                    Some(v1::ReadOptions { consistency: body.consistency, ..Default::default() }),
+                )?;
                 Ok((engine.stats(&body.collection, read.consistency)?, engine.ingest_stats(&body.collection)?))
             })
             .await?;
@@ -358,7 +378,30 @@ impl Vectorflow for VectorflowService {
     }
 
     async fn health(&self, _request: Request<v1::Empty>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse { status: "SERVING".into(), version: env!("CARGO_PKG_VERSION").into() }))
+        let health = self.engine.health();
+        let recovery = self.engine.recovery_report();
+        Ok(Response::new(v1::HealthResponse {
+            status: "SERVING".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            dataflow: Some(v1::DataflowHealth {
+                applied_frontier: health.applied_frontier,
+                next_ts: health.next_ts,
+                records_ingested: health.records_ingested,
+                rows_ingested: health.rows_ingested,
+                rows_in_flight: health.rows_in_flight,
+                frontier_stalled_ms: health.frontier_stalled_for.map_or(0, |d| d.as_millis() as u64),
+                frontier_stall_reports: health.frontier_stall_reports,
+                reads_cancelled: health.reads_cancelled,
+            }),
+            recovery: Some(v1::RecoveryReport {
+                segments_loaded: recovery.segments as u64,
+                rows_loaded: recovery.rows as u64,
+                log_records_replayed: recovery.replayed_records,
+                log_rows_replayed: recovery.replayed_rows,
+                load_ms: recovery.load.as_millis() as u64,
+                total_ms: recovery.total.as_millis() as u64,
+            }),
+        }))
     }
 }
 
@@ -378,16 +421,51 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
     response
 }
 
+/// tonic answers a request body that does not decode as protobuf (bad wire
+/// format, a string field that is not UTF-8) with INTERNAL, as if the server
+/// had failed; it is the client's request that is malformed, so the answer
+/// is INVALID_ARGUMENT. prost's message names the message and field
+/// (`CollectionRef.name: invalid string value`), and is kept. Decoding
+/// fails before a handler runs: a trailers-only response, status in the headers.
+fn undecodable_is_invalid_argument<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let internal = headers.get("grpc-status").is_some_and(|s| s == "13");
+    let undecodable = headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| {
+        m.starts_with("failed%20to%20decode%20Protobuf%20message") || m.starts_with("failed to decode Protobuf message")
+    });
+    if internal && undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    response
+}
+
 /// Runs the server until SIGTERM or SIGINT: stops accepting, lets in-flight
 /// calls finish, flushes every collection and stops the engine.
 pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    // Both before the data directory is touched: a misconfigured server fails at once.
+    config.check_exposure()?;
+    let authenticator = config.auth.authenticator()?;
+    let auth_layer = crate::auth::AuthLayer::new(authenticator);
     let engine = Engine::open(config.engine_config())?;
     let listener = TcpListener::bind(&config.listen).await?;
     let address: SocketAddr = listener.local_addr()?;
     let service = VectorflowService::new(engine.clone(), config.max_message_bytes)?;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcio's reflection client and older grpcurl speak only v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+    // The standard health service, for load balancers and orchestrators ("" is SERVING from the start).
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<VectorflowServer<VectorflowService>>().await;
+    if config.auth.enabled {
+        tracing::info!(users = config.auth.users.len(), tokens = config.auth.tokens.len(), "authentication on");
+    } else if !crate::config::is_loopback(&config.listen) {
+        tracing::warn!(listen = config.listen, "serving without authentication on a non-loopback address (insecure)");
+    }
     // tonic's own limit sits above ours so our handlers see (and refuse) large requests with a clear message.
     let transport_limit = config.max_message_bytes.saturating_add(config.max_message_bytes / 4 + (1 << 20));
     let grpc = VectorflowServer::new(service)
@@ -398,7 +476,12 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     println!("vectorflow listening on {address}");
     let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
+        // Innermost: every service goes through the one role check (auth.rs's table).
+        .layer(auth_layer)
+        .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(grpc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await;

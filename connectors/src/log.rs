@@ -74,16 +74,38 @@ fn storage(e: impl std::fmt::Display) -> Error {
     Error::storage(format!("embedded log: {e}"))
 }
 
+/// A write waiting for its group's commit.
+struct PendingWrite {
+    ts: Timestamp,
+    /// Encoded records with their partitions.
+    records: Vec<(u32, Vec<u8>)>,
+    /// The group's outcome.
+    done: std::sync::mpsc::SyncSender<std::result::Result<(), String>>,
+}
+
+#[derive(Default)]
+struct PendingWrites {
+    queue: Vec<PendingWrite>,
+    /// A writer is committing groups (it takes what is queued when its commit ends).
+    committing: bool,
+}
+
 /// The embedded write-ahead log.
 pub struct EmbeddedLog {
     db: Database,
     partitions: u32,
     tso: Tso,
-    /// Serialises writers, so timestamps increase with commit order in every
-    /// partition; also held while a watermark is read.
+    /// Writes waiting to be committed, in timestamp order (group commit).
+    pending: Mutex<PendingWrites>,
+    /// The next offset of every partition; held while a group commits (and
+    /// while the log is truncated), so offsets grow with timestamps.
     writer: Mutex<Vec<u64>>,
     /// Next offset of each partition, published after commit.
     ends: Vec<AtomicU64>,
+    /// Every write with a timestamp at or below this is committed and its
+    /// offsets are in `ends` (published after them). While a write is in
+    /// flight, a reader that has caught up knows its next entry comes after it.
+    committed_through: AtomicU64,
     listeners: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
@@ -147,8 +169,10 @@ impl EmbeddedLog {
             db,
             partitions: stored_partitions,
             tso: Tso::new(max_ts),
+            pending: Mutex::new(PendingWrites::default()),
             writer: Mutex::new(ends.clone()),
             ends: ends.into_iter().map(AtomicU64::new).collect(),
+            committed_through: AtomicU64::new(max_ts),
             listeners: Mutex::new(Vec::new()),
         }))
     }
@@ -173,36 +197,93 @@ impl EmbeddedLog {
     /// reserved; `build` gets the first (the write's timestamp, also usable
     /// as a base for auto ids) and returns the records to append, each with
     /// its partition. Returns the write's timestamp once it is fsynced.
+    ///
+    /// Group commit: concurrent writes queue in timestamp order; the first
+    /// writer to find no commit running commits everything queued in one
+    /// transaction (one fsync), then the writes queued meanwhile, and so on.
+    /// Each write is acknowledged only once its own transaction is durable.
     pub fn append_with(
         &self,
         timestamps: u64,
         build: impl FnOnce(Timestamp) -> Result<Vec<(u32, LogRecord)>>,
     ) -> Result<Timestamp> {
+        let (done, outcome) = std::sync::mpsc::sync_channel(1);
+        let (ts, lead) = {
+            let mut pending = self.pending.lock().map_err(|_| storage("writer lock poisoned"))?;
+            // Allocated under the queue's lock: queue order is timestamp order.
+            let ts = self.tso.allocate(timestamps);
+            let mut records = Vec::new();
+            for (partition, record) in build(ts)? {
+                if partition >= self.partitions {
+                    return Err(Error::argument(
+                        "partition",
+                        format!("{partition} out of range 0..{}", self.partitions),
+                    ));
+                }
+                records.push((partition, encode(ts, &record)?));
+            }
+            pending.queue.push(PendingWrite { ts, records, done });
+            let lead = !pending.committing;
+            pending.committing = true;
+            (ts, lead)
+        };
+        if lead {
+            self.commit_pending();
+        }
+        match outcome.recv() {
+            Ok(Ok(())) => Ok(ts),
+            Ok(Err(problem)) => Err(storage(problem)),
+            Err(_) => Err(storage("the commit of this write was abandoned")),
+        }
+    }
+
+    /// Commits queued writes, a group at a time, until the queue is empty.
+    fn commit_pending(&self) {
+        loop {
+            let group = match self.pending.lock() {
+                Ok(mut pending) if pending.queue.is_empty() => {
+                    pending.committing = false;
+                    return;
+                }
+                Ok(mut pending) => std::mem::take(&mut pending.queue),
+                Err(_) => return,
+            };
+            let result = self.commit_group(&group).map_err(|e| e.to_string());
+            for write in group {
+                let _ = write.done.send(result.clone());
+            }
+            if result.is_ok()
+                && let Ok(listeners) = self.listeners.lock()
+            {
+                listeners.iter().for_each(|wake| wake());
+            }
+        }
+    }
+
+    /// Writes one group in one transaction and publishes its offsets.
+    fn commit_group(&self, group: &[PendingWrite]) -> Result<()> {
         let mut next = self.writer.lock().map_err(|_| storage("writer lock poisoned"))?;
-        let ts = self.tso.allocate(timestamps);
-        let records = build(ts)?;
         let txn = self.db.begin_write().map_err(storage)?;
         let mut new_next = next.clone();
-        for (partition, record) in &records {
-            let p = *partition;
-            if p >= self.partitions {
-                return Err(Error::argument("partition", format!("{p} out of range 0..{}", self.partitions)));
+        for write in group {
+            for (partition, bytes) in &write.records {
+                let p = *partition as usize;
+                let mut table = txn
+                    .open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(*partition)))
+                    .map_err(storage)?;
+                table.insert(new_next[p], bytes.as_slice()).map_err(storage)?;
+                new_next[p] += 1;
             }
-            let bytes = encode(ts, record)?;
-            let mut table = txn.open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(p))).map_err(storage)?;
-            table.insert(new_next[p as usize], bytes.as_slice()).map_err(storage)?;
-            new_next[p as usize] += 1;
         }
         txn.commit().map_err(storage)?;
         *next = new_next;
         for (p, end) in next.iter().enumerate() {
             self.ends[p].store(*end, Ordering::Release);
         }
-        drop(next);
-        if let Ok(listeners) = self.listeners.lock() {
-            listeners.iter().for_each(|wake| wake());
+        if let Some(newest) = group.iter().map(|write| write.ts).max() {
+            self.committed_through.fetch_max(newest, Ordering::Release);
         }
-        Ok(ts)
+        Ok(())
     }
 
     /// Appends records that need no auto ids.
@@ -213,8 +294,8 @@ impl EmbeddedLog {
     /// A timestamp below which every write is durable and readable, and at or
     /// above which every later write will be; `None` while a write is in flight.
     pub fn watermark(&self) -> Option<Timestamp> {
-        let _writer = self.writer.try_lock().ok()?;
-        Some(self.tso.next_possible())
+        let pending = self.pending.try_lock().ok()?;
+        (!pending.committing && pending.queue.is_empty()).then(|| self.tso.next_possible())
     }
 
     /// A reader of `partitions` from their first offsets.
@@ -336,37 +417,61 @@ impl LogReader for EmbeddedLogReader {
         self.positions.iter().map(|(p, _)| *p).collect()
     }
 
+    /// Reads up to `max` entries, shared out over the partitions that are
+    /// behind, and always reports a frontier: the least timestamp any later
+    /// entry of these partitions can carry. A partition that is behind is
+    /// bounded by the timestamp of its next unread entry (timestamps never
+    /// decrease along a partition), one that has caught up by the log's
+    /// watermark. Reporting a frontier while behind is what lets a long
+    /// replay (or a reader that stays behind under load) advance time, so
+    /// the dataflow applies what it has read and releases backpressure.
     fn poll(&mut self, max: usize) -> Result<LogPoll> {
-        // Read the watermark first: everything below it is committed, so it
-        // is in what we read next.
-        let watermark = self.log.watermark();
+        // Read the bounds first: everything below them is committed, so
+        // it is in what we read next. With a write in flight there is no
+        // watermark, but every write not yet committed comes after the last
+        // committed one.
+        let committed = self.log.committed_through.load(Ordering::Acquire);
+        let caught_up_bound = self.log.watermark().unwrap_or(committed + 1);
         let mut entries = Vec::new();
-        let mut caught_up = true;
-        let behind = self.positions.iter().any(|(p, next)| self.log.ends[*p as usize].load(Ordering::Acquire) > *next);
-        if behind {
+        let behind: Vec<usize> = (0..self.positions.len())
+            .filter(|&i| {
+                let (p, next) = self.positions[i];
+                self.log.ends[p as usize].load(Ordering::Acquire) > next
+            })
+            .collect();
+        let mut frontier = caught_up_bound;
+        if !behind.is_empty() {
             let read = self.log.db.begin_read().map_err(storage)?;
-            for (partition, next) in &mut self.positions {
+            let share = max.div_ceil(behind.len()).max(1);
+            for i in behind {
+                let (partition, next) = &mut self.positions[i];
                 let table = read
                     .open_table(TableDefinition::<u64, &[u8]>::new(&partition_table(*partition)))
                     .map_err(storage)?;
-                for item in table.range(*next..).map_err(storage)? {
-                    if entries.len() >= max {
-                        caught_up = false;
-                        break;
-                    }
+                let mut next_ts = None;
+                for (taken, item) in table.range(*next..).map_err(storage)?.enumerate() {
                     let (offset, bytes) = item.map_err(storage)?;
                     let (ts, record) = decode(bytes.value(), *partition, offset.value())?;
+                    if taken >= share || entries.len() >= max {
+                        next_ts = Some(ts);
+                        break;
+                    }
                     entries.push(LogEntry { partition: *partition, offset: offset.value(), ts, record });
                     *next = offset.value() + 1;
                 }
+                if let Some(ts) = next_ts {
+                    frontier = frontier.min(ts);
+                }
             }
         }
-        Ok(LogPoll { entries, frontier: if caught_up { watermark } else { None } })
+        Ok(LogPoll { entries, frontier: Some(frontier) })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn delete(collection: CollectionId, key: i64) -> LogRecord {
@@ -423,18 +528,89 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_poll_does_not_claim_a_frontier() {
+    fn concurrent_writes_commit_in_groups_with_timestamps_growing_along_each_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+        let acknowledged: Vec<Timestamp> = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..8i64)
+                .map(|writer| {
+                    let log = &log;
+                    scope.spawn(move || {
+                        (0..40i64)
+                            .map(|i| {
+                                let key = writer * 1000 + i;
+                                log.append(vec![((key % 2) as u32, delete(1, key)), (0, delete(2, key))]).unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            writers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        });
+        assert_eq!(acknowledged.iter().collect::<HashSet<_>>().len(), 320, "one timestamp per write");
+        let mut reader = log.reader(vec![0, 1]);
+        let mut entries = Vec::new();
+        loop {
+            let poll = reader.poll(1000).unwrap();
+            if poll.entries.is_empty() {
+                break;
+            }
+            entries.extend(poll.entries);
+        }
+        assert_eq!(entries.len(), 640);
+        for partition in 0..2 {
+            let stamps: Vec<Timestamp> = entries.iter().filter(|e| e.partition == partition).map(|e| e.ts).collect();
+            assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "timestamps grow along partition {partition}");
+        }
+        let read: HashSet<Timestamp> = entries.iter().map(|e| e.ts).collect();
+        assert!(acknowledged.iter().all(|ts| read.contains(ts)), "every acknowledged write is in the log");
+    }
+
+    #[test]
+    fn a_partial_poll_claims_the_next_entrys_time_as_its_frontier() {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path(), 1).unwrap();
-        for key in 0..5 {
-            log.append(vec![(0, delete(1, key))]).unwrap();
-        }
+        let stamps: Vec<Timestamp> = (0..5).map(|key| log.append(vec![(0, delete(1, key))]).unwrap()).collect();
         let mut reader = log.reader(vec![0]);
         let first = reader.poll(3).unwrap();
         assert_eq!(first.entries.len(), 3);
-        assert!(first.frontier.is_none());
+        // Behind, the reader still lets time advance up to its next entry.
+        assert_eq!(first.frontier, Some(stamps[3]));
         let rest = reader.poll(3).unwrap();
         assert_eq!(rest.entries.len(), 2);
-        assert!(rest.frontier.is_some());
+        assert!(rest.frontier.unwrap() > stamps[4]);
+    }
+
+    #[test]
+    fn a_reader_that_caught_up_has_a_frontier_while_a_write_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+        let last = log.append(vec![(0, delete(1, 1)), (1, delete(1, 2))]).unwrap();
+        let mut reader = log.reader(vec![0, 1]);
+        // A write whose group is committing.
+        let in_flight = {
+            log.pending.lock().unwrap().committing = true;
+            log.writer.lock().unwrap()
+        };
+        let poll = reader.poll(10).unwrap();
+        assert_eq!(poll.entries.len(), 2);
+        assert_eq!(poll.frontier, Some(last + 1), "the next write comes after the last committed one");
+        drop(in_flight);
+        log.pending.lock().unwrap().committing = false;
+        assert!(reader.poll(10).unwrap().frontier.unwrap() > last);
+    }
+
+    #[test]
+    fn partitions_behind_share_a_poll_and_the_slowest_bounds_the_frontier() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 2).unwrap();
+        let stamps: Vec<Timestamp> =
+            (0..8).map(|key| log.append(vec![((key % 2) as u32, delete(1, key))]).unwrap()).collect();
+        let mut reader = log.reader(vec![0, 1]);
+        let poll = reader.poll(4).unwrap();
+        let per_partition = |p: u32| poll.entries.iter().filter(|e| e.partition == p).count();
+        assert_eq!((per_partition(0), per_partition(1)), (2, 2));
+        // Partition 0 holds keys 0, 2, 4, 6 and partition 1 keys 1, 3, 5, 7: the next unread are keys 4 and 5.
+        assert_eq!(poll.frontier, Some(stamps[4]));
     }
 }

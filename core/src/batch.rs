@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::schema::{CollectionSchema, DataType, FieldSchema, Metric};
-use crate::value::{Pk, Value, pks_from_array, value_from_json};
+use crate::value::{Pk, Value, pks_from_array, quote, value_from_json};
 
 /// One row given by name, as a user writes it.
 pub type Row = BTreeMap<String, Value>;
@@ -44,9 +44,17 @@ impl WriteBatch {
     pub fn from_record_batch(schema: &CollectionSchema, input: &RecordBatch, kind: WriteKind) -> Result<WriteBatch> {
         let rows = input.num_rows();
         let input_schema = input.schema();
+        let mut given = std::collections::HashSet::with_capacity(input_schema.fields().len());
         for field in input_schema.fields() {
             if schema.field_index(field.name()).is_none() {
-                return Err(Error::field(field.name(), format!("no such field in collection `{}`", schema.name)));
+                return Err(Error::field(
+                    quote(field.name()),
+                    format!("no such field in collection `{}`", schema.name),
+                ));
+            }
+            // Two columns for one field would leave it to chance which one is written.
+            if !given.insert(field.name()) {
+                return Err(Error::field(field.name(), "given twice: a write holds one column per field"));
             }
         }
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields.len());
@@ -86,7 +94,10 @@ impl WriteBatch {
     pub fn from_rows(schema: &CollectionSchema, rows: &[Row], kind: WriteKind) -> Result<WriteBatch> {
         for (i, row) in rows.iter().enumerate() {
             if let Some(name) = row.keys().find(|name| schema.field_index(name).is_none()) {
-                return Err(Error::field(name, format!("no such field in collection `{}` (row {i})", schema.name)));
+                return Err(Error::field(
+                    quote(name),
+                    format!("no such field in collection `{}` (row {i})", schema.name),
+                ));
             }
         }
         let mut fields = Vec::new();
@@ -126,6 +137,7 @@ pub fn row_from_json(schema: &CollectionSchema, object: serde_json::Map<String, 
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(Error::field(name, format!("element {i} is outside the range of f32")));
             }
+            check_vector(&name, "the vector", v)?;
             if matches!(field.data_type, DataType::FloatVector { metric: Metric::COSINE, .. })
                 && v.iter().all(|x| *x == 0.0)
             {
@@ -284,9 +296,7 @@ fn vector_column(name: &str, column: ArrayRef, dim: usize, metric: Metric) -> Re
         other => return Err(Error::field(name, format!("expected a float vector column, got {other}"))),
     }
     for (row, vector) in values.chunks_exact_mut(dim).enumerate() {
-        if vector.iter().any(|x| !x.is_finite()) {
-            return Err(Error::field(name, format!("row {row}: vector holds NaN or infinity")));
-        }
+        check_vector(name, &format!("row {row}"), vector)?;
         if metric == Metric::COSINE {
             let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
             if norm == 0.0 {
@@ -296,6 +306,38 @@ fn vector_column(name: &str, column: ArrayRef, dim: usize, metric: Metric) -> Re
         }
     }
     vector_array(dim, values)
+}
+
+/// The largest squared L2 norm a stored or query vector may have. Scores
+/// are computed in f32: an inner product is at most the product of the
+/// norms, a squared L2 distance at most 4 × the larger squared norm, and
+/// every partial sum is bounded the same way; the remaining factor 2 covers
+/// the rounding of summing in f32. So no score of such vectors is infinite.
+pub const MAX_SQUARED_NORM: f64 = f32::MAX as f64 / 8.0;
+
+/// Checks that a vector can be scored: finite elements, and a squared norm
+/// of at most [`MAX_SQUARED_NORM`] (`3e38` is a finite f32, but its square
+/// is not, so every distance to it would be infinite and rank nothing).
+/// `context` says which vector (`row 3`, `query 0`); the error names `field`.
+/// The write validation and a search's query vectors both use it.
+pub fn check_vector(field: &str, context: &str, vector: &[f32]) -> Result<()> {
+    if let Some(i) = vector.iter().position(|x| !x.is_finite()) {
+        return Err(Error::field(
+            field,
+            format!("{context}: element {i} is {}: vectors hold finite numbers", vector[i]),
+        ));
+    }
+    // In f64, where the square of any f32 is finite and exact enough.
+    let squared: f64 = vector.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    if squared > MAX_SQUARED_NORM {
+        return Err(Error::field(
+            field,
+            format!(
+                "{context}: squared norm {squared:.3e} exceeds {MAX_SQUARED_NORM:.3e}: its scores would overflow f32"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A `FixedSizeList<Float32>` column from row-major values.
@@ -402,12 +444,80 @@ impl IpcBatch {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<IpcBatch> {
+        check_ipc_stream(bytes).map_err(|problem| Error::Corrupt { location: "ipc batch".into(), problem })?;
         let mut reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
         match reader.next() {
             Some(batch) => Ok(IpcBatch(batch?)),
             None => Err(Error::Corrupt { location: "ipc batch".into(), problem: "no record batch in stream".into() }),
         }
     }
+}
+
+/// Checks the framing of an Arrow IPC stream before a reader decodes it:
+/// every message's metadata and body must fit in the bytes that follow,
+/// and bodies must not be compressed. Arrow's reader allocates what a
+/// message declares before reading it, so 16 bytes declaring 2 GiB of
+/// metadata cost 2 GiB and seconds of zeroing (a negative length, far
+/// more), and a compressed buffer's declared size is allocated before
+/// decompressing. Past this check, decoding allocates about `bytes.len()`.
+/// The problem says which message is wrong and how.
+pub fn check_ipc_stream(bytes: &[u8]) -> std::result::Result<(), String> {
+    /// Marks a length prefix in the current format (older writers omit it).
+    const CONTINUATION: i32 = -1;
+    fn length_at(bytes: &[u8], at: usize, message: usize) -> std::result::Result<i32, String> {
+        match bytes.get(at..at.saturating_add(4)) {
+            Some(&[a, b, c, d]) => Ok(i32::from_le_bytes([a, b, c, d])),
+            _ => Err(format!("message {message}: the stream ends inside a length prefix at byte {at}")),
+        }
+    }
+    let mut at = 0;
+    let mut message = 0;
+    while at < bytes.len() {
+        let mut declared = length_at(bytes, at, message)?;
+        at += 4;
+        if declared == CONTINUATION {
+            declared = length_at(bytes, at, message)?;
+            at += 4;
+        }
+        if declared == 0 {
+            // The end-of-stream marker: the reader stops here.
+            return Ok(());
+        }
+        let left = bytes.len() - at;
+        let Some(length) = usize::try_from(declared).ok().filter(|&length| length <= left) else {
+            return Err(format!(
+                "message {message}: metadata of {declared} bytes, but {left} bytes follow its length prefix"
+            ));
+        };
+        let metadata = arrow::ipc::root_as_message(&bytes[at..at + length])
+            .map_err(|e| format!("message {message}: metadata is not an Arrow IPC message: {e}"))?;
+        at += length;
+        let left = bytes.len() - at;
+        let declared = metadata.bodyLength();
+        let Some(body) = usize::try_from(declared).ok().filter(|&body| body <= left) else {
+            return Err(format!("message {message}: body of {declared} bytes, but {left} bytes follow its metadata"));
+        };
+        if let Some(batch) = metadata.header_as_record_batch().or_else(|| metadata.header_as_dictionary_batch()?.data())
+        {
+            if batch.compression().is_some() {
+                return Err(format!("message {message}: compressed bodies are not accepted; send it uncompressed"));
+            }
+            // Arrow's reader slices these out of the body with an assertion.
+            for (i, buffer) in batch.buffers().iter().flatten().enumerate() {
+                let end = buffer.offset().checked_add(buffer.length());
+                if buffer.offset() < 0 || buffer.length() < 0 || end.is_none_or(|end| end > declared) {
+                    return Err(format!(
+                        "message {message}: buffer {i} at offset {} of {} bytes lies outside the body of {declared} bytes",
+                        buffer.offset(),
+                        buffer.length()
+                    ));
+                }
+            }
+        }
+        at += body;
+        message += 1;
+    }
+    Ok(())
 }
 
 impl Serialize for IpcBatch {
@@ -537,6 +647,154 @@ mod tests {
         assert!(error.starts_with("field `id`: the primary key is assigned by the engine (auto_id)"), "{error}");
         let object = serde_json::json!({"v": [1]}).as_object().cloned().unwrap();
         assert_eq!(row_from_json(&auto, object).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        let ids: ArrayRef = Arc::new(Int64Array::from(vec![1]));
+        let others: ArrayRef = Arc::new(Int64Array::from(vec![2]));
+        let vectors = vector_array(2, vec![1.0, 0.0]).unwrap();
+        let fields = vec![
+            Field::new("id", ArrowType::Int64, true),
+            Field::new("v", vectors.data_type().clone(), true),
+            Field::new("id", ArrowType::Int64, true),
+        ];
+        let input =
+            RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), vec![ids, vectors, others]).unwrap();
+        let error = WriteBatch::from_record_batch(&schema(), &input, WriteKind::Upsert).unwrap_err();
+        assert!(matches!(error, Error::Field { .. }), "{error:?}");
+        assert_eq!(error.to_string(), "field `id`: given twice: a write holds one column per field");
+    }
+
+    #[test]
+    fn vectors_whose_scores_overflow_f32_are_refused() {
+        let l2 = CollectionSchema::new(
+            "l2",
+            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 2, Metric::L2)],
+        );
+        for s in [&schema(), &l2] {
+            // 3e38 is a finite f32; its square is not.
+            let error = WriteBatch::from_rows(s, &[row(1, vec![3e38, 0.0])], WriteKind::Upsert).unwrap_err();
+            assert!(matches!(error, Error::Field { .. }), "{error:?}");
+            let message = error.to_string();
+            assert!(message.starts_with("field `v`: row 0: squared norm 9.000e76 exceeds"), "{message}");
+            assert!(message.ends_with("its scores would overflow f32"), "{message}");
+            let error = WriteBatch::from_rows(s, &[row(1, vec![f32::NAN, 0.0])], WriteKind::Upsert).unwrap_err();
+            assert_eq!(error.to_string(), "field `v`: row 0: element 0 is NaN: vectors hold finite numbers");
+        }
+        // Each element fits, the sum of squares does not.
+        let error = check_vector("v", "query 0", &[1.5e19, 1.5e19]).unwrap_err().to_string();
+        assert!(error.starts_with("field `v`: query 0: squared norm 4.500e38 exceeds"), "{error}");
+        // Large but safe: every L2 distance between two such vectors is finite in f32.
+        let big = (MAX_SQUARED_NORM / 2.0).sqrt() as f32;
+        check_vector("v", "row 0", &[big, big]).unwrap();
+        let distance: f32 = [big, big].iter().zip([-big, -big]).map(|(a, b)| (a - b) * (a - b)).sum();
+        assert!(distance.is_finite(), "{distance}");
+        WriteBatch::from_rows(&l2, &[row(1, vec![1e18, -1e18])], WriteKind::Upsert).unwrap();
+        let error = json_row(r#"{"id": 1, "v": [3e38, 0]}"#).unwrap_err().to_string();
+        assert!(error.starts_with("field `v`: the vector: squared norm"), "{error}");
+    }
+
+    #[test]
+    fn errors_quote_long_names_and_values_short() {
+        let long = "n".repeat(10_000);
+        let mut bad = row(1, vec![1.0, 0.0]);
+        bad.insert(long.clone(), Value::Int(1));
+        let message = WriteBatch::from_rows(&schema(), &[bad], WriteKind::Upsert).unwrap_err().to_string();
+        assert!(message.len() < 200, "{} bytes: {}", message.len(), &message[..200]);
+        assert!(message.contains("… (10000 characters)"), "{message}");
+        let mut bad = row(1, vec![1.0, 0.0]);
+        bad.insert("title".into(), Value::String("t".repeat(1 << 20)));
+        let message = WriteBatch::from_rows(&schema(), &[bad], WriteKind::Upsert).unwrap_err().to_string();
+        assert!(message.len() < 200 && message.starts_with("field `title`: value \"ttt"), "{}", &message[..200]);
+        let object = serde_json::Map::from_iter([(long, serde_json::Value::from(1))]);
+        let message = row_from_json(&schema(), object).unwrap_err().to_string();
+        assert!(message.len() < 200 && message.contains("(10000 characters)"), "{}", message.len());
+    }
+
+    /// The stream of one small batch, as our writer frames it.
+    fn ipc_stream() -> Vec<u8> {
+        IpcBatch(WriteBatch::from_rows(&schema(), &[row(1, vec![1.0, 0.0])], WriteKind::Upsert).unwrap().batch)
+            .to_bytes()
+            .unwrap()
+    }
+
+    #[test]
+    fn ipc_lengths_beyond_the_bytes_are_refused_before_decoding() {
+        // A continuation marker and 2 GiB of metadata in 16 bytes: Arrow's
+        // reader would allocate (and zero) the 2 GiB before finding the end.
+        let mut hostile = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        hostile.extend([0; 8]);
+        assert_eq!(
+            check_ipc_stream(&hostile).unwrap_err(),
+            "message 0: metadata of 2147483647 bytes, but 8 bytes follow its length prefix"
+        );
+        let error = IpcBatch::from_bytes(&hostile).unwrap_err();
+        assert!(matches!(error, Error::Corrupt { .. }), "{error:?}");
+        // Negative lengths, with and without the continuation marker (older writers).
+        let negative = [0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x80];
+        assert!(check_ipc_stream(&negative).unwrap_err().contains("metadata of -2147483648 bytes"));
+        let legacy = [0x00, 0x00, 0x00, 0x80, 0, 0, 0, 0];
+        assert!(check_ipc_stream(&legacy).unwrap_err().contains("metadata of -2147483648 bytes"));
+        assert!(check_ipc_stream(&[0xff, 0xff]).unwrap_err().contains("ends inside a length prefix"));
+
+        let stream = ipc_stream();
+        check_ipc_stream(&stream).unwrap();
+        assert_eq!(check_ipc_stream(&[]), Ok(()));
+        // Cut inside the record batch's body: the body no longer fits.
+        let end_marker = 8;
+        let cut = &stream[..stream.len() - end_marker - 4];
+        let problem = check_ipc_stream(cut).unwrap_err();
+        assert!(
+            problem.starts_with("message 1: body of ") && problem.contains("bytes follow its metadata"),
+            "{problem}"
+        );
+        // Metadata that is not a flatbuffer Message.
+        let mut garbage = vec![0xff, 0xff, 0xff, 0xff, 8, 0, 0, 0];
+        garbage.extend([0xab; 8]);
+        assert!(check_ipc_stream(&garbage).unwrap_err().contains("not an Arrow IPC message"));
+    }
+
+    /// A record batch message whose body is compressed: each compressed
+    /// buffer declares its decompressed size, which Arrow's reader allocates
+    /// up front (with the lz4 and zstd features the server is built with).
+    fn compressed_batch_message() -> Vec<u8> {
+        use arrow::ipc::{
+            BodyCompressionBuilder, CompressionType, MessageBuilder, MessageHeader, MetadataVersion, RecordBatchBuilder,
+        };
+        let mut builder = flatbuffers::FlatBufferBuilder::new();
+        let compression = {
+            let mut compression = BodyCompressionBuilder::new(&mut builder);
+            compression.add_codec(CompressionType::LZ4_FRAME);
+            compression.finish()
+        };
+        let batch = {
+            let mut batch = RecordBatchBuilder::new(&mut builder);
+            batch.add_length(1);
+            batch.add_compression(compression);
+            batch.finish()
+        };
+        let mut message = MessageBuilder::new(&mut builder);
+        message.add_version(MetadataVersion::V5);
+        message.add_header_type(MessageHeader::RecordBatch);
+        message.add_header(batch.as_union_value());
+        message.add_bodyLength(0);
+        let message = message.finish();
+        builder.finish(message, None);
+        let metadata = builder.finished_data();
+        let mut framed = vec![0xff, 0xff, 0xff, 0xff];
+        framed.extend((metadata.len() as i32).to_le_bytes());
+        framed.extend(metadata);
+        framed
+    }
+
+    #[test]
+    fn compressed_ipc_bodies_are_refused() {
+        let hostile = compressed_batch_message();
+        assert_eq!(
+            check_ipc_stream(&hostile).unwrap_err(),
+            "message 0: compressed bodies are not accepted; send it uncompressed"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum Error {
     #[error("as_of {as_of} is before the retention horizon {horizon}: history older than the retention window is gone")]
     OutsideRetention { as_of: Timestamp, horizon: Timestamp },
     /// A read `as_of` a time that has not happened yet.
-    #[error("as_of {as_of} is in the future (now is {now})")]
+    #[error("timestamp {as_of} (as_of or guarantee_ts) is in the future (now is {now})")]
     FutureTimestamp { as_of: Timestamp, now: Timestamp },
     /// A read that could not complete before its deadline.
     #[error("timed out after {0:?} waiting for the dataflow")]
@@ -40,6 +40,17 @@ pub enum Error {
     /// The engine is shutting down or its workers have stopped.
     #[error("engine is shut down")]
     Shutdown,
+    /// A request over a configured limit (answer size, concurrency, memory):
+    /// `limit` names the setting, `problem` what went over it.
+    #[error("{limit}: {problem}")]
+    ResourceExhausted { limit: String, problem: String },
+    /// The caller went away or its deadline passed: the work was stopped.
+    #[error("the request was cancelled")]
+    Cancelled,
+    /// A collection stopped after an internal error while applying a change;
+    /// it serves nothing until a restart replays it from its checkpoint.
+    #[error("collection `{collection}` is stopped: {cause}")]
+    CollectionFailed { collection: String, cause: String },
     /// The write-ahead log or another durable store failed.
     #[error("storage: {0}")]
     Storage(String),
@@ -65,6 +76,11 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn argument(argument: impl Into<String>, problem: impl Into<String>) -> Self {
         Error::InvalidArgument { argument: argument.into(), problem: problem.into() }
+    }
+
+    /// Shorthand for [`Error::ResourceExhausted`].
+    pub fn exhausted(limit: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::ResourceExhausted { limit: limit.into(), problem: problem.into() }
     }
 
     /// Shorthand for [`Error::Storage`].

@@ -11,4 +11,4 @@ pub use batch::{IpcBatch, Row, WriteBatch};
 pub use error::{Error, Result};
 pub use schema::{CollectionId, CollectionSchema, DataType, FieldSchema, Metric};
 pub use time::{Timestamp, Tso};
-pub use value::{Pk, Value, VersionId};
+pub use value::{Pk, Value, VersionId, quote, quote_at_most};

@@ -6,7 +6,7 @@ use arrow::datatypes::{DataType as ArrowType, Field, Schema as ArrowSchema, Sche
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::value::Value;
+use crate::value::{Pk, Value, quote};
 
 /// Stable numeric id of a collection; never reused, so a dropped collection's
 /// log records can be told apart from a new collection with the same name.
@@ -244,7 +244,28 @@ impl CollectionSchema {
     pub fn field(&self, name: &str) -> Result<(usize, &FieldSchema)> {
         self.field_index(name)
             .map(|i| (i, &self.fields[i]))
-            .ok_or_else(|| Error::field(name, format!("no such field in collection `{}`", self.name)))
+            .ok_or_else(|| Error::field(quote(name), format!("no such field in collection `{}`", self.name)))
+    }
+
+    /// Checks that every key has the primary key's type, so a read or a
+    /// delete by keys of the wrong type is refused rather than finding nothing.
+    pub fn check_keys(&self, pks: &[Pk]) -> Result<()> {
+        let primary = self.primary();
+        let wanted = match primary.data_type {
+            DataType::Int64 => "int64",
+            _ => "string",
+        };
+        let wrong = pks.iter().position(|pk| match pk {
+            Pk::Int(_) => primary.data_type != DataType::Int64,
+            Pk::Str(_) => primary.data_type == DataType::Int64,
+        });
+        match wrong {
+            Some(i) => Err(Error::field(
+                &primary.name,
+                format!("key {i} is {}, but the primary key is {wanted}", quote(&pks[i].to_string())),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The vector field a search uses: the named one, or the only one.
@@ -286,6 +307,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
         || !valid_start
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
+        let name = quote(name);
         return Err(Error::InvalidSchema(format!(
             "{what} `{name}` must start with a letter or `_` and hold only letters, digits and `_` (at most {MAX_NAME_LEN})"
         )));
@@ -311,7 +333,11 @@ impl Value {
             (Value::Vector(v), DataType::FloatVector { dim, .. }) => v.len() == *dim,
             _ => false,
         };
-        if fits { Ok(()) } else { Err(Error::field(field, format!("value {self} does not fit type {data_type:?}"))) }
+        if fits {
+            Ok(())
+        } else {
+            Err(Error::field(field, format!("value {} does not fit type {data_type:?}", quote(&self.to_string()))))
+        }
     }
 }
 
@@ -321,5 +347,50 @@ fn int_fits(v: i64, t: &DataType) -> bool {
         DataType::Int16 => i16::try_from(v).is_ok(),
         DataType::Int32 => i32::try_from(v).is_ok(),
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(primary: FieldSchema) -> CollectionSchema {
+        CollectionSchema::new("c", vec![primary, FieldSchema::vector("v", 2, Metric::L2)])
+    }
+
+    #[test]
+    fn keys_of_the_wrong_type_are_refused() {
+        let ints = schema(FieldSchema::int64_primary("id", false));
+        ints.check_keys(&[Pk::Int(1), Pk::Int(2)]).unwrap();
+        let error = ints.check_keys(&[Pk::Int(1), Pk::from("a")]).unwrap_err();
+        assert!(matches!(error, Error::Field { .. }), "{error:?}");
+        assert_eq!(error.to_string(), r#"field `id`: key 1 is "a", but the primary key is int64"#);
+        let strings = schema(FieldSchema::varchar_primary("name", 8));
+        strings.check_keys(&[Pk::from("a")]).unwrap();
+        let error = strings.check_keys(&[Pk::Int(7)]).unwrap_err();
+        assert_eq!(error.to_string(), "field `name`: key 0 is 7, but the primary key is string");
+        let long = Pk::from("k".repeat(5000));
+        assert!(ints.check_keys(&[long]).unwrap_err().to_string().len() < 200);
+    }
+
+    #[test]
+    fn errors_quote_long_names_and_defaults_short() {
+        let long = schema(FieldSchema::int64_primary("id", false));
+        let named = CollectionSchema { name: "c".repeat(10_000), ..long.clone() };
+        let message = named.validate().unwrap_err().to_string();
+        assert!(message.len() < 300 && message.contains("(10000 characters)"), "{} bytes", message.len());
+        let message = long.field(&"f".repeat(10_000)).unwrap_err().to_string();
+        assert!(message.len() < 200 && message.starts_with("field `fff"), "{} bytes", message.len());
+        let defaulted = CollectionSchema::new(
+            "c",
+            vec![
+                FieldSchema::int64_primary("id", false),
+                FieldSchema::vector("v", 2, Metric::L2),
+                FieldSchema::new("t", DataType::VarChar { max_length: 4 })
+                    .with_default(Value::from("x".repeat(1 << 20))),
+            ],
+        );
+        let message = defaulted.validate().unwrap_err().to_string();
+        assert!(message.len() < 200 && message.starts_with(r#"field `t`: value "xxx"#), "{} bytes", message.len());
     }
 }

@@ -1,5 +1,6 @@
 //! Scalar values and primary keys, and reading them out of Arrow columns.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use arrow::array::{Array, AsArray};
@@ -265,12 +266,29 @@ pub fn value_from_json(field: &str, data_type: &DataType, json: serde_json::Valu
     })
 }
 
-/// A JSON value as text for an error message, cut at 60 characters.
+/// A JSON value as text for an error message, cut as [`quote`] cuts.
 fn short(json: &serde_json::Value) -> String {
-    let text = json.to_string();
-    match text.char_indices().nth(60) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text,
+    quote(&json.to_string()).into_owned()
+}
+
+/// The most characters of a client's text an error message repeats.
+pub const QUOTE_CHARS: usize = 64;
+
+/// A client's text (a name, a value, an expression) as an error message
+/// repeats it: whole when short, else its first [`QUOTE_CHARS`] characters,
+/// `…` and its full length. Errors travel back in gRPC headers, whose size
+/// is limited: an error echoing a 1 MiB value would reach the client as
+/// RESOURCE_EXHAUSTED instead of the problem it names.
+pub fn quote(text: &str) -> Cow<'_, str> {
+    quote_at_most(text, QUOTE_CHARS)
+}
+
+/// Like [`quote`], keeping up to `max_chars` characters (for messages that
+/// carry more than the client's text, such as a planner's explanation).
+pub fn quote_at_most(text: &str, max_chars: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
+        None => Cow::Borrowed(text),
+        Some((end, _)) => Cow::Owned(format!("{}… ({} characters)", &text[..end], text.chars().count())),
     }
 }
 
@@ -299,4 +317,19 @@ pub struct VersionId {
     pub ts: crate::time::Timestamp,
     pub partition: u32,
     pub row: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_keeps_short_text_and_cuts_long_text_at_a_character() {
+        assert_eq!(quote("name"), "name");
+        let exactly = "a".repeat(QUOTE_CHARS);
+        assert_eq!(quote(&exactly), exactly);
+        let long = "é".repeat(10_000);
+        let quoted = quote(&long);
+        assert_eq!(quoted, format!("{}… (10000 characters)", "é".repeat(QUOTE_CHARS)));
+    }
 }

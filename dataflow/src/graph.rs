@@ -22,10 +22,10 @@ use timely::worker::Worker;
 use vectorflow_connectors::{LogEntry, LogOp, LogReader};
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
-use vectorflow_operators::{Filter, Shard, ShardConfig};
+use vectorflow_operators::{Filter, Shard, ShardConfig, Stop};
 
 use crate::log::Log;
-use crate::messages::{Answer, ChunkBody, Partial, Request, RequestKind, SegmentInput, ShardChunk};
+use crate::messages::{Answer, ChunkBody, Failure, Partial, Request, RequestKind, SegmentInput, ShardChunk};
 use crate::persist::Persister;
 
 /// State the engine and every worker share.
@@ -63,6 +63,36 @@ pub(crate) struct Shared {
     /// Per collection, its checkpoint time: replayed records at or before
     /// it are already in the loaded segments.
     pub skip_through: HashMap<CollectionId, Timestamp>,
+    /// What the log sources have read since the engine opened.
+    pub ingested: IngestCounters,
+    /// How long the applied frontier has not moved while the log grew (0: it moves).
+    pub frontier_stalled_ms: AtomicU64,
+    /// Stalls the watchdog reported.
+    pub frontier_stalls: AtomicU64,
+    /// Reads whose deadline passed before or while a worker ran them: the
+    /// worker skipped them or stopped their work.
+    pub reads_cancelled: AtomicU64,
+}
+
+/// Counts the log sources keep, for replay progress and the stall watchdog.
+#[derive(Debug, Default)]
+pub(crate) struct IngestCounters {
+    /// Log records read.
+    pub records: AtomicU64,
+    /// Rows (upserted or deleted keys) in them.
+    pub rows: AtomicU64,
+    /// Per worker: rows its source emitted that are not applied yet.
+    pub in_flight_rows: Vec<AtomicU64>,
+}
+
+impl IngestCounters {
+    pub fn new(workers: usize) -> IngestCounters {
+        IngestCounters { in_flight_rows: (0..workers).map(|_| AtomicU64::new(0)).collect(), ..Default::default() }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight_rows.iter().map(|rows| rows.load(Ordering::Relaxed)).sum()
+    }
 }
 
 impl Shared {
@@ -224,7 +254,13 @@ fn log_source<'scope>(
             while in_flight.front().is_some_and(|(ts, _)| *ts < applied) {
                 in_flight_rows -= in_flight.pop_front().map_or(0, |(_, rows)| rows);
             }
-            if in_flight_rows >= shared.max_in_flight_rows {
+            shared.ingested.in_flight_rows[index].store(in_flight_rows as u64, Ordering::Relaxed);
+            // Hold off only while the dataflow can still catch up without
+            // us: rows in flight at times before our capability can be
+            // applied. If all of them are at or after it, they wait for this
+            // source to advance time, so it must read on (else neither moves).
+            let can_drain = in_flight.front().is_some_and(|(ts, _)| ts < cap.time());
+            if in_flight_rows >= shared.max_in_flight_rows && can_drain {
                 delayed.activate_after(shared.tick);
                 return;
             }
@@ -237,12 +273,14 @@ fn log_source<'scope>(
                 }
             };
             let full = poll.entries.len() >= shared.poll_batch;
+            shared.ingested.records.fetch_add(poll.entries.len() as u64, Ordering::Relaxed);
             for entry in poll.entries {
                 let time = entry.ts.max(*cap.time());
                 let rows = match &entry.record.op {
                     LogOp::Upsert(batch) => batch.0.num_rows(),
                     LogOp::Delete(pks) => pks.len(),
                 };
+                shared.ingested.rows.fetch_add(rows as u64, Ordering::Relaxed);
                 in_flight_rows += rows;
                 in_flight.push_back((time, rows));
                 let at = cap.delayed(&time);
@@ -457,10 +495,21 @@ fn segments<'scope>(
             }
 
             waiting.retain(|(cap, request)| {
+                if request.expired() {
+                    // Nobody waits for it: answer at once so the merge
+                    // completes and nothing stays queued behind the frontier.
+                    shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
+                    let answer = Answer::Failed(Failure::Cancelled);
+                    output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
+                    return false;
+                }
                 if request.read_ts >= frontier {
                     return true;
                 }
                 let answer = answer(&mut shards, &mut filters, request);
+                if matches!(answer, Answer::Failed(Failure::Cancelled)) {
+                    shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
+                }
                 output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
                 false
             });
@@ -564,25 +613,27 @@ fn answer(shards: &mut HashMap<CollectionId, Shard>, filters: &mut FilterCache, 
     };
     let filter = match text.map(|text| filters.get(request.collection, shard.schema(), text)).transpose() {
         Ok(filter) => filter,
-        Err(e) => return Answer::Failed(e.to_string()),
+        Err(e) => return Answer::Failed(e.into()),
     };
     let ts = request.read_ts;
+    let expired = || request.expired();
+    let stop = Stop(&expired);
     let result = match &request.kind {
         RequestKind::Search { field, queries, k, ef, output_fields, .. } => shard
-            .search(*field, queries, *k, *ef, ts, filter.as_ref(), output_fields)
+            .search(*field, queries, *k, *ef, ts, filter.as_ref(), output_fields, stop)
             .map(|hits| Answer::Search { k: *k, hits }),
         RequestKind::Get { pks, output_fields } => Ok(Answer::Get(shard.get(pks, ts, output_fields))),
-        RequestKind::Query { output_fields, limit, .. } => {
-            shard.query(filter.as_ref(), ts, output_fields, *limit).map(|rows| Answer::Query { limit: *limit, rows })
-        }
-        RequestKind::Count { .. } => shard.count(filter.as_ref(), ts).map(Answer::Count),
+        RequestKind::Query { output_fields, limit, .. } => shard
+            .query(filter.as_ref(), ts, output_fields, *limit, stop)
+            .map(|rows| Answer::Query { limit: *limit, rows }),
+        RequestKind::Count { .. } => shard.count(filter.as_ref(), ts, stop).map(Answer::Count),
         RequestKind::Checkpoint { known } => {
             shard.seal_growing().map(|()| Answer::Checkpoint(vec![(usize::MAX, shard.checkpoint_state(known))]))
         }
         RequestKind::Compact { horizon, policy } => shard.start_compaction(*horizon, *policy).map(Answer::Count),
         RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
     };
-    result.unwrap_or_else(|e| Answer::Failed(e.to_string()))
+    result.unwrap_or_else(|e| Answer::Failed(e.into()))
 }
 
 /// Collects every worker's part of an answer on the origin worker and

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use vectorflow_core::{CollectionId, IpcBatch, Pk, Timestamp, Value, VersionId};
+use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Timestamp, Value, VersionId};
 
 use vectorflow_operators::{CompactionPolicy, Hit, SegmentState, ShardStats};
 
@@ -53,7 +53,60 @@ pub struct Request {
     pub collection: CollectionId,
     /// Answer as of this time, once every change at or before it is applied.
     pub read_ts: Timestamp,
+    /// Wall-clock milliseconds since the Unix epoch after which nobody
+    /// waits for the answer: workers skip the request, or stop its work.
+    pub deadline_ms: Option<u64>,
     pub kind: RequestKind,
+}
+
+impl Request {
+    /// Whether the caller has stopped waiting for this request.
+    pub fn expired(&self) -> bool {
+        self.deadline_ms.is_some_and(|deadline| unix_millis() >= deadline)
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a worker could not answer, typed so the caller gets the right error
+/// class (a bad filter is the caller's fault, a broken segment is not).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Failure {
+    Expression { position: usize, problem: String },
+    Field { field: String, problem: String },
+    Argument { argument: String, problem: String },
+    Exhausted { limit: String, problem: String },
+    Cancelled,
+    Internal(String),
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Failure {
+        match error {
+            Error::Expression { position, problem } => Failure::Expression { position, problem },
+            Error::Field { field, problem } => Failure::Field { field, problem },
+            Error::InvalidArgument { argument, problem } => Failure::Argument { argument, problem },
+            Error::ResourceExhausted { limit, problem } => Failure::Exhausted { limit, problem },
+            Error::Cancelled => Failure::Cancelled,
+            other => Failure::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Error {
+        match failure {
+            Failure::Expression { position, problem } => Error::Expression { position, problem },
+            Failure::Field { field, problem } => Error::Field { field, problem },
+            Failure::Argument { argument, problem } => Error::InvalidArgument { argument, problem },
+            Failure::Exhausted { limit, problem } => Error::ResourceExhausted { limit, problem },
+            Failure::Cancelled => Error::Cancelled,
+            Failure::Internal(problem) => Error::Storage(problem),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,7 +191,7 @@ pub enum Answer {
     /// Per shard (worker), its sealed segments.
     Checkpoint(Vec<(usize, Vec<SegmentState>)>),
     Done,
-    Failed(String),
+    Failed(Failure),
     /// The read's time is before history this worker has compacted away.
     Compacted {
         horizon: Timestamp,

@@ -263,6 +263,8 @@ pub struct RecoveryReport {
     pub total: Duration,
     /// Log records held (not yet covered by every checkpoint) at open.
     pub replayed_records: u64,
+    /// Rows (upserted or deleted keys) the replay read.
+    pub replayed_rows: u64,
 }
 
 /// Loads `jobs` on `threads` threads, logging progress; fails with the

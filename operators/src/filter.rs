@@ -15,10 +15,12 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{Array, AsArray};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::DFSchema;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::logical_expr::ExprSchemable;
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::BinaryExpr;
 use datafusion::prelude::SessionContext;
-use vectorflow_core::{CollectionSchema, DataType, Error, Result};
+use vectorflow_core::{CollectionSchema, DataType, Error, Result, quote, quote_at_most};
 
 use crate::json;
 
@@ -286,13 +288,164 @@ fn json_path(tokens: &[(usize, Token)], start: usize, text_len: usize) -> Result
     Ok((steps, index))
 }
 
+/// The longest filter text, in bytes. Tokenizing and rewriting are linear,
+/// but a filter travels to every worker and is compiled on each.
+pub const MAX_FILTER_BYTES: usize = 1 << 20;
+
+/// The most operators (`and`, `or`, `not`, comparisons, arithmetic, `like`,
+/// `is`, `between`, `in`) and function calls one filter may hold.
+/// DataFusion plans and evaluates an expression by recursing once per
+/// operator. Planning runs on its own [`COMPILE_STACK_BYTES`] stack;
+/// evaluating runs on the caller's thread (a tokio or timely worker, 2 MiB):
+/// in the dev profile a chain of about 500 operators overflows there, so 128
+/// keeps more than a 3x margin (the test
+/// `the_largest_filters_evaluate_on_a_third_of_a_thread_stack` checks it).
+pub const MAX_EXPRESSION_TERMS: usize = 128;
+
+/// The most values in one `in [..]` list: a list is one flat node, so it may
+/// be long, but its values are held in memory on every worker.
+pub const MAX_IN_LIST_VALUES: usize = 100_000;
+
+/// The stack DataFusion parses and plans a filter on. Parsing and type
+/// coercion take about 18 KB per chained operator and 100 KB per nested call
+/// in the dev profile, so a 2 MiB thread overflows at about 110 operators or
+/// 20 nested calls; 64 MiB keeps [`MAX_EXPRESSION_TERMS`] and sqlparser's
+/// nesting limit (50) far below that. The pages are only touched as used.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
+
+/// Functions whose result grows with an argument's value (a count, a length,
+/// a range) or multiplies its input, so one row can ask for any amount of
+/// memory (`lpad(s, 2147483647)`): refused in filters, with why.
+pub const ALLOCATING_FUNCTIONS: &[(&str, &str)] = &[
+    ("repeat", "its result is as long as the count argument says"),
+    ("lpad", "its result is as long as the length argument says"),
+    ("rpad", "its result is as long as the length argument says"),
+    ("overlay", "its result grows with its arguments"),
+    ("array_repeat", "its result has as many elements as the count argument says"),
+    ("array_resize", "its result has as many elements as the size argument says"),
+    ("range", "its result has as many elements as the range spans"),
+    ("generate_series", "its result has as many elements as the range spans"),
+    ("make_array", "it builds an array from its arguments"),
+    ("replace", "its result can be a multiple of its input, and nested calls multiply again"),
+    ("regexp_replace", "its result can be a multiple of its input, and nested calls multiply again"),
+    ("encode", "its result is a multiple of its input, and nested calls multiply again"),
+    ("array_to_string", "its result can be a multiple of its input, and nested calls multiply again"),
+    ("arrow_cast", "its type argument can name a fixed-size list of any length"),
+    ("arrow_try_cast", "its type argument can name a fixed-size list of any length"),
+];
+
+/// Why `name` (a function name as written, any case) is refused, if it is:
+/// the canonical names above and every alias DataFusion registers for them.
+pub fn allocating_function(name: &str) -> Option<&'static str> {
+    static REFUSED: OnceLock<Vec<(String, &'static str)>> = OnceLock::new();
+    let refused = REFUSED.get_or_init(|| {
+        let state = session().state();
+        let mut refused = Vec::new();
+        for (canonical, why) in ALLOCATING_FUNCTIONS {
+            refused.push((canonical.to_string(), *why));
+            if let Some(udf) = state.scalar_functions().get(*canonical) {
+                refused.extend(udf.aliases().iter().map(|alias| (alias.clone(), *why)));
+            }
+        }
+        refused
+    });
+    let lower = name.to_ascii_lowercase();
+    refused.iter().find(|(refused, _)| *refused == lower).map(|(_, why)| *why)
+}
+
+/// Refuses, before anything recurses over it, an expression too large to
+/// compile and evaluate safely (see [`MAX_EXPRESSION_TERMS`]), an `in` list
+/// over [`MAX_IN_LIST_VALUES`], or a call of an [`ALLOCATING_FUNCTIONS`] one.
+fn check_size(tokens: &[(usize, Token)]) -> Result<()> {
+    let mut terms = 0usize;
+    // One entry per open bracket: for an `in` list, how many values it has had.
+    let mut open: Vec<Option<usize>> = Vec::new();
+    for (index, (at, token)) in tokens.iter().enumerate() {
+        let previous = index.checked_sub(1);
+        let is_term = match token {
+            Token::Ident(word) => {
+                let lower = word.to_ascii_lowercase();
+                if KEYWORDS.contains(&lower.as_str()) {
+                    matches!(lower.as_str(), "and" | "or" | "not" | "in" | "like" | "is" | "between")
+                } else if op_at(tokens, Some(index + 1)) == Some("(") {
+                    let name = function_name(word);
+                    if let Some(why) = allocating_function(&name) {
+                        return Err(expression(*at, format!("function `{name}` is not allowed in filters: {why}")));
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+            Token::Op(op) => match op.as_str() {
+                "[" | "(" => {
+                    let list = word_at(tokens, previous).as_deref() == Some("in");
+                    open.push(list.then_some(1));
+                    false
+                }
+                "]" | ")" => {
+                    open.pop();
+                    false
+                }
+                "," => {
+                    if let Some(Some(values)) = open.last_mut() {
+                        *values += 1;
+                        if *values > MAX_IN_LIST_VALUES {
+                            return Err(expression(
+                                *at,
+                                format!(
+                                    "the `in` list has more than {MAX_IN_LIST_VALUES} values (limit max_in_list_values)"
+                                ),
+                            ));
+                        }
+                    }
+                    false
+                }
+                // A sign on a number is part of the value (`in [-1, -2]`), not an operator that nests.
+                "-" | "+"
+                    if matches!(tokens.get(index + 1), Some((_, Token::Number(_))))
+                        && (previous.is_none() || op_at(tokens, previous).is_some_and(|p| p != ")" && p != "]")) =>
+                {
+                    false
+                }
+                _ => true,
+            },
+            Token::Number(_) | Token::Str(_) => false,
+        };
+        if is_term {
+            terms += 1;
+            if terms > MAX_EXPRESSION_TERMS {
+                return Err(expression(
+                    *at,
+                    format!(
+                        "the expression has more than {MAX_EXPRESSION_TERMS} operators and function calls \
+                         (limit max_expression_terms); use `field in [..]` for long lists of values"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The SQL form of an expression, and for each byte of it the position in
 /// the original text it came from (to report errors where the user wrote them).
 fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)> {
+    if text.len() > MAX_FILTER_BYTES {
+        return Err(expression(
+            0,
+            format!(
+                "the filter is {} bytes, more than {MAX_FILTER_BYTES} (limit max_filter_bytes); \
+                 use `field in [..]` for long lists of values",
+                text.len()
+            ),
+        ));
+    }
     let tokens = tokenize(text)?;
     if tokens.is_empty() {
         return Err(expression(0, "empty expression"));
     }
+    check_size(&tokens)?;
     let mut sql = String::new();
     let mut origin = Vec::new();
     let mut brackets: Vec<Open> = Vec::new();
@@ -435,23 +588,51 @@ fn datafusion_error(error: datafusion::error::DataFusionError, origin: &[usize])
         .and_then(|n| n.parse::<usize>().ok())
         .and_then(|column| origin.get(column.saturating_sub(1)).copied())
         .unwrap_or(0);
-    expression(position, message)
+    // DataFusion's messages can quote the whole expression back.
+    expression(position, quote_at_most(&message, 300).into_owned())
+}
+
+/// Parses the SQL form of a filter and plans it against `schema` as a boolean physical expression.
+fn plan(schema: &CollectionSchema, sql: &str, origin: &[usize]) -> Result<Arc<dyn PhysicalExpr>> {
+    let df_schema =
+        DFSchema::try_from(schema.arrow_schema().as_ref().clone()).map_err(|e| Error::InvalidSchema(e.to_string()))?;
+    let ctx = session();
+    let expr = ctx.parse_sql_expr(sql, &df_schema).map_err(|e| datafusion_error(e, origin))?;
+    let data_type = expr.get_type(&df_schema).map_err(|e| datafusion_error(e, origin))?;
+    if data_type != arrow::datatypes::DataType::Boolean {
+        return Err(expression(0, format!("the expression is {data_type}, not a boolean condition")));
+    }
+    let physical = ctx.create_physical_expr(expr, &df_schema).map_err(|e| datafusion_error(e, origin))?;
+    // DataFusion's integer arithmetic wraps unless asked not to: a filter
+    // such as `9223372036854775807 + n > 0` would silently compare a wrapped
+    // value. Checked arithmetic makes the overflow an error of the filter.
+    physical
+        .transform_up(|node| match node.downcast_ref::<BinaryExpr>() {
+            Some(binary) => {
+                let checked = BinaryExpr::new(binary.left().clone(), *binary.op(), binary.right().clone())
+                    .with_fail_on_overflow(true);
+                Ok(Transformed::yes(Arc::new(checked) as Arc<dyn PhysicalExpr>))
+            }
+            None => Ok(Transformed::no(node)),
+        })
+        .map(|transformed| transformed.data)
+        .map_err(|e| datafusion_error(e, origin))
 }
 
 impl Filter {
     /// Parses `text` and checks it against `schema`.
     pub fn compile(schema: &CollectionSchema, text: &str) -> Result<Filter> {
         let (sql, origin) = to_sql(schema, text)?;
-        let df_schema = DFSchema::try_from(schema.arrow_schema().as_ref().clone())
-            .map_err(|e| Error::InvalidSchema(e.to_string()))?;
-        let ctx = session();
-        let expr = ctx.parse_sql_expr(&sql, &df_schema).map_err(|e| datafusion_error(e, &origin))?;
-        let data_type = expr.get_type(&df_schema).map_err(|e| datafusion_error(e, &origin))?;
-        if data_type != arrow::datatypes::DataType::Boolean {
-            return Err(expression(0, format!("the expression is {data_type}, not a boolean condition")));
-        }
-        let physical = ctx.create_physical_expr(expr, &df_schema).map_err(|e| datafusion_error(e, &origin))?;
-        Ok(Filter { text: text.to_string(), expr: physical })
+        // DataFusion recurses over the expression while parsing and planning
+        // it; a thread of its own gives that a known stack, whatever called us.
+        let expr = std::thread::scope(|scope| {
+            let planning = std::thread::Builder::new()
+                .name("vectorflow-filter".into())
+                .stack_size(COMPILE_STACK_BYTES)
+                .spawn_scoped(scope, || plan(schema, &sql, &origin))?;
+            planning.join().unwrap_or_else(|_| Err(expression(0, "planning the filter failed")))
+        })?;
+        Ok(Filter { text: text.to_string(), expr })
     }
 
     pub fn text(&self) -> &str {
@@ -460,11 +641,9 @@ impl Filter {
 
     /// Which rows of `batch` (in the collection's canonical layout) pass; null counts as false.
     pub fn evaluate(&self, batch: &RecordBatch) -> Result<Vec<bool>> {
-        let value = self
-            .expr
-            .evaluate(batch)
-            .and_then(|v| v.into_array(batch.num_rows()))
-            .map_err(|e| expression(0, format!("evaluating `{}`: {e}", self.text)))?;
+        let value = self.expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())).map_err(|e| {
+            expression(0, quote_at_most(&format!("evaluating `{}`: {e}", quote(&self.text)), 300).into_owned())
+        })?;
         let passed = value.as_boolean_opt().ok_or_else(|| expression(0, "the filter did not yield booleans"))?;
         Ok((0..passed.len()).map(|i| passed.is_valid(i) && passed.value(i)).collect())
     }
@@ -647,6 +826,90 @@ mod tests {
         assert!(problem.contains("last argument"), "{problem}");
         assert!(err("array_contains(year, 1)").1.contains("json"));
         assert!(err(r#"meta["a"] + 1"#).1.contains("not a boolean"));
+    }
+
+    fn chain(terms: usize, op: &str) -> String {
+        (0..terms).map(|i| format!("year != {i}")).collect::<Vec<_>>().join(&format!(" {op} "))
+    }
+
+    #[test]
+    fn long_expressions_are_refused_naming_the_limit() {
+        let or_chain = (0..800).map(|i| format!("year == {i}")).collect::<Vec<_>>().join(" or ");
+        for text in [or_chain, chain(1000, "and"), format!("year{} > 0", " + 1".repeat(1000))] {
+            let (position, problem) = err(&text);
+            assert!(problem.contains("max_expression_terms") && problem.contains("128"), "{problem}");
+            assert!(position > 0 && position < text.len(), "{position}");
+            assert!(problem.len() < 300, "the message repeats the input: {problem}");
+        }
+        // At the limit: 64 comparisons and 63 `and`s compile and evaluate.
+        assert_eq!(passing(&chain(64, "and")), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn in_lists_hold_a_hundred_thousand_values() {
+        let values = |n: usize| (0..n).map(|i| (i as i64 - 50_000).to_string()).collect::<Vec<_>>().join(", ");
+        assert_eq!(passing(&format!("year in [{}] and id > 1", values(100_000))), vec![2, 3, 4]);
+        let (_, problem) = err(&format!("year in [{}]", values(100_001)));
+        assert!(problem.contains("max_in_list_values"), "{problem}");
+        let long = format!("year in [{}]", "1, ".repeat(MAX_FILTER_BYTES / 3));
+        let (position, problem) = err(&long);
+        assert_eq!(position, 0);
+        assert!(problem.contains("max_filter_bytes") && problem.len() < 300, "{problem}");
+    }
+
+    #[test]
+    fn functions_that_allocate_from_their_arguments_are_refused() {
+        for (text, function) in [
+            ("year > 0 and length(repeat(color, 10000000)) > 0", "repeat"),
+            ("length(lpad(color, 2147483647)) > 0", "lpad"),
+            ("length(RPAD(color, 2147483647, 'x')) > 0", "rpad"),
+            ("array_length(list_repeat(year, 100000000)) > 0", "list_repeat"),
+            ("cardinality(range(0, 10000000000)) > 0", "range"),
+            ("cardinality(generate_series(1, year * 100000000)) > 0", "generate_series"),
+            ("length(replace(replace(color, '', 'xxxx'), '', 'xxxx')) > 0", "replace"),
+        ] {
+            let (position, problem) = err(text);
+            assert!(problem.contains(&format!("function `{function}` is not allowed")), "{text}: {problem}");
+            assert_eq!(&text[position..position + function.len()].to_ascii_lowercase(), function);
+        }
+        assert_eq!(passing("abs(year - 2000) < 6"), vec![1, 2]);
+    }
+
+    #[test]
+    fn integer_overflow_is_an_error_of_the_filter_not_a_wrapped_value() {
+        let filter = Filter::compile(&schema(), "9223372036854775807 + year > 0").unwrap();
+        let error = filter.evaluate(&batch()).unwrap_err();
+        assert!(matches!(error, Error::Expression { .. }), "{error}");
+        assert!(error.to_string().contains("Overflow"), "{error}");
+    }
+
+    #[test]
+    fn errors_quote_only_a_prefix_of_the_filter() {
+        let long = format!("color == '{}' and year + 1", "x".repeat(100_000));
+        let (_, problem) = err(&long);
+        assert!(problem.len() < 400, "{} bytes", problem.len());
+    }
+
+    /// The filters at the limits, evaluated and dropped on a third of the
+    /// 2 MiB a tokio or timely worker has: the limits keep a 3x margin.
+    #[test]
+    fn the_largest_filters_evaluate_on_a_third_of_a_thread_stack() {
+        let nested_calls = format!("{}year{} > 0{}", "abs(".repeat(45), ")".repeat(45), " and year > 0".repeat(41));
+        let nested_not = format!("{}year > 0", "not ".repeat(40));
+        for text in [chain(64, "or"), format!("year{} > 0", " + 1".repeat(127)), nested_calls, nested_not] {
+            let filter = Filter::compile(&schema(), &text).unwrap_or_else(|e| panic!("{e}"));
+            let evaluated = std::thread::Builder::new()
+                .stack_size((2 << 20) / 3)
+                .spawn(move || {
+                    let passed = filter.evaluate(&batch()).map(|rows| rows.len());
+                    drop(filter);
+                    passed
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            assert_eq!(evaluated.unwrap(), 4);
+        }
     }
 
     proptest::proptest! {

@@ -15,4 +15,4 @@ pub use filter::Filter;
 pub use index::HnswIndex;
 pub use index::IndexParams;
 pub use segment::{Segment, SegmentSnapshot};
-pub use shard::{CompactionPolicy, Hit, SearchPlan, SegmentState, Shard, ShardConfig, ShardStats};
+pub use shard::{CompactionPolicy, Hit, SearchPlan, SegmentState, Shard, ShardConfig, ShardStats, Stop};

@@ -115,6 +115,21 @@ pub struct CompactionPolicy {
 
 /// A fresh segment name: time first (for people reading listings), then
 /// 64 random bits (std's per-process random hasher keys).
+/// Asked between units of a read's work: `true` once nobody waits for the
+/// answer any more (its deadline passed), so the read stops with
+/// [`vectorflow_core::Error::Cancelled`] instead of holding a worker.
+#[derive(Clone, Copy)]
+pub struct Stop<'a>(pub &'a dyn Fn() -> bool);
+
+impl Stop<'_> {
+    /// Never stops.
+    pub const NEVER: Stop<'static> = Stop(&|| false);
+
+    pub fn check(&self) -> Result<()> {
+        if (self.0)() { Err(vectorflow_core::Error::Cancelled) } else { Ok(()) }
+    }
+}
+
 pub fn new_uid() -> String {
     use std::hash::{BuildHasher, Hasher};
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
@@ -370,12 +385,18 @@ impl Shard {
     }
 
     /// Which rows of each segment pass `filter` (`None` without a filter).
-    fn allowed(&self, filter: Option<&Filter>) -> Result<Vec<Option<Arc<RowSet>>>> {
-        self.segments.iter().map(|segment| filter.map(|f| segment.evaluate(f)).transpose()).collect()
+    fn allowed(&self, filter: Option<&Filter>, stop: Stop<'_>) -> Result<Vec<Option<Arc<RowSet>>>> {
+        self.segments
+            .iter()
+            .map(|segment| {
+                stop.check()?;
+                filter.map(|f| segment.evaluate(f)).transpose()
+            })
+            .collect()
     }
 
     /// The `k` closest rows visible at `ts` (and passing `filter`) for each
-    /// query, with `output_fields`.
+    /// query, with `output_fields`. `stop` is asked between segments.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
@@ -386,20 +407,26 @@ impl Shard {
         ts: Timestamp,
         filter: Option<&Filter>,
         output_fields: &[usize],
+        stop: Stop<'_>,
     ) -> Result<Vec<Vec<Hit>>> {
-        let allowed = self.allowed(filter)?;
-        Ok(queries
+        let allowed = self.allowed(filter, stop)?;
+        queries
             .iter()
             .map(|query| {
                 let mut top = TopK::new(k);
                 for (segment, allowed) in self.segments.iter().zip(&allowed) {
+                    stop.check()?;
                     for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.config.plan) {
                         top.push(candidate);
                     }
                 }
-                top.into_sorted().into_iter().map(|c| self.hit(c.segment, c.row, c.distance, output_fields)).collect()
+                Ok(top
+                    .into_sorted()
+                    .into_iter()
+                    .map(|c| self.hit(c.segment, c.row, c.distance, output_fields))
+                    .collect())
             })
-            .collect())
+            .collect()
     }
 
     fn hit(&self, segment: u64, row: u32, distance: f32, output_fields: &[usize]) -> Hit {
@@ -419,20 +446,26 @@ impl Shard {
         ts: Timestamp,
         output_fields: &[usize],
         limit: usize,
+        stop: Stop<'_>,
     ) -> Result<Vec<(Pk, Vec<Value>)>> {
-        let allowed = self.allowed(filter)?;
-        let mut matches: Vec<(u64, u64, u32)> = Vec::new();
+        let allowed = self.allowed(filter, stop)?;
+        // The first `limit` in key order, in a max-heap of at most `limit`
+        // entries: memory follows the answer, not the rows that match.
+        let mut first: std::collections::BinaryHeap<(u64, u64, u32)> = std::collections::BinaryHeap::new();
         for (segment, allowed) in self.segments.iter().zip(&allowed) {
-            matches.extend(
-                segment
-                    .matching_rows(ts, allowed.as_deref())
-                    .into_iter()
-                    .map(|row| (segment.pk(row).order_key(), segment.id, row)),
-            );
+            stop.check()?;
+            for row in segment.matching_rows(ts, allowed.as_deref()) {
+                let entry = (segment.pk(row).order_key(), segment.id, row);
+                if first.len() < limit {
+                    first.push(entry);
+                } else if first.peek().is_some_and(|last| entry < *last) {
+                    first.pop();
+                    first.push(entry);
+                }
+            }
         }
-        matches.sort_unstable();
-        matches.truncate(limit);
-        Ok(matches
+        Ok(first
+            .into_sorted_vec()
             .into_iter()
             .map(|(_, segment, row)| {
                 let hit = self.hit(segment, row, 0.0, output_fields);
@@ -442,8 +475,8 @@ impl Shard {
     }
 
     /// How many rows visible at `ts` pass `filter`.
-    pub fn count(&self, filter: Option<&Filter>, ts: Timestamp) -> Result<usize> {
-        let allowed = self.allowed(filter)?;
+    pub fn count(&self, filter: Option<&Filter>, ts: Timestamp, stop: Stop<'_>) -> Result<usize> {
+        let allowed = self.allowed(filter, stop)?;
         Ok(self
             .segments
             .iter()
@@ -519,7 +552,7 @@ mod tests {
 
         let ids = |ts| -> Vec<Pk> {
             shard
-                .search(1, &[vec![0.0, 0.0]], 3, 16, ts, None, &[])
+                .search(1, &[vec![0.0, 0.0]], 3, 16, ts, None, &[], Stop::NEVER)
                 .unwrap()
                 .remove(0)
                 .into_iter()
@@ -533,5 +566,12 @@ mod tests {
         assert_eq!(shard.get(&[Pk::Int(1)], 25, &[1])[0].1, vec![Value::Vector(vec![9.0, 9.0])]);
         assert!(shard.get(&[Pk::Int(2)], 35, &[]).is_empty());
         assert_eq!(shard.stats().sealed_segments, 1);
+
+        let stopped = Stop(&|| true);
+        assert!(matches!(
+            shard.search(1, &[vec![0.0, 0.0]], 3, 16, 35, None, &[], stopped),
+            Err(vectorflow_core::Error::Cancelled)
+        ));
+        assert!(matches!(shard.count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
     }
 }

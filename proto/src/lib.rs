@@ -6,13 +6,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arrow::array::{Array, FixedSizeListArray};
 use arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, RecordBatchOptions, StringArray,
 };
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{Field, Schema};
-use vectorflow_core::batch::{IpcBatch, vector_array};
+use vectorflow_core::batch::{IpcBatch, check_ipc_stream, vector_array};
 use vectorflow_core::value::value_from_json;
-use vectorflow_core::{CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Value};
+use vectorflow_core::{CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Value, quote};
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -82,6 +84,13 @@ pub fn schema_from_proto(schema: v1::CollectionSchema) -> Result<CollectionSchem
 }
 
 fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
+    // The name is checked with the schema, after this: quote it so an error
+    // here does not echo a name of any length.
+    let name = quote(&field.name).into_owned();
+    // An enum value this API does not define is a client error, not a
+    // default: prost keeps unknown values as they came.
+    let metric = v1::Metric::try_from(field.metric)
+        .map_err(|_| Error::field(&name, format!("unknown metric {}: expected L2, IP or COSINE", field.metric)))?;
     let data_type = match v1::DataType::try_from(field.data_type) {
         Ok(v1::DataType::Bool) => DataType::Bool,
         Ok(v1::DataType::Int8) => DataType::Int8,
@@ -93,24 +102,25 @@ fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
         Ok(v1::DataType::Varchar) => DataType::VarChar { max_length: field.max_length as usize },
         Ok(v1::DataType::Json) => DataType::Json,
         Ok(v1::DataType::FloatVector) => {
-            let metric = match v1::Metric::try_from(field.metric) {
-                Ok(v1::Metric::L2) => Metric::L2,
-                Ok(v1::Metric::Ip) => Metric::IP,
-                Ok(v1::Metric::Cosine) => Metric::COSINE,
-                _ => return Err(Error::field(&field.name, "a float_vector field needs a metric: L2, IP or COSINE")),
+            let metric = match metric {
+                v1::Metric::L2 => Metric::L2,
+                v1::Metric::Ip => Metric::IP,
+                v1::Metric::Cosine => Metric::COSINE,
+                v1::Metric::Unspecified => {
+                    return Err(Error::field(&name, "a float_vector field needs a metric: L2, IP or COSINE"));
+                }
             };
             DataType::FloatVector { dim: field.dim as usize, metric }
         }
-        Ok(v1::DataType::Unspecified) | Err(_) => {
-            return Err(Error::field(&field.name, format!("unknown data type {}", field.data_type)));
-        }
+        Ok(v1::DataType::Unspecified) => return Err(Error::field(&name, "data_type is not set")),
+        Err(_) => return Err(Error::field(&name, format!("unknown data_type {}", field.data_type))),
     };
     let default_value = if field.default_json.trim().is_empty() {
         None
     } else {
         let json: serde_json::Value = serde_json::from_str(&field.default_json)
-            .map_err(|e| Error::field(&field.name, format!("default_json is not JSON: {e}")))?;
-        Some(value_from_json(&field.name, &data_type, json)?)
+            .map_err(|e| Error::field(&name, format!("default_json is not JSON: {e}")))?;
+        Some(value_from_json(&name, &data_type, json)?)
     };
     Ok(FieldSchema {
         name: field.name,
@@ -191,7 +201,9 @@ pub fn columns_to_batch(columns: Vec<v1::FieldData>) -> Result<RecordBatch> {
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
     let mut rows: Option<(usize, String)> = None;
     for column in columns {
-        let name = column.name;
+        // Column names are checked against the schema later; errors here
+        // quote them so a name of any length stays a short message.
+        let name = quote(&column.name).into_owned();
         let valid = |i: usize| column.nulls.get(i).is_none_or(|null| !null);
         let array: ArrayRef = match column.values {
             Some(Values::Bools(v)) => {
@@ -209,7 +221,9 @@ pub fn columns_to_batch(columns: Vec<v1::FieldData>) -> Result<RecordBatch> {
             Some(Values::Strings(v)) => Arc::new(StringArray::from_iter(
                 v.values.iter().enumerate().map(|(i, x)| valid(i).then_some(x.as_str())),
             )),
-            Some(Values::Vectors(v)) => vector_array(v.dim as usize, unpack_floats(&name, &v)?)?,
+            Some(Values::Vectors(v)) => {
+                with_nulls(vector_array(v.dim as usize, unpack_floats(&name, &v)?)?, &column.nulls)
+            }
             None => return Err(Error::field(&name, "the column carries no values")),
         };
         if !column.nulls.is_empty() && column.nulls.len() != array.len() {
@@ -222,22 +236,53 @@ pub fn columns_to_batch(columns: Vec<v1::FieldData>) -> Result<RecordBatch> {
             Some(_) => {}
             None => rows = Some((array.len(), name.clone())),
         }
-        fields.push(Field::new(name, array.data_type().clone(), true));
+        fields.push(Field::new(column.name, array.data_type().clone(), true));
         arrays.push(array);
     }
     let options = RecordBatchOptions::new().with_row_count(Some(rows.map_or(0, |(n, _)| n)));
     Ok(RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)?)
 }
 
-/// The batches of an Arrow IPC stream, concatenated.
+/// A vector column with the rows `nulls` flags as null, so the write
+/// validation sees (and refuses, vectors are never nullable) the nulls a
+/// client sent instead of the zeros packed in their place. A count of flags
+/// other than the rows is left for the caller's length check.
+fn with_nulls(array: ArrayRef, nulls: &[bool]) -> ArrayRef {
+    if !nulls.contains(&true) || nulls.len() != array.len() {
+        return array;
+    }
+    let Some(list) = array.as_any().downcast_ref::<FixedSizeListArray>() else { return array };
+    let (field, size, values, _) = list.clone().into_parts();
+    let validity = NullBuffer::from_iter(nulls.iter().map(|null| !null));
+    match FixedSizeListArray::try_new(field, size, values, Some(validity)) {
+        Ok(list) => Arc::new(list),
+        Err(_) => array,
+    }
+}
+
+/// The batches of an Arrow IPC stream, concatenated. The stream's framing is
+/// checked against its length before Arrow's reader allocates anything
+/// ([`check_ipc_stream`]), so a few bytes cannot make the reader allocate gigabytes.
 pub fn ipc_to_batch(bytes: &[u8]) -> Result<RecordBatch> {
+    check_ipc_stream(bytes).map_err(|problem| Error::argument("arrow_ipc", problem))?;
+    // Arrow's reader validates what it decodes, but some malformed streams
+    // still reach an assertion inside it (a buffer sliced past its end, an
+    // overflowing list length). Those are the client's bad bytes, not our
+    // failure: answer them as such instead of failing the handler.
+    std::panic::catch_unwind(|| decode_ipc(bytes)).unwrap_or_else(|_| {
+        Err(Error::argument("arrow_ipc", "the stream is malformed: Arrow's reader could not decode it"))
+    })
+}
+
+fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
     let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .map_err(|e| Error::argument("arrow_ipc", format!("not an Arrow IPC stream: {e}")))?;
     let schema = reader.schema();
     let batches = reader
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::argument("arrow_ipc", format!("bad record batch: {e}")))?;
-    Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::argument("arrow_ipc", format!("the record batches do not concatenate: {e}")))
 }
 
 /// One batch as an Arrow IPC stream.
@@ -324,6 +369,19 @@ pub fn column_values(column: &v1::FieldData) -> Vec<Value> {
     }
 }
 
+/// A consistency level from the wire: a value the API does not define is
+/// refused, not read as the default (prost keeps unknown enum values as sent).
+pub fn consistency_from_proto(argument: &str, value: i32) -> Result<v1::ConsistencyLevel> {
+    v1::ConsistencyLevel::try_from(value).map_err(|_| {
+        Error::argument(
+            argument,
+            format!(
+                "unknown consistency level {value}: expected 0 (strong), 1 (session), 2 (bounded) or 3 (eventually)"
+            ),
+        )
+    })
+}
+
 pub fn consistency_name(level: v1::ConsistencyLevel) -> &'static str {
     match level {
         v1::ConsistencyLevel::Strong => "strong",
@@ -350,15 +408,59 @@ pub fn status(error: &Error) -> tonic::Status {
         Error::Timeout(_) => Code::DeadlineExceeded,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Shutdown => Code::Unavailable,
+        Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+        Error::Cancelled => Code::Cancelled,
+        Error::CollectionFailed { .. } => Code::FailedPrecondition,
         Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => Code::Internal,
     };
-    tonic::Status::new(code, error.to_string())
+    tonic::Status::new(code, capped(error.to_string()))
+}
+
+/// The longest status message sent, in bytes. gRPC carries the message in a
+/// header, and HTTP/2 peers refuse header blocks over a few KiB: a longer
+/// message reaches the client as RESOURCE_EXHAUSTED instead of the problem.
+pub const MAX_STATUS_MESSAGE: usize = 512;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE`] bytes (at a character boundary)
+/// with its full length: the last line of defence for any error that
+/// repeats a client's text at length.
+pub fn capped(message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_STATUS_MESSAGE - 64;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (message of {} bytes cut)", &message[..end], message.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// An IPC stream of several column types (ints with nulls, strings, vectors).
+    fn sample_stream() -> Vec<u8> {
+        let columns = vec![
+            v1::FieldData {
+                name: "id".into(),
+                nulls: vec![false, true, false],
+                values: Some(Values::Ints(v1::IntValues { values: vec![1, 2, 3] })),
+            },
+            v1::FieldData {
+                name: "s".into(),
+                nulls: vec![],
+                values: Some(Values::Strings(v1::StringValues { values: vec!["a".into(), "".into(), "ccc".into()] })),
+            },
+            v1::FieldData {
+                name: "v".into(),
+                nulls: vec![],
+                values: Some(Values::Vectors(pack_vectors(&[vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]]))),
+            },
+        ];
+        batch_to_ipc(&columns_to_batch(columns).unwrap()).unwrap()
+    }
 
     fn column() -> impl Strategy<Value = v1::FieldData> {
         let values = prop_oneof![
@@ -385,6 +487,46 @@ mod tests {
             }
         }
 
+        /// Whatever bytes a client sends as `arrow_ipc`, decoding answers
+        /// with a batch or an error, and never panics.
+        #[test]
+        fn any_bytes_decode_as_ipc_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let (result, largest) = allocations::largest_during(|| ipc_to_batch(&bytes));
+            // Random bytes are refused by the framing check, which allocates
+            // nothing: the reader would allocate whatever the first 4 bytes say.
+            prop_assert!(result.is_err());
+            prop_assert!(largest < 1 << 16, "{} bytes decoded with an allocation of {}", bytes.len(), largest);
+        }
+
+        /// The same for a valid stream with some bytes changed or cut off,
+        /// which reaches far deeper into the decoder than random bytes.
+        #[test]
+        fn damaged_ipc_streams_decode_or_fail_cleanly(
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = sample_stream();
+            for (at, byte) in changes {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            let keep = cut.index(bytes.len() + 1);
+            let (results, largest) =
+                allocations::largest_during(|| [ipc_to_batch(&bytes), ipc_to_batch(&bytes[..keep])]);
+            // A panic inside Arrow's reader (caught) may capture a backtrace,
+            // which allocates as much as it likes: only decoding counts.
+            let panicked = results.iter().any(|result| {
+                matches!(result, Err(Error::InvalidArgument { problem, .. }) if problem.contains("could not decode"))
+            });
+            // Decoding allocates about what it was given, not what it was told.
+            prop_assert!(
+                panicked || largest < 1 << 20,
+                "{} bytes decoded with an allocation of {}",
+                bytes.len(),
+                largest
+            );
+        }
+
         #[test]
         fn any_field_schema_converts_or_fails_cleanly(
             data_type in -2i32..12, metric in -1i32..5, dim in 0u32..5, default_json in ".{0,6}"
@@ -396,6 +538,171 @@ mod tests {
                 prop_assert_eq!(back.ok(), Some(schema));
             }
         }
+    }
+
+    /// Records the largest allocation the current thread asks for while
+    /// `TRACKING` is set, so a test can show a decoder refuses a length
+    /// before allocating it (other test threads are not counted).
+    mod allocations {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static TRACKING: Cell<bool> = const { Cell::new(false) };
+            static LARGEST: Cell<usize> = const { Cell::new(0) };
+        }
+
+        struct Largest;
+
+        unsafe impl GlobalAlloc for Largest {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                unsafe { System.alloc_zeroed(layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                note(new_size);
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                unsafe { System.dealloc(ptr, layout) }
+            }
+        }
+
+        fn note(size: usize) {
+            // `try_with`: the thread-locals may be gone while a thread exits.
+            let _ = TRACKING.try_with(|tracking| {
+                if tracking.get() {
+                    let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
+                }
+            });
+        }
+
+        #[global_allocator]
+        static GLOBAL: Largest = Largest;
+
+        /// Runs `f` and returns the largest single allocation it made on this thread.
+        pub fn largest_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+            LARGEST.with(|largest| largest.set(0));
+            TRACKING.with(|tracking| tracking.set(true));
+            let result = f();
+            TRACKING.with(|tracking| tracking.set(false));
+            (result, LARGEST.with(Cell::get))
+        }
+    }
+
+    #[test]
+    fn sixteen_bytes_declaring_two_gib_are_refused_without_allocating_them() {
+        let mut hostile = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        hostile.extend([0; 8]);
+        let (result, largest) = allocations::largest_during(|| ipc_to_batch(&hostile));
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::InvalidArgument { ref argument, .. } if argument == "arrow_ipc"), "{error:?}");
+        assert!(error.to_string().contains("metadata of 2147483647 bytes, but 8 bytes follow"), "{error}");
+        assert!(largest < 4096, "decoding 16 bytes allocated {largest} bytes at once");
+        assert_eq!(status(&error).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_valid_ipc_stream_still_decodes() {
+        let batch = columns_to_batch(vec![v1::FieldData {
+            name: "a".into(),
+            nulls: vec![],
+            values: Some(Values::Ints(v1::IntValues { values: vec![1, 2, 3] })),
+        }])
+        .unwrap();
+        assert_eq!(ipc_to_batch(&batch_to_ipc(&batch).unwrap()).unwrap(), batch);
+    }
+
+    #[test]
+    fn vector_null_flags_become_nulls() {
+        let column = v1::FieldData {
+            name: "v".into(),
+            nulls: vec![false, true],
+            values: Some(Values::Vectors(pack_vectors(&[vec![1.0, 0.0], vec![0.0, 1.0]]))),
+        };
+        let batch = columns_to_batch(vec![column]).unwrap();
+        assert_eq!(batch.column(0).null_count(), 1);
+        assert!(batch.column(0).is_null(1) && batch.column(0).is_valid(0));
+        // Through the write validation: a vector field is never nullable.
+        let schema = CollectionSchema::new(
+            "c",
+            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 2, Metric::L2)],
+        );
+        let ids = v1::FieldData {
+            name: "id".into(),
+            nulls: vec![],
+            values: Some(Values::Ints(v1::IntValues { values: vec![1] })),
+        };
+        let vectors = v1::FieldData {
+            name: "v".into(),
+            nulls: vec![true],
+            values: Some(Values::Vectors(pack_vectors(&[vec![1.0, 0.0]]))),
+        };
+        let batch = columns_to_batch(vec![ids, vectors]).unwrap();
+        let kind = vectorflow_core::batch::WriteKind::Upsert;
+        let error = vectorflow_core::WriteBatch::from_record_batch(&schema, &batch, kind).unwrap_err();
+        assert_eq!(error.to_string(), "field `v`: row 0: vector is null");
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused() {
+        let error = consistency_from_proto("read.consistency", 99).unwrap_err();
+        assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("invalid argument `read.consistency`: unknown consistency level 99"));
+        assert_eq!(consistency_from_proto("c", 2).unwrap(), v1::ConsistencyLevel::Bounded);
+        let field = |data_type: i32, metric: i32| v1::FieldSchema {
+            name: "f".into(),
+            data_type,
+            metric,
+            dim: 2,
+            ..Default::default()
+        };
+        let cases = [
+            (field(99, 0), "field `f`: unknown data_type 99"),
+            (field(0, 0), "field `f`: data_type is not set"),
+            (field(v1::DataType::FloatVector as i32, 99), "field `f`: unknown metric 99"),
+            // An unknown value is refused even where the field does not use it.
+            (field(v1::DataType::Int64 as i32, 99), "field `f`: unknown metric 99"),
+        ];
+        for (field, expected) in cases {
+            let error = field_from_proto(field).unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn errors_about_long_client_text_stay_short() {
+        let long = "x".repeat(10_000);
+        let field = v1::FieldSchema {
+            name: long.clone(),
+            data_type: v1::DataType::Varchar as i32,
+            max_length: 16,
+            default_json: format!("{{\"a\": \"{}\"}}", "y".repeat(1 << 20)),
+            ..Default::default()
+        };
+        let error = field_from_proto(field).unwrap_err().to_string();
+        assert!(error.len() < 300, "{} bytes", error.len());
+        assert!(error.starts_with("field `xxxx") && error.contains("(10000 characters)"), "{}", &error[..100]);
+        let columns = vec![v1::FieldData { name: long, nulls: vec![], values: None }];
+        let error = columns_to_batch(columns).unwrap_err().to_string();
+        assert!(error.len() < 300, "{} bytes", error.len());
+        // Whatever an error holds, its status message stays within the limit.
+        let huge = Error::CollectionNotFound("z".repeat(10_000));
+        let status = status(&huge);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE, "{}", status.message().len());
+        assert!(
+            status.message().starts_with("collection `zzz")
+                && status.message().ends_with("(message of 10023 bytes cut)")
+        );
+        // Cut at a character boundary.
+        let wide = capped("é".repeat(1000));
+        assert!(wide.len() <= MAX_STATUS_MESSAGE && wide.ends_with("(message of 2000 bytes cut)"), "{wide}");
+        assert_eq!(capped("short".into()), "short");
     }
 
     #[test]

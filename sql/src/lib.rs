@@ -20,6 +20,7 @@
 
 mod ann;
 mod dialect;
+pub mod policy;
 mod predicate;
 mod table;
 mod time_travel;
@@ -27,16 +28,23 @@ mod udf;
 
 use std::sync::Arc;
 
+use std::pin::Pin;
+
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParserBuilder;
+use futures::{Stream, StreamExt};
 use vectorflow_core::{Error, Result};
 use vectorflow_dataflow::Engine;
 
 pub use ann::AnnSearchRule;
 pub use dialect::VectorflowDialect;
+pub use policy::SqlPolicy;
 pub use table::{AnnSearch, AnnTable, CollectionSchemaProvider, CollectionTable, StatementSnapshot};
 pub use time_travel::TimeTravelPlanner;
 pub use udf::VectorFunction;
@@ -46,17 +54,37 @@ pub use udf::VectorFunction;
 pub struct SqlSession {
     engine: Engine,
     ctx: SessionContext,
+    policy: Arc<SqlPolicy>,
 }
+
+/// A statement's batches as they are computed.
+pub type BatchStream = Pin<Box<dyn Stream<Item = Result<RecordBatch>> + Send>>;
 
 impl std::fmt::Debug for SqlSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqlSession").field("engine", &self.engine).finish()
+        f.debug_struct("SqlSession").field("engine", &self.engine).field("policy", &self.policy).finish()
     }
 }
 
 impl SqlSession {
+    /// A session that runs any statement DataFusion knows ([`SqlPolicy::full`]).
     pub fn new(engine: Engine) -> Result<SqlSession> {
-        let ctx = SessionContext::new();
+        SqlSession::with_policy(engine, SqlPolicy::full())
+    }
+
+    /// A session for statements from the network ([`SqlPolicy::read_only`]):
+    /// queries only, each within a memory limit.
+    pub fn read_only(engine: Engine) -> Result<SqlSession> {
+        SqlSession::with_policy(engine, SqlPolicy::read_only())
+    }
+
+    pub fn with_policy(engine: Engine, policy: SqlPolicy) -> Result<SqlSession> {
+        let mut config = SessionConfig::new();
+        if policy.read_only {
+            // A recursive CTE without an end runs (and grows) forever.
+            config.options_mut().execution.enable_recursive_ctes = false;
+        }
+        let ctx = SessionContext::new_with_config(config);
         for function in VectorFunction::ALL {
             ctx.register_udf(function.udf());
         }
@@ -68,7 +96,11 @@ impl SqlSession {
         catalog
             .register_schema("public", Arc::new(CollectionSchemaProvider::new(engine.clone())))
             .map_err(sql_error)?;
-        Ok(SqlSession { engine, ctx })
+        Ok(SqlSession { engine, ctx, policy: Arc::new(policy) })
+    }
+
+    pub fn policy(&self) -> &SqlPolicy {
+        &self.policy
     }
 
     /// The DataFusion context, to register more tables (`register_parquet`,
@@ -79,7 +111,12 @@ impl SqlSession {
 
     /// Plans one statement. Collections are read as of one snapshot taken
     /// now (Strong), unless a table says `FOR SYSTEM_TIME AS OF`.
+    ///
+    /// Planning and running recurse over the statement: [`SqlSession::collect`]
+    /// and [`SqlSession::stream`] do both on threads with large stacks; a
+    /// caller running the frame itself gives it its own thread's stack.
     pub async fn sql(&self, text: &str) -> Result<DataFrame> {
+        policy::check_statement(text, &self.policy)?;
         let dialect = VectorflowDialect::default();
         let mut statements = DFParserBuilder::new(text)
             .with_dialect(&dialect)
@@ -92,8 +129,25 @@ impl SqlSession {
             (Some(_), false) => return Err(Error::Sql("one statement at a time, please".into())),
         };
         let mut state = self.ctx.state();
+        if let Some(limit) = self.policy.memory_limit {
+            // A pool of its own per statement, and no spilling: going over is an error, not a full disk.
+            let runtime = RuntimeEnvBuilder::new()
+                .with_memory_limit(limit, 1.0)
+                .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+                .build_arc()
+                .map_err(sql_error)?;
+            state = SessionStateBuilder::new_from_existing(state).with_runtime_env(runtime).build();
+        }
         state.config_mut().set_extension(Arc::new(StatementSnapshot(self.engine.now())));
         let plan = state.statement_to_plan(statement).await.map_err(sql_error)?;
+        if self.policy.read_only {
+            SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false)
+                .verify_plan(&plan)
+                .map_err(|e| Error::Sql(format!("{} (this server's SQL is read-only: queries only)", sql_error(e))))?;
+        }
         if matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
             // CREATE EXTERNAL TABLE, CREATE VIEW, SET ...: the context carries them out.
             return self.ctx.execute_logical_plan(plan).await.map_err(sql_error);
@@ -101,15 +155,58 @@ impl SqlSession {
         Ok(DataFrame::new(state, plan))
     }
 
-    /// Runs one statement and returns all its batches.
+    /// Runs one statement and returns all its batches. The statement is
+    /// planned and run on [`policy::statement_runtime`].
     pub async fn collect(&self, text: &str) -> Result<Vec<RecordBatch>> {
-        self.sql(text).await?.collect().await.map_err(sql_error)
+        let session = self.clone();
+        let text = text.to_string();
+        let running = policy::statement_runtime()?
+            .spawn(async move { session.sql(&text).await?.collect().await.map_err(sql_error) });
+        running.await.map_err(|e| Error::Sql(format!("the statement stopped: {e}")))?
+    }
+
+    /// Runs one statement on [`policy::statement_runtime`] and streams its
+    /// batches; errors in planning come back here, errors while running in
+    /// the stream. Dropping the stream stops the statement.
+    pub async fn stream(&self, text: &str) -> Result<BatchStream> {
+        let session = self.clone();
+        let text = text.to_string();
+        let (planned_tx, planned_rx) = tokio::sync::oneshot::channel();
+        let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
+        policy::statement_runtime()?.spawn(async move {
+            let planned = match session.sql(&text).await {
+                Ok(frame) => frame.execute_stream().await.map_err(sql_error),
+                Err(e) => Err(e),
+            };
+            let mut batches = match planned {
+                Ok(batches) => {
+                    let _ = planned_tx.send(Ok(()));
+                    batches
+                }
+                Err(e) => {
+                    let _ = planned_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some(batch) = batches.next().await {
+                if batch_tx.send(batch.map_err(sql_error)).await.is_err() {
+                    break; // The reader went away.
+                }
+            }
+        });
+        planned_rx.await.map_err(|_| Error::Sql("the statement stopped while planning".into()))??;
+        let batches = futures::stream::unfold(batch_rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        Ok(Box::pin(batches))
     }
 }
 
 /// A DataFusion error as the engine's error, keeping the engine's own errors
-/// (a collection not found, a time outside retention) as they were.
+/// (a collection not found, a time outside retention) as they were; a
+/// statement over its memory limit is [`Error::ResourceExhausted`].
 pub fn sql_error(error: DataFusionError) -> Error {
+    if let DataFusionError::ResourcesExhausted(problem) = error.find_root() {
+        return Error::exhausted("memory_limit", format!("the statement needs more memory than its limit: {problem}"));
+    }
     match error {
         DataFusionError::External(inner) => match inner.downcast::<Error>() {
             Ok(engine_error) => *engine_error,
@@ -121,5 +218,99 @@ pub fn sql_error(error: DataFusionError) -> Error {
             Err(shared) => Error::Sql(shared.to_string()),
         },
         other => Error::Sql(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vectorflow_core::{CollectionSchema, DataType, FieldSchema, Metric};
+    use vectorflow_dataflow::EngineConfig;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let engine = Engine::open(EngineConfig::new(dir)).unwrap();
+        engine
+            .create_collection(CollectionSchema::new(
+                "docs",
+                vec![
+                    FieldSchema::int64_primary("id", false),
+                    FieldSchema::vector("v", 2, Metric::L2),
+                    FieldSchema::new("n", DataType::Int64),
+                ],
+            ))
+            .unwrap();
+        engine
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn long_statements_are_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = SqlSession::new(engine(dir.path())).unwrap();
+        let or_chain = (0..1000).map(|i| format!("n = {i}")).collect::<Vec<_>>().join(" OR ");
+        for text in [format!("SELECT 1{}", " + 1".repeat(1000)), format!("SELECT id FROM docs WHERE {or_chain}")] {
+            match runtime().block_on(session.collect(&text)) {
+                Err(Error::Sql(problem)) => {
+                    assert!(problem.contains("max_statement_weight"), "{problem}");
+                    assert!(problem.len() < 400, "{problem}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        // A vector literal of negative numbers is values, not operators.
+        let vector = format!("[{}]", vec!["-0.5"; 1000].join(", "));
+        let batches = runtime().block_on(session.collect(&format!("SELECT cardinality({vector}) AS n"))).unwrap();
+        assert_eq!(batches[0].num_rows(), 1);
+        assert!(runtime().block_on(session.collect(&format!("SELECT 1{}", " + 1".repeat(100)))).is_ok());
+    }
+
+    #[test]
+    fn read_only_sessions_refuse_writes_files_and_allocating_functions() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = SqlSession::read_only(engine(dir.path())).unwrap();
+        let target = dir.path().join("written.json");
+        for text in [
+            format!("COPY (SELECT 'x' AS junk) TO '{}' STORED AS JSON", target.display()),
+            "CREATE EXTERNAL TABLE etc (line VARCHAR) STORED AS CSV LOCATION '/etc/hostname'".to_string(),
+            "INSERT INTO docs VALUES (1, [0.0, 0.0], 1)".to_string(),
+            "DROP TABLE docs".to_string(),
+            "CREATE VIEW w AS SELECT 1".to_string(),
+            "SET datafusion.execution.batch_size = 1".to_string(),
+            "SELECT length(repeat('x', 1000000000))".to_string(),
+            "SELECT * FROM generate_series(1, 1000000000000)".to_string(),
+            "SELECT lpad('x', 2147483647)".to_string(),
+        ] {
+            match runtime().block_on(session.collect(&text)) {
+                Err(Error::Sql(_)) => {}
+                other => panic!("{text}: expected Error::Sql, got {other:?}"),
+            }
+        }
+        assert!(!target.exists(), "COPY wrote {}", target.display());
+        let rows = runtime().block_on(session.collect("SELECT count(*) FROM docs")).unwrap();
+        assert_eq!(rows[0].num_rows(), 1);
+        // The full session (the local CLI) still writes.
+        let full = SqlSession::new(session.engine.clone()).unwrap();
+        let copy = format!("COPY (SELECT 'x' AS junk) TO '{}' STORED AS JSON", target.display());
+        runtime().block_on(full.collect(&copy)).unwrap();
+        assert!(target.exists());
+    }
+
+    #[test]
+    fn a_statement_over_its_memory_limit_is_resource_exhausted() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = SqlPolicy { memory_limit: Some(1 << 20), ..SqlPolicy::read_only() };
+        let session = SqlSession::with_policy(engine(dir.path()), policy).unwrap();
+        let sort = "SELECT v FROM unnest(range(0, 2000000)) AS t(v) ORDER BY v DESC";
+        // `range` is refused in read-only SQL; the table function is planned under a full policy with the same pool.
+        assert!(matches!(runtime().block_on(session.collect(sort)), Err(Error::Sql(_))));
+        let policy = SqlPolicy { memory_limit: Some(1 << 20), ..SqlPolicy::full() };
+        let session = SqlSession::with_policy(session.engine.clone(), policy).unwrap();
+        match runtime().block_on(session.collect("SELECT value FROM generate_series(1, 2000000) ORDER BY value DESC")) {
+            Err(Error::ResourceExhausted { limit, problem }) => assert_eq!(limit, "memory_limit", "{problem}"),
+            other => panic!("expected ResourceExhausted, got {:?}", other.map(|b| b.len())),
+        }
     }
 }

@@ -216,7 +216,7 @@ impl ScanExec {
                     as_of: Some(read.read_ts),
                     ..Default::default()
                 };
-                engine.query(&collection.name, &options)?
+                engine.scan(&collection.name, &options)?
             }
             Lookup::Nearest(search) => {
                 let options = SearchOptions {

@@ -1,0 +1,73 @@
+//! Collections: create, drop, list, describe.
+
+use super::*;
+
+impl Engine {
+    pub fn create_collection(&self, schema: CollectionSchema) -> Result<CollectionInfo> {
+        schema.validate()?;
+        let mut collections = self.inner.collections.write().map_err(|_| Error::Shutdown)?;
+        if collections.contains_key(&schema.name) {
+            return Err(Error::CollectionExists(schema.name));
+        }
+        let created_ts = self.inner.shared.log.tso().allocate(1);
+        let entry = self.inner.catalog_store.create(schema, created_ts)?;
+        let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
+        publish_manifest(&self.inner.storage, &manifest)?;
+        if let Some(kafka) = self.inner.shared.log.kafka() {
+            kafka.register(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
+        }
+        if let Ok(mut manifests) = self.inner.manifests.lock() {
+            manifests.insert(entry.id, manifest);
+        }
+        if let Ok(mut schemas) = self.inner.shared.schemas.write() {
+            schemas.insert(entry.id, Arc::new(entry.schema.clone()));
+        }
+        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
+        collections.insert(entry.schema.name.clone(), entry.clone());
+        Ok(info(&entry))
+    }
+
+    pub fn drop_collection(&self, name: &str) -> Result<()> {
+        let mut collections = self.inner.collections.write().map_err(|_| Error::Shutdown)?;
+        let entry = collections
+            .get(name)
+            .ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))?;
+        self.inner.catalog_store.drop_collection(name)?;
+        if let Ok(mut schemas) = self.inner.shared.schemas.write() {
+            schemas.remove(&entry.id);
+        }
+        if let Ok(mut manifests) = self.inner.manifests.lock() {
+            manifests.remove(&entry.id);
+        }
+        if let Some(kafka) = self.inner.shared.log.kafka()
+            && let Err(e) = kafka.unregister(entry.id)
+        {
+            tracing::warn!(collection = name, "forgetting the dropped collection's offset bindings: {e}");
+        }
+        if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
+            tracing::warn!(collection = name, "removing the dropped collection's objects: {e}");
+        }
+        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
+        collections.remove(name);
+        Ok(())
+    }
+
+    pub fn list_collections(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.inner.collections.read().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    pub fn describe_collection(&self, name: &str) -> Result<CollectionInfo> {
+        Ok(info(&self.entry(name)?))
+    }
+
+    pub(super) fn entry(&self, name: &str) -> Result<CatalogEntry> {
+        let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+        collections
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))
+    }
+}

@@ -1,0 +1,367 @@
+//! The engine: opens the log and the catalog, runs the dataflow on timely
+//! worker threads, and offers the collection, write and read API.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use differential_dataflow::Hashable;
+use timely::communication::WorkerGuards;
+use vectorflow_connectors::manifest::{collection_prefix, delete_collection_objects, load_manifest, publish_manifest};
+use vectorflow_connectors::{
+    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, KafkaConfig, KafkaLog, LogOp, LogRecord, Manifest,
+    ObjectStorage, PartitionLag, SegmentFiles, StorageConfig,
+};
+use vectorflow_core::batch::{WriteBatch, WriteKind};
+use vectorflow_core::time::before;
+use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
+use vectorflow_operators::distance::{normalize, score};
+use vectorflow_operators::{CompactionPolicy, Filter, IndexParams, SearchPlan, Shard, ShardConfig, ShardStats};
+
+use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
+use crate::log::Log;
+use crate::messages::{Answer, Request, RequestKind, unix_millis};
+use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
+
+mod catalog;
+mod checkpoint;
+mod options;
+mod reads;
+mod recovery;
+mod writes;
+
+use recovery::*;
+
+/// Largest `ef` a search may ask for.
+const MAX_EF: usize = 32_768;
+
+pub use options::*;
+
+struct Inner {
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    catalog_store: CatalogStore,
+    collections: RwLock<HashMap<String, CatalogEntry>>,
+    next_request: AtomicU64,
+    guards: Mutex<Option<WorkerGuards<()>>>,
+    closed: AtomicBool,
+    storage: ObjectStorage,
+    /// The newest published manifest of every collection.
+    manifests: Mutex<HashMap<CollectionId, Manifest>>,
+    /// Collections a compaction or an index rebuild changed since their last checkpoint.
+    dirty: Mutex<HashSet<CollectionId>>,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
+    recovery: Mutex<RecoveryReport>,
+    maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How long a checkpoint waits for a sealed segment's index build and upload.
+const PERSIST_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Segments replaced by compacted ones.
+    pub replaced_segments: usize,
+    /// The time before which history is gone.
+    pub horizon: Timestamp,
+    /// The checkpoint that published the result.
+    pub checkpoint: Timestamp,
+}
+
+/// A running Vectorflow engine. Cheap to clone; every clone is the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("data_dir", &self.inner.config.data_dir).finish()
+    }
+}
+
+impl Engine {
+    /// Opens the engine on `config.data_dir` and its object store: loads
+    /// every collection's sealed segments as of its checkpoint, replays the
+    /// log from there, and returns once the replay is done.
+    pub fn open(config: EngineConfig) -> Result<Engine> {
+        if config.workers == 0 {
+            return Err(Error::argument("workers", "must be at least 1"));
+        }
+        if config.seal_rows == 0 {
+            return Err(Error::argument("seal_rows", "must be at least 1"));
+        }
+        let started = Instant::now();
+        let storage = ObjectStorage::open(&config.storage, &config.data_dir)?;
+        let partitions = config.log_partitions.unwrap_or(config.workers as u32);
+        let log = match &config.kafka {
+            Some(kafka) => Log::Kafka(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
+            None => Log::Embedded(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
+        };
+        let catalog_store = CatalogStore::open(storage.clone())?;
+        let entries = catalog_store.load()?;
+        for entry in &entries {
+            log.tso().observe(entry.created_ts);
+        }
+        let shard_config = ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan };
+        let persister = Persister::start(storage.clone())?;
+        let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config).inspect_err(|_| {
+            // Nothing will submit to it: let its thread end.
+            persister.stop();
+        })?;
+        let schemas = entries.iter().map(|e| (e.id, Arc::new(e.schema.clone()))).collect();
+        let collections = entries.into_iter().map(|e| (e.schema.name.clone(), e)).collect();
+        let shared = Arc::new(Shared {
+            log,
+            workers: config.workers,
+            schemas: RwLock::new(schemas),
+            catalog_version: AtomicU64::new(0),
+            requests: (0..config.workers).map(|_| Mutex::new(Vec::new())).collect(),
+            request_activators: Mutex::new(HashMap::new()),
+            source_activators: Mutex::new(HashMap::new()),
+            replies: Mutex::new(HashMap::new()),
+            applied: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+            shutdown: AtomicBool::new(false),
+            ingest_paused: AtomicBool::new(false),
+            shard_config,
+            tick: config.tick,
+            poll_batch: if config.kafka.is_some() { 1024 } else { 256 },
+            max_in_flight_rows: config.max_in_flight_rows.max(1),
+            persister,
+            recovered: Mutex::new(recovered.shards),
+            replay_from: recovered.replay_from,
+            skip_through: recovered.skip_through,
+            ingested: IngestCounters::new(config.workers),
+            frontier_stalled_ms: AtomicU64::new(0),
+            frontier_stalls: AtomicU64::new(0),
+            reads_cancelled: AtomicU64::new(0),
+        });
+        let worker_shared = shared.clone();
+        let guards = timely::execute(timely::Config::process(config.workers), move |worker| {
+            run_worker(worker, worker_shared.clone());
+        })
+        .map_err(|e| Error::storage(format!("starting the dataflow workers: {e}")))?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                config,
+                shared,
+                catalog_store,
+                collections: RwLock::new(collections),
+                next_request: AtomicU64::new(1),
+                guards: Mutex::new(Some(guards)),
+                closed: AtomicBool::new(false),
+                storage,
+                manifests: Mutex::new(recovered.manifests),
+                dirty: Mutex::new(recovered.dirty),
+                checkpointing: Mutex::new(()),
+                recovery: Mutex::new(recovered.report),
+                maintenance: Mutex::new(None),
+            }),
+        };
+        engine.wait_for_replay(started)?;
+        engine.start_maintenance()?;
+        let report = engine.recovery_report();
+        let config = &engine.inner.config;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            storage = engine.inner.storage.description(),
+            workers = config.workers,
+            partitions,
+            segments = report.segments,
+            rows = report.rows,
+            load = ?report.load,
+            total = ?report.total,
+            "engine open"
+        );
+        Ok(engine)
+    }
+
+    /// The dataflow's liveness: how far it has applied the log, and
+    /// whether the frontier watchdog sees it stalled.
+    pub fn health(&self) -> EngineHealth {
+        let shared = &self.inner.shared;
+        let stalled_ms = shared.frontier_stalled_ms.load(Ordering::Relaxed);
+        EngineHealth {
+            applied_frontier: shared.applied_frontier(),
+            next_ts: shared.log.tso().next_possible(),
+            records_ingested: shared.ingested.records.load(Ordering::Relaxed),
+            rows_ingested: shared.ingested.rows.load(Ordering::Relaxed),
+            rows_in_flight: shared.ingested.in_flight(),
+            frontier_stalled_for: (stalled_ms > 0).then(|| Duration::from_millis(stalled_ms)),
+            frontier_stall_reports: shared.frontier_stalls.load(Ordering::Relaxed),
+            reads_cancelled: shared.reads_cancelled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What recovery loaded at open and how long it took.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery.lock().map(|r| *r).unwrap_or_default()
+    }
+
+    /// Bytes the collection's objects take in the object store.
+    pub fn storage_bytes(&self, collection: &str) -> Result<u64> {
+        let entry = self.entry(collection)?;
+        self.inner.storage.bytes_under(&collection_prefix(entry.id))
+    }
+
+    /// The object store the engine writes to.
+    pub fn storage(&self) -> &ObjectStorage {
+        &self.inner.storage
+    }
+
+    /// Log records held (not yet covered by every collection's checkpoint).
+    pub fn log_records(&self) -> Result<u64> {
+        match &self.inner.shared.log {
+            Log::Embedded(log) => log.held_records(),
+            Log::Kafka(_) => Ok(0),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// A session: reads with `Consistency::Session` see its own writes.
+    pub fn session(&self) -> Session {
+        Session { engine: self.clone(), last_write: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// A timestamp for "now": after every write acknowledged so far and
+    /// before every later one (it is reserved, so no write gets it).
+    pub fn now(&self) -> Timestamp {
+        self.inner.shared.log.tso().allocate(1)
+    }
+
+    /// The oldest timestamp time travel can still reach.
+    pub fn retention_horizon(&self) -> Timestamp {
+        before(self.inner.shared.log.tso().next_possible(), self.inner.config.retention)
+    }
+
+    /// Stops applying the log: writes are still acknowledged (they are durable
+    /// in the log) but become visible only after [`Engine::resume_ingest`].
+    /// Strong and Session reads wait meanwhile; Eventually reads do not.
+    pub fn pause_ingest(&self) {
+        self.inner.shared.ingest_paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume_ingest(&self) {
+        self.inner.shared.ingest_paused.store(false, Ordering::Release);
+        self.inner.shared.wake_sources();
+    }
+
+    /// Stops the workers. Acknowledged writes are already durable in the log.
+    pub fn shutdown(&self) {
+        self.inner.stop();
+    }
+}
+
+impl Inner {
+    /// Stops the workers and waits for them; later calls do nothing.
+    fn stop(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(thread) = self.maintenance.lock().ok().and_then(|mut m| m.take())
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+        self.shared.persister.stop();
+        self.shared.stop();
+        if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
+            for result in guards.join() {
+                if let Err(e) = result {
+                    tracing::error!("worker ended with an error: {e}");
+                }
+            }
+        }
+        if let Ok(mut replies) = self.shared.replies.lock() {
+            replies.clear();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A client session: remembers its last write so `Consistency::Session`
+/// reads see it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    engine: Engine,
+    last_write: Arc<AtomicU64>,
+}
+
+impl Session {
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The timestamp of this session's last acknowledged write.
+    pub fn last_write(&self) -> Timestamp {
+        self.last_write.load(Ordering::Acquire)
+    }
+
+    fn record(&self, result: Result<WriteResult>) -> Result<WriteResult> {
+        if let Ok(write) = &result {
+            self.last_write.fetch_max(write.ts, Ordering::AcqRel);
+        }
+        result
+    }
+
+    pub fn insert_rows(&self, collection: &str, rows: &[Row]) -> Result<WriteResult> {
+        self.record(self.engine.insert_rows(collection, rows))
+    }
+
+    pub fn insert(&self, collection: &str, batch: &RecordBatch) -> Result<WriteResult> {
+        self.record(self.engine.insert(collection, batch))
+    }
+
+    pub fn upsert_rows(&self, collection: &str, rows: &[Row]) -> Result<WriteResult> {
+        self.record(self.engine.upsert_rows(collection, rows))
+    }
+
+    pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
+        self.record(self.engine.delete(collection, pks))
+    }
+
+    pub fn search(&self, collection: &str, queries: &[Vec<f32>], options: &SearchOptions) -> Result<SearchResult> {
+        let options = SearchOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
+        self.engine.search(collection, queries, &options)
+    }
+
+    pub fn get(&self, collection: &str, pks: &[Pk], options: &GetOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        let options = GetOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
+        self.engine.get(collection, pks, &options)
+    }
+
+    pub fn query(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        let options = QueryOptions { guarantee_ts: Some(self.last_write()), ..options.clone() };
+        self.engine.query(collection, &options)
+    }
+}
+
+fn info(entry: &CatalogEntry) -> CollectionInfo {
+    CollectionInfo { id: entry.id, schema: entry.schema.clone(), created_ts: entry.created_ts }
+}
+
+fn named(schema: &CollectionSchema, fields: &[usize], values: Vec<Value>) -> BTreeMap<String, Value> {
+    fields.iter().zip(values).map(|(&f, v)| (schema.fields[f].name.clone(), v)).collect()
+}
+
+fn unexpected(answer: Answer) -> Error {
+    Error::storage(format!("unexpected answer from the dataflow: {answer:?}"))
+}
+
+/// A convenience for building rows: `row([("id", 1.into()), ("v", vec![..].into())])`.
+pub fn row<const N: usize>(fields: [(&str, Value); N]) -> Row {
+    fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}

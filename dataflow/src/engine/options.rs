@@ -1,0 +1,296 @@
+//! The engine's configuration, and the options and answers of its API.
+
+use super::*;
+
+/// How to open an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Holds the write-ahead log and the catalog.
+    pub data_dir: PathBuf,
+    /// timely worker threads.
+    pub workers: usize,
+    /// Log partitions, fixed when the data directory is created (default: one per worker).
+    pub log_partitions: Option<u32>,
+    /// A growing segment seals at this many rows.
+    pub seal_rows: usize,
+    pub index: IndexParams,
+    pub search_plan: SearchPlan,
+    /// History kept for time travel.
+    pub retention: Duration,
+    /// Staleness bound of `Consistency::Bounded`.
+    pub bounded_staleness: Duration,
+    /// How often idle sources advance the frontier.
+    pub tick: Duration,
+    /// How long a read waits for the dataflow before it fails with `Timeout`.
+    pub request_timeout: Duration,
+    /// `ef` when a search does not set one (raised to `k` when smaller).
+    pub default_ef: usize,
+    /// The object store for the catalog, manifests and sealed segments.
+    pub storage: StorageConfig,
+    /// How often collections with new writes are checkpointed (`None`: only on flush).
+    pub checkpoint_interval: Option<Duration>,
+    /// How often compaction looks for segments to rewrite (`None`: only on `compact`).
+    pub compaction_interval: Option<Duration>,
+    /// Compaction rewrites a segment when more than this fraction of its rows is dead.
+    pub compaction_dead_fraction: f32,
+    /// Threads that load segments at recovery.
+    pub load_threads: usize,
+    /// Read and write Kafka topics instead of the embedded log.
+    pub kafka: Option<KafkaConfig>,
+    /// A log source stops reading while this many of its rows are not yet
+    /// applied (Kafka keeps the rest: backpressure instead of buffering).
+    pub max_in_flight_rows: usize,
+    /// Opening fails when the log replay makes no progress for this long,
+    /// with an error that says where it is stuck.
+    pub replay_stall_timeout: Duration,
+    /// The stall watchdog reports when the applied frontier has not moved
+    /// for this long while the log grew.
+    pub stall_report_after: Duration,
+    /// Bounds on what one read may ask for.
+    pub limits: ReadLimits,
+}
+
+/// Bounds on one read's answer, so no request can hold a worker or the
+/// server's memory hostage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Query vectors × `k` per search (each a hit the workers hold and merge).
+    pub max_search_hits: usize,
+    /// Query vectors per search.
+    pub max_search_vectors: usize,
+    /// Rows one `query` returns (`limit + offset`; a query without a limit
+    /// that matches more fails and asks for one).
+    pub max_query_rows: usize,
+    /// Primary keys per `get`.
+    pub max_get_keys: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_search_hits: 1 << 20,
+            max_search_vectors: 16_384,
+            max_query_rows: 100_000,
+            max_get_keys: 100_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            workers: 2,
+            log_partitions: None,
+            seal_rows: ShardConfig::default().seal_rows,
+            index: IndexParams::default(),
+            search_plan: SearchPlan::default(),
+            retention: Duration::from_secs(24 * 3600),
+            bounded_staleness: Duration::from_secs(1),
+            tick: Duration::from_millis(5),
+            request_timeout: Duration::from_secs(30),
+            default_ef: 64,
+            storage: StorageConfig::default(),
+            checkpoint_interval: Some(Duration::from_secs(60)),
+            compaction_interval: Some(Duration::from_secs(60)),
+            compaction_dead_fraction: 0.2,
+            load_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            kafka: None,
+            max_in_flight_rows: 50_000,
+            replay_stall_timeout: Duration::from_secs(120),
+            stall_report_after: Duration::from_secs(30),
+            limits: ReadLimits::default(),
+        }
+    }
+}
+
+/// Read consistency, as in Milvus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Sees every write acknowledged before the read started.
+    #[default]
+    Strong,
+    /// Sees the session's own writes (through [`Session`]).
+    Session,
+    /// At most `bounded_staleness` behind.
+    Bounded,
+    /// Whatever every worker has applied; never waits.
+    Eventually,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "strong" => Ok(Consistency::Strong),
+            "session" => Ok(Consistency::Session),
+            "bounded" => Ok(Consistency::Bounded),
+            "eventually" => Ok(Consistency::Eventually),
+            other => Err(Error::argument("consistency", format!("unknown level `{other}`"))),
+        }
+    }
+}
+
+/// What a write returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteResult {
+    pub pks: Vec<Pk>,
+    /// The write's timestamp: reads at or after it see it.
+    pub ts: Timestamp,
+}
+
+/// Options of a search.
+#[derive(Debug, Clone, Default)]
+pub struct SearchOptions {
+    /// The vector field; may be left out when the collection has one.
+    pub field: Option<String>,
+    pub k: usize,
+    pub ef: Option<usize>,
+    pub output_fields: Vec<String>,
+    /// Only rows passing this expression (Milvus or SQL predicate syntax).
+    pub filter: Option<String>,
+    pub consistency: Consistency,
+    /// Time travel: answer as of this timestamp.
+    pub as_of: Option<Timestamp>,
+    /// For `Consistency::Session`: the session's last write (set by [`Session`]).
+    pub guarantee_ts: Option<Timestamp>,
+    /// Overrides the engine's request timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl SearchOptions {
+    pub fn new(k: usize) -> Self {
+        SearchOptions { k, ..Default::default() }
+    }
+}
+
+/// Options of a get by primary keys.
+#[derive(Debug, Clone, Default)]
+pub struct GetOptions {
+    pub output_fields: Vec<String>,
+    pub consistency: Consistency,
+    pub as_of: Option<Timestamp>,
+    pub guarantee_ts: Option<Timestamp>,
+    pub timeout: Option<Duration>,
+}
+
+/// Options of a query by expression.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    /// Rows passing this expression; all rows when `None`.
+    pub filter: Option<String>,
+    pub output_fields: Vec<String>,
+    /// At most this many rows (after `offset`); all when `None`, up to
+    /// [`ReadLimits::max_query_rows`] (more is an error asking for a limit).
+    pub limit: Option<usize>,
+    pub offset: usize,
+    pub consistency: Consistency,
+    pub as_of: Option<Timestamp>,
+    pub guarantee_ts: Option<Timestamp>,
+    pub timeout: Option<Duration>,
+}
+
+/// One hit: the key, the metric's score (squared L2, inner product or cosine
+/// similarity) and the requested fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    pub pk: Pk,
+    pub score: f32,
+    pub fields: BTreeMap<String, Value>,
+}
+
+/// Hits per query vector, best first, and the timestamp the search read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchResult {
+    pub hits: Vec<Vec<SearchHit>>,
+    pub read_ts: Timestamp,
+}
+
+/// A collection as `describe` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectionInfo {
+    pub id: CollectionId,
+    pub schema: CollectionSchema,
+    pub created_ts: Timestamp,
+}
+
+/// Counts over every shard of a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectionStats {
+    pub live_rows: usize,
+    pub versions: usize,
+    pub growing_rows: usize,
+    pub sealed_segments: usize,
+    pub indexed_segments: usize,
+    pub read_ts: Timestamp,
+}
+
+/// Where a log replay stands (in the log while it runs, and in the error
+/// when it stalls).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayProgress {
+    pub records_read: u64,
+    /// Records the log held past the oldest checkpoint at open (embedded log; 0 on Kafka).
+    pub records_to_replay: u64,
+    pub rows_read: u64,
+    /// Rows read and not yet applied.
+    pub rows_in_flight: u64,
+    /// Every change before this time is applied on every worker.
+    pub applied_frontier: Timestamp,
+    /// Each worker's applied frontier (the lowest is the one holding the replay back).
+    pub per_worker: Vec<Timestamp>,
+    /// The replay is done when the frontier passes this time.
+    pub target: Timestamp,
+}
+
+impl std::fmt::Display for ReplayProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "read {} of {} records ({} rows, {} not yet applied); applied through {} of {} (per worker {:?})",
+            self.records_read,
+            self.records_to_replay,
+            self.rows_read,
+            self.rows_in_flight,
+            self.applied_frontier,
+            self.target,
+            self.per_worker
+        )
+    }
+}
+
+/// See [`Engine::health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineHealth {
+    /// Every change before this time is applied on every worker.
+    pub applied_frontier: Timestamp,
+    /// The oracle's next time (the log's head).
+    pub next_ts: Timestamp,
+    /// Log records and rows the sources have read since the engine opened.
+    pub records_ingested: u64,
+    pub rows_ingested: u64,
+    /// Rows read and not yet applied.
+    pub rows_in_flight: u64,
+    /// Set while the frontier has not moved although the log grew.
+    pub frontier_stalled_for: Option<Duration>,
+    /// Stalls the watchdog reported since the engine opened.
+    pub frontier_stall_reports: u64,
+    /// Worker parts of reads stopped or skipped because their deadline passed.
+    pub reads_cancelled: u64,
+}
+
+/// How a collection's Kafka topic is being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestStats {
+    pub topic: String,
+    /// Bad records sent to the dead-letter topic since the engine started.
+    pub dead_letters: u64,
+    pub partitions: Vec<PartitionLag>,
+}
+
+impl IngestStats {
+    /// Records the brokers hold that the sources have not read yet.
+    pub fn lag(&self) -> u64 {
+        self.partitions.iter().map(PartitionLag::lag).sum()
+    }
+}

@@ -1,0 +1,368 @@
+//! Reads: searches, gets, queries and counts enter the dataflow as requests
+//! answered once the frontier has passed their read time.
+
+use super::*;
+
+impl Engine {
+    /// Searches the `k` nearest rows to each query vector.
+    pub fn search(&self, collection: &str, queries: &[Vec<f32>], options: &SearchOptions) -> Result<SearchResult> {
+        let entry = self.entry(collection)?;
+        let schema = &entry.schema;
+        let (field, dim, metric) = schema.vector_field(options.field.as_deref())?;
+        if options.k == 0 {
+            return Err(Error::argument("k", "must be at least 1"));
+        }
+        if options.k > 16_384 {
+            return Err(Error::argument("k", format!("{} exceeds the limit of 16384", options.k)));
+        }
+        if queries.is_empty() {
+            return Err(Error::argument("vectors", "no query vectors"));
+        }
+        let limits = self.inner.config.limits;
+        if queries.len() > limits.max_search_vectors {
+            return Err(Error::exhausted(
+                "max_search_vectors",
+                format!("{} query vectors exceed the limit of {}", queries.len(), limits.max_search_vectors),
+            ));
+        }
+        if queries.len().saturating_mul(options.k) > limits.max_search_hits {
+            return Err(Error::exhausted(
+                "max_search_hits",
+                format!(
+                    "{} query vectors × k {} = {} hits exceed the limit of {}; search in smaller batches",
+                    queries.len(),
+                    options.k,
+                    queries.len().saturating_mul(options.k),
+                    limits.max_search_hits
+                ),
+            ));
+        }
+        if let Some(ef) = options.ef
+            && !(1..=MAX_EF).contains(&ef)
+        {
+            return Err(Error::argument("ef", format!("{ef} outside 1..={MAX_EF}")));
+        }
+        let field_name = &schema.fields[field].name;
+        let mut queries = queries.to_vec();
+        for (i, query) in queries.iter_mut().enumerate() {
+            if query.len() != dim {
+                return Err(Error::field(
+                    field_name,
+                    format!("query {i}: dimension {} does not match dim {dim}", query.len()),
+                ));
+            }
+            vectorflow_core::batch::check_vector(field_name, &format!("query {i}"), query)?;
+            if metric == Metric::COSINE {
+                normalize(query);
+            }
+        }
+        let output_fields = self.output_fields(schema, &options.output_fields)?;
+        let filter = checked_filter(schema, options.filter.as_deref())?;
+        let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let kind =
+            RequestKind::Search { field, queries, k: options.k, ef, filter, output_fields: output_fields.clone() };
+        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
+        let hits = hits
+            .into_iter()
+            .map(|hits| {
+                hits.into_iter()
+                    .map(|hit| SearchHit {
+                        pk: hit.pk,
+                        score: score(metric, hit.distance),
+                        fields: named(schema, &output_fields, hit.fields),
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(SearchResult { hits, read_ts })
+    }
+
+    /// The rows with these primary keys (those that exist), in the order asked.
+    pub fn get(&self, collection: &str, pks: &[Pk], options: &GetOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        let entry = self.entry(collection)?;
+        let schema = &entry.schema;
+        schema.check_keys(pks)?;
+        let max_keys = self.inner.config.limits.max_get_keys;
+        if pks.len() > max_keys {
+            return Err(Error::exhausted("max_get_keys", format!("{} keys exceed the limit of {max_keys}", pks.len())));
+        }
+        let output_fields = self.output_fields(schema, &options.output_fields)?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let kind = RequestKind::Get { pks: pks.to_vec(), output_fields: output_fields.clone() };
+        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let Answer::Get(rows) = answer else { return Err(unexpected(answer)) };
+        let mut by_pk: HashMap<Pk, Vec<Value>> = rows.into_iter().collect();
+        let pk_name = &schema.primary().name;
+        Ok(pks
+            .iter()
+            .filter_map(|pk| {
+                let values = by_pk.remove(pk)?;
+                let mut row = named(schema, &output_fields, values);
+                row.insert(pk_name.clone(), pk.clone().into());
+                Some(row)
+            })
+            .collect())
+    }
+
+    /// Rows passing `options.filter` (all rows without one), in primary-key
+    /// order, after `offset`, at most `limit`; with the primary key and
+    /// `output_fields`. An answer holds at most `limits.max_query_rows` rows:
+    /// a larger `limit + offset` is refused, and so is a query without a
+    /// limit that matches more.
+    pub fn query(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        self.query_bounded(collection, options, Some(self.inner.config.limits.max_query_rows))
+    }
+
+    /// Like [`Engine::query`] but without the row bound, for a consumer that
+    /// bounds what it holds itself (SQL scans, which feed DataFusion).
+    pub fn scan(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
+        self.query_bounded(collection, options, None)
+    }
+
+    fn query_bounded(
+        &self,
+        collection: &str,
+        options: &QueryOptions,
+        max_rows: Option<usize>,
+    ) -> Result<Vec<BTreeMap<String, Value>>> {
+        let entry = self.entry(collection)?;
+        let schema = &entry.schema;
+        let output_fields = self.output_fields(schema, &options.output_fields)?;
+        let Some(max_rows) = max_rows else {
+            return Ok(self.named_rows(schema, &output_fields, self.query_rows(&entry, options, &output_fields)?));
+        };
+        let rows = match options.limit {
+            Some(limit) if limit.saturating_add(options.offset) > max_rows => {
+                return Err(Error::exhausted(
+                    "max_query_rows",
+                    format!("limit {limit} + offset {} exceeds the limit of {max_rows} rows per query", options.offset),
+                ));
+            }
+            Some(_) => self.query_rows(&entry, options, &output_fields)?,
+            None => {
+                // Ask for one row more than allowed to tell "exactly at the
+                // limit" from "over it".
+                let skipped = options.offset.min(max_rows);
+                let capped = QueryOptions { limit: Some(max_rows + 1 - skipped), ..options.clone() };
+                let rows = self.query_rows(&entry, &capped, &output_fields)?;
+                if rows.len() + skipped > max_rows {
+                    return Err(Error::exhausted(
+                        "max_query_rows",
+                        format!(
+                            "the query matches more than {max_rows} rows; set a limit and page with offset, \
+                             or narrow the filter"
+                        ),
+                    ));
+                }
+                rows
+            }
+        };
+        Ok(self.named_rows(schema, &output_fields, rows))
+    }
+
+    /// Rows as field name → value maps, with the primary key.
+    fn named_rows(
+        &self,
+        schema: &CollectionSchema,
+        output_fields: &[usize],
+        rows: Vec<(Pk, Vec<Value>)>,
+    ) -> Vec<BTreeMap<String, Value>> {
+        let pk_name = &schema.primary().name;
+        rows.into_iter()
+            .map(|(pk, values)| {
+                let mut row = named(schema, output_fields, values);
+                row.insert(pk_name.clone(), pk.into());
+                row
+            })
+            .collect()
+    }
+
+    /// Keys and `output_fields` of the rows a query selects, after `offset`.
+    pub(super) fn query_rows(
+        &self,
+        entry: &CatalogEntry,
+        options: &QueryOptions,
+        output_fields: &[usize],
+    ) -> Result<Vec<(Pk, Vec<Value>)>> {
+        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
+        let kind = RequestKind::Query { filter, output_fields: output_fields.to_vec(), limit };
+        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let Answer::Query { rows, .. } = answer else { return Err(unexpected(answer)) };
+        Ok(rows.into_iter().skip(options.offset).collect())
+    }
+
+    /// How many rows pass `options.filter` (`count(*)`); limit and offset are ignored.
+    pub fn count(&self, collection: &str, options: &QueryOptions) -> Result<usize> {
+        let entry = self.entry(collection)?;
+        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let kind = RequestKind::Count { filter };
+        match self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
+            Answer::Count(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes the rows passing `filter` as of a Strong read, through the log
+    /// like any delete. Returns the keys deleted and the delete's timestamp.
+    pub fn delete_by_filter(&self, collection: &str, filter: &str) -> Result<WriteResult> {
+        let entry = self.entry(collection)?;
+        let options = QueryOptions { filter: Some(filter.to_string()), ..Default::default() };
+        let pks: Vec<Pk> = self.query_rows(&entry, &options, &[])?.into_iter().map(|(pk, _)| pk).collect();
+        self.delete(collection, &pks)
+    }
+
+    /// Row and segment counts at a consistency level.
+    pub fn stats(&self, collection: &str, consistency: Consistency) -> Result<CollectionStats> {
+        let entry = self.entry(collection)?;
+        let read_ts = self.read_ts(entry.id, consistency, None, None)?;
+        match self.request(entry.id, read_ts, RequestKind::Stats, None, consistency, None)? {
+            Answer::Stats(ShardStats {
+                versions, live_rows, growing_rows, sealed_segments, indexed_segments, ..
+            }) => Ok(CollectionStats { live_rows, versions, growing_rows, sealed_segments, indexed_segments, read_ts }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Kafka ingestion of the collection: dead letters and lag per partition
+    /// (`None` on the embedded log). Asks the brokers for their watermarks.
+    pub fn ingest_stats(&self, collection: &str) -> Result<Option<IngestStats>> {
+        let entry = self.entry(collection)?;
+        let Some(kafka) = self.inner.shared.log.kafka() else { return Ok(None) };
+        Ok(Some(IngestStats {
+            topic: kafka.config().topic_of(&entry.schema.name),
+            dead_letters: kafka.dead_letters(entry.id),
+            partitions: kafka.lag(entry.id)?,
+        }))
+    }
+
+    /// Waits until every sealed segment of the collection has its index, or `timeout`.
+    pub fn wait_for_indexes(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let stats = self.stats(collection, Consistency::Eventually)?;
+            if stats.indexed_segments == stats.sealed_segments {
+                return Ok(stats);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub(super) fn output_fields(&self, schema: &CollectionSchema, names: &[String]) -> Result<Vec<usize>> {
+        names.iter().map(|name| schema.field(name).map(|(i, _)| i)).collect()
+    }
+
+    /// The timestamp a read answers at.
+    pub(super) fn read_ts(
+        &self,
+        collection: CollectionId,
+        consistency: Consistency,
+        as_of: Option<Timestamp>,
+        guarantee_ts: Option<Timestamp>,
+    ) -> Result<Timestamp> {
+        let tso = self.inner.shared.log.tso();
+        if let Some(as_of) = as_of {
+            let now = tso.next_possible();
+            if as_of > now {
+                return Err(Error::FutureTimestamp { as_of, now });
+            }
+            let horizon = before(now, self.inner.config.retention);
+            if as_of < horizon {
+                return Err(Error::OutsideRetention { as_of, horizon });
+            }
+            return Ok(as_of);
+        }
+        if let Some(guarantee_ts) = guarantee_ts {
+            // A session cannot have written in the future: waiting for it
+            // would hold the read until its deadline.
+            let now = tso.next_possible();
+            if guarantee_ts > now {
+                return Err(Error::FutureTimestamp { as_of: guarantee_ts, now });
+            }
+        }
+        let applied = self.inner.shared.applied_frontier().saturating_sub(1);
+        Ok(match consistency {
+            Consistency::Strong => {
+                if let Some(kafka) = self.inner.shared.log.kafka() {
+                    // Acknowledged by the brokers means read by the sources
+                    // first; their records then have times before this read's.
+                    kafka.sync(collection, self.inner.config.request_timeout)?;
+                }
+                tso.allocate(1)
+            }
+            Consistency::Session => applied.max(guarantee_ts.unwrap_or(0)),
+            Consistency::Bounded => applied.max(before(tso.next_possible(), self.inner.config.bounded_staleness)),
+            Consistency::Eventually => applied,
+        })
+    }
+
+    /// Sends a request through the dataflow and waits for the merged answer.
+    pub(super) fn request(
+        &self,
+        collection: CollectionId,
+        read_ts: Timestamp,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        consistency: Consistency,
+        as_of: Option<Timestamp>,
+    ) -> Result<Answer> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
+        }
+        let shared = &self.inner.shared;
+        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let origin = (id % shared.workers as u64) as usize;
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        shared.replies.lock().map_err(|_| Error::Shutdown)?.insert(id, reply);
+        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
+        let deadline_ms = Some(unix_millis().saturating_add(timeout.as_millis() as u64));
+        shared.requests[origin].lock().map_err(|_| Error::Shutdown)?.push(Request {
+            id,
+            origin,
+            collection,
+            read_ts,
+            deadline_ms,
+            kind,
+        });
+        shared.wake_requests(origin);
+        if consistency == Consistency::Strong || as_of.is_some() {
+            shared.wake_sources();
+        }
+        match answer.recv_timeout(timeout) {
+            // A read stopped at its deadline is the caller's timeout.
+            Ok(Answer::Failed(crate::messages::Failure::Cancelled)) => Err(Error::Timeout(timeout)),
+            Ok(Answer::Failed(failure)) => Err(failure.into()),
+            Ok(Answer::Compacted { horizon }) => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                if let Ok(mut replies) = shared.replies.lock() {
+                    replies.remove(&id);
+                }
+                if self.inner.closed.load(Ordering::Acquire) {
+                    Err(Error::Shutdown)
+                } else {
+                    Err(Error::Timeout(timeout))
+                }
+            }
+        }
+    }
+}
+
+/// Checks a filter against the schema here, so the caller gets the error
+/// with its position; workers compile the same text again.
+pub(super) fn checked_filter(schema: &CollectionSchema, filter: Option<&str>) -> Result<Option<String>> {
+    match filter.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => {
+            Filter::compile(schema, text)?;
+            Ok(Some(text.to_string()))
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Recovery at open: segments loaded as of each collection's checkpoint,
+//! then the log replayed from there, with progress and a stall timeout.
+
+use super::*;
+
+impl Engine {
+    /// Waits until the dataflow has applied every record the log held at
+    /// open, and records how long recovery took. Reports progress every 5 s
+    /// and fails when nothing moves for `replay_stall_timeout`, saying where
+    /// the replay stands, rather than waiting silently for ever.
+    pub(super) fn wait_for_replay(&self, started: Instant) -> Result<()> {
+        let shared = &self.inner.shared;
+        if let Some(kafka) = shared.log.kafka() {
+            // Everything the brokers hold now is the "log at open".
+            kafka.sync_all(self.inner.config.request_timeout.max(Duration::from_secs(600)))?;
+        }
+        let target = shared.log.tso().next_possible();
+        let to_replay = match &shared.log {
+            Log::Embedded(log) => {
+                log.ends().iter().zip(&shared.replay_from).map(|(end, from)| end.saturating_sub(*from)).sum()
+            }
+            Log::Kafka(_) => 0,
+        };
+        let stall_timeout = self.inner.config.replay_stall_timeout;
+        let mut logged = Instant::now();
+        let mut last_progress = (Instant::now(), shared.applied_frontier(), 0);
+        while shared.applied_frontier() <= target {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
+            shared.wake_sources();
+            std::thread::sleep(Duration::from_millis(2));
+            let progress = self.replay_progress(to_replay, target);
+            let (since, frontier, records) = last_progress;
+            if progress.applied_frontier != frontier || progress.records_read != records {
+                last_progress = (Instant::now(), progress.applied_frontier, progress.records_read);
+            } else if since.elapsed() > stall_timeout {
+                tracing::error!(?progress, "log replay stalled");
+                return Err(Error::storage(format!(
+                    "log replay made no progress for {stall_timeout:?} (replay_stall_timeout): {progress}"
+                )));
+            }
+            if logged.elapsed() > Duration::from_secs(5) {
+                tracing::info!(elapsed = ?started.elapsed(), "replaying the log: {progress}");
+                logged = Instant::now();
+            }
+        }
+        if let Ok(mut report) = self.inner.recovery.lock() {
+            report.total = started.elapsed();
+            report.replayed_rows = shared.ingested.rows.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub(super) fn replay_progress(&self, records_to_replay: u64, target: Timestamp) -> ReplayProgress {
+        let shared = &self.inner.shared;
+        ReplayProgress {
+            records_read: shared.ingested.records.load(Ordering::Relaxed),
+            records_to_replay,
+            rows_read: shared.ingested.rows.load(Ordering::Relaxed),
+            rows_in_flight: shared.ingested.in_flight(),
+            applied_frontier: shared.applied_frontier(),
+            per_worker: shared.applied.iter().map(|a| a.load(Ordering::Acquire)).collect(),
+            target,
+        }
+    }
+}
+
+/// The manifest of a collection nothing has been checkpointed for: no
+/// segments, replay from the log position at its creation.
+pub(super) fn initial_manifest(entry: &CatalogEntry, log: &Log, workers: usize) -> Result<Manifest> {
+    let log_positions = match log {
+        Log::Embedded(log) => log.positions_after(entry.created_ts)?,
+        // A topic is read from its beginning (Kafka's `earliest`).
+        Log::Kafka(_) => Vec::new(),
+    };
+    Ok(Manifest {
+        version: 1,
+        collection: entry.id,
+        shards: workers,
+        checkpoint: Checkpoint { ts: entry.created_ts, log_positions },
+        segments: vec![Vec::new(); workers],
+    })
+}
+
+/// Per log partition, the lowest position any of `manifests` still needs
+/// (`ends` where none needs anything).
+pub(super) fn oldest_checkpoint_positions<'a>(
+    manifests: impl Iterator<Item = &'a Manifest>,
+    mut ends: Vec<u64>,
+) -> Vec<u64> {
+    for manifest in manifests {
+        for (slot, position) in ends.iter_mut().zip(&manifest.checkpoint.log_positions) {
+            *slot = (*slot).min(*position);
+        }
+    }
+    ends
+}
+
+/// What recovery hands the dataflow and the engine.
+pub(super) struct Recovered {
+    pub(super) shards: HashMap<usize, Vec<RecoveredShard>>,
+    pub(super) replay_from: Vec<u64>,
+    pub(super) skip_through: HashMap<CollectionId, Timestamp>,
+    pub(super) manifests: HashMap<CollectionId, Manifest>,
+    pub(super) dirty: HashSet<CollectionId>,
+    pub(super) report: RecoveryReport,
+}
+
+/// Reads every collection's manifest and loads its segments as of the
+/// checkpoint (in parallel); works out where the log replay starts.
+pub(super) fn recover(
+    config: &EngineConfig,
+    storage: &ObjectStorage,
+    log: &Log,
+    entries: &[CatalogEntry],
+    persister: &Persister,
+    shard_config: ShardConfig,
+) -> Result<Recovered> {
+    let replayed_records = match log {
+        Log::Embedded(log) => log.held_records()?,
+        Log::Kafka(_) => 0,
+    };
+    let mut report = RecoveryReport { collections: entries.len(), replayed_records, ..Default::default() };
+    let mut manifests = HashMap::new();
+    for entry in entries {
+        let manifest = match load_manifest(storage, entry.id)? {
+            Some(manifest) => {
+                if manifest.shards != config.workers {
+                    tracing::warn!(
+                        collection = entry.schema.name,
+                        stored = manifest.shards,
+                        workers = config.workers,
+                        "segments were cut for another worker count: splitting them by key, indexes are rebuilt"
+                    );
+                }
+                manifest
+            }
+            // Created, then a crash before its first manifest: no write to it was acknowledged.
+            None => {
+                let manifest = initial_manifest(entry, log, config.workers)?;
+                publish_manifest(storage, &manifest)?;
+                manifest
+            }
+        };
+        log.tso().observe(manifest.checkpoint.ts);
+        manifests.insert(entry.id, manifest);
+    }
+
+    let jobs: Vec<LoadJob<'_>> = entries
+        .iter()
+        .flat_map(|entry| {
+            let manifest = &manifests[&entry.id];
+            manifest.segments.iter().enumerate().flat_map(move |(shard, segments)| {
+                segments.iter().map(move |files| LoadJob {
+                    collection: entry.id,
+                    schema: &entry.schema,
+                    shard,
+                    files,
+                    as_of: manifest.checkpoint.ts,
+                    reshard_to: (manifest.shards != config.workers).then_some(config.workers),
+                })
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let loaded = load_segments(storage, &jobs, config.index, config.load_threads)?;
+    report.load = started.elapsed();
+
+    let mut dirty = HashSet::new();
+    let mut per_shard: BTreeMap<(usize, CollectionId), Vec<vectorflow_operators::Segment>> = BTreeMap::new();
+    for Loaded { collection, shard, segment, rebuilt, bytes } in loaded {
+        report.segments += 1;
+        report.rows += segment.len();
+        report.bytes += bytes;
+        persister.track([segment.uid().to_string()]);
+        if rebuilt {
+            report.rebuilt_indexes += 1;
+            persister.submit(collection, segment.snapshot()?);
+            dirty.insert(collection);
+        }
+        per_shard.entry((shard, collection)).or_default().push(segment);
+    }
+    let mut shards: HashMap<usize, Vec<RecoveredShard>> = HashMap::new();
+    for ((worker, collection), segments) in per_shard {
+        let Some(entry) = entries.iter().find(|e| e.id == collection) else { continue };
+        let at = manifests[&collection].checkpoint.ts;
+        let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
+        shards.entry(worker).or_default().push((collection, at, shard));
+    }
+    let replay_from = match log {
+        Log::Embedded(log) => oldest_checkpoint_positions(manifests.values(), log.ends()),
+        Log::Kafka(kafka) => {
+            // Each collection's sources seek to its own checkpoint.
+            for entry in entries {
+                let positions = &manifests[&entry.id].checkpoint.log_positions;
+                kafka.register(entry.id, Arc::new(entry.schema.clone()), positions)?;
+            }
+            Vec::new()
+        }
+    };
+    let skip_through = manifests.iter().map(|(id, m)| (*id, m.checkpoint.ts)).collect();
+    Ok(Recovered { shards, replay_from, skip_through, manifests, dirty, report })
+}

@@ -1,0 +1,123 @@
+//! Writes: inserts, upserts and deletes go to the log and are acknowledged
+//! once durable there.
+
+use super::*;
+
+impl Engine {
+    /// Inserts rows given as an Arrow batch (columns by field name). A row
+    /// whose key exists replaces it, as with upsert.
+    pub fn insert(&self, collection: &str, batch: &RecordBatch) -> Result<WriteResult> {
+        self.write_batch(collection, insert_kind(), |schema, kind| WriteBatch::from_record_batch(schema, batch, kind))
+    }
+
+    /// Inserts rows given by field name.
+    pub fn insert_rows(&self, collection: &str, rows: &[Row]) -> Result<WriteResult> {
+        self.write_batch(collection, insert_kind(), |schema, kind| WriteBatch::from_rows(schema, rows, kind))
+    }
+
+    /// Inserts or replaces rows by primary key (keys are always given).
+    pub fn upsert(&self, collection: &str, batch: &RecordBatch) -> Result<WriteResult> {
+        self.write_batch(collection, WriteKind::Upsert, |schema, kind| {
+            WriteBatch::from_record_batch(schema, batch, kind)
+        })
+    }
+
+    pub fn upsert_rows(&self, collection: &str, rows: &[Row]) -> Result<WriteResult> {
+        self.write_batch(collection, WriteKind::Upsert, |schema, kind| WriteBatch::from_rows(schema, rows, kind))
+    }
+
+    /// Deletes rows by primary key; keys that do not exist are ignored.
+    pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
+        let entry = self.entry(collection)?;
+        entry.schema.check_keys(pks)?;
+        let log = match &self.inner.shared.log {
+            Log::Embedded(log) => log,
+            Log::Kafka(kafka) => {
+                let ts = kafka.write(entry.id, None, pks, self.inner.config.request_timeout)?;
+                return Ok(WriteResult { pks: pks.to_vec(), ts });
+            }
+        };
+        let partitions = log.partitions();
+        let mut by_partition: BTreeMap<u32, Vec<Pk>> = BTreeMap::new();
+        for pk in pks {
+            by_partition.entry(partition_of(entry.id, pk, partitions)).or_default().push(pk.clone());
+        }
+        let records = by_partition
+            .into_iter()
+            .map(|(p, pks)| (p, LogRecord { collection: entry.id, op: LogOp::Delete(pks) }))
+            .collect();
+        let ts = log.append(records)?;
+        Ok(WriteResult { pks: pks.to_vec(), ts })
+    }
+
+    pub(super) fn write_batch(
+        &self,
+        collection: &str,
+        kind: WriteKind,
+        validate: impl FnOnce(&CollectionSchema, WriteKind) -> Result<WriteBatch>,
+    ) -> Result<WriteResult> {
+        let entry = self.entry(collection)?;
+        let schema = &entry.schema;
+        let write = validate(schema, kind)?;
+        let rows = write.batch.num_rows();
+        if rows == 0 {
+            return Ok(WriteResult { pks: Vec::new(), ts: self.inner.shared.log.tso().last() });
+        }
+        let pk_index = schema.primary_index();
+        let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
+        let log = match &self.inner.shared.log {
+            Log::Embedded(log) => log,
+            Log::Kafka(kafka) => {
+                // Auto ids from reserved timestamps, as in the embedded log;
+                // the records carry them as keys.
+                let write = if auto_id {
+                    with_auto_ids(write, pk_index, kafka.tso().allocate(rows as u64) as i64)?
+                } else {
+                    write
+                };
+                let ts = kafka.write(entry.id, Some(&write), &[], self.inner.config.request_timeout)?;
+                return Ok(WriteResult { pks: write.pks, ts });
+            }
+        };
+        let partitions = log.partitions();
+        let mut pks = Vec::new();
+        let ts = log.append_with(rows as u64, |first_ts| {
+            let write = if auto_id { with_auto_ids(write, pk_index, first_ts as i64)? } else { write };
+            let mut rows_by_partition: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+            for (row, pk) in write.pks.iter().enumerate() {
+                rows_by_partition.entry(partition_of(entry.id, pk, partitions)).or_default().push(row as u32);
+            }
+            let mut records = Vec::with_capacity(rows_by_partition.len());
+            for (partition, rows) in rows_by_partition {
+                let part = if rows.len() == write.pks.len() {
+                    write.batch.clone()
+                } else {
+                    vectorflow_core::batch::take_rows(&write.batch, &rows)?
+                };
+                records.push((partition, LogRecord { collection: entry.id, op: LogOp::Upsert(IpcBatch(part)) }));
+            }
+            pks = write.pks;
+            Ok(records)
+        })?;
+        Ok(WriteResult { pks, ts })
+    }
+}
+
+pub(super) fn insert_kind() -> WriteKind {
+    // Auto ids are assigned from the write's timestamp once it is known.
+    WriteKind::Insert { first_auto_id: 0 }
+}
+
+/// Replaces placeholder auto ids with ids from the write's reserved timestamps.
+pub(super) fn with_auto_ids(write: WriteBatch, pk_index: usize, first: i64) -> Result<WriteBatch> {
+    let rows = write.batch.num_rows() as i64;
+    let ids = arrow::array::Int64Array::from_iter_values(first..first + rows);
+    let mut columns = write.batch.columns().to_vec();
+    columns[pk_index] = Arc::new(ids);
+    let batch = RecordBatch::try_new(write.batch.schema(), columns)?;
+    Ok(WriteBatch { batch, pks: (first..first + rows).map(Pk::Int).collect() })
+}
+
+pub(super) fn partition_of(collection: CollectionId, pk: &Pk, partitions: u32) -> u32 {
+    ((&collection, pk).hashed() % u64::from(partitions)) as u32
+}
