@@ -790,6 +790,8 @@ mod grpc {
         let max_clients = args.grpc_clients.iter().copied().max().unwrap_or(1);
         let channels: Vec<Channel> =
             (0..max_clients).map(|_| runtime.block_on(client::channel(addr, None))).collect::<anyhow::Result<_>>()?;
+        // The same credentials as the setup calls (`VECTORFLOW_USER`/`_PASSWORD`/`_TOKEN`).
+        let authorization = client::Credentials::from_env().authorization()?;
         let k = args.k;
         let mut points = Vec::new();
         for (name, expression, truth) in truths {
@@ -804,7 +806,8 @@ mod grpc {
                             *slots.entry(std::thread::current().id()).or_insert(next)
                         };
                         let channel = channels[slot % channels.len()].clone();
-                        let mut client = VectorflowClient::new(channel).max_decoding_message_size(usize::MAX);
+                        let mut client = VectorflowClient::with_interceptor(channel, authorization.clone())
+                            .max_decoding_message_size(usize::MAX);
                         let request = v1::SearchRequest {
                             collection: COLLECTION.into(),
                             field: String::new(),

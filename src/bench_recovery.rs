@@ -87,6 +87,18 @@ fn storage_by_kind(engine: &Engine) -> anyhow::Result<BTreeMap<&'static str, u64
     Ok(kinds)
 }
 
+/// The engine both measurements restart: no background checkpoints or
+/// compaction, so each restart replays exactly what the run left.
+fn engine_config(args: &RecoveryArgs, data_dir: &std::path::Path) -> EngineConfig {
+    EngineConfig {
+        workers: args.data.workers,
+        seal_rows: args.data.seal_rows,
+        checkpoint_interval: None,
+        compaction_interval: None,
+        ..EngineConfig::new(data_dir)
+    }
+}
+
 pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     if let Some(writes) = args.small_writes {
         return small_writes(&args, writes);
@@ -99,13 +111,7 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         (0..args.queries.min(query_vectors.rows)).map(|q| query_vectors.row(q).to_vec()).collect();
     let n = vectors.rows;
     let data_dir = tempfile::tempdir()?;
-    let config = EngineConfig {
-        workers: args.data.workers,
-        seal_rows: args.data.seal_rows,
-        checkpoint_interval: None,
-        compaction_interval: None,
-        ..EngineConfig::new(data_dir.path())
-    };
+    let config = engine_config(&args, data_dir.path());
     println!(
         "dataset {}: {n} x {}, workers {}, seal_rows {}",
         dataset.name(),
@@ -229,13 +235,7 @@ fn small_writes(args: &RecoveryArgs, writes: usize) -> anyhow::Result<()> {
     let dataset = args.data.open()?;
     let vectors = dataset.base_vectors()?;
     let data_dir = tempfile::tempdir()?;
-    let config = EngineConfig {
-        workers: args.data.workers,
-        seal_rows: args.data.seal_rows,
-        checkpoint_interval: None,
-        compaction_interval: None,
-        ..EngineConfig::new(data_dir.path())
-    };
+    let config = engine_config(args, data_dir.path());
     let writers = args.writers.max(1);
     println!("{writes} one-row writes of {} x {} vectors from {writers} writers", vectors.rows, vectors.cols);
     let engine = Engine::open(config.clone())?;

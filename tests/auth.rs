@@ -13,14 +13,14 @@ use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
-use common::ServerProcess;
+use common::{ServerProcess, wire};
 use futures::StreamExt;
 use sha2::Digest;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 use vectorflow_proto::pack_vectors;
+use vectorflow_proto::v1;
 use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
-use vectorflow_proto::v1::{self, field_data::Values};
 
 const TOKEN: &str = "tok-6f1d2c9a8b7e4f3a";
 
@@ -66,37 +66,12 @@ fn with<T>(message: T, authorization: Option<&str>) -> Request<T> {
 }
 
 fn schema() -> v1::CreateCollectionRequest {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CreateCollectionRequest {
-        schema: Some(v1::CollectionSchema {
-            name: "docs".into(),
-            description: String::new(),
-            fields: vec![
-                v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-                v1::FieldSchema { dim: 2, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-            ],
-        }),
-    }
+    v1::CreateCollectionRequest { schema: Some(wire::schema("docs", 2, vec![])) }
 }
 
 fn rows(ids: &[i64]) -> v1::WriteRequest {
     let vectors: Vec<Vec<f32>> = ids.iter().map(|&i| vec![i as f32, 1.0]).collect();
-    v1::WriteRequest {
-        collection: "docs".into(),
-        columns: vec![
-            v1::FieldData {
-                name: "id".into(),
-                nulls: vec![],
-                values: Some(Values::Ints(v1::IntValues { values: ids.to_vec() })),
-            },
-            v1::FieldData { name: "v".into(), nulls: vec![], values: Some(Values::Vectors(pack_vectors(&vectors))) },
-        ],
-        arrow_ipc: vec![],
-    }
+    wire::write("docs", vec![wire::ints("id", ids.to_vec()), wire::vectors("v", &vectors)])
 }
 
 fn search() -> v1::SearchRequest {

@@ -140,20 +140,7 @@ fn vector(key: i64, val: i64) -> Vec<f32> {
 }
 
 fn schema() -> v1::CollectionSchema {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CollectionSchema {
-        name: COLLECTION.into(),
-        description: String::new(),
-        fields: vec![
-            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-            v1::FieldSchema { dim: DIM as u32, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-            field("val", v1::DataType::Int64),
-        ],
-    }
+    common::wire::schema(COLLECTION, DIM as u32, vec![common::wire::field("val", v1::DataType::Int64)])
 }
 
 fn write_request(rows: &[(i64, i64)]) -> v1::WriteRequest {

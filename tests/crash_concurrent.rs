@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::ServerProcess;
+use common::{ServerProcess, wire};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
@@ -63,20 +63,7 @@ fn server_flags(config: &Path) -> Vec<String> {
 }
 
 fn schema() -> v1::CollectionSchema {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CollectionSchema {
-        name: COLLECTION.into(),
-        description: String::new(),
-        fields: vec![
-            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-            v1::FieldSchema { dim: DIM as u32, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-            v1::FieldSchema { max_length: 8, nullable: true, ..field("tag", v1::DataType::Varchar) },
-        ],
-    }
+    wire::schema(COLLECTION, DIM as u32, vec![wire::nullable_varchar("tag", 8)])
 }
 
 fn vector(key: i64) -> Vec<f32> {
@@ -85,24 +72,11 @@ fn vector(key: i64) -> Vec<f32> {
 
 fn insert_request(writer: usize, keys: &[i64]) -> v1::WriteRequest {
     let vectors: Vec<Vec<f32>> = keys.iter().map(|&k| vector(k)).collect();
-    let tag = format!("w{writer}");
-    v1::WriteRequest {
-        collection: COLLECTION.into(),
-        columns: vec![
-            v1::FieldData {
-                name: "id".into(),
-                nulls: vec![],
-                values: Some(Values::Ints(v1::IntValues { values: keys.to_vec() })),
-            },
-            v1::FieldData { name: "v".into(), nulls: vec![], values: Some(Values::Vectors(pack_vectors(&vectors))) },
-            v1::FieldData {
-                name: "tag".into(),
-                nulls: vec![],
-                values: Some(Values::Strings(v1::StringValues { values: vec![tag; keys.len()] })),
-            },
-        ],
-        arrow_ipc: vec![],
-    }
+    let tags = vec![format!("w{writer}"); keys.len()];
+    wire::write(
+        COLLECTION,
+        vec![wire::ints("id", keys.to_vec()), wire::vectors("v", &vectors), wire::strings("tag", tags)],
+    )
 }
 
 fn keys_proto(keys: &[i64]) -> v1::PrimaryKeys {

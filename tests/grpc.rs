@@ -39,20 +39,7 @@ impl Server {
 }
 
 fn schema(name: &str) -> v1::CollectionSchema {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CollectionSchema {
-        name: name.into(),
-        description: String::new(),
-        fields: vec![
-            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-            v1::FieldSchema { dim: 2, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-            v1::FieldSchema { max_length: 16, nullable: true, ..field("tag", v1::DataType::Varchar) },
-        ],
-    }
+    common::wire::schema(name, 2, vec![common::wire::nullable_varchar("tag", 16)])
 }
 
 fn rows(ids: &[i64], tag: &str) -> v1::WriteRequest {

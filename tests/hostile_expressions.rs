@@ -8,47 +8,33 @@ mod common;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
-use common::ServerProcess;
+use common::{ServerProcess, wire};
 use rand::{Rng, SeedableRng};
 use tonic::Code;
 use tonic::transport::Channel;
 use vectorflow_proto::pack_vectors;
+use vectorflow_proto::v1;
 use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
-use vectorflow_proto::v1::{self, field_data::Values};
 
 fn schema() -> v1::CollectionSchema {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CollectionSchema {
-        name: "docs".into(),
-        description: String::new(),
-        fields: vec![
-            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-            v1::FieldSchema { dim: 2, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-            field("n", v1::DataType::Int64),
-            v1::FieldSchema { max_length: 16, ..field("s", v1::DataType::Varchar) },
-        ],
-    }
+    let text = v1::FieldSchema { max_length: 16, ..wire::field("s", v1::DataType::Varchar) };
+    wire::schema("docs", 2, vec![wire::field("n", v1::DataType::Int64), text])
 }
 
 /// Rows 1..=10 with `n` = id and `s` = "row".
 fn rows() -> v1::WriteRequest {
     let ids: Vec<i64> = (1..=10).collect();
     let vectors: Vec<Vec<f32>> = ids.iter().map(|&i| vec![i as f32, 0.0]).collect();
-    let column = |name: &str, values| v1::FieldData { name: name.into(), nulls: vec![], values: Some(values) };
-    v1::WriteRequest {
-        collection: "docs".into(),
-        columns: vec![
-            column("id", Values::Ints(v1::IntValues { values: ids.clone() })),
-            column("v", Values::Vectors(pack_vectors(&vectors))),
-            column("n", Values::Ints(v1::IntValues { values: ids.clone() })),
-            column("s", Values::Strings(v1::StringValues { values: vec!["row".into(); ids.len()] })),
+    let texts = vec!["row".to_string(); ids.len()];
+    wire::write(
+        "docs",
+        vec![
+            wire::ints("id", ids.clone()),
+            wire::vectors("v", &vectors),
+            wire::ints("n", ids),
+            wire::strings("s", texts),
         ],
-        arrow_ipc: vec![],
-    }
+    )
 }
 
 async fn client(server: &ServerProcess) -> VectorflowClient<Channel> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::ServerProcess;
+use common::{ServerProcess, wire};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 use vectorflow_proto::pack_vectors;
@@ -33,40 +33,13 @@ const BIG_ROWS: i64 = 12_000;
 /// workers busy for seconds, small enough to test the query row bound.
 const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\n\n[log]\nmax_in_flight_rows = 500\n";
 
-fn schema(name: &str) -> v1::CollectionSchema {
-    let field = |name: &str, data_type: v1::DataType| v1::FieldSchema {
-        name: name.into(),
-        data_type: data_type as i32,
-        ..Default::default()
-    };
-    v1::CollectionSchema {
-        name: name.into(),
-        description: String::new(),
-        fields: vec![
-            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
-            v1::FieldSchema { dim: DIM as u32, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
-        ],
-    }
-}
-
 fn vector(key: i64) -> Vec<f32> {
     (0..DIM as i64).map(|i| ((key * 37 + i * 101) % 997) as f32 / 97.0).collect()
 }
 
 fn insert(collection: &str, keys: std::ops::Range<i64>) -> v1::WriteRequest {
     let vectors: Vec<Vec<f32>> = keys.clone().map(vector).collect();
-    v1::WriteRequest {
-        collection: collection.into(),
-        columns: vec![
-            v1::FieldData {
-                name: "id".into(),
-                nulls: vec![],
-                values: Some(Values::Ints(v1::IntValues { values: keys.collect() })),
-            },
-            v1::FieldData { name: "v".into(), nulls: vec![], values: Some(Values::Vectors(pack_vectors(&vectors))) },
-        ],
-        arrow_ipc: vec![],
-    }
+    wire::write(collection, vec![wire::ints("id", keys.collect()), wire::vectors("v", &vectors)])
 }
 
 fn strong() -> Option<v1::ReadOptions> {
@@ -121,7 +94,7 @@ fn heavy_and_hostile_reads_neither_stall_nor_starve_the_server() {
         let mut client = connect(&server.address).await;
         for name in ["big", "small", "writes"] {
             client
-                .create_collection(v1::CreateCollectionRequest { schema: Some(schema(name)) })
+                .create_collection(v1::CreateCollectionRequest { schema: Some(wire::schema(name, DIM as u32, vec![])) })
                 .await
                 .expect("created");
         }

@@ -130,3 +130,45 @@ impl ServerProcess {
         self.child.wait().expect("the killed server is reaped")
     }
 }
+
+/// `vectorflow.v1` schemas and columns the gRPC tests build.
+pub mod wire {
+    use vectorflow_proto::pack_vectors;
+    use vectorflow_proto::v1::{self, field_data::Values};
+
+    pub fn field(name: &str, data_type: v1::DataType) -> v1::FieldSchema {
+        v1::FieldSchema { name: name.into(), data_type: data_type as i32, ..Default::default() }
+    }
+
+    /// A nullable varchar field.
+    pub fn nullable_varchar(name: &str, max_length: u32) -> v1::FieldSchema {
+        v1::FieldSchema { max_length, nullable: true, ..field(name, v1::DataType::Varchar) }
+    }
+
+    /// `id` int64 primary key and `v` float_vector(`dim`) L2, then `extra`.
+    pub fn schema(name: &str, dim: u32, extra: Vec<v1::FieldSchema>) -> v1::CollectionSchema {
+        let mut fields = vec![
+            v1::FieldSchema { is_primary: true, ..field("id", v1::DataType::Int64) },
+            v1::FieldSchema { dim, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
+        ];
+        fields.extend(extra);
+        v1::CollectionSchema { name: name.into(), description: String::new(), fields }
+    }
+
+    pub fn ints(name: &str, values: Vec<i64>) -> v1::FieldData {
+        v1::FieldData { name: name.into(), nulls: vec![], values: Some(Values::Ints(v1::IntValues { values })) }
+    }
+
+    pub fn strings(name: &str, values: Vec<String>) -> v1::FieldData {
+        v1::FieldData { name: name.into(), nulls: vec![], values: Some(Values::Strings(v1::StringValues { values })) }
+    }
+
+    pub fn vectors(name: &str, vectors: &[Vec<f32>]) -> v1::FieldData {
+        v1::FieldData { name: name.into(), nulls: vec![], values: Some(Values::Vectors(pack_vectors(vectors))) }
+    }
+
+    /// A write of `columns` to `collection`.
+    pub fn write(collection: &str, columns: Vec<v1::FieldData>) -> v1::WriteRequest {
+        v1::WriteRequest { collection: collection.into(), columns, arrow_ipc: vec![] }
+    }
+}
