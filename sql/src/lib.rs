@@ -313,4 +313,29 @@ mod tests {
             other => panic!("expected ResourceExhausted, got {:?}", other.map(|b| b.len())),
         }
     }
+
+    #[test]
+    fn a_scan_holds_no_more_rows_than_its_memory_limit_has_room_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let rows: Vec<vectorflow_core::Row> = (0..5000i64)
+            .map(|i| vectorflow_dataflow::row([("id", i.into()), ("v", vec![i as f32, 0.0].into()), ("n", i.into())]))
+            .collect();
+        engine.insert_rows("docs", &rows).unwrap();
+        let policy = SqlPolicy { memory_limit: Some(1 << 20), ..SqlPolicy::read_only() };
+        let session = SqlSession::with_policy(engine.clone(), policy).unwrap();
+        match runtime().block_on(session.collect("SELECT id, v, n FROM docs")) {
+            Err(Error::ResourceExhausted { limit, problem }) => {
+                assert_eq!(limit, "memory_limit", "{problem}");
+                assert!(problem.contains("`docs`"), "{problem}");
+            }
+            other => panic!("expected ResourceExhausted, got {:?}", other.map(|b| b.len())),
+        }
+        // A filtered scan that fits answers; the local session has no limit.
+        let few = runtime().block_on(session.collect("SELECT id FROM docs WHERE n < 10")).unwrap();
+        assert_eq!(few.iter().map(|b| b.num_rows()).sum::<usize>(), 10);
+        let full = SqlSession::new(engine).unwrap();
+        let all = runtime().block_on(full.collect("SELECT id, v, n FROM docs")).unwrap();
+        assert_eq!(all.iter().map(|b| b.num_rows()).sum::<usize>(), 5000);
+    }
 }

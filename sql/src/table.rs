@@ -15,6 +15,7 @@ use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, Session, TablePr
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result as DfResult, plan_err};
 use datafusion::datasource::TableType;
+use datafusion::execution::memory_pool::MemoryLimit;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -196,13 +197,16 @@ impl ScanExec {
         ScanExec { engine, collection, fields, schema, read, properties }
     }
 
-    /// Runs the read (blocking: it waits for the dataflow).
+    /// Runs the read (blocking: it waits for the dataflow). `memory_limit`
+    /// is the statement's: a scan holds its rows before DataFusion sees
+    /// them, so it may hold at most as many as the limit has room for.
     fn run(
         engine: &Engine,
         collection: &CollectionSchema,
         fields: &[usize],
         schema: SchemaRef,
         read: &Read,
+        memory_limit: Option<usize>,
     ) -> Result<RecordBatch, Error> {
         let pk_index = collection.primary_index();
         let output_fields: Vec<String> =
@@ -216,7 +220,19 @@ impl ScanExec {
                     as_of: Some(read.read_ts),
                     ..Default::default()
                 };
-                engine.scan(&collection.name, &options)?
+                let row_bytes = estimated_row_bytes(collection, fields);
+                let max_rows = memory_limit.map(|bytes| (bytes / row_bytes).max(1));
+                engine.scan(&collection.name, &options, max_rows).map_err(|e| match (e, max_rows) {
+                    (Error::ResourceExhausted { .. }, Some(rows)) => Error::exhausted(
+                        "memory_limit",
+                        format!(
+                            "scanning `{}` would hold more than {rows} rows of about {row_bytes} bytes; \
+                             filter or project less, or add a LIMIT",
+                            collection.name
+                        ),
+                    ),
+                    (other, _) => other,
+                })?
             }
             Lookup::Nearest(search) => {
                 let options = SearchOptions {
@@ -320,7 +336,7 @@ impl ExecutionPlan for ScanExec {
         if children.is_empty() { Ok(self) } else { plan_err!("{} has no inputs", self.name()) }
     }
 
-    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         if partition != 0 {
             return plan_err!("{} has one partition, not {partition}", self.name());
         }
@@ -329,15 +345,35 @@ impl ExecutionPlan for ScanExec {
         let fields = self.fields.clone();
         let schema = self.schema.clone();
         let read = self.read.clone();
+        let memory_limit = match context.memory_pool().memory_limit() {
+            MemoryLimit::Finite(bytes) => Some(bytes),
+            MemoryLimit::Infinite | MemoryLimit::Unknown => None,
+        };
         let batch = futures::stream::once(async move {
             // Reads wait for the dataflow: keep them off the async workers.
-            tokio::task::spawn_blocking(move || ScanExec::run(&engine, &collection, &fields, schema, &read))
-                .await
-                .map_err(|e| DataFusionError::External(Box::new(e)))?
-                .map_err(|e| DataFusionError::External(Box::new(e)))
+            tokio::task::spawn_blocking(move || {
+                ScanExec::run(&engine, &collection, &fields, schema, &read, memory_limit)
+            })
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(|e| DataFusionError::External(Box::new(e)))
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), batch)))
     }
+}
+
+/// What one scanned row of `fields` costs while the scan holds it: a map
+/// entry (name and value) per field, and the value's payload.
+fn estimated_row_bytes(collection: &CollectionSchema, fields: &[usize]) -> usize {
+    const ROW: usize = 64;
+    const ENTRY: usize = 96;
+    let payload = |field: &FieldSchema| match &field.data_type {
+        vectorflow_core::DataType::FloatVector { dim, .. } => dim * 4,
+        vectorflow_core::DataType::VarChar { max_length } => (*max_length).min(256),
+        vectorflow_core::DataType::Json => 256,
+        _ => 0,
+    };
+    ROW + fields.iter().filter_map(|&f| collection.fields.get(f)).map(|field| ENTRY + payload(field)).sum::<usize>()
 }
 
 /// The default schema of a SQL session: every collection of the engine (read

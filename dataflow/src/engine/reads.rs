@@ -115,10 +115,17 @@ impl Engine {
         self.query_bounded(collection, options, Some(self.inner.config.limits.max_query_rows))
     }
 
-    /// Like [`Engine::query`] but without the row bound, for a consumer that
-    /// bounds what it holds itself (SQL scans, which feed DataFusion).
-    pub fn scan(&self, collection: &str, options: &QueryOptions) -> Result<Vec<BTreeMap<String, Value>>> {
-        self.query_bounded(collection, options, None)
+    /// Like [`Engine::query`] with a bound of the caller's (`None`: none),
+    /// for a consumer that sizes what it may hold itself (SQL scans, bounded
+    /// by their statement's memory limit). Over the bound it fails with
+    /// `ResourceExhausted` as `query` does.
+    pub fn scan(
+        &self,
+        collection: &str,
+        options: &QueryOptions,
+        max_rows: Option<usize>,
+    ) -> Result<Vec<BTreeMap<String, Value>>> {
+        self.query_bounded(collection, options, max_rows)
     }
 
     fn query_bounded(
