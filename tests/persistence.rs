@@ -276,3 +276,29 @@ fn compaction_drops_history_outside_retention_shrinks_storage_and_keeps_answers_
     let engine = Engine::open(cfg).unwrap();
     assert_eq!(answers(&engine, None), now);
 }
+
+/// Flushes that arrive while a checkpoint runs share it (or the next one):
+/// eight at once publish at most two checkpoints, and every flush still
+/// covers the writes acknowledged before it.
+#[test]
+fn concurrent_flushes_coalesce_into_few_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(dir.path(), 2, 1000, true)).unwrap();
+    engine.create_collection(schema()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let written = engine.insert_rows("docs", &rows(&mut rng, 0..50, 0)).unwrap();
+    let stamps: Vec<u64> = std::thread::scope(|scope| {
+        let flushes: Vec<_> = (0..8).map(|_| scope.spawn(|| engine.flush("docs").unwrap())).collect();
+        flushes.into_iter().map(|f| f.join().unwrap()).collect()
+    });
+    let distinct: std::collections::BTreeSet<u64> = stamps.iter().copied().collect();
+    assert!(distinct.len() <= 2, "8 concurrent flushes made {} checkpoints: {distinct:?}", distinct.len());
+    assert!(stamps.iter().all(|&ts| ts > written.ts), "every flush covers the write before it");
+    let later = engine.insert_rows("docs", &rows(&mut rng, 50..60, 0)).unwrap();
+    let flushed = engine.flush("docs").unwrap();
+    assert!(flushed > later.ts, "a flush after a new write checkpoints again");
+    drop(engine);
+    let reopened = Engine::open(config(dir.path(), 2, 1000, true)).unwrap();
+    assert_eq!(reopened.recovery_report().replayed_records, 0, "the last flush covered every write");
+    assert_eq!(reopened.count("docs", &QueryOptions::default()).unwrap(), 60);
+}

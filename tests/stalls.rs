@@ -31,7 +31,7 @@ const DIM: usize = 16;
 const BIG_ROWS: i64 = 12_000;
 /// Limits of the test server: large enough for a search that keeps the
 /// workers busy for seconds, small enough to test the query row bound.
-const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\n\n[log]\nmax_in_flight_rows = 500\n";
+const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\nmax_collections = 4\n\n[log]\nmax_in_flight_rows = 500\n";
 
 fn vector(key: i64) -> Vec<f32> {
     (0..DIM as i64).map(|i| ((key * 37 + i * 101) % 997) as f32 / 97.0).collect()
@@ -202,5 +202,12 @@ fn heavy_and_hostile_reads_neither_stall_nor_starve_the_server() {
         let filtered = v1::QueryRequest { filter: "id < 100".into(), ..unbounded };
         assert!(client.query(filtered).await.is_ok(), "a query under the limit needs no limit");
         assert_eq!(count(&mut client, "big").await.expect("count is not bounded by max_query_rows"), BIG_ROWS as u64);
+
+        // The catalog is bounded too (4 collections here).
+        let create = |name: &str| v1::CreateCollectionRequest { schema: Some(wire::schema(name, DIM as u32, vec![])) };
+        client.create_collection(create("fourth")).await.expect("the fourth collection");
+        let status = client.create_collection(create("fifth")).await.expect_err("over max_collections");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("max_collections"), "{}", status.message());
     });
 }

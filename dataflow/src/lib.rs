@@ -26,7 +26,7 @@ mod messages;
 pub mod persist;
 
 pub use engine::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, IngestStats,
-    QueryOptions, ReadLimits, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, IngestStats, Limits,
+    QueryOptions, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
 };
 pub use persist::RecoveryReport;

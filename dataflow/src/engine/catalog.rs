@@ -9,6 +9,13 @@ impl Engine {
         if collections.contains_key(&schema.name) {
             return Err(Error::CollectionExists(schema.name));
         }
+        let max_collections = self.inner.config.limits.max_collections;
+        if collections.len() >= max_collections {
+            return Err(Error::exhausted(
+                "max_collections",
+                format!("the server holds {} collections, its limit; drop one first", collections.len()),
+            ));
+        }
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
         let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;

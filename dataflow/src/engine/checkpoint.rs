@@ -8,13 +8,26 @@ impl Engine {
     /// a checkpoint that seals the growing segments, writes them with their
     /// indexes and publishes the collection's manifest. Returns the
     /// checkpoint's time once the manifest is published.
+    ///
+    /// Flushes coalesce: a flush that finds a checkpoint running waits for
+    /// it, and if that one (or any) began after the flush was called, it
+    /// covers every write acknowledged before the call, so its time is the
+    /// answer and no second, tiny checkpoint is made.
     pub fn flush(&self, collection: &str) -> Result<Timestamp> {
         let entry = self.entry(collection)?;
-        self.checkpoint(&entry)
+        // Every write acknowledged before this call has a time below this.
+        let called_at = self.inner.shared.log.tso().next_possible();
+        self.checkpoint_covering(&entry, Some(called_at))
     }
 
     /// A checkpoint of one collection (see [`Engine::flush`]).
     pub(super) fn checkpoint(&self, entry: &CatalogEntry) -> Result<Timestamp> {
+        self.checkpoint_covering(entry, None)
+    }
+
+    /// A checkpoint of one collection, unless the newest one already covers
+    /// `covering` (then its time).
+    fn checkpoint_covering(&self, entry: &CatalogEntry, covering: Option<Timestamp>) -> Result<Timestamp> {
         let inner = &self.inner;
         let _one_at_a_time = inner.checkpointing.lock().map_err(|_| Error::Shutdown)?;
         let previous = inner
@@ -24,6 +37,11 @@ impl Engine {
             .get(&entry.id)
             .cloned()
             .ok_or_else(|| Error::storage(format!("collection `{}` has no manifest", entry.schema.name)))?;
+        if let Some(covering) = covering
+            && previous.checkpoint.ts >= covering
+        {
+            return Ok(previous.checkpoint.ts);
+        }
         let stored: HashMap<&str, &SegmentFiles> =
             previous.segments.iter().flatten().map(|files| (files.uid.as_str(), files)).collect();
         let known = stored.iter().map(|(uid, files)| (uid.to_string(), files.deleted)).collect();

@@ -47,13 +47,13 @@ pub struct EngineConfig {
     /// for this long while the log grew.
     pub stall_report_after: Duration,
     /// Bounds on what one read may ask for.
-    pub limits: ReadLimits,
+    pub limits: Limits,
 }
 
-/// Bounds on one read's answer, so no request can hold a worker or the
-/// server's memory hostage.
+/// Bounds on one request's answer and on the catalog, so no request can
+/// hold a worker or the server's memory hostage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadLimits {
+pub struct Limits {
     /// Query vectors × `k` per search (each a hit the workers hold and merge).
     pub max_search_hits: usize,
     /// Query vectors per search.
@@ -63,15 +63,18 @@ pub struct ReadLimits {
     pub max_query_rows: usize,
     /// Primary keys per `get`.
     pub max_get_keys: usize,
+    /// Collections the engine holds (each has a shard on every worker).
+    pub max_collections: usize,
 }
 
-impl Default for ReadLimits {
+impl Default for Limits {
     fn default() -> Self {
-        ReadLimits {
+        Limits {
             max_search_hits: 1 << 20,
             max_search_vectors: 16_384,
             max_query_rows: 100_000,
             max_get_keys: 100_000,
+            max_collections: 4096,
         }
     }
 }
@@ -99,7 +102,7 @@ impl EngineConfig {
             max_in_flight_rows: 50_000,
             replay_stall_timeout: Duration::from_secs(120),
             stall_report_after: Duration::from_secs(30),
-            limits: ReadLimits::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -181,7 +184,7 @@ pub struct QueryOptions {
     pub filter: Option<String>,
     pub output_fields: Vec<String>,
     /// At most this many rows (after `offset`); all when `None`, up to
-    /// [`ReadLimits::max_query_rows`] (more is an error asking for a limit).
+    /// [`Limits::max_query_rows`] (more is an error asking for a limit).
     pub limit: Option<usize>,
     pub offset: usize,
     pub consistency: Consistency,
