@@ -40,7 +40,7 @@ pub type Client = VectorflowClient<InterceptedService<Channel, Authorization>>;
 /// Options every client command takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connect {
-    /// The server: `http://host:port` or `host:port`.
+    /// The server: `http://host:port` or `host:port`, or `https://host:port` for TLS.
     #[arg(long, default_value = DEFAULT_ADDR)]
     pub addr: String,
     /// Print JSON lines (one object per row or hit) instead of a table.
@@ -53,7 +53,8 @@ pub struct Connect {
     pub credentials: Credentials,
 }
 
-/// Credentials for a server with `[auth]`: a user and password, or a token.
+/// Credentials for a server with `[auth]` (a user and password, or a token),
+/// and what an `https://` connection trusts and presents (`tls`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Credentials {
     /// User name, with --password (sent as `Basic` authorization).
@@ -65,6 +66,66 @@ pub struct Credentials {
     /// Bearer token, instead of --user/--password.
     #[arg(long, env = "VECTORFLOW_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS options of an `https://` address.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Trust this CA certificate (PEM) for an https:// server, e.g. a self-signed
+    /// one [default: the system's trusted roots].
+    #[arg(long, env = "VECTORFLOW_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Present this certificate (PEM) to a server that requires client certificates
+    /// (mutual TLS); with --client-key.
+    #[arg(long, env = "VECTORFLOW_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, env = "VECTORFLOW_CLIENT_KEY", hide_env_values = true)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// From `VECTORFLOW_CA_CERT`, `VECTORFLOW_CLIENT_CERT` and `VECTORFLOW_CLIENT_KEY`
+    /// alone (for tools without the flags, like `vectorflow bench --addr`).
+    pub fn from_env() -> TlsArgs {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        TlsArgs {
+            ca_cert: var("VECTORFLOW_CA_CERT"),
+            client_cert: var("VECTORFLOW_CLIENT_CERT"),
+            client_key: var("VECTORFLOW_CLIENT_KEY"),
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+
+    /// tonic's client TLS settings: the CA (or the system's roots) and the
+    /// client identity, every file read and checked here so a bad one is named.
+    pub fn client_config(&self) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        use crate::config::{read_certificates, read_private_key};
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &self.ca_cert {
+            Some(path) => config.ca_certificate(tonic::transport::Certificate::from_pem(read_certificates(
+                "--ca-cert (VECTORFLOW_CA_CERT)",
+                path,
+            )?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.client_cert, &self.client_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                let cert = read_certificates("--client-cert (VECTORFLOW_CLIENT_CERT)", cert)?;
+                let key = read_private_key("--client-key (VECTORFLOW_CLIENT_KEY)", key)?;
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            (Some(_), None) => bail!("--client-cert needs --client-key (or VECTORFLOW_CLIENT_KEY)"),
+            (None, Some(_)) => bail!("--client-key needs --client-cert (or VECTORFLOW_CLIENT_CERT)"),
+        }
+        Ok(config)
+    }
 }
 
 impl Credentials {
@@ -76,6 +137,7 @@ impl Credentials {
             user: var("VECTORFLOW_USER"),
             password: var("VECTORFLOW_PASSWORD"),
             token: var("VECTORFLOW_TOKEN"),
+            tls: TlsArgs::from_env(),
         }
     }
 
@@ -348,13 +410,31 @@ fn uri(addr: &str) -> String {
     if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
-/// The endpoint for `addr` (`http://host:port`, or `host:port` meaning http).
-pub fn endpoint(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Endpoint> {
+/// The endpoint for `addr` (`http://host:port`, or `host:port` meaning http);
+/// `https://host:port` connects with TLS per `tls`.
+pub fn endpoint(addr: &str, timeout: Option<Duration>, tls: &TlsArgs) -> anyhow::Result<Endpoint> {
     let addr = addr.trim();
     let uri = uri(addr);
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| anyhow!("invalid address `{addr}`: {} (expected host:port or http://host:port)", error_chain(&e)))?
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| {
+            anyhow!(
+                "invalid address `{addr}`: {} (expected host:port, http://host:port or https://host:port)",
+                error_chain(&e)
+            )
+        })?
         .connect_timeout(CONNECT_TIMEOUT);
+    if endpoint.uri().scheme_str() == Some("https") {
+        endpoint = endpoint
+            .tls_config(tls.client_config()?)
+            .map_err(|e| anyhow!("TLS settings for {uri}: {}", error_chain(&e)))?;
+    } else if tls.given() {
+        // Certificates with a plaintext address are most likely a forgotten
+        // `https://`; sending the calls in the clear instead would be a silent downgrade.
+        bail!(
+            "--ca-cert/--client-cert/--client-key (or VECTORFLOW_CA_CERT, VECTORFLOW_CLIENT_CERT, \
+             VECTORFLOW_CLIENT_KEY) are for TLS, but `{addr}` is plaintext: use https://host:port"
+        );
+    }
     Ok(match timeout {
         Some(timeout) => endpoint.timeout(timeout),
         None => endpoint,
@@ -364,19 +444,39 @@ pub fn endpoint(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Endpoin
 /// A client on a fresh connection to `addr`, with the credentials of the
 /// `VECTORFLOW_USER`/`VECTORFLOW_PASSWORD`/`VECTORFLOW_TOKEN` environment.
 pub async fn connect(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Client> {
-    connect_as(addr, timeout, Credentials::from_env().authorization()?).await
+    let credentials = Credentials::from_env();
+    connect_as(addr, timeout, credentials.authorization()?, &credentials.tls).await
 }
 
 /// A client on a fresh connection to `addr` that sends `authorization` on every call.
-pub async fn connect_as(addr: &str, timeout: Option<Duration>, authorization: Authorization) -> anyhow::Result<Client> {
-    let channel = channel(addr, timeout).await?;
+pub async fn connect_as(
+    addr: &str,
+    timeout: Option<Duration>,
+    authorization: Authorization,
+    tls: &TlsArgs,
+) -> anyhow::Result<Client> {
+    let channel = channel_with(addr, timeout, tls).await?;
     Ok(VectorflowClient::with_interceptor(channel, authorization).max_decoding_message_size(usize::MAX))
 }
 
-/// A fresh HTTP/2 connection to `addr`.
+/// A fresh HTTP/2 connection to `addr` (TLS settings from the environment).
 pub async fn channel(addr: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
-    let endpoint = endpoint(addr, timeout)?;
-    endpoint.connect().await.map_err(|e| anyhow!("cannot connect to {}: {}", uri(addr), error_chain(&e)))
+    channel_with(addr, timeout, &TlsArgs::from_env()).await
+}
+
+/// A fresh HTTP/2 connection to `addr`, with TLS per `tls` for `https://`.
+pub async fn channel_with(addr: &str, timeout: Option<Duration>, tls: &TlsArgs) -> anyhow::Result<Channel> {
+    let endpoint = endpoint(addr, timeout, tls)?;
+    endpoint.connect().await.map_err(|e| {
+        let chain = error_chain(&e);
+        // The usual cause is a server certificate from a private CA; say how to trust it.
+        let hint = if chain.contains("invalid peer certificate") && tls.ca_cert.is_none() {
+            " (a server with a private or self-signed CA: give its CA certificate with --ca-cert or VECTORFLOW_CA_CERT)"
+        } else {
+            ""
+        };
+        anyhow!("cannot connect to {}: {chain}{hint}", uri(addr))
+    })
 }
 
 fn timeout(connect: &Connect) -> anyhow::Result<Option<Duration>> {
@@ -395,7 +495,7 @@ fn with_client<T>(connect: &Connect, f: impl AsyncFnOnce(&mut Client) -> anyhow:
     let timeout = timeout(connect)?;
     let authorization = connect.credentials.authorization()?;
     let result = runtime.block_on(async {
-        let mut client = connect_as(&connect.addr, timeout, authorization).await?;
+        let mut client = connect_as(&connect.addr, timeout, authorization, &connect.credentials.tls).await?;
         f(&mut client).await
     });
     result.map_err(|error| {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::{EngineConfig, KafkaConfig, ReadLimits, StorageConfig};
+use vectorflow::{EngineConfig, KafkaConfig, Limits, StorageConfig};
 
 use crate::auth::{Authenticator, TokenEntry, UserEntry};
 
@@ -44,6 +44,11 @@ use crate::auth::{Authenticator, TokenEntry, UserEntry};
 /// [[auth.tokens]]
 /// token_hash = "9f86d08188..."                            # vectorflow hash-password --token
 /// role = "read"
+///
+/// [tls]
+/// cert_path = "server.pem"     # PEM chain, leaf first
+/// key_path = "server.key"      # PEM private key (PKCS#8, PKCS#1 or SEC1)
+/// client_ca_path = "ca.pem"    # optional: clients must present a certificate it signed
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,6 +87,8 @@ pub struct ServerConfig {
     pub limits: LimitSettings,
     /// `[auth]`: users, tokens and roles.
     pub auth: AuthSettings,
+    /// `[tls]`: serve gRPC over TLS (and optionally require client certificates).
+    pub tls: TlsSettings,
     /// Serve on a non-loopback address without authentication. Off, such a
     /// server refuses to start: an open database on a network is rarely meant.
     pub insecure: bool,
@@ -108,6 +115,100 @@ impl AuthSettings {
         }
         Authenticator::new(&self.users, &self.tokens).map(Some)
     }
+}
+
+/// `VECTORFLOW_*` variables of the client (`vectorflow search --user ... --ca-cert ...`).
+/// They share the prefix but are no server setting, and `deny_unknown_fields`
+/// would refuse them when the server and a client run from one shell.
+const CLIENT_ONLY_ENV: &[&str] = &["user", "password", "token", "ca_cert", "client_cert", "client_key"];
+
+/// `[tls]` (`VECTORFLOW_TLS__CERT_PATH`, ..., or `--tls-cert`, `--tls-key`,
+/// `--tls-client-ca`): TLS on the gRPC port. Off while `cert_path` and
+/// `key_path` are unset. TLS is no authentication: a non-loopback `listen`
+/// still needs `[auth]` or `insecure`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert_path: Option<PathBuf>,
+    /// The private key of the leaf certificate, PEM.
+    pub key_path: Option<PathBuf>,
+    /// Set: every client must present a certificate signed by this PEM CA (mutual TLS).
+    pub client_ca_path: Option<PathBuf>,
+}
+
+/// Why `[tls]` cannot be served; each names the setting or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("[tls] cert_path (--tls-cert) is set but key_path (--tls-key) is not: give both")]
+    MissingKey,
+    #[error("[tls] key_path (--tls-key) is set but cert_path (--tls-cert) is not: give both")]
+    MissingCert,
+    #[error("[tls] client_ca_path (--tls-client-ca) needs cert_path and key_path: mutual TLS is TLS first")]
+    ClientCaWithoutTls,
+    // `error`, not `source`: the message carries the cause already, and a
+    // source too would print it twice in anyhow's chain.
+    #[error("[tls] {setting} {}: cannot read: {error}", path.display())]
+    Read { setting: &'static str, path: PathBuf, error: std::io::Error },
+    #[error("[tls] {setting} {}: {problem}", path.display())]
+    Invalid { setting: &'static str, path: PathBuf, problem: String },
+}
+
+impl TlsSettings {
+    /// The server's TLS configuration, `None` when TLS is off. Every file is
+    /// read and parsed here, so a bad one fails `serve` at start, by name.
+    /// (Whether the key matches the certificate, rustls checks when tonic
+    /// builds its acceptor.)
+    pub fn server_config(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+        let (cert_path, key_path) = match (&self.cert_path, &self.key_path) {
+            (None, None) if self.client_ca_path.is_some() => return Err(TlsError::ClientCaWithoutTls),
+            (None, None) => return Ok(None),
+            (Some(_), None) => return Err(TlsError::MissingKey),
+            (None, Some(_)) => return Err(TlsError::MissingCert),
+            (Some(cert), Some(key)) => (cert, key),
+        };
+        let cert = read_certificates("cert_path", cert_path)?;
+        let key = read_private_key("key_path", key_path)?;
+        let mut config =
+            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(ca_path) = &self.client_ca_path {
+            let ca = read_certificates("client_ca_path", ca_path)?;
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        Ok(Some(config))
+    }
+}
+
+fn read_tls_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::Read { setting, path: path.to_path_buf(), error })
+}
+
+/// A PEM file's bytes, once it is known to hold at least one well-formed certificate.
+pub fn read_certificates(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = read_tls_file(setting, path)?;
+    let invalid = |problem: String| TlsError::Invalid { setting, path: path.to_path_buf(), problem };
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("not a PEM certificate file: {e}")))?;
+    if certificates.is_empty() {
+        return Err(invalid("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    Ok(pem)
+}
+
+/// A PEM file's bytes, once it is known to hold a private key.
+pub fn read_private_key(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = read_tls_file(setting, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Invalid {
+        setting,
+        path: path.to_path_buf(),
+        problem: format!("holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+    })?;
+    Ok(pem)
 }
 
 /// Why a configuration cannot be served.
@@ -150,27 +251,31 @@ pub struct LimitSettings {
     pub max_query_rows: usize,
     /// Primary keys per get.
     pub max_get_keys: usize,
+    /// Collections the server holds.
+    pub max_collections: usize,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        let limits = ReadLimits::default();
+        let limits = Limits::default();
         LimitSettings {
             max_search_hits: limits.max_search_hits,
             max_search_vectors: limits.max_search_vectors,
             max_query_rows: limits.max_query_rows,
             max_get_keys: limits.max_get_keys,
+            max_collections: limits.max_collections,
         }
     }
 }
 
-impl From<&LimitSettings> for ReadLimits {
-    fn from(settings: &LimitSettings) -> ReadLimits {
-        ReadLimits {
+impl From<&LimitSettings> for Limits {
+    fn from(settings: &LimitSettings) -> Limits {
+        Limits {
             max_search_hits: settings.max_search_hits.max(1),
             max_search_vectors: settings.max_search_vectors.max(1),
             max_query_rows: settings.max_query_rows.max(1),
             max_get_keys: settings.max_get_keys.max(1),
+            max_collections: settings.max_collections.max(1),
         }
     }
 }
@@ -216,6 +321,7 @@ impl Default for ServerConfig {
             replay_stall_timeout_secs: engine.replay_stall_timeout.as_secs(),
             limits: LimitSettings::default(),
             auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
             insecure: false,
         }
     }
@@ -274,6 +380,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub kafka: Option<String>,
+    /// Serve TLS with this PEM certificate chain (sets `tls.cert_path`; needs --tls-key).
+    #[arg(long)]
+    #[serde(skip)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (sets `tls.key_path`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA: mutual TLS (sets `tls.client_ca_path`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -286,7 +404,7 @@ impl ServerConfig {
             // The client's credentials (`vectorflow search --user ...`) share the
             // prefix; they are no server setting, and deny_unknown_fields would
             // refuse them when both run from one shell.
-            .merge(Env::prefixed("VECTORFLOW_").ignore(&["user", "password", "token"]).split("__"))
+            .merge(Env::prefixed("VECTORFLOW_").ignore(CLIENT_ONLY_ENV).split("__"))
             .merge(Serialized::defaults(args))
             .extract()
             .map_err(Box::new)?;
@@ -296,6 +414,16 @@ impl ServerConfig {
         if let Some(bootstrap) = &args.kafka {
             config.log.kind = LogKind::Kafka;
             config.log.kafka.bootstrap_servers = bootstrap.clone();
+        }
+        // Flags win over the file and the environment, one path at a time.
+        if let Some(path) = &args.tls_cert {
+            config.tls.cert_path = Some(path.clone());
+        }
+        if let Some(path) = &args.tls_key {
+            config.tls.key_path = Some(path.clone());
+        }
+        if let Some(path) = &args.tls_client_ca {
+            config.tls.client_ca_path = Some(path.clone());
         }
         Ok(config)
     }
@@ -467,6 +595,59 @@ role = "write"
             jail.set_env("VECTORFLOW_INSECURE", "false");
             jail.set_env("VECTORFLOW_AUTH__ENABLED", "true");
             assert_eq!(ServerConfig::load(&exposed).map_err(|e| e.to_string())?.check_exposure(), Ok(()));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closures return figment's own (large) error
+    fn tls_section_from_file_environment_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "tls.toml",
+                "[tls]\ncert_path = \"server.pem\"\nkey_path = \"server.key\"\nclient_ca_path = \"ca.pem\"\n",
+            )?;
+            let args = ServeArgs { config: Some("tls.toml".into()), ..Default::default() };
+            let config = ServerConfig::load(&args).map_err(|e| e.to_string())?;
+            assert_eq!(config.tls.cert_path.as_deref(), Some(std::path::Path::new("server.pem")));
+            assert_eq!(config.tls.key_path.as_deref(), Some(std::path::Path::new("server.key")));
+            assert_eq!(config.tls.client_ca_path.as_deref(), Some(std::path::Path::new("ca.pem")));
+            assert_eq!(ServerConfig::default().tls, TlsSettings::default(), "TLS is off by default");
+
+            jail.set_env("VECTORFLOW_TLS__CERT_PATH", "env.pem");
+            jail.set_env("VECTORFLOW_TLS__KEY_PATH", "env.key");
+            // The client's TLS variables share the prefix; the server must not refuse them.
+            jail.set_env("VECTORFLOW_CA_CERT", "ca.pem");
+            jail.set_env("VECTORFLOW_CLIENT_CERT", "client.pem");
+            jail.set_env("VECTORFLOW_CLIENT_KEY", "client.key");
+            let from_env = ServerConfig::load(&args).map_err(|e| e.to_string())?;
+            assert_eq!(from_env.tls.cert_path.as_deref(), Some(std::path::Path::new("env.pem")));
+            assert_eq!(from_env.tls.key_path.as_deref(), Some(std::path::Path::new("env.key")));
+            assert_eq!(from_env.tls.client_ca_path.as_deref(), Some(std::path::Path::new("ca.pem")));
+
+            let flagged =
+                ServeArgs { tls_key: Some("flag.key".into()), tls_client_ca: Some("flag-ca.pem".into()), ..args };
+            let from_flags = ServerConfig::load(&flagged).map_err(|e| e.to_string())?;
+            assert_eq!(from_flags.tls.cert_path.as_deref(), Some(std::path::Path::new("env.pem")));
+            assert_eq!(from_flags.tls.key_path.as_deref(), Some(std::path::Path::new("flag.key")));
+            assert_eq!(from_flags.tls.client_ca_path.as_deref(), Some(std::path::Path::new("flag-ca.pem")));
+
+            // Files are read at start, and every failure names the file.
+            let error = from_flags.tls.server_config().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("env.pem") && error.contains("cannot read"), "{error}");
+            jail.create_file("env.pem", "not a certificate\n")?;
+            let error = from_flags.tls.server_config().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("env.pem") && error.contains("no PEM certificate"), "{error}");
+            let half = TlsSettings { key_path: None, ..from_flags.tls.clone() };
+            assert!(matches!(half.server_config(), Err(TlsError::MissingKey)));
+            let only_ca = TlsSettings { client_ca_path: Some("ca.pem".into()), ..Default::default() };
+            assert!(matches!(only_ca.server_config(), Err(TlsError::ClientCaWithoutTls)));
+            assert!(matches!(TlsSettings::default().server_config(), Ok(None)));
+
+            jail.create_file("bad_tls.toml", "[tls]\ncert = \"x.pem\"\n")?;
+            let bad = ServerConfig::load(&ServeArgs { config: Some("bad_tls.toml".into()), ..Default::default() });
+            let error = bad.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("cert"), "{error}");
             Ok(())
         });
     }

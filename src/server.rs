@@ -446,6 +446,26 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     config.check_exposure()?;
     let authenticator = config.auth.authenticator()?;
     let auth_layer = crate::auth::AuthLayer::new(authenticator);
+    // TLS files are read and checked here too, before the data directory is touched.
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.server_config()? {
+        let path = |p: &Option<std::path::PathBuf>| p.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+        let mut files =
+            format!("[tls] cert_path {} and key_path {}", path(&config.tls.cert_path), path(&config.tls.key_path));
+        if config.tls.client_ca_path.is_some() {
+            files.push_str(&format!(" (client_ca_path {})", path(&config.tls.client_ca_path)));
+        }
+        // rustls refuses here a key that does not belong to the certificate.
+        server = server.tls_config(tls).map_err(|e| {
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                reason = format!("{reason}: {cause}");
+                source = cause.source();
+            }
+            anyhow::anyhow!("{files}: cannot serve TLS with these (does the key belong to the certificate?): {reason}")
+        })?;
+    }
     let engine = Engine::open(config.engine_config())?;
     let listener = TcpListener::bind(&config.listen).await?;
     let address: SocketAddr = listener.local_addr()?;
@@ -471,10 +491,15 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let grpc = VectorflowServer::new(service)
         .max_decoding_message_size(transport_limit)
         .max_encoding_message_size(transport_limit);
-    tracing::info!(%address, data_dir = %config.data_dir.display(), "vectorflow serving");
+    let tls = match (&config.tls.cert_path, &config.tls.client_ca_path) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
+    tracing::info!(%address, data_dir = %config.data_dir.display(), tls, "vectorflow serving");
     // Tests and scripts read the bound address (the port may have been 0).
     println!("vectorflow listening on {address}");
-    let served = tonic::transport::Server::builder()
+    let served = server
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
         // Innermost: every service goes through the one role check (auth.rs's table).
