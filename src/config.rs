@@ -253,6 +253,9 @@ pub struct LimitSettings {
     pub max_get_keys: usize,
     /// Collections the server holds.
     pub max_collections: usize,
+    /// Calls served at once; one more is refused with RESOURCE_EXHAUSTED
+    /// (health checks and reflection are always served).
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for LimitSettings {
@@ -264,6 +267,7 @@ impl Default for LimitSettings {
             max_query_rows: limits.max_query_rows,
             max_get_keys: limits.max_get_keys,
             max_collections: limits.max_collections,
+            max_concurrent_requests: 256,
         }
     }
 }

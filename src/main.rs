@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod admission;
 mod auth;
 mod bench;
 mod bench_kafka;

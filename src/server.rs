@@ -502,6 +502,8 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let served = server
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
+        // Admission before authentication: an overloaded server refuses at once.
+        .layer(crate::admission::AdmissionLayer::new(config.limits.max_concurrent_requests))
         // Innermost: every service goes through the one role check (auth.rs's table).
         .layer(auth_layer)
         .add_service(health)

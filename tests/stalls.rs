@@ -31,7 +31,7 @@ const DIM: usize = 16;
 const BIG_ROWS: i64 = 12_000;
 /// Limits of the test server: large enough for a search that keeps the
 /// workers busy for seconds, small enough to test the query row bound.
-const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\nmax_collections = 4\n\n[log]\nmax_in_flight_rows = 500\n";
+const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\nmax_collections = 4\nmax_concurrent_requests = 8\n\n[log]\nmax_in_flight_rows = 500\n";
 
 fn vector(key: i64) -> Vec<f32> {
     (0..DIM as i64).map(|i| ((key * 37 + i * 101) % 997) as f32 / 97.0).collect()
@@ -202,6 +202,30 @@ fn heavy_and_hostile_reads_neither_stall_nor_starve_the_server() {
         let filtered = v1::QueryRequest { filter: "id < 100".into(), ..unbounded };
         assert!(client.query(filtered).await.is_ok(), "a query under the limit needs no limit");
         assert_eq!(count(&mut client, "big").await.expect("count is not bounded by max_query_rows"), BIG_ROWS as u64);
+
+        // Load shedding: 24 heavy searches at once against 8 permits; the
+        // calls over the limit are refused at once, the others answer, and
+        // health checks are always served.
+        let calls: Vec<_> = (0..24)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move { client.search(heavy_search(20, 16_384)).await.map(|_| ()) })
+            })
+            .collect();
+        let health_while_loaded = health(&mut client).await;
+        let (mut answered, mut shed) = (0, 0);
+        for call in calls {
+            match call.await.expect("a search task") {
+                Ok(()) => answered += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    assert!(status.message().contains("max_concurrent_requests"), "{}", status.message());
+                    shed += 1;
+                }
+            }
+        }
+        assert!(answered >= 1 && shed >= 1, "{answered} answered, {shed} shed");
+        assert!(health_while_loaded.applied_frontier > 0);
 
         // The catalog is bounded too (4 collections here).
         let create = |name: &str| v1::CreateCollectionRequest { schema: Some(wire::schema(name, DIM as u32, vec![])) };
