@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Log filter (tracing's env-filter syntax), overridden by RUST_LOG.
     pub log_filter: String,
+    /// Calls slower than this many milliseconds are logged, one line each (0: none).
+    pub slow_request_ms: u64,
     /// How often collections with new writes are checkpointed to the object
     /// store, in milliseconds (0: only on flush).
     pub checkpoint_interval_ms: u64,
@@ -317,6 +319,7 @@ impl Default for ServerConfig {
             bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
             request_timeout_secs: engine.request_timeout.as_secs(),
             max_message_bytes: 256 << 20,
+            slow_request_ms: 1000,
             log_filter: "info".into(),
             checkpoint_interval_ms: engine.checkpoint_interval.map_or(0, |d| d.as_millis() as u64),
             compaction_interval_ms: engine.compaction_interval.map_or(0, |d| d.as_millis() as u64),

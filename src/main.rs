@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod plot;
 mod server;
+mod slow_requests;
 
 #[derive(Parser)]
 #[command(name = "vectorflow", version, about = "A streaming vector database on timely/differential dataflow")]

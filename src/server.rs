@@ -502,6 +502,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let served = server
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
+        .layer(crate::slow_requests::SlowRequestLayer::new(Duration::from_millis(config.slow_request_ms)))
         // Admission before authentication: an overloaded server refuses at once.
         .layer(crate::admission::AdmissionLayer::new(config.limits.max_concurrent_requests))
         // Innermost: every service goes through the one role check (auth.rs's table).
