@@ -10,6 +10,7 @@ pub mod log;
 pub mod manifest;
 pub mod npy;
 pub mod parquet_io;
+pub mod power_cut;
 pub mod store;
 
 pub use catalog::{CatalogEntry, CatalogStore};
@@ -18,4 +19,4 @@ pub use kafka::{KafkaConfig, KafkaLog, KafkaReader, PartitionLag};
 pub use kafka_record::RecordFormat;
 pub use log::{EmbeddedLog, LogEntry, LogOp, LogPoll, LogReader, LogRecord};
 pub use manifest::{Checkpoint, IndexFiles, Manifest, SegmentFiles};
-pub use store::{ObjectRef, ObjectStorage, StorageConfig};
+pub use store::{Durability, ObjectRef, ObjectStorage, StorageConfig};

@@ -51,6 +51,10 @@ pub struct Manifest {
     pub collection: CollectionId,
     /// Shards (one per worker) the segments are cut into.
     pub shards: usize,
+    /// How keys were placed on shards (`routing::PLACEMENT` in the engine);
+    /// empty in manifests written before placement was recorded.
+    #[serde(default)]
+    pub placement: String,
     pub checkpoint: Checkpoint,
     /// Sealed segments per shard.
     pub segments: Vec<Vec<SegmentFiles>>,

@@ -6,6 +6,13 @@
 //! waits for each call on the calling thread. Calls never enter that runtime
 //! from the caller's thread, so they are safe from inside another tokio
 //! runtime's blocking pool too.
+//!
+//! Every write is durable when it returns: S3 acknowledges a put once it is
+//! stored, and on the local filesystem [`Durability`] fsyncs the file and
+//! the directories leading to it (`object_store`'s local store does not).
+//! So an object is always durable before a manifest or catalog version
+//! that lists it is written, and the log is truncated only below a
+//! published, durable checkpoint.
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -58,10 +65,51 @@ impl Drop for StoreRuntime {
     }
 }
 
+/// Makes an object the store has just written survive a power cut.
+pub trait Durability: Send + Sync {
+    /// Called after every successful write of `path`, before the write
+    /// returns to its caller.
+    fn sync(&self, path: &str) -> std::io::Result<()>;
+}
+
+/// A store whose acknowledged writes are already durable (S3 and
+/// S3-compatible servers).
+struct DurableOnAcknowledge;
+
+impl Durability for DurableOnAcknowledge {
+    fn sync(&self, _path: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The local filesystem: fsync the file, then every directory from its
+/// parent up to the store's root (a new file's name, and any directory the
+/// write created, live in their parent directory).
+struct LocalFsync {
+    root: std::path::PathBuf,
+}
+
+impl Durability for LocalFsync {
+    fn sync(&self, path: &str) -> std::io::Result<()> {
+        let file = self.root.join(path);
+        std::fs::File::open(&file)?.sync_all()?;
+        let mut directory = file.parent();
+        while let Some(dir) = directory {
+            std::fs::File::open(dir)?.sync_all()?;
+            if dir == self.root {
+                break;
+            }
+            directory = dir.parent();
+        }
+        Ok(())
+    }
+}
+
 /// A synchronous handle on the object store; cheap to clone.
 #[derive(Clone)]
 pub struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
+    durability: Arc<dyn Durability>,
     runtime: Arc<StoreRuntime>,
     /// What the store is, for messages (`file:///…` or `s3://…`).
     description: String,
@@ -80,14 +128,9 @@ fn storage_error(what: &str, path: &str, e: impl std::fmt::Display) -> Error {
 impl ObjectStorage {
     /// Opens the store `config` names, or `<data_dir>/store` on the local filesystem.
     pub fn open(config: &StorageConfig, data_dir: &FsPath) -> Result<ObjectStorage> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("object-store")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::storage(format!("object store runtime: {e}")))?;
         let url = config.url.trim();
-        let (store, description): (Arc<dyn ObjectStore>, String) = if url.is_empty() || url.starts_with("file://") {
+        type Opened = (Arc<dyn ObjectStore>, Arc<dyn Durability>, String);
+        let (store, durability, description): Opened = if url.is_empty() || url.starts_with("file://") {
             let dir = match url.strip_prefix("file://") {
                 Some(path) if !path.is_empty() => std::path::PathBuf::from(path),
                 _ => data_dir.join("store"),
@@ -95,7 +138,8 @@ impl ObjectStorage {
             std::fs::create_dir_all(&dir)?;
             let local = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| Error::argument("storage.url", format!("{}: {e}", dir.display())))?;
-            (Arc::new(local), format!("file://{}", dir.display()))
+            let root = std::fs::canonicalize(&dir)?;
+            (Arc::new(local), Arc::new(LocalFsync { root }), format!("file://{}", dir.display()))
         } else if url.starts_with("s3://") {
             let mut builder = AmazonS3Builder::from_env().with_url(url).with_allow_http(config.allow_http);
             if let Some(endpoint) = &config.endpoint {
@@ -111,11 +155,37 @@ impl ObjectStorage {
                 builder = builder.with_secret_access_key(secret);
             }
             let s3 = builder.build().map_err(|e| Error::argument("storage.url", format!("`{url}`: {e}")))?;
-            (Arc::new(s3), url.to_string())
+            (Arc::new(s3), Arc::new(DurableOnAcknowledge), url.to_string())
         } else {
             return Err(Error::argument("storage.url", format!("`{url}`: expected s3://bucket/prefix or file:///dir")));
         };
-        Ok(ObjectStorage { store, runtime: Arc::new(StoreRuntime(Some(runtime))), description })
+        ObjectStorage::with_store(store, durability, description)
+    }
+
+    /// A handle on any `object_store` implementation, made durable by
+    /// `durability` (tests use it to simulate power loss).
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        durability: Arc<dyn Durability>,
+        description: impl Into<String>,
+    ) -> Result<ObjectStorage> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("object-store")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::storage(format!("object store runtime: {e}")))?;
+        Ok(ObjectStorage {
+            store,
+            durability,
+            runtime: Arc::new(StoreRuntime(Some(runtime))),
+            description: description.into(),
+        })
+    }
+
+    /// Makes a written object durable.
+    fn sync(&self, path: &str) -> Result<()> {
+        self.durability.sync(path).map_err(|e| storage_error("syncing", path, e))
     }
 
     pub fn description(&self) -> &str {
@@ -145,6 +215,7 @@ impl ObjectStorage {
         let location = Path::from(path);
         self.run(async move { store.put(&location, PutPayload::from(bytes)).await })
             .map_err(|e| storage_error("writing", path, e))?;
+        self.sync(path)?;
         Ok(reference)
     }
 
@@ -156,7 +227,10 @@ impl ObjectStorage {
         let location = Path::from(path);
         let options = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.run(async move { store.put_opts(&location, PutPayload::from(bytes), options).await }) {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.sync(path)?;
+                Ok(true)
+            }
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(storage_error("publishing", path, e)),
         }

@@ -300,6 +300,36 @@ impl CollectionSchema {
     }
 }
 
+impl CollectionSchema {
+    /// Checks that `batch` holds this collection's columns, in order, with
+    /// their Arrow types: what the segments assume of every row they append.
+    pub fn check_batch_shape(&self, batch: &arrow::record_batch::RecordBatch) -> Result<()> {
+        if batch.num_columns() != self.fields.len() {
+            return Err(Error::InvalidArgument {
+                argument: "batch".into(),
+                problem: format!("{} columns, the collection has {} fields", batch.num_columns(), self.fields.len()),
+            });
+        }
+        for (field, column) in self.fields.iter().zip(batch.columns()) {
+            let expected = field.data_type.arrow_type();
+            // A vector column's item field may be named or nullable either way.
+            let fits = match (column.data_type(), &expected) {
+                (ArrowType::FixedSizeList(item, size), ArrowType::FixedSizeList(_, want)) => {
+                    size == want && item.data_type() == &ArrowType::Float32
+                }
+                (actual, expected) => actual == expected,
+            };
+            if !fits {
+                return Err(Error::field(
+                    &field.name,
+                    format!("column of type {} where {expected} was expected", column.data_type()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn check_name(what: &str, name: &str) -> Result<()> {
     let valid_start = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if name.is_empty()

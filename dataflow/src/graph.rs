@@ -8,7 +8,6 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use differential_dataflow::Hashable;
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -27,6 +26,7 @@ use vectorflow_operators::{Filter, Shard, ShardConfig, Stop};
 use crate::log::Log;
 use crate::messages::{Answer, ChunkBody, Failure, Partial, Request, RequestKind, SegmentInput, ShardChunk};
 use crate::persist::Persister;
+use crate::routing::shard_of;
 
 /// State the engine and every worker share.
 pub(crate) struct Shared {
@@ -72,6 +72,10 @@ pub(crate) struct Shared {
     /// Reads whose deadline passed before or while a worker ran them: the
     /// worker skipped them or stopped their work.
     pub reads_cancelled: AtomicU64,
+    /// Collections stopped by an error while applying a change, with the
+    /// cause: they serve nothing and are never checkpointed past it, so a
+    /// restart replays them from their last checkpoint.
+    pub failed: Mutex<HashMap<CollectionId, String>>,
 }
 
 /// Counts the log sources keep, for replay progress and the stall watchdog.
@@ -129,6 +133,19 @@ impl Shared {
         }
     }
 
+    /// Stops `collection` (fail-stop): the first cause is kept.
+    pub fn fail(&self, collection: CollectionId, cause: String) {
+        tracing::error!(collection, "collection stopped: {cause}");
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.entry(collection).or_insert(cause);
+        }
+    }
+
+    /// Why `collection` is stopped, if it is.
+    pub fn failure(&self, collection: CollectionId) -> Option<String> {
+        self.failed.lock().ok()?.get(&collection).cloned()
+    }
+
     /// The time before which every worker has applied every change.
     pub fn applied_frontier(&self) -> Timestamp {
         self.applied.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(0)
@@ -155,12 +172,6 @@ pub(crate) fn run_worker(worker: &mut Worker, shared: Arc<Shared>) {
 }
 
 type Key = (CollectionId, Pk);
-
-pub(crate) fn shard_of(collection: CollectionId, pk: &Pk, peers: usize) -> usize {
-    // The same hash `arrange_from_upsert` exchanges by, so payloads and
-    // version changes of a key meet on one worker.
-    ((&collection, pk).hashed() % peers as u64) as usize
-}
 
 fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: usize, peers: usize) {
     let recovered = shared.recovered.lock().ok().and_then(|mut r| r.remove(&index)).unwrap_or_default();
@@ -196,10 +207,13 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
         Key,
         VersionId,
     >(upserts, "PrimaryKeyVersions");
+    // The arrangement places keys by differential's own hash; each change
+    // goes back to the key's shard, where its rows are.
     let changes = arranged
-        .as_collection(|key: &Key, version: &VersionId| (key.0, *version))
+        .as_collection(move |key: &Key, version: &VersionId| (shard_of(key.0, &key.1, peers), key.0, *version))
         .inner
-        .map(|((collection, version), ts, diff)| SegmentInput::Change { collection, version, ts, diff });
+        .exchange(|((shard, _, _), _, _)| *shard as u64)
+        .map(|((_, collection, version), ts, diff)| SegmentInput::Change { collection, version, ts, diff });
 
     let data = chunks.map(SegmentInput::Chunk).concat(changes);
     let requests = request_source(scope, shared.clone(), index).broadcast();
@@ -340,7 +354,10 @@ fn cut_into_chunks(shared: &Shared, entry: LogEntry, peers: usize) -> Vec<ShardC
                         rows.0.push(row as u32);
                         rows.1.push(pk);
                     }
-                    Err(e) => tracing::error!(partition, offset, row, "log record skipped: {e}"),
+                    Err(e) => {
+                        shared.fail(collection, format!("log partition {partition} offset {offset} row {row}: {e}"));
+                        return Vec::new();
+                    }
                 }
             }
             let version = |row: u32| VersionId { ts, partition, row };
@@ -353,7 +370,10 @@ fn cut_into_chunks(shared: &Shared, entry: LogEntry, peers: usize) -> Vec<ShardC
                     if single_shard { Ok(batch.clone()) } else { vectorflow_core::batch::take_rows(&batch, &rows) };
                 match part {
                     Ok(part) => chunks.push(chunk(shard, ChunkBody::Upsert { batch: IpcBatch(part), pks, versions })),
-                    Err(e) => tracing::error!(partition, offset, "log record skipped: {e}"),
+                    Err(e) => {
+                        shared.fail(collection, format!("log partition {partition} offset {offset}: {e}"));
+                        return Vec::new();
+                    }
                 }
             }
             chunks
@@ -475,7 +495,7 @@ fn segments<'scope>(
             barriers.sort_by_key(|(_, request)| request.read_ts);
             for (cap, request) in barriers {
                 apply_through(&shared, &mut shards, &mut stash, request.read_ts);
-                let mut answer = answer(&mut shards, &mut filters, &request);
+                let mut answer = answer(&shared, &mut shards, &mut filters, &request);
                 if let Answer::Checkpoint(parts) = &mut answer {
                     parts.iter_mut().for_each(|part| part.0 = index);
                 }
@@ -506,7 +526,7 @@ fn segments<'scope>(
                 if request.read_ts >= frontier {
                     return true;
                 }
-                let answer = answer(&mut shards, &mut filters, request);
+                let answer = answer(&shared, &mut shards, &mut filters, request);
                 if matches!(answer, Answer::Failed(Failure::Cancelled)) {
                     shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
                 }
@@ -545,6 +565,10 @@ fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timesta
         per_collection.entry(collection).or_default().1.push(version);
     }
     for (collection, (batches, retired)) in per_collection {
+        if shared.failure(collection).is_some() {
+            // Stopped: nothing more is applied until a restart replays it.
+            continue;
+        }
         let shard = match shards.entry(collection) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => match shared.schema(collection) {
@@ -553,7 +577,8 @@ fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timesta
             },
         };
         if let Err(e) = shard.apply(ts, batches, &added, &retired) {
-            tracing::error!(collection, ts, "applying changes failed: {e}");
+            shared.fail(collection, format!("applying the changes at ts {ts}: {e}"));
+            shards.remove(&collection);
         }
     }
 }
@@ -600,7 +625,17 @@ fn empty_answer(kind: &RequestKind) -> Answer {
     }
 }
 
-fn answer(shards: &mut HashMap<CollectionId, Shard>, filters: &mut FilterCache, request: &Request) -> Answer {
+fn answer(
+    shared: &Shared,
+    shards: &mut HashMap<CollectionId, Shard>,
+    filters: &mut FilterCache,
+    request: &Request,
+) -> Answer {
+    if let Some(cause) = shared.failure(request.collection) {
+        let collection =
+            shared.schema(request.collection).map_or_else(|| request.collection.to_string(), |s| s.name.clone());
+        return Answer::Failed(Failure::Stopped { collection, cause });
+    }
     let Some(shard) = shards.get_mut(&request.collection) else { return empty_answer(&request.kind) };
     if request.kind.reads_history() && request.read_ts < shard.compacted_through() {
         return Answer::Compacted { horizon: shard.compacted_through() };

@@ -24,6 +24,7 @@ mod graph;
 mod log;
 mod messages;
 pub mod persist;
+pub mod routing;
 
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, IngestStats, Limits,

@@ -75,11 +75,28 @@ pub fn unix_millis() -> u64 {
 /// class (a bad filter is the caller's fault, a broken segment is not).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Failure {
-    Expression { position: usize, problem: String },
-    Field { field: String, problem: String },
-    Argument { argument: String, problem: String },
-    Exhausted { limit: String, problem: String },
+    Expression {
+        position: usize,
+        problem: String,
+    },
+    Field {
+        field: String,
+        problem: String,
+    },
+    Argument {
+        argument: String,
+        problem: String,
+    },
+    Exhausted {
+        limit: String,
+        problem: String,
+    },
     Cancelled,
+    /// The collection is stopped (fail-stop) by an error applying a change.
+    Stopped {
+        collection: String,
+        cause: String,
+    },
     Internal(String),
 }
 
@@ -91,6 +108,7 @@ impl From<Error> for Failure {
             Error::InvalidArgument { argument, problem } => Failure::Argument { argument, problem },
             Error::ResourceExhausted { limit, problem } => Failure::Exhausted { limit, problem },
             Error::Cancelled => Failure::Cancelled,
+            Error::CollectionFailed { collection, cause } => Failure::Stopped { collection, cause },
             other => Failure::Internal(other.to_string()),
         }
     }
@@ -104,6 +122,7 @@ impl From<Failure> for Error {
             Failure::Argument { argument, problem } => Error::InvalidArgument { argument, problem },
             Failure::Exhausted { limit, problem } => Error::ResourceExhausted { limit, problem },
             Failure::Cancelled => Error::Cancelled,
+            Failure::Stopped { collection, cause } => Error::CollectionFailed { collection, cause },
             Failure::Internal(problem) => Error::Storage(problem),
         }
     }

@@ -391,7 +391,7 @@ fn reshard(
     let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); shards];
     let mut moved_to = Vec::with_capacity(pks.len());
     for (row, pk) in pks.iter().enumerate() {
-        let shard = crate::graph::shard_of(job.collection, pk, shards);
+        let shard = crate::routing::shard_of(job.collection, pk, shards);
         moved_to.push((shard, rows_of[shard].len() as u32));
         rows_of[shard].push(row as u32);
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
-use vectorflow_core::{CollectionSchema, Pk, Result, Timestamp, Value, VersionId};
+use vectorflow_core::{CollectionSchema, Error, Pk, Result, Timestamp, Value, VersionId};
 
 use crate::filter::Filter;
 use crate::index::IndexParams;
@@ -333,10 +333,15 @@ impl Shard {
         for version in retired {
             match self.locations.get(version) {
                 Some(&(segment, row)) => self.segments[segment as usize].retire(row, ts),
-                None => tracing::error!(?version, "retired version not found in its shard"),
+                None => {
+                    return Err(Error::storage(format!(
+                        "retiring version {version:?} at ts {ts}: the shard does not hold it"
+                    )));
+                }
             }
         }
         for (batch, versions) in chunks {
+            self.schema.check_batch_shape(&batch)?;
             let keep: Vec<u32> =
                 (0..versions.len()).filter(|&i| added.contains(&versions[i])).map(|i| i as u32).collect();
             if keep.is_empty() {

@@ -70,6 +70,33 @@ impl Engine {
         Ok(info(&self.entry(name)?))
     }
 
+    /// The collection's entry, unless an error while applying a change
+    /// stopped it (fail-stop): then `CollectionFailed` with the cause.
+    pub(super) fn running_entry(&self, name: &str) -> Result<CatalogEntry> {
+        let entry = self.entry(name)?;
+        self.check_running(&entry)?;
+        Ok(entry)
+    }
+
+    pub(super) fn check_running(&self, entry: &CatalogEntry) -> Result<()> {
+        match self.inner.shared.failure(entry.id) {
+            Some(cause) => Err(Error::CollectionFailed { collection: entry.schema.name.clone(), cause }),
+            None => Ok(()),
+        }
+    }
+
+    /// Collections stopped by an apply error, with the cause.
+    pub fn failed_collections(&self) -> Vec<(String, String)> {
+        let failed = self.inner.shared.failed.lock().map(|f| f.clone()).unwrap_or_default();
+        let collections = self.inner.collections.read().map(|c| c.clone()).unwrap_or_default();
+        let mut named: Vec<(String, String)> = collections
+            .into_values()
+            .filter_map(|entry| failed.get(&entry.id).map(|cause| (entry.schema.name, cause.clone())))
+            .collect();
+        named.sort();
+        named
+    }
+
     pub(super) fn entry(&self, name: &str) -> Result<CatalogEntry> {
         let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
         collections

@@ -51,6 +51,9 @@ impl Engine {
         let ts = inner.shared.log.tso().allocate(1);
         let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
         let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
+        // A collection stopped by an apply error is never checkpointed past
+        // it: the log keeps what a restart must replay.
+        self.check_running(entry)?;
         // Every write at or before `ts` is committed now (the frontier passed it).
         if let Some(kafka) = inner.shared.log.kafka() {
             // Dead letters of the records the checkpoint covers were handed
@@ -88,6 +91,7 @@ impl Engine {
             version,
             collection: entry.id,
             shards: inner.config.workers,
+            placement: PLACEMENT.to_string(),
             checkpoint: Checkpoint { ts, log_positions },
             segments,
         };
@@ -217,6 +221,10 @@ impl Engine {
     /// Checkpoints a collection if the log moved past its checkpoint or a
     /// compaction changed it since.
     pub(super) fn checkpoint_if_changed(&self, entry: &CatalogEntry) -> Result<()> {
+        if self.inner.shared.failure(entry.id).is_some() {
+            // Stopped (fail-stop): its checkpoint stays where it was.
+            return Ok(());
+        }
         let positions = match &self.inner.shared.log {
             Log::Embedded(log) => log.ends(),
             Log::Kafka(kafka) => kafka.positions(entry.id)?,

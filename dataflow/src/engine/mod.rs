@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
-use differential_dataflow::Hashable;
 use timely::communication::WorkerGuards;
 use vectorflow_connectors::manifest::{collection_prefix, delete_collection_objects, load_manifest, publish_manifest};
 use vectorflow_connectors::{
@@ -25,6 +24,7 @@ use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
 use crate::log::Log;
 use crate::messages::{Answer, Request, RequestKind, unix_millis};
 use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
+use crate::routing::{PLACEMENT, partition_of};
 
 mod catalog;
 mod checkpoint;
@@ -90,6 +90,14 @@ impl Engine {
     /// every collection's sealed segments as of its checkpoint, replays the
     /// log from there, and returns once the replay is done.
     pub fn open(config: EngineConfig) -> Result<Engine> {
+        let storage = ObjectStorage::open(&config.storage, &config.data_dir)?;
+        Engine::open_with_storage(config, storage)
+    }
+
+    /// [`Engine::open`] on an object store the caller built (`config.storage`
+    /// is not used): for stores `object_store` offers that the config does
+    /// not name, and for tests that cut the power.
+    pub fn open_with_storage(config: EngineConfig, storage: ObjectStorage) -> Result<Engine> {
         if config.workers == 0 {
             return Err(Error::argument("workers", "must be at least 1"));
         }
@@ -97,7 +105,6 @@ impl Engine {
             return Err(Error::argument("seal_rows", "must be at least 1"));
         }
         let started = Instant::now();
-        let storage = ObjectStorage::open(&config.storage, &config.data_dir)?;
         let partitions = config.log_partitions.unwrap_or(config.workers as u32);
         let log = match &config.kafka {
             Some(kafka) => Log::Kafka(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
@@ -140,6 +147,7 @@ impl Engine {
             frontier_stalled_ms: AtomicU64::new(0),
             frontier_stalls: AtomicU64::new(0),
             reads_cancelled: AtomicU64::new(0),
+            failed: Mutex::new(HashMap::new()),
         });
         let worker_shared = shared.clone();
         let guards = timely::execute(timely::Config::process(config.workers), move |worker| {

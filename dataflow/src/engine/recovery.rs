@@ -78,9 +78,17 @@ pub(super) fn initial_manifest(entry: &CatalogEntry, log: &Log, workers: usize) 
         version: 1,
         collection: entry.id,
         shards: workers,
+        placement: PLACEMENT.to_string(),
         checkpoint: Checkpoint { ts: entry.created_ts, log_positions },
         segments: vec![Vec::new(); workers],
     })
+}
+
+/// Whether a manifest's segments were cut for another shard count or by
+/// another placement than [`PLACEMENT`] (manifests from before placement
+/// was recorded were cut by differential's `hashed()`).
+fn needs_resharding(manifest: &Manifest, workers: usize) -> bool {
+    manifest.shards != workers || manifest.placement != PLACEMENT
 }
 
 /// Per log partition, the lowest position any of `manifests` still needs
@@ -126,12 +134,14 @@ pub(super) fn recover(
     for entry in entries {
         let manifest = match load_manifest(storage, entry.id)? {
             Some(manifest) => {
-                if manifest.shards != config.workers {
+                if needs_resharding(&manifest, config.workers) {
                     tracing::warn!(
                         collection = entry.schema.name,
-                        stored = manifest.shards,
+                        stored_shards = manifest.shards,
+                        stored_placement = manifest.placement,
                         workers = config.workers,
-                        "segments were cut for another worker count: splitting them by key, indexes are rebuilt"
+                        placement = PLACEMENT,
+                        "segments were cut for another worker count or placement: splitting them by key, indexes are rebuilt"
                     );
                 }
                 manifest
@@ -158,7 +168,7 @@ pub(super) fn recover(
                     shard,
                     files,
                     as_of: manifest.checkpoint.ts,
-                    reshard_to: (manifest.shards != config.workers).then_some(config.workers),
+                    reshard_to: needs_resharding(manifest, config.workers).then_some(config.workers),
                 })
             })
         })

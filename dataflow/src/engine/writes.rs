@@ -28,7 +28,7 @@ impl Engine {
 
     /// Deletes rows by primary key; keys that do not exist are ignored.
     pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
-        let entry = self.entry(collection)?;
+        let entry = self.running_entry(collection)?;
         entry.schema.check_keys(pks)?;
         let log = match &self.inner.shared.log {
             Log::Embedded(log) => log,
@@ -56,7 +56,7 @@ impl Engine {
         kind: WriteKind,
         validate: impl FnOnce(&CollectionSchema, WriteKind) -> Result<WriteBatch>,
     ) -> Result<WriteResult> {
-        let entry = self.entry(collection)?;
+        let entry = self.running_entry(collection)?;
         let schema = &entry.schema;
         let write = validate(schema, kind)?;
         let rows = write.batch.num_rows();
@@ -116,8 +116,4 @@ pub(super) fn with_auto_ids(write: WriteBatch, pk_index: usize, first: i64) -> R
     columns[pk_index] = Arc::new(ids);
     let batch = RecordBatch::try_new(write.batch.schema(), columns)?;
     Ok(WriteBatch { batch, pks: (first..first + rows).map(Pk::Int).collect() })
-}
-
-pub(super) fn partition_of(collection: CollectionId, pk: &Pk, partitions: u32) -> u32 {
-    ((&collection, pk).hashed() % u64::from(partitions)) as u32
 }
