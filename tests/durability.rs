@@ -208,3 +208,70 @@ fn segments_cut_with_another_placement_are_split_by_key_at_load() {
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&newest).unwrap()).unwrap();
     assert_eq!(manifest["placement"], "xxh64-v1", "the next checkpoint records the placement");
 }
+
+/// A store whose catalog writes wait until the test lets them go.
+struct HeldCatalogWrites {
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl vectorflow::crates::connectors::Durability for HeldCatalogWrites {
+    fn sync(&self, path: &str) -> std::io::Result<()> {
+        if path.starts_with("catalog/") {
+            let _ = self.entered.try_send(());
+            let release = self.release.lock().unwrap();
+            let _ = release.recv_timeout(std::time::Duration::from_secs(60));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn reads_and_writes_go_on_while_a_collection_create_waits_on_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(16);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let durability = Arc::new(HeldCatalogWrites { entered: entered_tx, release: std::sync::Mutex::new(release_rx) });
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let storage = vectorflow::crates::connectors::ObjectStorage::with_store(store, durability, "memory://held").unwrap();
+    let engine = Engine::open_with_storage(config(dir.path()), storage).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    // The first create waits on its catalog write until released.
+    let creating = std::thread::spawn({
+        let engine = engine.clone();
+        move || engine.create_collection(schema("docs"))
+    });
+    entered.recv_timeout(std::time::Duration::from_secs(60)).expect("the create reached the store");
+    release.send(()).unwrap();
+    creating.join().unwrap().unwrap();
+    entered.try_iter().count();
+
+    // The second create holds its catalog write while the rest goes on.
+    let creating = std::thread::spawn({
+        let engine = engine.clone();
+        move || engine.create_collection(schema("later"))
+    });
+    entered.recv_timeout(std::time::Duration::from_secs(60)).expect("the create reached the store");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn({
+        let engine = engine.clone();
+        let rows = rows(&mut rng, 0..20, 1);
+        move || {
+            let outcome = (|| -> vectorflow::Result<usize> {
+                engine.describe_collection("docs")?;
+                engine.insert_rows("docs", &rows)?;
+                Ok(engine.search("docs", &[vec![0.0; DIM]], &SearchOptions::new(5))?.hits[0].len())
+            })();
+            let _ = done_tx.send((outcome, engine.list_collections()));
+        }
+    });
+    let (outcome, names) = done
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("describe, insert and search finished while the create waited on the store");
+    assert_eq!(outcome.unwrap(), 5);
+    assert_eq!(names, vec!["docs".to_string()], "the new collection appears only once it is durable");
+    release.send(()).unwrap();
+    creating.join().unwrap().unwrap();
+    assert_eq!(engine.list_collections(), vec!["docs".to_string(), "later".to_string()]);
+    engine.shutdown();
+}

@@ -3,18 +3,25 @@
 use super::*;
 
 impl Engine {
+    /// Creates a collection. Creates and drops run one at a time (on
+    /// `catalog_changes`), but the name map reads and writes use is locked
+    /// only to look up and to insert, never across the object-store writes
+    /// and Kafka admin calls in between.
     pub fn create_collection(&self, schema: CollectionSchema) -> Result<CollectionInfo> {
         schema.validate()?;
-        let mut collections = self.inner.collections.write().map_err(|_| Error::Shutdown)?;
-        if collections.contains_key(&schema.name) {
-            return Err(Error::CollectionExists(schema.name));
-        }
-        let max_collections = self.inner.config.limits.max_collections;
-        if collections.len() >= max_collections {
-            return Err(Error::exhausted(
-                "max_collections",
-                format!("the server holds {} collections, its limit; drop one first", collections.len()),
-            ));
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        {
+            let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+            if collections.contains_key(&schema.name) {
+                return Err(Error::CollectionExists(schema.name));
+            }
+            let max_collections = self.inner.config.limits.max_collections;
+            if collections.len() >= max_collections {
+                return Err(Error::exhausted(
+                    "max_collections",
+                    format!("the server holds {} collections, its limit; drop one first", collections.len()),
+                ));
+            }
         }
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
@@ -30,32 +37,35 @@ impl Engine {
             schemas.insert(entry.id, Arc::new(entry.schema.clone()));
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
-        collections.insert(entry.schema.name.clone(), entry.clone());
+        self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(entry.schema.name.clone(), entry.clone());
         Ok(info(&entry))
     }
 
+    /// Drops a collection: it is gone from the catalog at once; its objects
+    /// are removed after, with no lock held.
     pub fn drop_collection(&self, name: &str) -> Result<()> {
-        let mut collections = self.inner.collections.write().map_err(|_| Error::Shutdown)?;
-        let entry = collections
-            .get(name)
-            .ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))?;
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let entry = self.entry(name)?;
         self.inner.catalog_store.drop_collection(name)?;
+        self.inner.collections.write().map_err(|_| Error::Shutdown)?.remove(name);
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
             schemas.remove(&entry.id);
         }
         if let Ok(mut manifests) = self.inner.manifests.lock() {
             manifests.remove(&entry.id);
         }
+        if let Ok(mut failed) = self.inner.shared.failed.lock() {
+            failed.remove(&entry.id);
+        }
         if let Some(kafka) = self.inner.shared.log.kafka()
             && let Err(e) = kafka.unregister(entry.id)
         {
             tracing::warn!(collection = name, "forgetting the dropped collection's offset bindings: {e}");
         }
+        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
             tracing::warn!(collection = name, "removing the dropped collection's objects: {e}");
         }
-        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
-        collections.remove(name);
         Ok(())
     }
 

@@ -45,6 +45,8 @@ struct Inner {
     shared: Arc<Shared>,
     catalog_store: CatalogStore,
     collections: RwLock<HashMap<String, CatalogEntry>>,
+    /// Serialises creates and drops (never held by reads or writes).
+    catalog_changes: Mutex<()>,
     next_request: AtomicU64,
     guards: Mutex<Option<WorkerGuards<()>>>,
     closed: AtomicBool,
@@ -160,6 +162,7 @@ impl Engine {
                 shared,
                 catalog_store,
                 collections: RwLock::new(collections),
+                catalog_changes: Mutex::new(()),
                 next_request: AtomicU64::new(1),
                 guards: Mutex::new(Some(guards)),
                 closed: AtomicBool::new(false),
