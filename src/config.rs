@@ -258,6 +258,12 @@ pub struct LimitSettings {
     /// Calls served at once; one more is refused with RESOURCE_EXHAUSTED
     /// (health checks and reflection are always served).
     pub max_concurrent_requests: usize,
+    /// How long one SQL statement may run (DEADLINE_EXCEEDED past it; a
+    /// shorter client deadline wins).
+    pub sql_timeout_ms: u64,
+    /// Memory one SQL statement may hold for sorts, aggregates and joins
+    /// (RESOURCE_EXHAUSTED past it).
+    pub sql_memory_limit_bytes: usize,
 }
 
 impl Default for LimitSettings {
@@ -270,6 +276,19 @@ impl Default for LimitSettings {
             max_get_keys: limits.max_get_keys,
             max_collections: limits.max_collections,
             max_concurrent_requests: 256,
+            sql_timeout_ms: vectorflow_sql::policy::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
+            sql_memory_limit_bytes: vectorflow_sql::policy::DEFAULT_MEMORY_LIMIT,
+        }
+    }
+}
+
+impl LimitSettings {
+    /// What SQL from the network may do: queries only, within these limits.
+    pub fn sql_policy(&self) -> vectorflow_sql::SqlPolicy {
+        vectorflow_sql::SqlPolicy {
+            timeout: Some(std::time::Duration::from_millis(self.sql_timeout_ms.max(1))),
+            memory_limit: Some(self.sql_memory_limit_bytes.max(1 << 20)),
+            ..vectorflow_sql::SqlPolicy::read_only()
         }
     }
 }

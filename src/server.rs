@@ -35,9 +35,14 @@ pub struct VectorflowService {
 }
 
 impl VectorflowService {
-    pub fn new(engine: Engine, max_message_bytes: usize) -> vectorflow::Result<Self> {
-        // SQL from the network is untrusted: queries only, within a memory limit.
-        let sql = SqlSession::read_only(engine.clone())?;
+    pub fn new(
+        engine: Engine,
+        max_message_bytes: usize,
+        sql_policy: vectorflow_sql::SqlPolicy,
+    ) -> vectorflow::Result<Self> {
+        // SQL from the network is untrusted: queries only, within memory and time limits.
+        debug_assert!(sql_policy.read_only, "SQL from the network is read-only");
+        let sql = SqlSession::with_policy(engine.clone(), sql_policy)?;
         Ok(VectorflowService { engine, sql, max_message_bytes })
     }
 
@@ -326,7 +331,8 @@ impl Vectorflow for VectorflowService {
             return Err(Status::resource_exhausted(format!("request of {size} bytes exceeds max_message_bytes")));
         }
         // Planned and run on the SQL runtime's large-stack threads, not this tokio worker.
-        let batches = self.sql.stream(&request.get_ref().query).await.map_err(|e| wire::status(&e))?;
+        let deadline = deadline(&request)?;
+        let batches = self.sql.stream_within(&request.get_ref().query, deadline).await.map_err(|e| wire::status(&e))?;
         let stream = batches.map(|batch| {
             let batch = batch.map_err(|e| wire::status(&e))?;
             let arrow_ipc = wire::batch_to_ipc(&batch).map_err(|e| wire::status(&e))?;
@@ -469,7 +475,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let engine = Engine::open(config.engine_config())?;
     let listener = TcpListener::bind(&config.listen).await?;
     let address: SocketAddr = listener.local_addr()?;
-    let service = VectorflowService::new(engine.clone(), config.max_message_bytes)?;
+    let service = VectorflowService::new(engine.clone(), config.max_message_bytes, config.limits.sql_policy())?;
     // Reflection in both versions: grpcio's reflection client and older grpcurl speak only v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()

@@ -233,7 +233,8 @@ fn reads_and_writes_go_on_while_a_collection_create_waits_on_the_store() {
     let (release, release_rx) = std::sync::mpsc::channel();
     let durability = Arc::new(HeldCatalogWrites { entered: entered_tx, release: std::sync::Mutex::new(release_rx) });
     let store = Arc::new(object_store::memory::InMemory::new());
-    let storage = vectorflow::crates::connectors::ObjectStorage::with_store(store, durability, "memory://held").unwrap();
+    let storage =
+        vectorflow::crates::connectors::ObjectStorage::with_store(store, durability, "memory://held").unwrap();
     let engine = Engine::open_with_storage(config(dir.path()), storage).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     // The first create waits on its catalog write until released.

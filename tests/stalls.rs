@@ -31,7 +31,7 @@ const DIM: usize = 16;
 const BIG_ROWS: i64 = 12_000;
 /// Limits of the test server: large enough for a search that keeps the
 /// workers busy for seconds, small enough to test the query row bound.
-const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\nmax_collections = 4\nmax_concurrent_requests = 8\n\n[log]\nmax_in_flight_rows = 500\n";
+const CONFIG: &str = "[limits]\nmax_search_hits = 4000000\nmax_query_rows = 5000\nmax_collections = 4\nmax_concurrent_requests = 8\nsql_timeout_ms = 1000\n\n[log]\nmax_in_flight_rows = 500\n";
 
 fn vector(key: i64) -> Vec<f32> {
     (0..DIM as i64).map(|i| ((key * 37 + i * 101) % 997) as f32 / 97.0).collect()
@@ -233,5 +233,29 @@ fn heavy_and_hostile_reads_neither_stall_nor_starve_the_server() {
         let status = client.create_collection(create("fifth")).await.expect_err("over max_collections");
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("max_collections"), "{}", status.message());
+
+        // SQL errors keep their class: a statement past sql_timeout_ms
+        // (1 s here) is DEADLINE_EXCEEDED, a bad one INVALID_ARGUMENT.
+        let sql = |query: &str| v1::SqlRequest { query: query.into() };
+        let slow = "SELECT count(*) FROM big a, big b WHERE a.id + b.id >= 0";
+        let outcome = match client.sql(sql(slow)).await {
+            Err(status) => Err(status),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut outcome = Ok(());
+                while let Some(item) = tokio_stream::StreamExt::next(&mut stream).await {
+                    if let Err(status) = item {
+                        outcome = Err(status);
+                        break;
+                    }
+                }
+                outcome
+            }
+        };
+        let status = outcome.expect_err("a 144-million-row join is past a 1 s timeout");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        let status = client.sql(sql("SELECT nope FROM small")).await.expect_err("an unknown column");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(client.sql(sql("SELECT count(*) FROM small")).await.is_ok());
     });
 }

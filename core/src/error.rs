@@ -51,6 +51,10 @@ pub enum Error {
     /// it serves nothing until a restart replays it from its checkpoint.
     #[error("collection `{collection}` is stopped: {cause}")]
     CollectionFailed { collection: String, cause: String },
+    /// A bug or a broken invariant inside a component (DataFusion's
+    /// `Internal`, a panicked task): not the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The write-ahead log or another durable store failed.
     #[error("storage: {0}")]
     Storage(String),

@@ -411,7 +411,9 @@ pub fn status(error: &Error) -> tonic::Status {
         Error::ResourceExhausted { .. } => Code::ResourceExhausted,
         Error::Cancelled => Code::Cancelled,
         Error::CollectionFailed { .. } => Code::FailedPrecondition,
-        Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => Code::Internal,
+        Error::Internal(_) | Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => {
+            Code::Internal
+        }
     };
     tonic::Status::new(code, capped(error.to_string()))
 }

@@ -160,8 +160,14 @@ impl SqlSession {
     pub async fn collect(&self, text: &str) -> Result<Vec<RecordBatch>> {
         let session = self.clone();
         let text = text.to_string();
-        let running = policy::statement_runtime()?
-            .spawn(async move { session.sql(&text).await?.collect().await.map_err(sql_error) });
+        let limit = self.policy.timeout;
+        let running = policy::statement_runtime()?.spawn(async move {
+            let work = async { session.sql(&text).await?.collect().await.map_err(sql_error) };
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| Error::Timeout(limit))?,
+                None => work.await,
+            }
+        });
         running.await.map_err(|e| Error::Sql(format!("the statement stopped: {e}")))?
     }
 
@@ -169,28 +175,54 @@ impl SqlSession {
     /// batches; errors in planning come back here, errors while running in
     /// the stream. Dropping the stream stops the statement.
     pub async fn stream(&self, text: &str) -> Result<BatchStream> {
+        self.stream_within(text, None).await
+    }
+
+    /// [`SqlSession::stream`] within `deadline` (the caller's) as well as
+    /// the policy's timeout: past the earlier one the statement stops and
+    /// the caller gets [`Error::Timeout`].
+    pub async fn stream_within(&self, text: &str, deadline: Option<std::time::Duration>) -> Result<BatchStream> {
         let session = self.clone();
         let text = text.to_string();
+        let limit = match (self.policy.timeout, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let (planned_tx, planned_rx) = tokio::sync::oneshot::channel();
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
         policy::statement_runtime()?.spawn(async move {
-            let planned = match session.sql(&text).await {
-                Ok(frame) => frame.execute_stream().await.map_err(sql_error),
-                Err(e) => Err(e),
-            };
-            let mut batches = match planned {
-                Ok(batches) => {
-                    let _ = planned_tx.send(Ok(()));
-                    batches
+            let mut planned_tx = Some(planned_tx);
+            let work = async {
+                let planned = match session.sql(&text).await {
+                    Ok(frame) => frame.execute_stream().await.map_err(sql_error),
+                    Err(e) => Err(e),
+                };
+                let mut batches = match planned {
+                    Ok(batches) => {
+                        if let Some(tx) = planned_tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                        batches
+                    }
+                    Err(e) => {
+                        if let Some(tx) = planned_tx.take() {
+                            let _ = tx.send(Err(e));
+                        }
+                        return;
+                    }
+                };
+                while let Some(batch) = batches.next().await {
+                    if batch_tx.send(batch.map_err(sql_error)).await.is_err() {
+                        break; // The reader went away.
+                    }
                 }
-                Err(e) => {
-                    let _ = planned_tx.send(Err(e));
-                    return;
-                }
             };
-            while let Some(batch) = batches.next().await {
-                if batch_tx.send(batch.map_err(sql_error)).await.is_err() {
-                    break; // The reader went away.
+            let Some(limit) = limit else { return work.await };
+            if tokio::time::timeout(limit, work).await.is_err() {
+                // The statement's futures are dropped: it stops here.
+                match planned_tx.take() {
+                    Some(tx) => _ = tx.send(Err(Error::Timeout(limit))),
+                    None => _ = batch_tx.send(Err(Error::Timeout(limit))).await,
                 }
             }
         });
@@ -200,9 +232,12 @@ impl SqlSession {
     }
 }
 
-/// A DataFusion error as the engine's error, keeping the engine's own errors
-/// (a collection not found, a time outside retention) as they were; a
-/// statement over its memory limit is [`Error::ResourceExhausted`].
+/// A DataFusion error as the engine's error, by its true class: the
+/// engine's own errors (a collection not found, a time outside retention)
+/// as they were; a statement over its memory limit is
+/// [`Error::ResourceExhausted`]; DataFusion's internal errors, panicked
+/// tasks and failed reads of files are [`Error::Internal`]; the rest (the
+/// statement does not parse, plan, or evaluate on its data) [`Error::Sql`].
 pub fn sql_error(error: DataFusionError) -> Error {
     if let DataFusionError::ResourcesExhausted(problem) = error.find_root() {
         return Error::exhausted("memory_limit", format!("the statement needs more memory than its limit: {problem}"));
@@ -213,11 +248,28 @@ pub fn sql_error(error: DataFusionError) -> Error {
             Err(other) => Error::Sql(other.to_string()),
         },
         DataFusionError::Context(_, inner) => sql_error(*inner),
+        DataFusionError::Diagnostic(_, inner) => sql_error(*inner),
         DataFusionError::Shared(shared) => match Arc::try_unwrap(shared) {
             Ok(inner) => sql_error(inner),
-            Err(shared) => Error::Sql(shared.to_string()),
+            Err(shared) => classify(&shared, shared.to_string()),
         },
-        other => Error::Sql(other.to_string()),
+        other => {
+            let message = other.to_string();
+            classify(&other, message)
+        }
+    }
+}
+
+/// [`Error::Internal`] for failures that are not the statement's fault.
+fn classify(error: &DataFusionError, message: String) -> Error {
+    match error {
+        DataFusionError::Internal(_)
+        | DataFusionError::ExecutionJoin(_)
+        | DataFusionError::IoError(_)
+        | DataFusionError::ObjectStore(_)
+        | DataFusionError::ParquetError(_)
+        | DataFusionError::Ffi(_) => Error::Internal(message),
+        _ => Error::Sql(message),
     }
 }
 
@@ -244,6 +296,53 @@ mod tests {
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn errors_keep_their_class() {
+        assert!(matches!(sql_error(DataFusionError::Internal("broken".into())), Error::Internal(_)));
+        assert!(matches!(sql_error(DataFusionError::IoError(std::io::Error::other("disk"))), Error::Internal(_)));
+        assert!(matches!(sql_error(DataFusionError::Plan("no such column".into())), Error::Sql(_)));
+        let wrapped =
+            DataFusionError::Context("while planning".into(), Box::new(DataFusionError::Internal("x".into())));
+        assert!(matches!(sql_error(wrapped), Error::Internal(_)));
+        let dir = tempfile::tempdir().unwrap();
+        let session = SqlSession::read_only(engine(dir.path())).unwrap();
+        match runtime().block_on(session.collect("SELECT nope FROM docs")) {
+            Err(Error::Sql(problem)) => assert!(problem.contains("nope"), "{problem}"),
+            other => panic!("expected Error::Sql, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_statement_past_its_timeout_stops_with_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let rows: Vec<_> = (0..200).map(|id| crate::tests::row(id)).collect();
+        engine.insert_rows("docs", &rows).unwrap();
+        let limit = std::time::Duration::from_millis(200);
+        let policy = SqlPolicy { timeout: Some(limit), ..SqlPolicy::read_only() };
+        let session = SqlSession::with_policy(engine, policy).unwrap();
+        // 200^4 = 1.6 billion joined rows: far more than 200 ms of work.
+        let text = "SELECT count(*) FROM docs a, docs b, docs c, docs d WHERE a.n + b.n + c.n + d.n >= 0";
+        match runtime().block_on(session.collect(text)) {
+            Err(Error::Timeout(after)) => assert_eq!(after, limit),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        let streamed = runtime().block_on(async {
+            let mut batches = session.stream_within(text, Some(std::time::Duration::from_millis(100))).await?;
+            while let Some(batch) = batches.next().await {
+                batch?;
+            }
+            Ok::<_, Error>(())
+        });
+        assert!(matches!(streamed, Err(Error::Timeout(_))), "{streamed:?}");
+        // A quick statement is unaffected.
+        assert!(runtime().block_on(session.collect("SELECT count(*) FROM docs")).is_ok());
+    }
+
+    fn row(id: i64) -> vectorflow_core::Row {
+        vectorflow_dataflow::row([("id", id.into()), ("v", vec![0.5f32, 0.5].into()), ("n", id.into())])
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub const MAX_READ_ONLY_STATEMENT_BYTES: usize = 4 << 20;
 /// memory pool (sorts, aggregates, joins) by default.
 pub const DEFAULT_MEMORY_LIMIT: usize = 512 << 20;
 
+/// How long a read-only session's statement may run, planning included, by default.
+pub const DEFAULT_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What a session lets one statement do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SqlPolicy {
@@ -56,6 +59,9 @@ pub struct SqlPolicy {
     pub max_statement_bytes: usize,
     /// The heaviest statement (see [`MAX_STATEMENT_WEIGHT`]).
     pub max_statement_weight: usize,
+    /// How long a statement may take, from planning to its last batch;
+    /// `None`: no limit.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl SqlPolicy {
@@ -67,6 +73,7 @@ impl SqlPolicy {
             memory_limit: None,
             max_statement_bytes: usize::MAX,
             max_statement_weight: MAX_STATEMENT_WEIGHT,
+            timeout: None,
         }
     }
 
@@ -78,6 +85,7 @@ impl SqlPolicy {
             memory_limit: Some(DEFAULT_MEMORY_LIMIT),
             max_statement_bytes: MAX_READ_ONLY_STATEMENT_BYTES,
             max_statement_weight: MAX_STATEMENT_WEIGHT,
+            timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
         }
     }
 }
