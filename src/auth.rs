@@ -361,8 +361,8 @@ pub struct AuthLayer {
 }
 
 impl AuthLayer {
-    pub fn new(auth: Option<Authenticator>) -> AuthLayer {
-        AuthLayer { auth: auth.map(Arc::new) }
+    pub fn new(auth: Option<Arc<Authenticator>>) -> AuthLayer {
+        AuthLayer { auth }
     }
 }
 

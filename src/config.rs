@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// gRPC address; port 0 picks a free port (the bound address is printed).
     pub listen: String,
+    /// Prometheus `/metrics` over plain HTTP on this address (none when
+    /// unset); a non-loopback address needs `[auth]` (scrapes then present
+    /// credentials) or `insecure`.
+    pub metrics_listen: Option<String>,
     pub workers: usize,
     /// A growing segment seals at this many rows.
     pub seal_rows: usize,
@@ -332,6 +336,7 @@ impl Default for ServerConfig {
         ServerConfig {
             data_dir: engine.data_dir,
             listen: "127.0.0.1:19530".into(),
+            metrics_listen: None,
             workers: engine.workers,
             seal_rows: engine.seal_rows,
             retention_secs: engine.retention.as_secs(),
@@ -369,6 +374,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (host:port; port 0 picks one).
+    /// A non-loopback address needs [auth] enabled (scrapes present credentials), or --insecure.
+    #[arg(long, value_name = "ADDRESS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Dataflow worker threads.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -454,12 +464,18 @@ impl ServerConfig {
         Ok(config)
     }
 
-    /// Refuses a non-loopback `listen` without authentication, unless `insecure`.
+    /// Refuses a non-loopback `listen` or `metrics_listen` without
+    /// authentication, unless `insecure`.
     pub fn check_exposure(&self) -> Result<(), ExposureError> {
-        if self.auth.enabled || self.insecure || is_loopback(&self.listen) {
+        if self.auth.enabled || self.insecure {
             return Ok(());
         }
-        Err(ExposureError::Unauthenticated { listen: self.listen.clone() })
+        for listen in std::iter::once(&self.listen).chain(&self.metrics_listen) {
+            if !is_loopback(listen) {
+                return Err(ExposureError::Unauthenticated { listen: listen.clone() });
+            }
+        }
+        Ok(())
     }
 
     pub fn engine_config(&self) -> EngineConfig {

@@ -12,9 +12,10 @@ mod bench_kafka;
 mod bench_recovery;
 mod client;
 mod config;
+mod metrics;
+mod observe;
 mod plot;
 mod server;
-mod slow_requests;
 
 #[derive(Parser)]
 #[command(name = "vectorflow", version, about = "A streaming vector database on timely/differential dataflow")]

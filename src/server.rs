@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -450,8 +451,8 @@ fn undecodable_is_invalid_argument<B>(mut response: http::Response<B>) -> http::
 pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     // Both before the data directory is touched: a misconfigured server fails at once.
     config.check_exposure()?;
-    let authenticator = config.auth.authenticator()?;
-    let auth_layer = crate::auth::AuthLayer::new(authenticator);
+    let authenticator = config.auth.authenticator()?.map(Arc::new);
+    let auth_layer = crate::auth::AuthLayer::new(authenticator.clone());
     // TLS files are read and checked here too, before the data directory is touched.
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = config.tls.server_config()? {
@@ -476,6 +477,22 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.listen).await?;
     let address: SocketAddr = listener.local_addr()?;
     let service = VectorflowService::new(engine.clone(), config.max_message_bytes, config.limits.sql_policy())?;
+    let metrics = match &config.metrics_listen {
+        Some(metrics_listen) => {
+            let metrics = crate::metrics::Metrics::new(engine.clone())?;
+            let listener = TcpListener::bind(metrics_listen).await?;
+            let address = listener.local_addr()?;
+            let (serving, auth) = (metrics.clone(), authenticator.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, serving, auth, shutdown_signal()).await {
+                    tracing::error!("metrics endpoint stopped: {e}");
+                }
+            });
+            tracing::info!(%address, "metrics at /metrics");
+            Some((metrics, address))
+        }
+        None => None,
+    };
     // Reflection in both versions: grpcio's reflection client and older grpcurl speak only v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -505,10 +522,16 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     tracing::info!(%address, data_dir = %config.data_dir.display(), tls, "vectorflow serving");
     // Tests and scripts read the bound address (the port may have been 0).
     println!("vectorflow listening on {address}");
+    if let Some((_, metrics_address)) = &metrics {
+        println!("vectorflow metrics on http://{metrics_address}/metrics");
+    }
     let served = server
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
-        .layer(crate::slow_requests::SlowRequestLayer::new(Duration::from_millis(config.slow_request_ms)))
+        .layer(crate::observe::ObserveLayer::new(
+            Duration::from_millis(config.slow_request_ms),
+            metrics.map(|(metrics, _)| metrics),
+        ))
         // Admission before authentication: an overloaded server refuses at once.
         .layer(crate::admission::AdmissionLayer::new(config.limits.max_concurrent_requests))
         // Innermost: every service goes through the one role check (auth.rs's table).

@@ -60,6 +60,8 @@ pub struct ServerProcess {
     child: std::process::Child,
     /// `127.0.0.1:PORT`, as the server printed it.
     pub address: String,
+    /// The server's later stdout lines.
+    stdout: std::sync::mpsc::Receiver<std::io::Result<String>>,
 }
 
 impl ServerProcess {
@@ -98,9 +100,15 @@ impl ServerProcess {
         let stdout = child.stdout.take().expect("the server's stdout");
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-            let _ = sender.send(read);
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                let read = reader.read_line(&mut line).map(|_| line);
+                let end = matches!(&read, Ok(line) if line.is_empty()) || read.is_err();
+                if sender.send(read).is_err() || end {
+                    break;
+                }
+            }
         });
         let line = match receiver.recv_timeout(timeout) {
             Ok(Ok(line)) => line,
@@ -121,7 +129,12 @@ impl ServerProcess {
             let _ = child.wait();
             panic!("unexpected first line from the server: {line:?} (process status {status:?})");
         };
-        ServerProcess { child, address }
+        ServerProcess { child, address, stdout: receiver }
+    }
+
+    /// The server's next stdout line, waiting up to `timeout`.
+    pub fn next_stdout_line(&self, timeout: std::time::Duration) -> Option<String> {
+        self.stdout.recv_timeout(timeout).ok()?.ok().filter(|line| !line.is_empty())
     }
 
     /// Sends SIGKILL and waits for the process to be gone.

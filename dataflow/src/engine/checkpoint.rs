@@ -48,6 +48,7 @@ impl Engine {
         if let Ok(mut dirty) = inner.dirty.lock() {
             dirty.remove(&entry.id);
         }
+        let started = Instant::now();
         let ts = inner.shared.log.tso().allocate(1);
         let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
         let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
@@ -110,6 +111,7 @@ impl Engine {
         if let Err(e) = truncated {
             tracing::warn!("truncating the log: {e}");
         }
+        inner.checkpoint_stats.record(started.elapsed());
         tracing::debug!(collection = entry.schema.name, version, ts, "checkpoint published");
         Ok(ts)
     }

@@ -58,7 +58,25 @@ struct Inner {
     /// One checkpoint at a time.
     checkpointing: Mutex<()>,
     recovery: Mutex<RecoveryReport>,
+    checkpoint_stats: CheckpointStats,
     maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Checkpoints published and the time they took (for metrics).
+#[derive(Default)]
+struct CheckpointStats {
+    published: AtomicU64,
+    total_micros: AtomicU64,
+    last_micros: AtomicU64,
+}
+
+impl CheckpointStats {
+    fn record(&self, took: Duration) {
+        let micros = (took.as_micros() as u64).max(1);
+        self.published.fetch_add(1, Ordering::Relaxed);
+        self.total_micros.fetch_add(micros, Ordering::Relaxed);
+        self.last_micros.store(micros, Ordering::Relaxed);
+    }
 }
 
 /// How long a checkpoint waits for a sealed segment's index build and upload.
@@ -171,6 +189,7 @@ impl Engine {
                 dirty: Mutex::new(recovered.dirty),
                 checkpointing: Mutex::new(()),
                 recovery: Mutex::new(recovered.report),
+                checkpoint_stats: CheckpointStats::default(),
                 maintenance: Mutex::new(None),
             }),
         };
@@ -206,6 +225,12 @@ impl Engine {
             frontier_stalled_for: (stalled_ms > 0).then(|| Duration::from_millis(stalled_ms)),
             frontier_stall_reports: shared.frontier_stalls.load(Ordering::Relaxed),
             reads_cancelled: shared.reads_cancelled.load(Ordering::Relaxed),
+            checkpoints: self.inner.checkpoint_stats.published.load(Ordering::Relaxed),
+            checkpoint_time: Duration::from_micros(self.inner.checkpoint_stats.total_micros.load(Ordering::Relaxed)),
+            last_checkpoint: match self.inner.checkpoint_stats.last_micros.load(Ordering::Relaxed) {
+                0 => None,
+                micros => Some(Duration::from_micros(micros)),
+            },
         }
     }
 

@@ -225,6 +225,8 @@ pub struct CollectionStats {
     pub growing_rows: usize,
     pub sealed_segments: usize,
     pub indexed_segments: usize,
+    /// Compactions (merges) building their output's index now.
+    pub compacting: usize,
     pub read_ts: Timestamp,
 }
 
@@ -280,6 +282,11 @@ pub struct EngineHealth {
     pub frontier_stall_reports: u64,
     /// Worker parts of reads stopped or skipped because their deadline passed.
     pub reads_cancelled: u64,
+    /// Checkpoints published since the engine opened, and the time they took in all.
+    pub checkpoints: u64,
+    pub checkpoint_time: Duration,
+    /// How long the newest checkpoint took.
+    pub last_checkpoint: Option<Duration>,
 }
 
 /// How a collection's Kafka topic is being read.

@@ -229,8 +229,21 @@ impl Engine {
         let read_ts = self.read_ts(entry.id, consistency, None, None)?;
         match self.request(entry.id, read_ts, RequestKind::Stats, None, consistency, None)? {
             Answer::Stats(ShardStats {
-                versions, live_rows, growing_rows, sealed_segments, indexed_segments, ..
-            }) => Ok(CollectionStats { live_rows, versions, growing_rows, sealed_segments, indexed_segments, read_ts }),
+                versions,
+                live_rows,
+                growing_rows,
+                sealed_segments,
+                indexed_segments,
+                compacting,
+            }) => Ok(CollectionStats {
+                live_rows,
+                versions,
+                growing_rows,
+                sealed_segments,
+                indexed_segments,
+                compacting,
+                read_ts,
+            }),
             other => Err(unexpected(other)),
         }
     }

@@ -1,39 +1,52 @@
-//! One structured log line per slow call: the method and how long the
-//! handler took to answer (for a stream, to its first message), so an
-//! operator sees which requests hold the server without tracing every call.
+//! Every call timed once: counted in the metrics by method and status
+//! code, and logged as one structured line when it is slow (the method and
+//! how long the handler took to answer; for a stream, to its first
+//! message), so an operator sees which requests hold the server without
+//! tracing every call.
+//!
+//! The code is the `grpc-status` of the response headers: tonic puts a
+//! handler's error there (a trailers-only response), and a unary success
+//! carries its OK in the trailers. A stream that fails after its first
+//! message counts as OK.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// Logs calls that take at least `threshold` (none when it is zero).
-#[derive(Clone, Copy)]
-pub struct SlowRequestLayer {
+use crate::metrics::Metrics;
+
+/// Logs calls that take at least `threshold` (none when it is zero) and
+/// counts every call in `metrics`.
+#[derive(Clone)]
+pub struct ObserveLayer {
     threshold: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
-impl SlowRequestLayer {
-    pub fn new(threshold: Duration) -> SlowRequestLayer {
-        SlowRequestLayer { threshold }
+impl ObserveLayer {
+    pub fn new(threshold: Duration, metrics: Option<Arc<Metrics>>) -> ObserveLayer {
+        ObserveLayer { threshold, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for SlowRequestLayer {
-    type Service = SlowRequests<S>;
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observed<S>;
 
-    fn layer(&self, inner: S) -> SlowRequests<S> {
-        SlowRequests { inner, threshold: self.threshold }
+    fn layer(&self, inner: S) -> Observed<S> {
+        Observed { inner, threshold: self.threshold, metrics: self.metrics.clone() }
     }
 }
 
 #[derive(Clone)]
-pub struct SlowRequests<S> {
+pub struct Observed<S> {
     inner: S,
     threshold: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for SlowRequests<S>
+impl<S, B, R> tower::Service<http::Request<B>> for Observed<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -52,7 +65,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let threshold = self.threshold;
-        if threshold.is_zero() {
+        let metrics = self.metrics.clone();
+        if threshold.is_zero() && metrics.is_none() {
             return Box::pin(inner.call(request));
         }
         let method = request.uri().path().to_string();
@@ -60,16 +74,20 @@ where
             let started = Instant::now();
             let response = inner.call(request).await;
             let elapsed = started.elapsed();
-            if elapsed >= threshold {
-                // Errors decided before the handler (refusals) travel in the headers.
-                let status = response
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| r.headers().get("grpc-status"))
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("in trailers")
-                    .to_string();
-                tracing::warn!(method, elapsed_ms = elapsed.as_millis() as u64, status, "slow request");
+            let code = match &response {
+                Ok(response) => {
+                    response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string()
+                }
+                Err(_) => "transport".to_string(),
+            };
+            if let Some(metrics) = &metrics {
+                // Paths no service knows (UNIMPLEMENTED) share one label, so
+                // a client cannot make series without end.
+                let method = if code == "12" { "unknown" } else { method.as_str() };
+                metrics.observe_call(method, &code, elapsed);
+            }
+            if !threshold.is_zero() && elapsed >= threshold {
+                tracing::warn!(method, elapsed_ms = elapsed.as_millis() as u64, status = code, "slow request");
             }
             response
         })
@@ -110,7 +128,7 @@ mod tests {
             }
             Ok::<_, std::convert::Infallible>(http::Response::new(()))
         });
-        let mut service = SlowRequestLayer::new(Duration::from_millis(30)).layer(handler);
+        let mut service = ObserveLayer::new(Duration::from_millis(30), None).layer(handler);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         tracing::subscriber::with_default(subscriber, || {
             runtime.block_on(async {
