@@ -18,9 +18,10 @@ use vectorflow::{Consistency, Dataset, Engine, EngineConfig, IndexParams, Metric
 /// The dataset and engine settings every benchmark takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatasetArgs {
-    /// A dataset folder in the layout of shared/datasets/README.md.
+    /// A dataset folder in the layout of shared/datasets/README.md (required).
+    // Optional to clap only so that `bench soak` parses without it.
     #[arg(long)]
-    pub dataset: PathBuf,
+    pub dataset: Option<PathBuf>,
     /// Where the results go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -32,7 +33,9 @@ pub struct DatasetArgs {
 
 impl DatasetArgs {
     pub fn open(&self) -> anyhow::Result<Dataset> {
-        Dataset::open(&self.dataset).with_context(|| format!("opening {}", self.dataset.display()))
+        let dataset =
+            self.dataset.as_ref().context("give --dataset DIR (a folder in the layout of shared/datasets)")?;
+        Dataset::open(dataset).with_context(|| format!("opening {}", dataset.display()))
     }
 
     /// Writes `results` to `<out>/<name>` and says where.
@@ -59,6 +62,23 @@ pub fn insert_all(
         engine.insert(collection, &dataset.base_batch(schema, vectors, attributes, start..(start + 1000).min(n))?)?;
     }
     Ok(())
+}
+
+/// `vectorflow bench [ARGS]` (search), or `vectorflow bench soak`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub kind: Option<BenchKind>,
+    #[command(flatten)]
+    pub search: BenchArgs,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchKind {
+    /// Mixed search, insert, upsert, delete and query from many clients
+    /// against a server for --minutes: errors, lost writes, p99, memory.
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 /// Arguments of `vectorflow bench`.
@@ -114,7 +134,7 @@ struct Ratio<'a> {
     vs_exact: Option<f64>,
 }
 
-fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
     if sorted_ms.is_empty() {
         return 0.0;
     }
@@ -174,7 +194,17 @@ fn current_rss() -> u64 {
 }
 
 fn read_status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    process_status("self", key)
+}
+
+/// Resident set size of process `pid` ("self" for this one), in bytes (0 if unknown).
+pub fn rss_of(pid: &str) -> u64 {
+    process_status(pid, "VmRSS:")
+}
+
+/// A size field (`VmRSS:`, `VmHWM:`) of /proc/<pid>/status, in bytes.
+fn process_status(pid: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())

@@ -25,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::bench::{DatasetArgs, insert_all};
+use crate::bench::{DatasetArgs, insert_all, percentile};
 use vectorflow::crates::connectors::kafka_record::{RecordFormat, decode, encode_key};
 use vectorflow::{Consistency, Engine, EngineConfig, GetOptions, KafkaConfig, Pk, SearchOptions, Value};
 
@@ -97,13 +97,6 @@ fn send(
     }
 }
 
-fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
-    if sorted_ms.is_empty() {
-        return 0.0;
-    }
-    sorted_ms[((sorted_ms.len() - 1) as f64 * p).round() as usize]
-}
-
 fn summary(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     json!({ "samples": ms.len(), "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99),
@@ -112,12 +105,7 @@ fn summary(mut ms: Vec<f64>) -> serde_json::Value {
 
 /// Resident memory of this process, in MB.
 fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::bench::rss_of("self") as f64 / (1024.0 * 1024.0)
 }
 
 pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {

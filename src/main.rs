@@ -10,6 +10,7 @@ mod auth;
 mod bench;
 mod bench_kafka;
 mod bench_recovery;
+mod bench_soak;
 mod client;
 mod config;
 mod metrics;
@@ -38,8 +39,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         queries: usize,
     },
-    /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory.
-    Bench(bench::BenchArgs),
+    /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory;
+    /// `bench soak`: a long mixed load against a server.
+    Bench(bench::BenchCommand),
     /// Benchmark restarts: full log replay vs recovery from a checkpoint vs rebuilding indexes; bytes stored per vector.
     BenchRecovery(bench_recovery::RecoveryArgs),
     /// Kafka ingestion against a running broker: rows/s to searchable, produce-to-visible latency, overload.
@@ -105,7 +107,8 @@ fn main() -> anyhow::Result<()> {
             let sample = dataset.write_sample(&to, rows, queries)?;
             println!("wrote {} rows and {} queries to {}", sample.info.n_base, sample.info.n_queries, to.display());
         }
-        Command::Bench(args) => bench::run(args)?,
+        Command::Bench(bench::BenchCommand { kind: Some(bench::BenchKind::Soak(args)), .. }) => bench_soak::run(args)?,
+        Command::Bench(bench::BenchCommand { search, .. }) => bench::run(search)?,
         Command::BenchRecovery(args) => bench_recovery::run(args)?,
         Command::BenchKafka(args) => bench_kafka::run(args)?,
         Command::Serve(_) => {

@@ -318,7 +318,7 @@ mod tests {
     fn a_statement_past_its_timeout_stops_with_a_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(dir.path());
-        let rows: Vec<_> = (0..200).map(|id| crate::tests::row(id)).collect();
+        let rows: Vec<_> = (0..200).map(row).collect();
         engine.insert_rows("docs", &rows).unwrap();
         let limit = std::time::Duration::from_millis(200);
         let policy = SqlPolicy { timeout: Some(limit), ..SqlPolicy::read_only() };
