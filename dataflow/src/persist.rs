@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ pub fn segment_prefix(collection: CollectionId, uid: &str) -> String {
     format!("{}/segments/{uid}", collection_prefix(collection))
 }
 
+/// Sealed segments waiting to be written, at most.
+const PERSIST_QUEUE: usize = 64;
+
 struct Job {
     collection: CollectionId,
     snapshot: SegmentSnapshot,
@@ -43,7 +46,7 @@ struct State {
 /// Writes sealed segments on a thread of its own.
 pub struct Persister {
     storage: ObjectStorage,
-    jobs: Mutex<Option<Sender<Job>>>,
+    jobs: Mutex<Option<SyncSender<Job>>>,
     state: Mutex<State>,
     changed: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -51,7 +54,11 @@ pub struct Persister {
 
 impl Persister {
     pub fn start(storage: ObjectStorage) -> Result<Arc<Persister>> {
-        let (jobs, queue) = std::sync::mpsc::channel();
+        // Bounded: a worker that seals faster than segments are written
+        // waits here, which holds back ingestion instead of queueing
+        // snapshots (whole segments) in memory without end. The persister
+        // depends on no worker, so the wait always ends.
+        let (jobs, queue) = std::sync::mpsc::sync_channel(PERSIST_QUEUE);
         let persister = Arc::new(Persister {
             storage,
             jobs: Mutex::new(Some(jobs)),
@@ -77,7 +84,9 @@ impl Persister {
     /// Queues a sealed segment for writing.
     pub fn submit(&self, collection: CollectionId, snapshot: SegmentSnapshot) {
         self.track([snapshot.uid.clone()]);
-        let sent = self.jobs.lock().ok().and_then(|jobs| jobs.as_ref().map(|j| j.send(Job { collection, snapshot })));
+        // The lock is not held while a full queue waits.
+        let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
+        let sent = sender.map(|sender| sender.send(Job { collection, snapshot }));
         if !matches!(sent, Some(Ok(()))) {
             tracing::warn!("the persister has stopped; a sealed segment is not written (the log still holds it)");
         }
