@@ -94,6 +94,17 @@ pub fn required_access(path: &str) -> Access {
         .map_or(Access::Needs(Role::Admin), |(_, _, access)| *access)
 }
 
+/// The method a request path names, as a metrics label: `/service/Method`
+/// for a method of [`METHOD_ACCESS`], `/service/*` for the services served
+/// whole (health, reflection), `None` for anything else, so what a client
+/// sends cannot make labels without end.
+pub fn method_label(path: &str) -> Option<String> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let (known_service, known_method, _) =
+        METHOD_ACCESS.iter().find(|(s, m, _)| *s == service && (*m == method || *m == "*"))?;
+    Some(format!("/{known_service}/{known_method}"))
+}
+
 /// Why a call is refused, or why `[auth]` cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -456,6 +467,18 @@ mod tests {
 
     fn b64(text: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn metrics_labels_are_known_methods_only() {
+        assert_eq!(
+            method_label("/vectorflow.v1.Vectorflow/Search").as_deref(),
+            Some("/vectorflow.v1.Vectorflow/Search")
+        );
+        assert_eq!(method_label("/grpc.health.v1.Health/Check").as_deref(), Some("/grpc.health.v1.Health/*"));
+        for made_up in ["/vectorflow.v1.Vectorflow/Nope", "/x/y", "/", "", "/vectorflow.v1.Vectorflow"] {
+            assert_eq!(method_label(made_up), None, "{made_up}");
+        }
     }
 
     fn authenticator() -> Authenticator {

@@ -7,9 +7,11 @@
 //! model of its keys (each live key's version `n`), so:
 //! - a Strong query of its own keys must answer what the model says (a
 //!   wrong answer is counted);
-//! - at the end, every key ever written is read back with a Strong get:
-//!   a live key missing or with an older `n` is a lost write, a deleted key
-//!   present is a resurrected one.
+//! - at the end the server is killed (SIGKILL) and started again on its
+//!   data, and every key ever written is read back with a Strong get: a
+//!   live key missing or with an older `n` is a lost write, a deleted key
+//!   present is a resurrected one. Keys whose last write failed may hold
+//!   either outcome and are not checked (any failure is an error anyway).
 //!
 //! Reported: errors (any call that failed), lost and resurrected rows,
 //! p50/p99 per operation, the server's resident memory at each minute and
@@ -64,21 +66,40 @@ const OPERATIONS: [&str; 5] = ["search", "insert", "upsert", "delete", "query"];
 
 type Client = VectorflowClient<Channel>;
 
-/// One client's keys: live key → its version `n`; deleted keys.
+/// One client's keys: live key → its version `n`; deleted keys; keys whose
+/// last write failed (it may or may not have been applied: not checked).
 #[derive(Default)]
 struct Model {
     live: HashMap<i64, i64>,
+    /// The live keys, to pick from, and each one's place in it.
     live_keys: Vec<i64>,
+    place: HashMap<i64, usize>,
     deleted: Vec<i64>,
+    uncertain: std::collections::HashSet<i64>,
     next_key: i64,
 }
 
 impl Model {
-    fn remove_at(&mut self, index: usize) -> i64 {
-        let key = self.live_keys.swap_remove(index);
+    fn set(&mut self, key: i64, n: i64) {
+        if self.live.insert(key, n).is_none() {
+            self.place.insert(key, self.live_keys.len());
+            self.live_keys.push(key);
+        }
+    }
+
+    fn delete(&mut self, key: i64) {
+        let Some(at) = self.place.remove(&key) else { return };
+        self.live_keys.swap_remove(at);
+        if let Some(&moved) = self.live_keys.get(at) {
+            self.place.insert(moved, at);
+        }
         self.live.remove(&key);
         self.deleted.push(key);
-        key
+    }
+
+    /// A live key at random (the caller checks there is one).
+    fn pick(&self, rng: &mut StdRng) -> i64 {
+        self.live_keys[rng.random_range(0..self.live_keys.len())]
     }
 }
 
@@ -99,6 +120,9 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return; // Already gone (killed by the bench).
+        }
         let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -112,10 +136,10 @@ impl Drop for Server {
     }
 }
 
-fn start_server(args: &SoakArgs, data_dir: &std::path::Path) -> anyhow::Result<Server> {
+fn start_server(args: &SoakArgs, data_dir: &std::path::Path, log_name: &str) -> anyhow::Result<Server> {
     use std::io::{BufRead, BufReader};
     std::fs::create_dir_all(&args.out)?;
-    let log = std::fs::File::create(args.out.join("soak-server.log"))?;
+    let log = std::fs::File::create(args.out.join(log_name))?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stderr(log)
@@ -188,7 +212,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         "--clients, --batch and --dim must be at least 1"
     );
     let data_dir = tempfile::tempdir_in(std::env::temp_dir())?;
-    let server = start_server(&args, data_dir.path())?;
+    let server = start_server(&args, data_dir.path(), "soak-server.log")?;
     let pid = server.child.id().to_string();
     println!(
         "soak: server {} (pid {pid}, log in {}), {} clients, {} minutes",
@@ -198,8 +222,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         args.minutes
     );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let address = server.address.clone();
-    let connect = || {
+    let connect = |address: &str| {
         runtime.block_on(async {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
                 .timeout(Duration::from_secs(120))
@@ -208,7 +231,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             anyhow::Ok(VectorflowClient::new(channel).max_decoding_message_size(256 << 20))
         })
     };
-    let mut admin = connect()?;
+    let mut admin = connect(&server.address)?;
     let schema = CollectionSchema::new(
         COLLECTION,
         vec![
@@ -232,10 +255,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             runtime
                 .block_on(admin.insert(write(&keys, &vec![0; keys.len()], &mut rng, args.dim)))
                 .map_err(crate::client::rpc)?;
-            for key in keys {
-                model.live.insert(key, 0);
-                model.live_keys.push(key);
-            }
+            keys.into_iter().for_each(|key| model.set(key, 0));
         }
     }
 
@@ -245,7 +265,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.minutes * 60);
     let mut tasks = Vec::new();
     for (index, model) in models.into_iter().enumerate() {
-        let client = connect()?;
+        let client = connect(&server.address)?;
         let (observed, stop, dim, batch) = (observed.clone(), stop.clone(), args.dim, args.batch);
         tasks.push(
             runtime.spawn(async move { client_loop(index, client, model, observed, stop, started, dim, batch).await }),
@@ -271,10 +291,29 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     }
     let load_secs = started.elapsed().min(duration + Duration::from_secs(60)).as_secs_f64();
 
+    // SIGKILL the server and start it again on the same data: the check
+    // reads what survived, not only what was in memory.
+    drop(admin);
+    let mut server = server;
+    server.child.kill()?;
+    server.child.wait()?;
+    drop(server);
+    let restart_started = Instant::now();
+    let server = start_server(&args, data_dir.path(), "soak-server-restart.log")?;
+    let restart_secs = restart_started.elapsed().as_secs_f64();
+    println!("restart after SIGKILL: serving again in {restart_secs:.1}s");
+    let mut admin = connect(&server.address)?;
+
     // Every acknowledged write, read back with a Strong get.
     let (mut lost, mut resurrected, mut checked) = (Vec::new(), Vec::new(), 0usize);
     for model in &models {
-        let mut keys: Vec<i64> = model.live.keys().copied().chain(model.deleted.iter().copied()).collect();
+        let mut keys: Vec<i64> = model
+            .live
+            .keys()
+            .copied()
+            .chain(model.deleted.iter().copied())
+            .filter(|key| !model.uncertain.contains(key))
+            .collect();
         keys.sort_unstable();
         for chunk in keys.chunks(10_000) {
             let request = v1::GetRequest {
@@ -299,6 +338,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         }
     }
     let live_rows: usize = models.iter().map(|m| m.live.len()).sum();
+    let uncertain: usize = models.iter().map(|m| m.uncertain.len()).sum();
     let observed = observed.lock().map_err(|_| anyhow::anyhow!("a client panicked"))?;
     let mut per_operation = serde_json::Map::new();
     println!("\n{:<8} {:>9} {:>9} {:>9} {:>9}", "op", "calls", "calls/s", "p50 ms", "p99 ms");
@@ -345,6 +385,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         "build": if cfg!(debug_assertions) { "dev" } else { "release" },
         "errors": observed.errors.len(), "wrong_answers": observed.wrong_answers.len(),
         "rows_checked": checked, "rows_lost": lost.len(), "rows_resurrected": resurrected.len(), "live_rows": live_rows,
+        "rows_not_checked_after_a_failed_write": uncertain, "restart_after_sigkill_s": restart_secs,
         "operations": per_operation, "per_minute": per_minute, "server_rss_mb": rss_per_minute,
         "first_problems": observed.errors.iter().chain(&observed.wrong_answers).chain(&lost).chain(&resurrected).take(20).collect::<Vec<_>>(),
     });
@@ -374,16 +415,19 @@ async fn client_loop(
 ) -> Model {
     let mut rng = StdRng::seed_from_u64(1000 + index as u64);
     while !stop.load(Ordering::SeqCst) {
-        let roll = rng.random_range(0..100);
-        let operation = match roll {
+        let operation = match rng.random_range(0..100) {
             0..40 => "search",
             40..60 => "insert",
             60..75 => "upsert",
             75..85 => "delete",
             _ => "query",
         };
+        if operation != "search" && operation != "insert" && model.live_keys.is_empty() {
+            continue;
+        }
+        // Each arm times only its call: the model's bookkeeping comes after.
         let call_started = Instant::now();
-        let outcome: Result<Option<String>, tonic::Status> = match operation {
+        let (ms, outcome): (f64, Result<Option<String>, tonic::Status>) = match operation {
             "search" => {
                 let request = v1::SearchRequest {
                     collection: COLLECTION.into(),
@@ -391,39 +435,41 @@ async fn client_loop(
                     k: 10,
                     ..Default::default()
                 };
-                client.search(request).await.map(|_| None)
+                let result = client.search(request).await;
+                (elapsed_ms(call_started), result.map(|_| None))
             }
             "insert" => {
                 let keys: Vec<i64> = (model.next_key..model.next_key + batch as i64).collect();
-                let result = client.insert(write(&keys, &vec![0; keys.len()], &mut rng, dim)).await;
-                // Keys are never reused, acknowledged or not: a failed insert may still have been applied.
+                let request = write(&keys, &vec![0; keys.len()], &mut rng, dim);
+                let call_started = Instant::now();
+                let result = client.insert(request).await;
+                let ms = elapsed_ms(call_started);
+                // Keys are never reused, acknowledged or not.
                 model.next_key += batch as i64;
-                result.map(|_| {
-                    for key in keys {
-                        model.live.insert(key, 0);
-                        model.live_keys.push(key);
-                    }
-                    None
-                })
+                match result {
+                    Ok(_) => keys.into_iter().for_each(|key| model.set(key, 0)),
+                    // It may have been applied: either outcome is right.
+                    Err(_) => model.uncertain.extend(keys),
+                }
+                (ms, Ok(None))
             }
-            "upsert" if !model.live_keys.is_empty() => {
-                let keys: Vec<i64> =
-                    (0..batch).map(|_| model.live_keys[rng.random_range(0..model.live_keys.len())]).collect();
-                let mut keys = keys;
+            "upsert" => {
+                let mut keys: Vec<i64> = (0..batch).map(|_| model.pick(&mut rng)).collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let versions: Vec<i64> = keys.iter().map(|k| model.live[k] + 1).collect();
-                client.upsert(write(&keys, &versions, &mut rng, dim)).await.map(|_| {
-                    for (key, n) in keys.iter().zip(versions) {
-                        model.live.insert(*key, n);
-                    }
-                    None
-                })
+                let request = write(&keys, &versions, &mut rng, dim);
+                let call_started = Instant::now();
+                let result = client.upsert(request).await;
+                let ms = elapsed_ms(call_started);
+                match &result {
+                    Ok(_) => keys.iter().zip(versions).for_each(|(key, n)| model.set(*key, n)),
+                    Err(_) => model.uncertain.extend(keys),
+                }
+                (ms, result.map(|_| None))
             }
-            "delete" if !model.live_keys.is_empty() => {
-                let picks = (batch / 4).max(1).min(model.live_keys.len());
-                let positions: Vec<usize> = (0..picks).map(|_| rng.random_range(0..model.live_keys.len())).collect();
-                let mut keys: Vec<i64> = positions.iter().map(|&p| model.live_keys[p]).collect();
+            "delete" => {
+                let mut keys: Vec<i64> = (0..(batch / 4).max(1)).map(|_| model.pick(&mut rng)).collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let request = v1::DeleteRequest {
@@ -432,19 +478,18 @@ async fn client_loop(
                         &keys.iter().map(|&k| Pk::Int(k)).collect::<Vec<_>>(),
                     ))),
                 };
-                client.delete(request).await.map(|_| {
-                    for key in keys {
-                        if let Some(at) = model.live_keys.iter().position(|k| *k == key) {
-                            model.remove_at(at);
-                        }
-                    }
-                    None
-                })
+                let call_started = Instant::now();
+                let result = client.delete(request).await;
+                let ms = elapsed_ms(call_started);
+                match &result {
+                    Ok(_) => keys.iter().for_each(|key| model.delete(*key)),
+                    Err(_) => model.uncertain.extend(keys),
+                }
+                (ms, result.map(|_| None))
             }
-            "query" if !model.live_keys.is_empty() => {
+            _ => {
                 // Ten of its own keys, live or deleted, must read as the model says.
-                let mut keys: Vec<i64> =
-                    (0..10).map(|_| model.live_keys[rng.random_range(0..model.live_keys.len())]).collect();
+                let mut keys: Vec<i64> = (0..10).map(|_| model.pick(&mut rng)).collect();
                 keys.extend(model.deleted.iter().rev().take(3));
                 keys.sort_unstable();
                 keys.dedup();
@@ -457,18 +502,25 @@ async fn client_loop(
                     read: strong(),
                     ..Default::default()
                 };
-                client.query(request).await.map(|response| {
-                    let mut got = key_versions(response.into_inner());
+                let call_started = Instant::now();
+                let result = client.query(request).await;
+                let ms = elapsed_ms(call_started);
+                let checked = result.map(|response| {
+                    let certain = |key: &i64| !model.uncertain.contains(key);
+                    let mut got: Vec<(i64, i64)> =
+                        key_versions(response.into_inner()).into_iter().filter(|(k, _)| certain(k)).collect();
                     got.sort_unstable();
-                    let want: Vec<(i64, i64)> =
-                        keys.iter().filter_map(|k| model.live.get(k).map(|n| (*k, *n))).collect();
+                    let want: Vec<(i64, i64)> = keys
+                        .iter()
+                        .filter(|k| certain(k))
+                        .filter_map(|k| model.live.get(k).map(|n| (*k, *n)))
+                        .collect();
                     (got != want)
                         .then(|| format!("client {index}: query of {list} read {got:?}, the model says {want:?}"))
-                })
+                });
+                (ms, checked)
             }
-            _ => continue,
         };
-        let ms = call_started.elapsed().as_secs_f64() * 1000.0;
         let minute = (call_started.duration_since(started).as_secs() / 60) as usize;
         if let Ok(mut observed) = observed.lock() {
             observed.latencies.entry((operation, minute)).or_default().push(ms);
@@ -480,4 +532,8 @@ async fn client_loop(
         }
     }
     model
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }

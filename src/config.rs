@@ -58,8 +58,8 @@ pub struct ServerConfig {
     /// gRPC address; port 0 picks a free port (the bound address is printed).
     pub listen: String,
     /// Prometheus `/metrics` over plain HTTP on this address (none when
-    /// unset); a non-loopback address needs `[auth]` (scrapes then present
-    /// credentials) or `insecure`.
+    /// unset); with `[auth]` on, scrapes present credentials; a
+    /// non-loopback address needs `insecure`.
     pub metrics_listen: Option<String>,
     pub workers: usize,
     /// A growing segment seals at this many rows.
@@ -226,6 +226,12 @@ pub enum ExposureError {
          or pass --insecure (insecure = true, VECTORFLOW_INSECURE=true) to serve without authentication"
     )]
     Unauthenticated { listen: String },
+    #[error(
+        "refusing to serve metrics on {listen}: it is not a loopback address and the metrics port is plain \
+         HTTP (credentials and figures would cross the network in clear). Use a loopback metrics_listen \
+         (and a local scraper or proxy), or pass --insecure"
+    )]
+    PlainMetrics { listen: String },
 }
 
 /// Whether `listen` only reaches this machine: a loopback IP, or a host name
@@ -263,7 +269,7 @@ pub struct LimitSettings {
     /// (health checks and reflection are always served).
     pub max_concurrent_requests: usize,
     /// How long one SQL statement may run (DEADLINE_EXCEEDED past it; a
-    /// shorter client deadline wins).
+    /// shorter client deadline wins; 0: no limit).
     pub sql_timeout_ms: u64,
     /// Memory one SQL statement may hold for sorts, aggregates and joins
     /// (RESOURCE_EXHAUSTED past it).
@@ -290,7 +296,8 @@ impl LimitSettings {
     /// What SQL from the network may do: queries only, within these limits.
     pub fn sql_policy(&self) -> vectorflow_sql::SqlPolicy {
         vectorflow_sql::SqlPolicy {
-            timeout: Some(std::time::Duration::from_millis(self.sql_timeout_ms.max(1))),
+            // 0: no limit.
+            timeout: (self.sql_timeout_ms > 0).then(|| std::time::Duration::from_millis(self.sql_timeout_ms)),
             memory_limit: Some(self.sql_memory_limit_bytes.max(1 << 20)),
             ..vectorflow_sql::SqlPolicy::read_only()
         }
@@ -375,7 +382,7 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
     /// Serve Prometheus metrics at http://ADDRESS/metrics (host:port; port 0 picks one).
-    /// A non-loopback address needs [auth] enabled (scrapes present credentials), or --insecure.
+    /// Plain HTTP: a non-loopback address needs --insecure. With [auth], scrapes present credentials.
     #[arg(long, value_name = "ADDRESS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
@@ -464,16 +471,20 @@ impl ServerConfig {
         Ok(config)
     }
 
-    /// Refuses a non-loopback `listen` or `metrics_listen` without
-    /// authentication, unless `insecure`.
+    /// Refuses a non-loopback `listen` without authentication, and a
+    /// non-loopback `metrics_listen` (plain HTTP: credentials would cross
+    /// the network in clear) in any case, unless `insecure`.
     pub fn check_exposure(&self) -> Result<(), ExposureError> {
-        if self.auth.enabled || self.insecure {
+        if self.insecure {
             return Ok(());
         }
-        for listen in std::iter::once(&self.listen).chain(&self.metrics_listen) {
-            if !is_loopback(listen) {
-                return Err(ExposureError::Unauthenticated { listen: listen.clone() });
-            }
+        if !self.auth.enabled && !is_loopback(&self.listen) {
+            return Err(ExposureError::Unauthenticated { listen: self.listen.clone() });
+        }
+        if let Some(metrics) = &self.metrics_listen
+            && !is_loopback(metrics)
+        {
+            return Err(ExposureError::PlainMetrics { listen: metrics.clone() });
         }
         Ok(())
     }

@@ -5,7 +5,9 @@
 //! engine's state (ingest, frontier lag, segments, index and merge builds,
 //! checkpoints, Kafka lag) is read when Prometheus scrapes. With `[auth]`
 //! on, a scrape must present the same `authorization` a gRPC call does
-//! (Prometheus `basic_auth` or `authorization: Bearer`), any role.
+//! (Prometheus `basic_auth` or `authorization: Bearer`), any role. The port
+//! is plain HTTP, so beyond loopback it needs `insecure` even with `[auth]`
+//! (credentials would cross the network in clear).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,9 @@ use crate::auth::Authenticator;
 
 /// Every metric the server exports.
 pub struct Metrics {
+    /// One scrape at a time: a refresh moves counters by what the engine
+    /// added since the last one, and resets the per-collection series.
+    scraping: std::sync::Mutex<()>,
     registry: Registry,
     engine: Engine,
     calls: IntCounterVec,
@@ -41,6 +46,9 @@ const LATENCY_BUCKETS: &[f64] =
 
 /// Collections a scrape reports one by one at most (each is a dataflow read).
 const MAX_COLLECTIONS_PER_SCRAPE: usize = 256;
+/// How long a scrape waits for one collection's figures (a wedged
+/// dataflow must not hold the scrape; the frontier figures still report it).
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Metrics {
     pub fn new(engine: Engine) -> prometheus::Result<Arc<Metrics>> {
@@ -111,6 +119,7 @@ impl Metrics {
             registry.register(metric)?;
         }
         Ok(Arc::new(Metrics {
+            scraping: std::sync::Mutex::new(()),
             registry,
             engine,
             calls,
@@ -135,6 +144,8 @@ impl Metrics {
     /// Reads the engine's state and renders every metric. Blocking: the
     /// per-collection figures are dataflow reads.
     pub fn render(&self) -> Result<String, prometheus::Error> {
+        let _one_scrape_at_a_time =
+            self.scraping.lock().map_err(|_| prometheus::Error::Msg("a scrape panicked".into()))?;
         self.refresh();
         let mut text = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
@@ -167,7 +178,7 @@ impl Metrics {
         self.kafka_lag.reset();
         self.dead_letters.reset();
         for name in names.iter().take(MAX_COLLECTIONS_PER_SCRAPE) {
-            if let Ok(stats) = self.engine.stats(name, Consistency::Eventually) {
+            if let Ok(stats) = self.engine.stats_within(name, Consistency::Eventually, STATS_TIMEOUT) {
                 let set = |what: &str, value: usize| {
                     self.per_collection.with_label_values(&[name.as_str(), what]).set(value as i64)
                 };

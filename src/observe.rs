@@ -7,7 +7,8 @@
 //! The code is the `grpc-status` of the response headers: tonic puts a
 //! handler's error there (a trailers-only response), and a unary success
 //! carries its OK in the trailers. A stream that fails after its first
-//! message counts as OK.
+//! message counts as OK. The layer is the outermost, so it records the
+//! code the client gets (after the response remappings).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -81,10 +82,10 @@ where
                 Err(_) => "transport".to_string(),
             };
             if let Some(metrics) = &metrics {
-                // Paths no service knows (UNIMPLEMENTED) share one label, so
-                // a client cannot make series without end.
-                let method = if code == "12" { "unknown" } else { method.as_str() };
-                metrics.observe_call(method, &code, elapsed);
+                // Paths no service serves share one label, whatever their
+                // code, so a client cannot make series without end.
+                let label = crate::auth::method_label(&method);
+                metrics.observe_call(label.as_deref().unwrap_or("unknown"), &code, elapsed);
             }
             if !threshold.is_zero() && elapsed >= threshold {
                 tracing::warn!(method, elapsed_ms = elapsed.as_millis() as u64, status = code, "slow request");

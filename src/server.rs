@@ -526,12 +526,13 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         println!("vectorflow metrics on http://{metrics_address}/metrics");
     }
     let served = server
-        .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
-        .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
+        // Outermost: it times the whole call and sees the code the client gets.
         .layer(crate::observe::ObserveLayer::new(
             Duration::from_millis(config.slow_request_ms),
             metrics.map(|(metrics, _)| metrics),
         ))
+        .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid_argument))
         // Admission before authentication: an overloaded server refuses at once.
         .layer(crate::admission::AdmissionLayer::new(config.limits.max_concurrent_requests))
         // Innermost: every service goes through the one role check (auth.rs's table).

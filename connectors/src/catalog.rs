@@ -9,7 +9,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use vectorflow_core::{CollectionId, CollectionSchema, Error, Result, Timestamp};
 
-use crate::store::{ObjectStorage, latest_version, version_path, versions};
+use crate::manifest::newest_complete_version;
+use crate::store::{ObjectStorage, version_path, versions};
 
 /// One collection as the catalog holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,20 +42,8 @@ pub struct CatalogStore {
 
 impl CatalogStore {
     pub fn open(storage: ObjectStorage) -> Result<CatalogStore> {
-        let (version, document) = match latest_version(&storage, PREFIX)? {
-            None => (0, CatalogDocument { next_collection_id: 1, collections: Vec::new() }),
-            Some((version, path)) => {
-                let bytes = storage.get_opt(&path)?.ok_or_else(|| Error::Corrupt {
-                    location: format!("{}/{path}", storage.description()),
-                    problem: "the catalog version vanished while it was read".into(),
-                })?;
-                let document = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                    location: format!("{}/{path}", storage.description()),
-                    problem: e.to_string(),
-                })?;
-                (version, document)
-            }
-        };
+        let (version, document) = newest_complete_version(&storage, PREFIX, "catalog version")?
+            .unwrap_or((0, CatalogDocument { next_collection_id: 1, collections: Vec::new() }));
         Ok(CatalogStore { storage, current: Mutex::new((version, document)) })
     }
 

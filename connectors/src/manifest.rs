@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use vectorflow_core::{CollectionId, Error, Metric, Result, Timestamp};
 
-use crate::store::{ObjectRef, ObjectStorage, latest_version, version_path, versions};
+use crate::store::{ObjectRef, ObjectStorage, version_path, versions};
 
 /// Where recovery starts: everything at or before `ts` is in the manifest's
 /// segments; replay reads each log partition from `log_positions[p]` and
@@ -86,14 +86,42 @@ const KEPT_VERSIONS: u64 = 3;
 
 /// The newest manifest of `collection`, if any was published.
 pub fn load_manifest(storage: &ObjectStorage, collection: CollectionId) -> Result<Option<Manifest>> {
-    let Some((_, path)) = latest_version(storage, &manifest_prefix(collection))? else { return Ok(None) };
-    let location = format!("{}/{path}", storage.description());
-    let bytes = storage
-        .get_opt(&path)?
-        .ok_or_else(|| Error::Corrupt { location: location.clone(), problem: "the manifest vanished".into() })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { location, problem: e.to_string() })?;
-    Ok(Some(manifest))
+    Ok(newest_complete_version(storage, &manifest_prefix(collection), "manifest")?.map(|(_, manifest)| manifest))
+}
+
+/// The newest versioned document under `prefix` that decodes whole.
+///
+/// A power cut between the local store's rename of a new version and its
+/// fsync can leave that version empty or cut short. Its write never
+/// returned, so nothing relied on it (the log was not truncated for it):
+/// it is removed and the version before it is the current one. Any other
+/// damage is an error naming the object.
+pub fn newest_complete_version<T: serde::de::DeserializeOwned>(
+    storage: &ObjectStorage,
+    prefix: &str,
+    what: &str,
+) -> Result<Option<(u64, T)>> {
+    let mut found = versions(storage, prefix)?;
+    found.sort_by_key(|(version, _)| std::cmp::Reverse(*version));
+    let newest = found.first().map(|(version, _)| *version);
+    for (version, path) in found {
+        let location = format!("{}/{path}", storage.description());
+        let bytes = storage
+            .get_opt(&path)?
+            .ok_or_else(|| Error::Corrupt { location: location.clone(), problem: format!("the {what} vanished") })?;
+        match serde_json::from_slice(&bytes) {
+            Ok(document) => return Ok(Some((version, document))),
+            Err(e) if e.is_eof() && Some(version) == newest => {
+                tracing::warn!(
+                    location,
+                    "the newest {what} was cut short by a crash before it was synced; using the one before it"
+                );
+                storage.delete(&path)?;
+            }
+            Err(e) => return Err(Error::Corrupt { location, problem: e.to_string() }),
+        }
+    }
+    Ok(None)
 }
 
 /// Publishes `manifest` (whose `version` must be one above the newest) and
@@ -124,4 +152,43 @@ pub fn delete_collection_objects(storage: &ObjectStorage, collection: Collection
         storage.delete(&path)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StorageConfig;
+
+    fn manifest(version: u64) -> Manifest {
+        Manifest {
+            version,
+            collection: 4,
+            shards: 2,
+            placement: "xxh64-v1".into(),
+            checkpoint: Checkpoint { ts: version * 10, log_positions: vec![version] },
+            segments: vec![Vec::new(), Vec::new()],
+        }
+    }
+
+    #[test]
+    fn a_newest_version_cut_short_falls_back_to_the_one_before_and_other_damage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = ObjectStorage::open(&StorageConfig::default(), dir.path()).unwrap();
+        publish_manifest(&storage, &manifest(1)).unwrap();
+        publish_manifest(&storage, &manifest(2)).unwrap();
+        // What a power cut between the rename and the fsync can leave.
+        let whole = serde_json::to_vec(&manifest(3)).unwrap();
+        let torn = version_path(&manifest_prefix(4), 3);
+        storage.put(&torn, Bytes::copy_from_slice(&whole[..whole.len() / 2])).unwrap();
+        assert_eq!(load_manifest(&storage, 4).unwrap(), Some(manifest(2)));
+        assert!(storage.get_opt(&torn).unwrap().is_none(), "the torn version is removed");
+        // So the next checkpoint can publish version 3.
+        publish_manifest(&storage, &manifest(3)).unwrap();
+        assert_eq!(load_manifest(&storage, 4).unwrap(), Some(manifest(3)));
+
+        // Damage that is not a cut-short write is not papered over.
+        storage.put(&version_path(&manifest_prefix(4), 4), Bytes::from_static(b"{\"version\": x}")).unwrap();
+        let error = load_manifest(&storage, 4).unwrap_err().to_string();
+        assert!(error.contains("v00000000000000000004.json"), "{error}");
+    }
 }

@@ -139,6 +139,10 @@ impl ObjectStorage {
             let local = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| Error::argument("storage.url", format!("{}: {e}", dir.display())))?;
             let root = std::fs::canonicalize(&dir)?;
+            // The root's own entry (if `create_dir_all` just made it) lives in its parent.
+            if let Some(parent) = root.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
             (Arc::new(local), Arc::new(LocalFsync { root }), format!("file://{}", dir.display()))
         } else if url.starts_with("s3://") {
             let mut builder = AmazonS3Builder::from_env().with_url(url).with_allow_http(config.allow_http);
@@ -290,12 +294,6 @@ impl ObjectStorage {
     }
 }
 
-/// The newest of the versioned objects `{prefix}/v{N:020}.json`, with its version.
-pub fn latest_version(storage: &ObjectStorage, prefix: &str) -> Result<Option<(u64, String)>> {
-    let versions = versions(storage, prefix)?;
-    Ok(versions.into_iter().max_by_key(|(v, _)| *v))
-}
-
 /// Every versioned object `{prefix}/v{N:020}.json`.
 pub fn versions(storage: &ObjectStorage, prefix: &str) -> Result<Vec<(u64, String)>> {
     Ok(storage
@@ -338,7 +336,7 @@ mod tests {
 
         storage.put(&version_path("m", 3), Bytes::from_static(b"{}")).unwrap();
         storage.put(&version_path("m", 12), Bytes::from_static(b"{}")).unwrap();
-        assert_eq!(latest_version(&storage, "m").unwrap().unwrap().0, 12);
+        assert_eq!(versions(&storage, "m").unwrap().into_iter().map(|(v, _)| v).max(), Some(12));
         assert_eq!(storage.bytes_under("m").unwrap(), 4);
     }
 }

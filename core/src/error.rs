@@ -72,6 +72,44 @@ pub enum Error {
 }
 
 impl Error {
+    /// An error of the same class and message, for an error only borrowed
+    /// (DataFusion shares one error between the partitions that saw it).
+    /// Arrow and IO errors keep their message and their IO kind.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Field { field, problem } => Error::Field { field: field.clone(), problem: problem.clone() },
+            Error::InvalidArgument { argument, problem } => {
+                Error::InvalidArgument { argument: argument.clone(), problem: problem.clone() }
+            }
+            Error::Expression { position, problem } => {
+                Error::Expression { position: *position, problem: problem.clone() }
+            }
+            Error::Sql(message) => Error::Sql(message.clone()),
+            Error::InvalidSchema(message) => Error::InvalidSchema(message.clone()),
+            Error::CollectionNotFound(name) => Error::CollectionNotFound(name.clone()),
+            Error::CollectionExists(name) => Error::CollectionExists(name.clone()),
+            Error::OutsideRetention { as_of, horizon } => Error::OutsideRetention { as_of: *as_of, horizon: *horizon },
+            Error::FutureTimestamp { as_of, now } => Error::FutureTimestamp { as_of: *as_of, now: *now },
+            Error::Timeout(after) => Error::Timeout(*after),
+            Error::Shutdown => Error::Shutdown,
+            Error::ResourceExhausted { limit, problem } => {
+                Error::ResourceExhausted { limit: limit.clone(), problem: problem.clone() }
+            }
+            Error::Cancelled => Error::Cancelled,
+            Error::CollectionFailed { collection, cause } => {
+                Error::CollectionFailed { collection: collection.clone(), cause: cause.clone() }
+            }
+            Error::Internal(message) => Error::Internal(message.clone()),
+            Error::Storage(message) => Error::Storage(message.clone()),
+            Error::Unavailable(message) => Error::Unavailable(message.clone()),
+            Error::Corrupt { location, problem } => {
+                Error::Corrupt { location: location.clone(), problem: problem.clone() }
+            }
+            Error::Arrow(error) => Error::Internal(format!("arrow: {error}")),
+            Error::Io(error) => Error::Io(std::io::Error::new(error.kind(), error.to_string())),
+        }
+    }
+
     /// Shorthand for [`Error::Field`].
     pub fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Error::Field { field: field.into(), problem: problem.into() }

@@ -168,7 +168,7 @@ impl SqlSession {
                 None => work.await,
             }
         });
-        running.await.map_err(|e| Error::Sql(format!("the statement stopped: {e}")))?
+        running.await.map_err(|e| Error::Internal(format!("the statement stopped: {e}")))?
     }
 
     /// Runs one statement on [`policy::statement_runtime`] and streams its
@@ -226,7 +226,7 @@ impl SqlSession {
                 }
             }
         });
-        planned_rx.await.map_err(|_| Error::Sql("the statement stopped while planning".into()))??;
+        planned_rx.await.map_err(|_| Error::Internal("the statement stopped while planning".into()))??;
         let batches = futures::stream::unfold(batch_rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
         Ok(Box::pin(batches))
     }
@@ -239,37 +239,37 @@ impl SqlSession {
 /// tasks and failed reads of files are [`Error::Internal`]; the rest (the
 /// statement does not parse, plan, or evaluate on its data) [`Error::Sql`].
 pub fn sql_error(error: DataFusionError) -> Error {
-    if let DataFusionError::ResourcesExhausted(problem) = error.find_root() {
-        return Error::exhausted("memory_limit", format!("the statement needs more memory than its limit: {problem}"));
-    }
-    match error {
-        DataFusionError::External(inner) => match inner.downcast::<Error>() {
-            Ok(engine_error) => *engine_error,
-            Err(other) => Error::Sql(other.to_string()),
-        },
-        DataFusionError::Context(_, inner) => sql_error(*inner),
-        DataFusionError::Diagnostic(_, inner) => sql_error(*inner),
-        DataFusionError::Shared(shared) => match Arc::try_unwrap(shared) {
-            Ok(inner) => sql_error(inner),
-            Err(shared) => classify(&shared, shared.to_string()),
-        },
-        other => {
-            let message = other.to_string();
-            classify(&other, message)
-        }
-    }
+    classify(&error)
 }
 
-/// [`Error::Internal`] for failures that are not the statement's fault.
-fn classify(error: &DataFusionError, message: String) -> Error {
+/// [`sql_error`] on a borrowed error: DataFusion shares one error between
+/// the partitions that saw it, so the engine's error inside is reached by
+/// reference (and duplicated), never by unwrapping the share.
+fn classify(error: &DataFusionError) -> Error {
     match error {
+        DataFusionError::ResourcesExhausted(problem) => {
+            Error::exhausted("memory_limit", format!("the statement needs more memory than its limit: {problem}"))
+        }
+        DataFusionError::External(inner) => {
+            if let Some(engine_error) = inner.downcast_ref::<Error>() {
+                engine_error.duplicate()
+            } else if let Some(nested) = inner.downcast_ref::<DataFusionError>() {
+                classify(nested)
+            } else if inner.downcast_ref::<tokio::task::JoinError>().is_some() {
+                Error::Internal(format!("a statement task stopped: {inner}"))
+            } else {
+                Error::Sql(inner.to_string())
+            }
+        }
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => classify(inner),
+        DataFusionError::Shared(shared) => classify(shared),
         DataFusionError::Internal(_)
         | DataFusionError::ExecutionJoin(_)
         | DataFusionError::IoError(_)
         | DataFusionError::ObjectStore(_)
         | DataFusionError::ParquetError(_)
-        | DataFusionError::Ffi(_) => Error::Internal(message),
-        _ => Error::Sql(message),
+        | DataFusionError::Ffi(_) => Error::Internal(error.to_string()),
+        other => Error::Sql(other.to_string()),
     }
 }
 
@@ -306,6 +306,15 @@ mod tests {
         let wrapped =
             DataFusionError::Context("while planning".into(), Box::new(DataFusionError::Internal("x".into())));
         assert!(matches!(sql_error(wrapped), Error::Internal(_)));
+        // A shared error (repartitioning hands one error to every output
+        // partition) keeps the engine error inside it, while others hold it too.
+        let stopped = Error::CollectionFailed { collection: "docs".into(), cause: "bad record".into() };
+        let inner = Arc::new(DataFusionError::External(Box::new(stopped)));
+        match sql_error(DataFusionError::Shared(inner.clone())) {
+            Error::CollectionFailed { collection, .. } => assert_eq!(collection, "docs"),
+            other => panic!("expected CollectionFailed, got {other:?}"),
+        }
+        assert_eq!(Arc::strong_count(&inner), 1);
         let dir = tempfile::tempdir().unwrap();
         let session = SqlSession::read_only(engine(dir.path())).unwrap();
         match runtime().block_on(session.collect("SELECT nope FROM docs")) {

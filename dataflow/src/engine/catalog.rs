@@ -25,11 +25,24 @@ impl Engine {
         }
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
-        let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
-        publish_manifest(&self.inner.storage, &manifest)?;
-        if let Some(kafka) = self.inner.shared.log.kafka() {
-            kafka.register(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
-        }
+        let started = (|| {
+            let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
+            publish_manifest(&self.inner.storage, &manifest)?;
+            if let Some(kafka) = self.inner.shared.log.kafka() {
+                kafka.register(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
+            }
+            Ok(manifest)
+        })();
+        let manifest = match started {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                // Take the name back out of the catalog, so the create can be retried.
+                if let Err(undo) = self.inner.catalog_store.drop_collection(&entry.schema.name) {
+                    tracing::error!(collection = entry.schema.name, "undoing a failed create: {undo}");
+                }
+                return Err(e);
+            }
+        };
         if let Ok(mut manifests) = self.inner.manifests.lock() {
             manifests.insert(entry.id, manifest);
         }

@@ -225,9 +225,28 @@ impl Engine {
 
     /// Row and segment counts at a consistency level.
     pub fn stats(&self, collection: &str, consistency: Consistency) -> Result<CollectionStats> {
+        self.stats_inner(collection, consistency, None)
+    }
+
+    /// [`Engine::stats`] waiting at most `timeout` for the dataflow.
+    pub fn stats_within(
+        &self,
+        collection: &str,
+        consistency: Consistency,
+        timeout: Duration,
+    ) -> Result<CollectionStats> {
+        self.stats_inner(collection, consistency, Some(timeout))
+    }
+
+    fn stats_inner(
+        &self,
+        collection: &str,
+        consistency: Consistency,
+        timeout: Option<Duration>,
+    ) -> Result<CollectionStats> {
         let entry = self.entry(collection)?;
         let read_ts = self.read_ts(entry.id, consistency, None, None)?;
-        match self.request(entry.id, read_ts, RequestKind::Stats, None, consistency, None)? {
+        match self.request(entry.id, read_ts, RequestKind::Stats, timeout, consistency, None)? {
             Answer::Stats(ShardStats {
                 versions,
                 live_rows,
