@@ -56,6 +56,13 @@ pub struct SoakArgs {
     pub workers: usize,
     #[arg(long, default_value_t = 16_384)]
     pub seal_rows: usize,
+    /// The server's time-travel window, in seconds: history older than this
+    /// is compacted away, so memory can level off while the load goes on.
+    #[arg(long, default_value_t = 60)]
+    pub retention_secs: u64,
+    /// How often the server compacts, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub compaction_interval_ms: u64,
     /// Where the results go (`soak.json`).
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -146,6 +153,8 @@ fn start_server(args: &SoakArgs, data_dir: &std::path::Path, log_name: &str) -> 
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(["--workers", &args.workers.to_string(), "--seal-rows", &args.seal_rows.to_string()])
+        .args(["--retention-secs", &args.retention_secs.to_string()])
+        .args(["--compaction-interval-ms", &args.compaction_interval_ms.to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting vectorflow serve")?;
@@ -281,8 +290,16 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             .lock()
             .map(|o| (o.latencies.values().map(Vec::len).sum::<usize>(), o.errors.len()))
             .unwrap_or_default();
-        println!("minute {minute}: server RSS {rss_mb:.0} MB, {calls} calls so far, {errors} errors");
-        rss_per_minute.push(json!({"minute": minute, "rss_mb": rss_mb}));
+        let request =
+            v1::StatsRequest { collection: COLLECTION.into(), consistency: v1::ConsistencyLevel::Eventually as i32 };
+        let stats = runtime.block_on(admin.get_stats(request)).map(|s| s.into_inner()).unwrap_or_default();
+        println!(
+            "minute {minute}: server RSS {rss_mb:.0} MB, {} live rows, {} row versions, {} sealed segments; \
+             {calls} calls so far, {errors} errors",
+            stats.live_rows, stats.versions, stats.sealed_segments
+        );
+        rss_per_minute.push(json!({"minute": minute, "rss_mb": rss_mb, "live_rows": stats.live_rows,
+            "row_versions": stats.versions, "sealed_segments": stats.sealed_segments}));
     }
     stop.store(true, Ordering::SeqCst);
     let mut models = Vec::new();
@@ -382,6 +399,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     let results = json!({
         "minutes": args.minutes, "clients": args.clients, "dim": args.dim, "workers": args.workers,
         "seal_rows": args.seal_rows, "batch": args.batch, "initial_rows_per_client": args.initial_rows,
+        "retention_secs": args.retention_secs, "compaction_interval_ms": args.compaction_interval_ms,
         "build": if cfg!(debug_assertions) { "dev" } else { "release" },
         "errors": observed.errors.len(), "wrong_answers": observed.wrong_answers.len(),
         "rows_checked": checked, "rows_lost": lost.len(), "rows_resurrected": resurrected.len(), "live_rows": live_rows,
@@ -469,7 +487,8 @@ async fn client_loop(
                 (ms, result.map(|_| None))
             }
             "delete" => {
-                let mut keys: Vec<i64> = (0..(batch / 4).max(1)).map(|_| model.pick(&mut rng)).collect();
+                // Twice an insert's rows at half the rate: the live rows stay level.
+                let mut keys: Vec<i64> = (0..batch * 2).map(|_| model.pick(&mut rng)).collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let request = v1::DeleteRequest {

@@ -45,7 +45,7 @@ use vectorflow_dataflow::Engine;
 pub use ann::AnnSearchRule;
 pub use dialect::VectorflowDialect;
 pub use policy::SqlPolicy;
-pub use table::{AnnSearch, AnnTable, CollectionSchemaProvider, CollectionTable, StatementSnapshot};
+pub use table::{AnnSearch, AnnTable, CollectionSchemaProvider, CollectionTable, StatementDeadline, StatementSnapshot};
 pub use time_travel::TimeTravelPlanner;
 pub use udf::VectorFunction;
 
@@ -116,6 +116,13 @@ impl SqlSession {
     /// and [`SqlSession::stream`] do both on threads with large stacks; a
     /// caller running the frame itself gives it its own thread's stack.
     pub async fn sql(&self, text: &str) -> Result<DataFrame> {
+        let deadline = self.policy.timeout.map(|timeout| std::time::Instant::now() + timeout);
+        self.sql_until(text, deadline).await
+    }
+
+    /// [`SqlSession::sql`] with the statement's deadline: its engine reads
+    /// stop there.
+    async fn sql_until(&self, text: &str, deadline: Option<std::time::Instant>) -> Result<DataFrame> {
         policy::check_statement(text, &self.policy)?;
         let dialect = VectorflowDialect::default();
         let mut statements = DFParserBuilder::new(text)
@@ -139,6 +146,9 @@ impl SqlSession {
             state = SessionStateBuilder::new_from_existing(state).with_runtime_env(runtime).build();
         }
         state.config_mut().set_extension(Arc::new(StatementSnapshot(self.engine.now())));
+        if let Some(deadline) = deadline {
+            state.config_mut().set_extension(Arc::new(StatementDeadline(deadline)));
+        }
         let plan = state.statement_to_plan(statement).await.map_err(sql_error)?;
         if self.policy.read_only {
             SQLOptions::new()
@@ -193,7 +203,8 @@ impl SqlSession {
         policy::statement_runtime()?.spawn(async move {
             let mut planned_tx = Some(planned_tx);
             let work = async {
-                let planned = match session.sql(&text).await {
+                let deadline = limit.map(|limit| std::time::Instant::now() + limit);
+                let planned = match session.sql_until(&text, deadline).await {
                     Ok(frame) => frame.execute_stream().await.map_err(sql_error),
                     Err(e) => Err(e),
                 };

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::array::ArrayRef;
 use arrow::datatypes::SchemaRef;
@@ -32,6 +33,11 @@ use crate::predicate::filter_text;
 /// statement reads at the same time, so joins and subqueries see one snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct StatementSnapshot(pub Timestamp);
+
+/// When the statement being planned must be done: its engine reads stop
+/// there too (in the workers), not only the statement's own futures.
+#[derive(Debug, Clone, Copy)]
+pub struct StatementDeadline(pub Instant);
 
 /// A collection as a table: scalar columns and vectors as `FixedSizeList<Float32>`.
 #[derive(Debug, Clone)]
@@ -78,7 +84,11 @@ impl CollectionTable {
             self.schema.clone(),
             fields,
             projected,
-            Read { read_ts: self.read_ts(state), lookup },
+            Read {
+                read_ts: self.read_ts(state),
+                lookup,
+                deadline: state.config().get_extension::<StatementDeadline>().map(|d| d.0),
+            },
         ))
     }
 }
@@ -166,6 +176,14 @@ enum Lookup {
 struct Read {
     read_ts: Timestamp,
     lookup: Lookup,
+    deadline: Option<Instant>,
+}
+
+impl Read {
+    /// What is left of the statement's time, as the engine read's timeout.
+    fn timeout(&self) -> Option<Duration> {
+        self.deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+    }
 }
 
 /// Reads a collection through the engine, as one partition.
@@ -218,6 +236,7 @@ impl ScanExec {
                     output_fields,
                     limit: *limit,
                     as_of: Some(read.read_ts),
+                    timeout: read.timeout(),
                     ..Default::default()
                 };
                 let row_bytes = estimated_row_bytes(collection, fields);
@@ -240,6 +259,7 @@ impl ScanExec {
                     filter: search.filter.clone(),
                     output_fields,
                     as_of: Some(read.read_ts),
+                    timeout: read.timeout(),
                     ..SearchOptions::new(search.k)
                 };
                 let result = engine.search(&collection.name, std::slice::from_ref(&search.query), &options)?;
