@@ -260,11 +260,7 @@ fn log_source<'scope>(
                 capability = None;
             }
             let (Some(cap), Some(reader)) = (capability.as_mut(), reader.as_mut()) else { return };
-            if shared.ingest_paused.load(Ordering::Acquire)
-                || shared.persister.backlog() >= crate::persist::PERSIST_BACKLOG_PAUSE
-            {
-                // Paused, or sealed segments are queued faster than they are
-                // written: read nothing now (the log keeps it).
+            if shared.ingest_paused.load(Ordering::Acquire) {
                 delayed.activate_after(shared.tick);
                 return;
             }

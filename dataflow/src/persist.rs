@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,13 +27,6 @@ pub fn segment_prefix(collection: CollectionId, uid: &str) -> String {
     format!("{}/segments/{uid}", collection_prefix(collection))
 }
 
-/// Sealed segments waiting to be written, at most (a worker that seals one
-/// more waits for room).
-const PERSIST_QUEUE: usize = 64;
-/// Past this many segments waiting, the log sources stop reading until the
-/// persister catches up, so a worker rarely meets a full queue.
-pub const PERSIST_BACKLOG_PAUSE: usize = PERSIST_QUEUE / 2;
-
 struct Job {
     collection: CollectionId,
     snapshot: SegmentSnapshot,
@@ -50,7 +43,7 @@ struct State {
 /// Writes sealed segments on a thread of its own.
 pub struct Persister {
     storage: ObjectStorage,
-    jobs: Mutex<Option<SyncSender<Job>>>,
+    jobs: Mutex<Option<Sender<Job>>>,
     state: Mutex<State>,
     changed: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -62,11 +55,12 @@ pub struct Persister {
 
 impl Persister {
     pub fn start(storage: ObjectStorage) -> Result<Arc<Persister>> {
-        // Bounded: a worker that seals faster than segments are written
-        // waits here, which holds back ingestion instead of queueing
-        // snapshots (whole segments) in memory without end. The persister
-        // depends on no worker, so the wait always ends.
-        let (jobs, queue) = std::sync::mpsc::sync_channel(PERSIST_QUEUE);
+        // Unbounded on purpose: an entry is a handle on a segment its shard
+        // holds anyway (the snapshot shares its columns), and there is at
+        // most one per sealed segment. Bounding it made a worker wait for
+        // index builds or paused the sources behind them: in `bench soak`
+        // with compaction every 30 s the frontier stalled for minutes.
+        let (jobs, queue) = std::sync::mpsc::channel();
         let persister = Arc::new(Persister {
             storage,
             jobs: Mutex::new(Some(jobs)),
