@@ -407,9 +407,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The service polled ready is the one to call; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::ready_service::take_ready(&mut self.inner);
         let Some(auth) = self.auth.clone() else {
             return Box::pin(inner.call(request));
         };

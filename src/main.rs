@@ -16,6 +16,7 @@ mod config;
 mod metrics;
 mod observe;
 mod plot;
+mod ready_service;
 mod server;
 
 #[derive(Parser)]

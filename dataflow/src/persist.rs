@@ -47,10 +47,6 @@ pub struct Persister {
     state: Mutex<State>,
     changed: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Segments submitted and not yet written (or failed).
-    backlog: AtomicUsize,
-    /// Segments written (or failed) since the start: progress, for replay.
-    finished: AtomicUsize,
 }
 
 impl Persister {
@@ -67,8 +63,6 @@ impl Persister {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             thread: Mutex::new(None),
-            backlog: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
         });
         let worker = persister.clone();
         let thread = std::thread::Builder::new()
@@ -90,10 +84,8 @@ impl Persister {
         self.track([snapshot.uid.clone()]);
         // The lock is not held while a full queue waits.
         let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
-        self.backlog.fetch_add(1, Ordering::AcqRel);
         let sent = sender.map(|sender| sender.send(Job { collection, snapshot }));
         if !matches!(sent, Some(Ok(()))) {
-            self.backlog.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("the persister has stopped; a sealed segment is not written (the log still holds it)");
         }
     }
@@ -114,16 +106,6 @@ impl Persister {
                 state.done.remove(uid);
             }
         }
-    }
-
-    /// Segments submitted and not yet written.
-    pub fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Acquire)
-    }
-
-    /// Segments written (or failed) since the start.
-    pub fn finished(&self) -> usize {
-        self.finished.load(Ordering::Acquire)
     }
 
     pub fn is_live(&self, uid: &str) -> bool {
@@ -179,8 +161,6 @@ impl Persister {
             if let Ok(mut state) = self.state.lock() {
                 state.done.insert(uid, outcome.map_err(|e| e.to_string()));
             }
-            self.backlog.fetch_sub(1, Ordering::AcqRel);
-            self.finished.fetch_add(1, Ordering::AcqRel);
             self.changed.notify_all();
         }
     }

@@ -23,7 +23,7 @@ impl Engine {
         };
         let stall_timeout = self.inner.config.replay_stall_timeout;
         let mut logged = Instant::now();
-        let mut last_progress = (Instant::now(), shared.applied_frontier(), 0, 0);
+        let mut last_progress = (Instant::now(), shared.applied_frontier(), 0);
         while shared.applied_frontier() <= target {
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(Error::Shutdown);
@@ -31,13 +31,9 @@ impl Engine {
             shared.wake_sources();
             std::thread::sleep(Duration::from_millis(2));
             let progress = self.replay_progress(to_replay, target);
-            let (since, frontier, records, written) = last_progress;
-            // Segments being written count as progress: the sources pause
-            // while too many wait to be written.
-            let segments_written = shared.persister.finished();
-            if progress.applied_frontier != frontier || progress.records_read != records || segments_written != written
-            {
-                last_progress = (Instant::now(), progress.applied_frontier, progress.records_read, segments_written);
+            let (since, frontier, records) = last_progress;
+            if progress.applied_frontier != frontier || progress.records_read != records {
+                last_progress = (Instant::now(), progress.applied_frontier, progress.records_read);
             } else if since.elapsed() > stall_timeout {
                 tracing::error!(?progress, "log replay stalled");
                 return Err(Error::storage(format!(
