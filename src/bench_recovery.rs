@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::bench::{DatasetArgs, insert_all};
 use serde_json::json;
+use vectorflow::crates::dataflow::persist::GRAPH_SUFFIX;
 use vectorflow::{
     CollectionSchema, Consistency, Engine, EngineConfig, FieldSchema, Metric, Pk, QueryOptions, SearchOptions, row,
 };
@@ -67,17 +68,15 @@ fn answers(engine: &Engine, queries: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<Pk>>
         .collect())
 }
 
-/// Bytes per kind of stored object (data, index graph, index data, delete logs, manifests, catalog).
+/// Bytes per kind of stored object (data, index graph, delete logs, manifests, catalog).
 fn storage_by_kind(engine: &Engine) -> anyhow::Result<BTreeMap<&'static str, u64>> {
     let mut kinds = BTreeMap::new();
     for prefix in ["catalog", "collections"] {
         for (path, size) in engine.storage().list(prefix)? {
             let kind = if path.ends_with("data.parquet") {
                 "segment_data"
-            } else if path.ends_with(".hnsw.graph") {
+            } else if path.ends_with(GRAPH_SUFFIX) {
                 "index_graph"
-            } else if path.ends_with(".hnsw.data") {
-                "index_vectors"
             } else if path.contains("/deletes-") {
                 "delete_logs"
             } else if path.contains("/manifest/") {
@@ -173,7 +172,7 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     );
     // ---- recovery without the index files: data loaded, indexes rebuilt ----
     for (path, _) in engine.storage().list("collections")? {
-        if path.ends_with(".hnsw.graph") {
+        if path.ends_with(GRAPH_SUFFIX) {
             engine.storage().delete(&path)?;
         }
     }

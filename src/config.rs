@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// A growing segment seals at this many rows.
     pub seal_rows: usize,
+    /// Merges never make a segment of more rows than this.
+    pub max_segment_rows: usize,
     /// History kept for time travel, in seconds.
     pub retention_secs: u64,
     /// Staleness bound of Bounded consistency, in milliseconds.
@@ -274,6 +276,10 @@ pub struct LimitSettings {
     /// Memory one SQL statement may hold for sorts, aggregates and joins
     /// (RESOURCE_EXHAUSTED past it).
     pub sql_memory_limit_bytes: usize,
+    /// Writes wait while the dataflow has applied the log only up to more
+    /// than this many milliseconds ago; one still waiting at the request
+    /// timeout gets RESOURCE_EXHAUSTED and is not written (0: never wait).
+    pub max_apply_lag_ms: u64,
 }
 
 impl Default for LimitSettings {
@@ -288,6 +294,7 @@ impl Default for LimitSettings {
             max_concurrent_requests: 256,
             sql_timeout_ms: vectorflow_sql::policy::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
             sql_memory_limit_bytes: vectorflow_sql::policy::DEFAULT_MEMORY_LIMIT,
+            max_apply_lag_ms: EngineConfig::new(".").max_apply_lag.map_or(0, |d| d.as_millis() as u64),
         }
     }
 }
@@ -346,6 +353,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             workers: engine.workers,
             seal_rows: engine.seal_rows,
+            max_segment_rows: engine.max_segment_rows,
             retention_secs: engine.retention.as_secs(),
             bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
             request_timeout_secs: engine.request_timeout.as_secs(),
@@ -494,6 +502,7 @@ impl ServerConfig {
         EngineConfig {
             workers: self.workers,
             seal_rows: self.seal_rows,
+            max_segment_rows: self.max_segment_rows,
             retention: Duration::from_secs(self.retention_secs),
             bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
@@ -506,6 +515,8 @@ impl ServerConfig {
             max_in_flight_rows: self.log.max_in_flight_rows.unwrap_or(defaults.max_in_flight_rows),
             replay_stall_timeout: Duration::from_secs(self.replay_stall_timeout_secs.max(1)),
             limits: (&self.limits).into(),
+            max_apply_lag: (self.limits.max_apply_lag_ms > 0)
+                .then(|| Duration::from_millis(self.limits.max_apply_lag_ms)),
             ..defaults
         }
     }

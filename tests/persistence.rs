@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
+use vectorflow::crates::dataflow::persist::GRAPH_SUFFIX;
 use vectorflow::{
     CollectionSchema, DataType, Engine, EngineConfig, Error, FieldSchema, Metric, Pk, QueryOptions, Row, SearchOptions,
     SearchPlan, row,
@@ -187,8 +188,9 @@ fn a_missing_index_is_rebuilt_and_damaged_data_is_an_error_naming_the_object() {
         expected = answers(&engine, None);
     }
     let objects = segment_objects(dir.path());
-    let graph = objects.iter().find(|p| p.to_string_lossy().ends_with(".hnsw.graph")).unwrap();
-    std::fs::remove_file(graph).unwrap();
+    let graphs: Vec<_> = objects.iter().filter(|p| p.to_string_lossy().ends_with(GRAPH_SUFFIX)).collect();
+    assert!(graphs.len() >= 2, "{objects:?}");
+    std::fs::remove_file(graphs[0]).unwrap();
     {
         let engine = Engine::open(config(dir.path(), 2, 200, true)).unwrap();
         assert_eq!(engine.recovery_report().rebuilt_indexes, 1);
@@ -196,11 +198,10 @@ fn a_missing_index_is_rebuilt_and_damaged_data_is_an_error_naming_the_object() {
         engine.shutdown();
     }
     // An index file altered in place fails its checksum and is rebuilt too.
-    let data_file = objects.iter().find(|p| p.to_string_lossy().ends_with(".hnsw.data")).unwrap();
-    let mut bytes = std::fs::read(data_file).unwrap();
+    let mut bytes = std::fs::read(graphs[1]).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
-    std::fs::write(data_file, &bytes).unwrap();
+    std::fs::write(graphs[1], &bytes).unwrap();
     {
         let engine = Engine::open(config(dir.path(), 2, 200, true)).unwrap();
         assert!(engine.recovery_report().rebuilt_indexes >= 1);
@@ -301,4 +302,45 @@ fn concurrent_flushes_coalesce_into_few_checkpoints() {
     let reopened = Engine::open(config(dir.path(), 2, 1000, true)).unwrap();
     assert_eq!(reopened.recovery_report().replayed_records, 0, "the last flush covered every write");
     assert_eq!(reopened.count("docs", &QueryOptions::default()).unwrap(), 60);
+}
+
+#[test]
+fn a_checkpoint_stores_the_growing_rows_without_sealing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let data_files = |dir: &Path| segment_objects(dir).iter().filter(|p| p.ends_with("data.parquet")).count();
+    let (deleted_at, before_delete, now);
+    {
+        let engine = Engine::open(config(dir.path(), 2, 1000, true)).unwrap();
+        engine.create_collection(schema()).unwrap();
+        engine.insert_rows("docs", &rows(&mut rng, 0..300, 0)).unwrap();
+        deleted_at = engine.delete("docs", &ids(0..10)).unwrap().ts;
+        before_delete = answers(&engine, Some(deleted_at - 1));
+        engine.flush("docs").unwrap();
+        let stats = engine.stats("docs", vectorflow::Consistency::Strong).unwrap();
+        assert_eq!((stats.sealed_segments, stats.growing_rows), (0, 300), "a flush seals nothing: {stats:?}");
+        assert_eq!(data_files(dir.path()), 2, "one growing snapshot per shard");
+        assert!(!segment_objects(dir.path()).iter().any(|p| p.to_string_lossy().ends_with(GRAPH_SUFFIX)));
+        // The next checkpoint stores the growing rows again and drops the old copy.
+        engine.insert_rows("docs", &rows(&mut rng, 300..350, 0)).unwrap();
+        engine.flush("docs").unwrap();
+        assert_eq!(data_files(dir.path()), 2, "{:?}", segment_objects(dir.path()));
+        now = answers(&engine, None);
+        assert_eq!(now.count, 340);
+        engine.shutdown();
+    }
+    let engine = Engine::open(config(dir.path(), 2, 1000, true)).unwrap();
+    assert_eq!(engine.recovery_report().replayed_records, 0, "the checkpoint holds every row");
+    let stats = engine.stats("docs", vectorflow::Consistency::Strong).unwrap();
+    assert_eq!((stats.sealed_segments, stats.growing_rows), (0, 350), "{stats:?}");
+    assert_eq!(answers(&engine, None), now);
+    assert_eq!(answers(&engine, Some(deleted_at - 1)), before_delete);
+    // The restored rows keep growing and seal at the seal size.
+    engine.insert_rows("docs", &rows(&mut rng, 350..2500, 0)).unwrap();
+    engine.wait_for_indexes("docs", Duration::from_secs(120)).unwrap();
+    let stats = engine.stats("docs", vectorflow::Consistency::Strong).unwrap();
+    assert!(stats.sealed_segments >= 2 && stats.growing_rows < 2000, "{stats:?}");
+    assert_eq!(engine.count("docs", &QueryOptions::default()).unwrap(), 2490);
+    assert_eq!(answers(&engine, Some(deleted_at - 1)), before_delete);
+    engine.shutdown();
 }

@@ -19,13 +19,17 @@ pub struct Checkpoint {
     pub log_positions: Vec<u64>,
 }
 
-/// The index file pair `hnsw_rs` dumps for one vector field.
+/// The index of one vector field: its frozen HNSW graph (the vectors are
+/// the segment's data file's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexFiles {
     pub field: usize,
     pub metric: Metric,
     pub graph: ObjectRef,
-    pub data: ObjectRef,
+    /// The `hnsw_rs` data file manifests listed before the frozen layout;
+    /// such an index no longer loads and is rebuilt from the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ObjectRef>,
 }
 
 /// One sealed segment as stored.
@@ -42,6 +46,10 @@ pub struct SegmentFiles {
     pub deletes: Option<ObjectRef>,
     /// Rows with a `delete_ts` in `deletes`.
     pub deleted: usize,
+    /// The rows of a growing segment as of the checkpoint: restored as the
+    /// shard's growing segment (no index), not sealed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub growing: bool,
 }
 
 /// A collection's state in the object store.
@@ -65,7 +73,7 @@ impl Manifest {
     pub fn objects(&self) -> impl Iterator<Item = &ObjectRef> {
         self.segments.iter().flatten().flat_map(|segment| {
             std::iter::once(&segment.data)
-                .chain(segment.indexes.iter().flat_map(|index| [&index.graph, &index.data]))
+                .chain(segment.indexes.iter().flat_map(|index| std::iter::once(&index.graph).chain(index.data.iter())))
                 .chain(segment.deletes.iter())
         })
     }

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     /// While set, sources read nothing and hold their frontier.
     pub ingest_paused: AtomicBool,
     pub shard_config: ShardConfig,
+    /// History kept for time travel (merges keep what reads inside it see).
+    pub retention: Duration,
     pub tick: Duration,
     /// Log entries one source activation reads at most.
     pub poll_batch: usize,
@@ -72,6 +74,9 @@ pub(crate) struct Shared {
     /// Reads whose deadline passed before or while a worker ran them: the
     /// worker skipped them or stopped their work.
     pub reads_cancelled: AtomicU64,
+    /// Writes held back by `max_apply_lag`, and refused after waiting.
+    pub writes_held: AtomicU64,
+    pub writes_refused: AtomicU64,
     /// Collections stopped by an error while applying a change, with the
     /// cause: they serve nothing and are never checkpointed past it, so a
     /// restart replays them from their last checkpoint.
@@ -100,6 +105,11 @@ impl IngestCounters {
 }
 
 impl Shared {
+    /// Reads before this time are outside the retention window.
+    pub fn retention_horizon(&self) -> Timestamp {
+        vectorflow_core::time::before(self.log.tso().next_possible(), self.retention)
+    }
+
     fn schema(&self, collection: CollectionId) -> Option<Arc<CollectionSchema>> {
         self.schemas.read().ok()?.get(&collection).cloned()
     }
@@ -512,6 +522,11 @@ fn segments<'scope>(
                 for snapshot in shard.take_newly_sealed() {
                     shared.persister.submit(collection, snapshot);
                 }
+                match shard.merge_if_due(|| shared.retention_horizon()) {
+                    Ok(0) => {}
+                    Ok(merged) => tracing::debug!(collection, merged, "merge started"),
+                    Err(e) => tracing::warn!(collection, "starting a merge: {e}"),
+                }
             }
 
             waiting.retain(|(cap, request)| {
@@ -663,9 +678,19 @@ fn answer(
             .map(|rows| Answer::Query { limit: *limit, rows }),
         RequestKind::Count { .. } => shard.count(filter.as_ref(), ts, stop).map(Answer::Count),
         RequestKind::Checkpoint { known } => {
-            shard.seal_growing().map(|()| Answer::Checkpoint(vec![(usize::MAX, shard.checkpoint_state(known))]))
+            shard.checkpoint(known).map(|checkpoint| {
+                if let Some(superseded) = checkpoint.superseded {
+                    // The previous checkpoint (published: checkpoints run one at
+                    // a time) lists them until this one replaces it.
+                    shared.persister.retire(&[superseded]);
+                }
+                if let Some(growing) = checkpoint.growing {
+                    shared.persister.submit(request.collection, growing);
+                }
+                Answer::Checkpoint(vec![(usize::MAX, checkpoint.states)])
+            })
         }
-        RequestKind::Compact { horizon, policy } => shard.start_compaction(*horizon, *policy).map(Answer::Count),
+        RequestKind::Compact { horizon } => shard.start_compaction(*horizon).map(Answer::Count),
         RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
     };
     result.unwrap_or_else(|e| Answer::Failed(e.into()))

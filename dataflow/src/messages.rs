@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Timestamp, Value, VersionId};
 
-use vectorflow_operators::{CompactionPolicy, Hit, SegmentState, ShardStats};
+use vectorflow_operators::{Hit, SegmentState, ShardStats};
 
 /// Part of one log record destined for one shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,16 +153,16 @@ pub enum RequestKind {
         filter: Option<String>,
     },
     /// A checkpoint barrier: with exactly the changes at or before
-    /// `read_ts` applied, seal the growing segment and report the sealed
-    /// ones. `known` maps the uids the newest manifest lists to the retired
+    /// `read_ts` applied, report the sealed segments and hand the growing
+    /// rows to the persister (unsealed). `known` maps the uids the newest manifest lists to the retired
     /// count stored with them (their deletes are left out when unchanged).
     Checkpoint {
         known: HashMap<String, usize>,
     },
-    /// Start compacting segments whose dead rows (as of `horizon`) exceed the policy.
+    /// Start the merge the shard's merge policy chooses, with dead rows
+    /// counted as of `horizon`.
     Compact {
         horizon: Timestamp,
-        policy: CompactionPolicy,
     },
     Stats,
 }

@@ -3,7 +3,7 @@
 //! Workers hand every newly sealed segment to the [`Persister`], whose thread
 //! waits for the segment's index builds and writes its objects: Parquet data
 //! (the collection's columns plus insert time and version id) and the
-//! `hnsw_rs` graph and data files per vector field. A checkpoint then lists
+//! frozen HNSW graph per vector field (see `vectorflow_operators::frozen`). A checkpoint then lists
 //! the segment in the collection's manifest. [`load_segments`] reads them
 //! back, in parallel, at recovery.
 
@@ -20,7 +20,10 @@ use bytes::Bytes;
 use vectorflow_connectors::manifest::collection_prefix;
 use vectorflow_connectors::{IndexFiles, ObjectRef, ObjectStorage, SegmentFiles, parquet_io};
 use vectorflow_core::{CollectionId, CollectionSchema, Error, Result, Timestamp};
-use vectorflow_operators::{HnswIndex, IndexParams, Segment, SegmentSnapshot};
+use vectorflow_operators::{FrozenGraph, IndexParams, Restored, Segment, SegmentSnapshot};
+
+/// The file name suffix of a vector field's frozen graph.
+pub const GRAPH_SUFFIX: &str = "graph.vf";
 
 /// The folder of a segment's objects.
 pub fn segment_prefix(collection: CollectionId, uid: &str) -> String {
@@ -177,13 +180,12 @@ fn write_segment(
     let mut indexes = Vec::new();
     for (field, metric, slot) in &snapshot.indexes {
         // A failed build leaves no index: the load builds it again.
-        let Some(index) = slot.wait() else { continue };
-        let (graph, data) = index.dump()?;
+        let Some(graph) = slot.wait() else { continue };
         indexes.push(IndexFiles {
             field: *field,
             metric: *metric,
-            graph: storage.put(&format!("{prefix}/field-{field}.hnsw.graph"), Bytes::from(graph))?,
-            data: storage.put(&format!("{prefix}/field-{field}.hnsw.data"), Bytes::from(data))?,
+            graph: storage.put(&format!("{prefix}/field-{field}.{GRAPH_SUFFIX}"), Bytes::from(graph.encode()))?,
+            data: None,
         });
     }
     Ok(SegmentFiles {
@@ -193,6 +195,7 @@ fn write_segment(
         indexes,
         deletes: None,
         deleted: 0,
+        growing: false,
     })
 }
 
@@ -342,6 +345,12 @@ fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams)
     if let Some(shards) = job.reshard_to {
         return reshard(job, data, &deletes, shards, bytes, params);
     }
+    if files.growing {
+        let segment =
+            Segment::restore(0, String::new(), job.schema, data, &deletes, Restored::Growing, job.as_of, params)
+                .map_err(|e| relocate(e, &location(&files.data.path)))?;
+        return Ok(vec![Loaded { collection: job.collection, shard: job.shard, segment, rebuilt: false, bytes }]);
+    }
     let mut indexes = HashMap::new();
     let mut rebuilt = false;
     let vector_fields: Vec<usize> = job
@@ -355,9 +364,8 @@ fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams)
     for field in vector_fields {
         let loaded = files.indexes.iter().find(|i| i.field == field).map(|index| {
             let graph = storage.get_checked(&index.graph)?;
-            let data = storage.get_checked(&index.data)?;
-            bytes += index.graph.size + index.data.size;
-            HnswIndex::load(&graph, &data, index.metric, files.rows, &location(&index.graph.path))
+            bytes += index.graph.size;
+            FrozenGraph::decode(&graph, files.rows, &location(&index.graph.path))
         });
         match loaded {
             Some(Ok(index)) => {
@@ -376,12 +384,17 @@ fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams)
     // A segment whose index is rebuilt is written again under a new name:
     // the objects the manifest lists are never overwritten.
     let uid = if rebuilt { vectorflow_operators::shard::new_uid() } else { files.uid.clone() };
-    let segment =
-        Segment::restore(0, uid, job.schema, data, &deletes, indexes, job.as_of, params).map_err(|e| match e {
-            Error::Corrupt { problem, .. } => Error::Corrupt { location: location(&files.data.path), problem },
-            other => other,
-        })?;
+    let segment = Segment::restore(0, uid, job.schema, data, &deletes, Restored::Sealed { indexes }, job.as_of, params)
+        .map_err(|e| relocate(e, &location(&files.data.path)))?;
     Ok(vec![Loaded { collection: job.collection, shard: job.shard, segment, rebuilt, bytes }])
+}
+
+/// A corrupt-segment error located at the object it was read from.
+fn relocate(error: Error, location: &str) -> Error {
+    match error {
+        Error::Corrupt { problem, .. } => Error::Corrupt { location: location.to_string(), problem },
+        other => other,
+    }
 }
 
 /// Splits a stored segment's rows by their shard among `shards` (the
@@ -416,7 +429,7 @@ fn reshard(
         let part = vectorflow_core::batch::take_rows(&data, &rows)?;
         let uid = vectorflow_operators::shard::new_uid();
         let segment =
-            Segment::restore(0, uid, job.schema, part, &deletes_of[shard], HashMap::new(), job.as_of, params)?;
+            Segment::restore(0, uid, job.schema, part, &deletes_of[shard], Restored::sealed(), job.as_of, params)?;
         loaded.push(Loaded { collection: job.collection, shard, segment, rebuilt: true, bytes: 0 });
     }
     if let Some(first) = loaded.first_mut() {

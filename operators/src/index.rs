@@ -1,4 +1,6 @@
-//! The HNSW index of a sealed segment, over `hnsw_rs`.
+//! Building a sealed segment's HNSW graph with `hnsw_rs` (which then gets
+//! frozen, see [`crate::frozen`]); also the raw `hnsw_rs` search the bench
+//! compares against.
 //!
 //! `hnsw_rs` wants non-negative distances, so every metric is mapped to
 //! squared L2 on transformed vectors: L2 as is, COSINE on the (already
@@ -7,13 +9,12 @@
 //! true metric by the caller.
 
 use anndists::dist::Distance;
-use hnsw_rs::api::AnnT;
 use hnsw_rs::hnsw::Hnsw;
-use hnsw_rs::hnswio::HnswIo;
 use serde::{Deserialize, Serialize};
-use vectorflow_core::{Error, Metric, Result};
+use vectorflow_core::{Metric, Result};
 
 use crate::distance::{dot, l2_squared};
+use crate::frozen::FrozenGraph;
 
 /// HNSW build parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,11 +30,8 @@ impl Default for IndexParams {
     }
 }
 
-/// `hnsw_rs` needs 16 layers for its file format.
+/// Layers `hnsw_rs` may build (its own maximum).
 const MAX_LAYERS: usize = 16;
-
-/// File base name of a dump (in a temporary folder of its own).
-const DUMP_BASENAME: &str = "index";
 
 /// Squared L2, clamped at zero against rounding.
 #[derive(Debug, Default, Clone, Copy)]
@@ -45,11 +43,11 @@ impl Distance<f32> for SquaredL2 {
     }
 }
 
-/// What a build slot holds once the build has ended: the index, or `None`
-/// when it failed (the segment then keeps answering exactly).
-pub type IndexSlot = std::sync::OnceLock<Option<HnswIndex>>;
+/// What a build slot holds once the build has ended: the frozen graph, or
+/// `None` when it failed (the segment then keeps answering exactly).
+pub type IndexSlot = std::sync::OnceLock<Option<FrozenGraph>>;
 
-/// An HNSW graph over the rows of one segment; data ids are row numbers.
+/// An `hnsw_rs` graph over the rows of one segment; data ids are row numbers.
 pub struct HnswIndex {
     hnsw: Hnsw<'static, f32, SquaredL2>,
     metric: Metric,
@@ -96,45 +94,9 @@ impl HnswIndex {
         self.metric
     }
 
-    /// The graph and data files `hnsw_rs` dumps, as bytes.
-    pub fn dump(&self) -> Result<(Vec<u8>, Vec<u8>)> {
-        let dir = tempfile::tempdir()?;
-        let basename = self
-            .hnsw
-            .file_dump(dir.path(), DUMP_BASENAME)
-            .map_err(|e| Error::storage(format!("dumping an HNSW index: {e}")))?;
-        let graph = std::fs::read(dir.path().join(format!("{basename}.hnsw.graph")))?;
-        let data = std::fs::read(dir.path().join(format!("{basename}.hnsw.data")))?;
-        Ok((graph, data))
-    }
-
-    /// Loads an index [`HnswIndex::dump`] wrote. `location` names the files
-    /// in errors; a file `hnsw_rs` cannot read is an error, never a panic.
-    pub fn load(graph: &[u8], data: &[u8], metric: Metric, rows: usize, location: &str) -> Result<HnswIndex> {
-        let corrupt = |problem: String| Error::Corrupt { location: location.to_string(), problem };
-        let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join(format!("{DUMP_BASENAME}.hnsw.graph")), graph)?;
-        std::fs::write(dir.path().join(format!("{DUMP_BASENAME}.hnsw.data")), data)?;
-        // hnsw_rs ties the loaded graph's lifetime to its loader (for its
-        // memory-mapped mode); ours owns its points, so the small loader is
-        // leaked to get a graph that outlives it.
-        let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir.path(), DUMP_BASENAME)));
-        // hnsw_rs asserts on malformed files; such a panic is a corrupt file.
-        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            let loader = loader;
-            load_leaked(loader)
-        }));
-        let mut hnsw = match loaded {
-            Ok(Ok(hnsw)) => hnsw,
-            Ok(Err(e)) => return Err(corrupt(format!("hnsw_rs cannot load it: {e}"))),
-            Err(_) => return Err(corrupt("hnsw_rs cannot load it (malformed file)".into())),
-        };
-        let points = hnsw.get_nb_point();
-        if points != rows {
-            return Err(corrupt(format!("{points} points, the segment has {rows} rows")));
-        }
-        hnsw.set_searching_mode(true);
-        Ok(HnswIndex { hnsw, metric, rows })
+    /// The graph in the compact read-only layout sealed segments search.
+    pub fn freeze(&self) -> Result<FrozenGraph> {
+        FrozenGraph::freeze(&self.hnsw, self.rows)
     }
 
     /// Up to `k` rows near `query` that pass `filter`, in no particular order of the true metric.
@@ -161,10 +123,6 @@ impl HnswIndex {
     }
 }
 
-fn load_leaked(loader: &'static mut HnswIo) -> anyhow::Result<Hnsw<'static, f32, SquaredL2>> {
-    loader.load_hnsw::<f32, SquaredL2>()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,24 +147,6 @@ mod tests {
             assert!(index.search(&query, k, 64, Some(&only_even)).iter().all(|r| r.is_multiple_of(2)), "query {q}");
         }
         hits as f64 / (20 * k) as f64
-    }
-
-    #[test]
-    fn a_dumped_index_loads_with_the_same_answers_and_bad_files_are_errors() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let (rows, dim) = (500, 8);
-        let vectors: Vec<f32> = (0..rows * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let index = HnswIndex::build(&vectors, dim, Metric::IP, IndexParams::default());
-        let (graph, data) = index.dump().unwrap();
-        let loaded = HnswIndex::load(&graph, &data, Metric::IP, rows, "seg/v").unwrap();
-        for q in 0..10 {
-            let query = &vectors[q * dim..(q + 1) * dim];
-            assert_eq!(index.search(query, 5, 32, None), loaded.search(query, 5, 32, None));
-        }
-        let err = HnswIndex::load(&graph, &data, Metric::IP, rows + 1, "seg/v").unwrap_err().to_string();
-        assert!(err.contains("seg/v") && err.contains("points"), "{err}");
-        let err = HnswIndex::load(&graph[..graph.len() / 3], &data, Metric::IP, rows, "seg/v").unwrap_err();
-        assert!(err.to_string().contains("seg/v"), "{err}");
     }
 
     #[test]

@@ -1,18 +1,23 @@
 //! The data plane the dataflow runs: growing and sealed segments (Arrow
-//! columns + vectors + per-row insert/delete timestamps), the HNSW index over
-//! `hnsw_rs`, exact search, and the per-shard state that applies version
+//! columns + vectors + per-row insert/delete timestamps), the HNSW index (built
+//! with `hnsw_rs`, searched frozen), the merge policy, exact search, and the per-shard state that applies version
 //! changes and answers reads.
 
+pub mod build_pool;
 pub mod distance;
 pub mod filter;
+pub mod frozen;
 pub mod index;
 pub mod json;
+pub mod merge_policy;
 pub mod segment;
 pub mod shard;
 pub mod topk;
 
 pub use filter::Filter;
+pub use frozen::FrozenGraph;
 pub use index::HnswIndex;
 pub use index::IndexParams;
-pub use segment::{Segment, SegmentSnapshot};
-pub use shard::{CompactionPolicy, Hit, SearchPlan, SegmentState, Shard, ShardConfig, ShardStats, Stop};
+pub use merge_policy::MergePolicy;
+pub use segment::{Restored, Segment, SegmentSnapshot};
+pub use shard::{Hit, SearchPlan, SegmentState, Shard, ShardCheckpoint, ShardConfig, ShardStats, Stop};

@@ -17,8 +17,10 @@ use arrow::record_batch::RecordBatch;
 use vectorflow_core::value::pks_from_array;
 use vectorflow_core::{CollectionSchema, DataType, Error, Metric, Pk, Result, Timestamp, Value, VersionId};
 
+use crate::build_pool::{self, BuildLane};
 use crate::distance::distance;
 use crate::filter::Filter;
+use crate::frozen::FrozenGraph;
 use crate::index::{HnswIndex, IndexParams, IndexSlot};
 use crate::topk::{Candidate, TopK};
 
@@ -179,6 +181,24 @@ impl Segment {
         let Some(chunk) = self.chunks.first().filter(|_| self.sealed && self.chunks.len() == 1) else {
             return Err(Error::storage(format!("segment {} is not sealed", self.uid)));
         };
+        let indexes =
+            self.vectors.iter().filter_map(|v| v.index.clone().map(|slot| (v.field, v.metric, slot))).collect();
+        Ok(SegmentSnapshot { uid: self.uid.clone(), data: self.with_system_columns(chunk)?, indexes })
+    }
+
+    /// What persistence needs of the growing segment's rows so far, under
+    /// `uid` (a new one per snapshot: stored objects are never
+    /// overwritten): the rows with the system columns, no index.
+    pub fn growing_snapshot(&self, uid: String) -> Result<SegmentSnapshot> {
+        let Some(first) = self.chunks.first() else {
+            return Err(Error::storage("an empty growing segment has nothing to store"));
+        };
+        let rows = arrow::compute::concat_batches(&first.schema(), &self.chunks)?;
+        Ok(SegmentSnapshot { uid, data: self.with_system_columns(&rows)?, indexes: Vec::new() })
+    }
+
+    /// `rows` (all of this segment's, in order) followed by the system columns.
+    fn with_system_columns(&self, chunk: &RecordBatch) -> Result<RecordBatch> {
         let mut fields: Vec<Field> = chunk.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
         let mut columns: Vec<ArrayRef> = chunk.columns().to_vec();
         fields.extend(system_fields());
@@ -186,17 +206,14 @@ impl Segment {
         columns.push(Arc::new(UInt64Array::from_iter_values(self.versions.iter().map(|v| v.ts))));
         columns.push(Arc::new(UInt32Array::from_iter_values(self.versions.iter().map(|v| v.partition))));
         columns.push(Arc::new(UInt32Array::from_iter_values(self.versions.iter().map(|v| v.row))));
-        let data = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        let indexes =
-            self.vectors.iter().filter_map(|v| v.index.clone().map(|slot| (v.field, v.metric, slot))).collect();
-        Ok(SegmentSnapshot { uid: self.uid.clone(), data, indexes })
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
     }
 
-    /// A sealed segment from stored parts: `data` as [`Segment::snapshot`]
-    /// wrote it, the deletes, and one index per vector field (`None` to
-    /// build it here, in the background). The segment is restored as of
-    /// `as_of`: rows inserted later are hidden and later deletes undone, so
-    /// replaying the log from `as_of` cannot apply anything twice.
+    /// A segment from stored parts: `data` as [`Segment::snapshot`] (or
+    /// [`Segment::growing_snapshot`]) wrote it, the deletes, and what it
+    /// was (see [`Restored`]). The segment is restored as of `as_of`: rows
+    /// inserted later are hidden and later deletes undone, so replaying
+    /// the log from `as_of` cannot apply anything twice.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(
         id: u64,
@@ -204,7 +221,7 @@ impl Segment {
         schema: &CollectionSchema,
         data: RecordBatch,
         deletes: &[(u32, Timestamp)],
-        indexes: HashMap<usize, HnswIndex>,
+        restored: Restored,
         as_of: Timestamp,
         params: IndexParams,
     ) -> Result<Segment> {
@@ -256,14 +273,28 @@ impl Segment {
         segment.max_insert_ts = segment.insert_ts.iter().copied().filter(|&ts| ts != ALIVE).max().unwrap_or(0);
         segment.chunk_starts = vec![0];
         segment.chunks = vec![user];
-        segment.sealed = true;
-        segment.attach_indexes(indexes, params);
+        match restored {
+            Restored::Sealed { indexes } => {
+                segment.sealed = true;
+                segment.attach_indexes(indexes, params, BuildLane::Seal);
+            }
+            Restored::Growing => {
+                // It keeps growing (and seals at the seal size); its rows
+                // are searched exactly until then, as before the restart.
+                segment.uid = String::new();
+                let batch = &segment.chunks[0];
+                let buffers: Vec<_> = segment.vectors.iter().map(|c| vector_buffer(batch, c.field, c.dim)).collect();
+                for (column, buffer) in segment.vectors.iter_mut().zip(buffers) {
+                    column.chunks = vec![buffer];
+                }
+            }
+        }
         Ok(segment)
     }
 
     /// Gives each vector field of the sealed single chunk its contiguous
     /// buffer and its index: the one in `ready`, else one built in the background.
-    fn attach_indexes(&mut self, mut ready: HashMap<usize, HnswIndex>, params: IndexParams) {
+    fn attach_indexes(&mut self, mut ready: HashMap<usize, FrozenGraph>, params: IndexParams, lane: BuildLane) {
         let Some(batch) = self.chunks.first() else { return };
         for column in &mut self.vectors {
             let buffer = vector_buffer(batch, column.field, column.dim);
@@ -273,7 +304,7 @@ impl Segment {
                 Some(index) => {
                     let _ = slot.set(Some(index));
                 }
-                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &self.uid),
+                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &self.uid, lane),
             }
             column.index = Some(slot);
         }
@@ -318,7 +349,7 @@ impl Segment {
         }
         output.retired = output.delete_ts.iter().filter(|&&ts| ts != ALIVE).count();
         output.max_insert_ts = output.insert_ts.iter().copied().max().unwrap_or(0);
-        output.seal(params)?;
+        output.seal(params, BuildLane::Merge)?;
         Ok((output, sources))
     }
 
@@ -388,10 +419,10 @@ impl Segment {
     /// vector field built off the calling thread.
     pub fn seal_as(&mut self, uid: String, params: IndexParams) -> Result<()> {
         self.uid = uid;
-        self.seal(params)
+        self.seal(params, BuildLane::Seal)
     }
 
-    fn seal(&mut self, params: IndexParams) -> Result<()> {
+    fn seal(&mut self, params: IndexParams, lane: BuildLane) -> Result<()> {
         if self.sealed {
             return Ok(());
         }
@@ -402,7 +433,7 @@ impl Segment {
             self.chunks = vec![batch];
             self.chunk_starts = vec![0];
         }
-        self.attach_indexes(HashMap::new(), params);
+        self.attach_indexes(HashMap::new(), params, lane);
         Ok(())
     }
 
@@ -477,18 +508,13 @@ impl Segment {
         let index = column.index.as_ref().and_then(|slot| slot.get()).and_then(Option::as_ref);
         let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
         match index {
-            Some(index) if passing >= exact_below => {
-                let filter = |row: &usize| passes(*row);
-                let rows = index.search(query, k, ef, if passing == self.len() { None } else { Some(&filter) });
+            // A sealed segment has one chunk: its vectors are contiguous.
+            Some(graph) if passing >= exact_below && column.chunks.len() == 1 => {
+                let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
+                let found = graph.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
                 let mut top = TopK::new(k);
-                for row in rows {
-                    let d = distance(column.metric, query, self.vector_in(column, row));
-                    top.push(Candidate {
-                        distance: d,
-                        tiebreak: self.tiebreaks[row],
-                        segment: self.id,
-                        row: row as u32,
-                    });
+                for (distance, row) in found {
+                    top.push(Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: self.id, row });
                 }
                 top.into_sorted()
             }
@@ -556,8 +582,9 @@ impl Segment {
     }
 }
 
-/// Builds an index into `slot` on a thread of its own. The slot ends up
-/// `None` if the build fails; the segment then keeps answering exactly.
+/// Builds a graph into `slot` in the build pool (see [`build_pool`]) and
+/// freezes it. The slot ends up `None` if the build fails; the segment
+/// then keeps answering exactly.
 fn spawn_index_build(
     slot: Arc<IndexSlot>,
     vectors: ScalarBuffer<f32>,
@@ -565,16 +592,25 @@ fn spawn_index_build(
     metric: Metric,
     params: IndexParams,
     uid: &str,
+    lane: BuildLane,
 ) {
     let segment = uid.to_string();
-    let failed = slot.clone();
-    let spawned = std::thread::Builder::new().name("hnsw-build".into()).spawn(move || {
+    build_pool::submit(lane, move || {
         let started = std::time::Instant::now();
-        let built = std::panic::catch_unwind(|| HnswIndex::build(&vectors, dim, metric, params));
+        // `hnsw_rs`'s structure (its own copy of the vectors, pointer-linked
+        // neighbour lists) lives only until it is frozen; dropping it in the
+        // pool keeps its parallel teardown on the pool's threads too.
+        let built = std::panic::catch_unwind(|| {
+            build_pool::install(|| HnswIndex::build(&vectors, dim, metric, params).freeze())
+        });
         match built {
-            Ok(index) => {
-                tracing::debug!(segment, rows = index.rows(), elapsed = ?started.elapsed(), "index built");
-                let _ = slot.set(Some(index));
+            Ok(Ok(graph)) => {
+                tracing::debug!(segment, ?lane, rows = graph.rows(), elapsed = ?started.elapsed(), "index built");
+                let _ = slot.set(Some(graph));
+            }
+            Ok(Err(e)) => {
+                tracing::error!(segment, "the index build failed, the segment answers exactly: {e}");
+                let _ = slot.set(None);
             }
             Err(_) => {
                 tracing::error!(segment, "the index build panicked; the segment answers exactly");
@@ -582,9 +618,22 @@ fn spawn_index_build(
             }
         }
     });
-    if let Err(e) = spawned {
-        tracing::warn!(segment = uid, "could not start the index build: {e}");
-        let _ = failed.set(None);
+}
+
+/// What a stored segment was when it was written.
+#[derive(Debug)]
+pub enum Restored {
+    /// Sealed, with the graphs that loaded (a vector field without one is
+    /// built again, in the background).
+    Sealed { indexes: HashMap<usize, FrozenGraph> },
+    /// The rows a checkpoint took of a growing segment.
+    Growing,
+}
+
+impl Restored {
+    /// Sealed, every graph to be built.
+    pub fn sealed() -> Restored {
+        Restored::Sealed { indexes: HashMap::new() }
     }
 }
 

@@ -10,6 +10,7 @@ use vectorflow_core::{CollectionSchema, Error, Pk, Result, Timestamp, Value, Ver
 
 use crate::filter::Filter;
 use crate::index::IndexParams;
+use crate::merge_policy::{MergePolicy, SegmentSize};
 pub use crate::segment::SearchPlan;
 use crate::segment::{RowSet, Segment, SegmentSnapshot};
 use crate::topk::TopK;
@@ -21,11 +22,18 @@ pub struct ShardConfig {
     pub seal_rows: usize,
     pub index: IndexParams,
     pub plan: SearchPlan,
+    /// Which sealed segments merge (and which are rewritten for their dead rows).
+    pub merge: MergePolicy,
 }
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { seal_rows: 16_384, index: IndexParams::default(), plan: SearchPlan::default() }
+        ShardConfig {
+            seal_rows: 16_384,
+            index: IndexParams::default(),
+            plan: SearchPlan::default(),
+            merge: MergePolicy::default(),
+        }
     }
 }
 
@@ -76,10 +84,15 @@ pub struct Shard {
     versions_by_pk: HashMap<Pk, Vec<RowAddress>>,
     /// Segments sealed since persistence last took them.
     newly_sealed: Vec<SegmentSnapshot>,
+    /// The uid the last checkpoint stored the growing rows under.
+    stored_growing: Option<String>,
     /// A compacted segment whose index is still building, and what it replaces.
     compacting: Option<PendingCompaction>,
     /// History before this time is compacted away: reads before it are refused.
     compacted_through: Timestamp,
+    /// (indexed segments, segments) when the merge policy last looked: it
+    /// looks again only when they changed.
+    merge_looked_at: Option<(usize, usize)>,
 }
 
 #[derive(Debug)]
@@ -102,15 +115,21 @@ pub struct SegmentState {
     /// `(row, delete_ts)` of the retired rows; left out (`None`) when the
     /// caller already knows this segment with this `retired` count.
     pub deletes: Option<Vec<(u32, Timestamp)>>,
+    /// The growing segment's rows as of the checkpoint (not sealed, no index).
+    #[serde(default)]
+    pub growing: bool,
 }
 
-/// When compaction rewrites segments.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CompactionPolicy {
-    /// Rewrite a segment when more than this fraction of its rows is dead.
-    pub dead_fraction: f32,
-    /// Merge segments with fewer live rows than this.
-    pub small_rows: usize,
+/// What a checkpoint takes of a shard.
+#[derive(Debug)]
+pub struct ShardCheckpoint {
+    /// Every sealed segment, then the growing rows if there are any.
+    pub states: Vec<SegmentState>,
+    /// The growing rows to write (listed last in `states`).
+    pub growing: Option<SegmentSnapshot>,
+    /// The previous checkpoint's growing rows: the new checkpoint replaces
+    /// them, so their objects may go once it is published.
+    pub superseded: Option<String>,
 }
 
 /// A fresh segment name: time first (for people reading listings), then
@@ -141,13 +160,25 @@ impl Shard {
         Shard::restore(schema, config, Vec::new())
     }
 
-    /// A shard over restored sealed segments (see [`Segment::restore`]),
-    /// with a new growing segment after them.
-    pub fn restore(schema: Arc<CollectionSchema>, config: ShardConfig, mut segments: Vec<Segment>) -> Shard {
+    /// A shard over restored segments (see [`Segment::restore`]): the
+    /// sealed ones, then the restored growing rows as its growing segment
+    /// (or a new one).
+    pub fn restore(schema: Arc<CollectionSchema>, config: ShardConfig, segments: Vec<Segment>) -> Shard {
+        let (mut segments, mut growing): (Vec<Segment>, Vec<Segment>) =
+            segments.into_iter().partition(Segment::is_sealed);
+        // One growing segment per shard; more only if files were moved by hand.
+        while growing.len() > 1 {
+            if let Some(mut extra) = growing.pop() {
+                match extra.seal_as(new_uid(), config.index) {
+                    Ok(()) => segments.push(extra),
+                    Err(e) => tracing::error!("sealing an extra growing segment: {e}"),
+                }
+            }
+        }
+        segments.push(growing.pop().unwrap_or_else(|| Segment::new(0, &schema)));
         for (position, segment) in segments.iter_mut().enumerate() {
             segment.id = position as u64;
         }
-        segments.push(Segment::new(segments.len() as u64, &schema));
         let mut shard = Shard {
             schema,
             config,
@@ -155,8 +186,10 @@ impl Shard {
             locations: HashMap::new(),
             versions_by_pk: HashMap::new(),
             newly_sealed: Vec::new(),
+            stored_growing: None,
             compacting: None,
             compacted_through: 0,
+            merge_looked_at: None,
         };
         shard.index_rows();
         shard
@@ -197,10 +230,13 @@ impl Shard {
         std::mem::take(&mut self.newly_sealed)
     }
 
-    /// The sealed segments as a checkpoint records them; `known` maps uids
-    /// the caller has stored to the `retired` count stored with them.
-    pub fn checkpoint_state(&self, known: &HashMap<String, usize>) -> Vec<SegmentState> {
-        self.segments
+    /// The shard as a checkpoint records it: the sealed segments (`known`
+    /// maps uids the caller has stored to the `retired` count stored with
+    /// them), and the growing rows, stored as they are rather than sealed
+    /// so a checkpoint never makes a small segment (and its graph).
+    pub fn checkpoint(&mut self, known: &HashMap<String, usize>) -> Result<ShardCheckpoint> {
+        let mut states: Vec<SegmentState> = self
+            .segments
             .iter()
             .filter(|s| s.is_sealed())
             .map(|s| SegmentState {
@@ -208,38 +244,45 @@ impl Shard {
                 rows: s.len(),
                 retired: s.retired(),
                 deletes: (known.get(s.uid()) != Some(&s.retired())).then(|| s.deletes()),
+                growing: false,
             })
-            .collect()
+            .collect();
+        let growing = self.segments.last().filter(|s| !s.is_sealed() && !s.is_empty());
+        let snapshot = growing.map(|s| s.growing_snapshot(new_uid())).transpose()?;
+        if let (Some(segment), Some(snapshot)) = (growing, &snapshot) {
+            states.push(SegmentState {
+                uid: snapshot.uid.clone(),
+                rows: segment.len(),
+                retired: segment.retired(),
+                deletes: Some(segment.deletes()),
+                growing: true,
+            });
+        }
+        let superseded = std::mem::replace(&mut self.stored_growing, snapshot.as_ref().map(|s| s.uid.clone()));
+        Ok(ShardCheckpoint { states, growing: snapshot, superseded })
     }
 
-    /// Starts compacting the sealed, indexed segments that have more dead
-    /// rows (see [`Segment::dead_rows`]) than the policy allows, or too few
-    /// live ones; their rows still visible after `horizon` go to one new
-    /// segment, swapped in by [`Shard::finish_compaction`] once its index is
-    /// built. Returns how many segments it replaces (0: nothing to do).
-    pub fn start_compaction(&mut self, horizon: Timestamp, policy: CompactionPolicy) -> Result<usize> {
+    /// Starts the merge the policy (see [`MergePolicy`]) chooses among the
+    /// sealed, indexed segments: their rows still visible after `horizon`
+    /// go to one new segment, whose graph builds in the background while
+    /// the inputs keep answering; [`Shard::finish_compaction`] swaps it in.
+    /// One merge per shard at a time. Returns how many segments it replaces
+    /// (0: nothing to do).
+    pub fn start_compaction(&mut self, horizon: Timestamp) -> Result<usize> {
         if self.compacting.is_some() {
             return Ok(0);
         }
-        let mut chosen = Vec::new();
-        let mut small = Vec::new();
-        for (position, segment) in self.segments.iter().enumerate() {
-            if !segment.is_sealed() || !segment.is_indexed() {
-                continue;
-            }
-            let dead = segment.dead_rows(horizon);
-            let live = segment.len() - dead;
-            if dead as f32 > policy.dead_fraction * segment.len() as f32 {
-                chosen.push(position);
-            } else if live < policy.small_rows {
-                small.push(position);
-            }
-        }
-        // Merging pays off only with at least two small segments.
-        if small.len() >= 2 || !chosen.is_empty() {
-            chosen.extend(small);
-        }
-        chosen.sort_unstable();
+        let candidates: Vec<usize> = (0..self.segments.len())
+            .filter(|&p| self.segments[p].is_sealed() && self.segments[p].is_indexed())
+            .collect();
+        let sizes: Vec<SegmentSize> = candidates
+            .iter()
+            .map(|&p| {
+                let segment = &self.segments[p];
+                SegmentSize { rows: segment.len(), live: segment.len() - segment.dead_rows(horizon) }
+            })
+            .collect();
+        let chosen: Vec<usize> = self.config.merge.choose(&sizes).into_iter().map(|i| candidates[i]).collect();
         if chosen.is_empty() {
             return Ok(0);
         }
@@ -254,6 +297,24 @@ impl Shard {
             horizon,
         });
         Ok(count)
+    }
+
+    /// Starts the merge the policy chooses (see [`Shard::start_compaction`])
+    /// if the segments changed since it last looked: a seal, a finished
+    /// merge, or a graph that finished building. Cheap when nothing
+    /// changed, so the worker asks after every step; dead rows alone are
+    /// left to the engine's compaction interval.
+    pub fn merge_if_due(&mut self, horizon: impl FnOnce() -> Timestamp) -> Result<usize> {
+        if self.compacting.is_some() {
+            return Ok(0);
+        }
+        let indexed = self.segments.iter().filter(|s| s.is_indexed()).count();
+        let now = Some((indexed, self.segments.len()));
+        if self.merge_looked_at == now {
+            return Ok(0);
+        }
+        self.merge_looked_at = now;
+        self.start_compaction(horizon())
     }
 
     /// Swaps a started compaction in once its index is built: the new
@@ -376,7 +437,7 @@ impl Shard {
     }
 
     /// Seals the growing segment (if it holds rows) and starts a new one.
-    pub fn seal_growing(&mut self) -> Result<()> {
+    fn seal_growing(&mut self) -> Result<()> {
         if self.growing().is_empty() {
             return Ok(());
         }
@@ -522,6 +583,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge_policy::MergePolicy;
     use vectorflow_core::batch::{WriteBatch, WriteKind};
     use vectorflow_core::{FieldSchema, Metric, Row};
 
@@ -578,5 +640,68 @@ mod tests {
             Err(vectorflow_core::Error::Cancelled)
         ));
         assert!(matches!(shard.count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
+    }
+
+    /// Every answer at every time, searched exactly.
+    fn answers(shard: &Shard, times: &[Timestamp]) -> Vec<(Vec<(Pk, Vec<Value>)>, Vec<Pk>)> {
+        times
+            .iter()
+            .map(|&ts| {
+                let rows = shard.query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
+                let hits = shard.search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap();
+                (rows, hits[0].iter().map(|h| h.pk.clone()).collect())
+            })
+            .collect()
+    }
+
+    fn wait_until(mut what: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !what() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn merged_segments_answer_as_their_inputs_did_also_before_deletes_that_arrived_during_the_merge() {
+        let schema = schema();
+        let merge = MergePolicy { dead_fraction: 0.5, floor_rows: 10, max_segment_rows: 1000, merge_factor: 4 };
+        // Exact search everywhere, so answers compare equal rather than by recall.
+        let plan = SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 };
+        let mut shard =
+            Shard::new(schema.clone(), ShardConfig { seal_rows: 10, plan, merge, ..ShardConfig::default() });
+        let mut all = Vec::new();
+        for batch in 0..4i64 {
+            let ts = 10 * (batch as u64 + 1);
+            let rows: Vec<(i64, [f32; 2])> =
+                (0..10).map(|i| (batch * 10 + i, [(batch * 10 + i) as f32 * 0.01, (i as f32).sin()])).collect();
+            let (b, v) = write(&schema, ts, &rows);
+            all.extend(v.iter().copied());
+            shard.apply(ts, vec![(b, v.clone())], &v.iter().copied().collect(), &[]).unwrap();
+        }
+        // An upsert and a delete before the merge.
+        let (b, v) = write(&schema, 45, &[(3, [0.3, 0.1])]);
+        shard.apply(45, vec![(b, v.clone())], &v.iter().copied().collect(), &[all[3]]).unwrap();
+        shard.apply(47, vec![], &HashSet::new(), &[all[5]]).unwrap();
+        assert_eq!(shard.stats().sealed_segments, 4);
+        wait_until(|| shard.stats().indexed_segments == 4);
+        let times: Vec<Timestamp> = (0..=70).step_by(1).collect();
+        let before = answers(&shard, &times);
+
+        // Four segments of the lowest tier: the policy merges them.
+        assert_eq!(shard.merge_if_due(|| 0).unwrap(), 4);
+        assert_eq!(shard.merge_if_due(|| 0).unwrap(), 0, "one merge at a time");
+        // Deletes arriving while the merged graph builds carry over.
+        shard.apply(55, vec![], &HashSet::new(), &[all[0], all[17]]).unwrap();
+        shard.apply(60, vec![], &HashSet::new(), &[all[39]]).unwrap();
+        let during = answers(&shard, &times);
+        wait_until(|| shard.stats().compacting == 0 || !shard.finish_compaction().is_empty());
+        let stats = shard.stats();
+        assert_eq!((stats.sealed_segments, stats.compacting), (1, 0), "{stats:?}");
+        assert_eq!(answers(&shard, &times), during);
+        // Before the deletes that arrived during the merge, as before it.
+        assert_eq!(answers(&shard, &times[..55]), before[..55]);
+        let at = |ts: Timestamp| shard.get(&[Pk::Int(0), Pk::Int(39)], ts, &[]).len();
+        assert_eq!((at(54), at(55), at(60)), (2, 1, 0));
     }
 }

@@ -5,8 +5,9 @@ use super::*;
 
 impl Engine {
     /// Makes every write acknowledged so far durable in the object store:
-    /// a checkpoint that seals the growing segments, writes them with their
-    /// indexes and publishes the collection's manifest. Returns the
+    /// a checkpoint that writes the segments sealed since the last one
+    /// (with their graphs) and the growing rows (unsealed), and publishes
+    /// the collection's manifest. Returns the
     /// checkpoint's time once the manifest is published.
     ///
     /// Flushes coalesce: a flush that finds a checkpoint running waits for
@@ -77,6 +78,7 @@ impl Engine {
                     Some(files) => (*files).clone(),
                     None => inner.shared.persister.wait(&state.uid, PERSIST_TIMEOUT)?,
                 };
+                files.growing = state.growing;
                 if let Some(deletes) = &state.deletes {
                     files.deletes = if deletes.is_empty() {
                         None
@@ -178,11 +180,7 @@ impl Engine {
     /// Asks every shard to start compacting; returns the segments replaced and the horizon.
     pub(super) fn start_compaction(&self, entry: &CatalogEntry) -> Result<(usize, Timestamp)> {
         let horizon = self.retention_horizon();
-        let policy = CompactionPolicy {
-            dead_fraction: self.inner.config.compaction_dead_fraction,
-            small_rows: (self.inner.config.seal_rows / 2).max(1),
-        };
-        let kind = RequestKind::Compact { horizon, policy };
+        let kind = RequestKind::Compact { horizon };
         match self.request(entry.id, 0, kind, None, Consistency::Eventually, None)? {
             Answer::Count(replaced) => {
                 if replaced > 0

@@ -18,7 +18,7 @@ use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
 use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
-use vectorflow_operators::{CompactionPolicy, Filter, IndexParams, SearchPlan, Shard, ShardConfig, ShardStats};
+use vectorflow_operators::{Filter, IndexParams, MergePolicy, SearchPlan, Shard, ShardConfig, ShardStats};
 
 use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
 use crate::log::Log;
@@ -135,7 +135,20 @@ impl Engine {
         for entry in &entries {
             log.tso().observe(entry.created_ts);
         }
-        let shard_config = ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan };
+        if config.merge_factor < 2 {
+            return Err(Error::argument("merge_factor", "must be at least 2"));
+        }
+        if config.max_segment_rows < config.seal_rows {
+            return Err(Error::argument("max_segment_rows", "must be at least seal_rows"));
+        }
+        let merge = MergePolicy {
+            dead_fraction: config.compaction_dead_fraction,
+            floor_rows: config.seal_rows,
+            max_segment_rows: config.max_segment_rows,
+            merge_factor: config.merge_factor,
+        };
+        let shard_config =
+            ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan, merge };
         let persister = Persister::start(storage.clone())?;
         let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config).inspect_err(|_| {
             // Nothing will submit to it: let its thread end.
@@ -156,6 +169,7 @@ impl Engine {
             shutdown: AtomicBool::new(false),
             ingest_paused: AtomicBool::new(false),
             shard_config,
+            retention: config.retention,
             tick: config.tick,
             poll_batch: if config.kafka.is_some() { 1024 } else { 256 },
             max_in_flight_rows: config.max_in_flight_rows.max(1),
@@ -167,6 +181,8 @@ impl Engine {
             frontier_stalled_ms: AtomicU64::new(0),
             frontier_stalls: AtomicU64::new(0),
             reads_cancelled: AtomicU64::new(0),
+            writes_held: AtomicU64::new(0),
+            writes_refused: AtomicU64::new(0),
             failed: Mutex::new(HashMap::new()),
         });
         let worker_shared = shared.clone();
@@ -231,6 +247,8 @@ impl Engine {
                 0 => None,
                 micros => Some(Duration::from_micros(micros)),
             },
+            writes_held: shared.writes_held.load(Ordering::Relaxed),
+            writes_refused: shared.writes_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -275,7 +293,7 @@ impl Engine {
 
     /// The oldest timestamp time travel can still reach.
     pub fn retention_horizon(&self) -> Timestamp {
-        before(self.inner.shared.log.tso().next_possible(), self.inner.config.retention)
+        self.inner.shared.retention_horizon()
     }
 
     /// Stops applying the log: writes are still acknowledged (they are durable

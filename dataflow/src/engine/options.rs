@@ -33,6 +33,11 @@ pub struct EngineConfig {
     pub compaction_interval: Option<Duration>,
     /// Compaction rewrites a segment when more than this fraction of its rows is dead.
     pub compaction_dead_fraction: f32,
+    /// Merges never make a segment with more rows than this.
+    pub max_segment_rows: usize,
+    /// Sealed segments of one size tier merged at once (see
+    /// `vectorflow_operators::merge_policy`).
+    pub merge_factor: usize,
     /// Threads that load segments at recovery.
     pub load_threads: usize,
     /// Read and write Kafka topics instead of the embedded log.
@@ -48,6 +53,11 @@ pub struct EngineConfig {
     pub stall_report_after: Duration,
     /// Bounds on what one read may ask for.
     pub limits: Limits,
+    /// Writes wait while the applied frontier is more than this behind the
+    /// clock (the dataflow applies the log slower than writers fill it);
+    /// one that would wait past `request_timeout` is refused with
+    /// `ResourceExhausted` and not written. `None`: never wait.
+    pub max_apply_lag: Option<Duration>,
 }
 
 /// Bounds on one request's answer and on the catalog, so no request can
@@ -97,12 +107,15 @@ impl EngineConfig {
             checkpoint_interval: Some(Duration::from_secs(60)),
             compaction_interval: Some(Duration::from_secs(60)),
             compaction_dead_fraction: 0.2,
+            max_segment_rows: MergePolicy::default().max_segment_rows,
+            merge_factor: MergePolicy::default().merge_factor,
             load_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             kafka: None,
             max_in_flight_rows: 50_000,
             replay_stall_timeout: Duration::from_secs(120),
             stall_report_after: Duration::from_secs(30),
             limits: Limits::default(),
+            max_apply_lag: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -287,6 +300,10 @@ pub struct EngineHealth {
     pub checkpoint_time: Duration,
     /// How long the newest checkpoint took.
     pub last_checkpoint: Option<Duration>,
+    /// Writes that waited for the dataflow to catch up (`max_apply_lag`),
+    /// and those refused because it did not in time.
+    pub writes_held: u64,
+    pub writes_refused: u64,
 }
 
 /// How a collection's Kafka topic is being read.

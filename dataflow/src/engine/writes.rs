@@ -1,5 +1,6 @@
 //! Writes: inserts, upserts and deletes go to the log and are acknowledged
-//! once durable there.
+//! once durable there, after waiting while the dataflow is too far behind
+//! the log (backpressure, see [`EngineConfig::max_apply_lag`]).
 
 use super::*;
 
@@ -30,6 +31,7 @@ impl Engine {
     pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
         let entry = self.running_entry(collection)?;
         entry.schema.check_keys(pks)?;
+        self.wait_for_apply_lag()?;
         let log = match &self.inner.shared.log {
             Log::Embedded(log) => log,
             Log::Kafka(kafka) => {
@@ -63,6 +65,7 @@ impl Engine {
         if rows == 0 {
             return Ok(WriteResult { pks: Vec::new(), ts: self.inner.shared.log.tso().last() });
         }
+        self.wait_for_apply_lag()?;
         let pk_index = schema.primary_index();
         let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
         let log = match &self.inner.shared.log {
@@ -100,6 +103,51 @@ impl Engine {
             Ok(records)
         })?;
         Ok(WriteResult { pks, ts })
+    }
+}
+
+impl Engine {
+    /// Backpressure: waits while the applied frontier is more than
+    /// `max_apply_lag` behind the clock, so writers cannot fill the log
+    /// faster than the dataflow applies it (the gap is what a Strong read
+    /// waits for). Gives up at `request_timeout` with `ResourceExhausted`,
+    /// before anything is written.
+    fn wait_for_apply_lag(&self) -> Result<()> {
+        let Some(bound) = self.inner.config.max_apply_lag else { return Ok(()) };
+        let shared = &self.inner.shared;
+        let lag = || {
+            let now = vectorflow_core::time::physical_ms(shared.log.tso().next_possible());
+            Duration::from_millis(now.saturating_sub(vectorflow_core::time::physical_ms(shared.applied_frontier())))
+        };
+        if lag() <= bound {
+            return Ok(());
+        }
+        shared.writes_held.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let behind = lag();
+            if behind <= bound {
+                return Ok(());
+            }
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
+            if Instant::now() >= deadline {
+                shared.writes_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(?behind, ?bound, "a write was refused: the dataflow is behind the log");
+                return Err(Error::ResourceExhausted {
+                    limit: "max_apply_lag_ms".into(),
+                    problem: format!(
+                        "the dataflow has applied the log only up to {} ms ago (the bound is {} ms) and did not \
+                         catch up within {} ms; the write was not taken, retry it later",
+                        behind.as_millis(),
+                        bound.as_millis(),
+                        self.inner.config.request_timeout.as_millis()
+                    ),
+                });
+            }
+        }
     }
 }
 

@@ -1,0 +1,568 @@
+//! A sealed segment's HNSW graph, frozen for search.
+//!
+//! `hnsw_rs` builds the graph; once built it is converted into this compact
+//! read-only layout and the `hnsw_rs` structure is dropped. Per layer the
+//! neighbour lists are `u32` row numbers in one contiguous array with an
+//! offset per node (compressed sparse rows); layer 0 covers every row,
+//! the upper layers only the rows that reach them (sorted, found by binary
+//! search: the descent through them takes a handful of steps). The vectors
+//! are not part of the graph: a search reads the segment's own contiguous
+//! vector column, so a vector is held once in memory and once on disk.
+//!
+//! The search is the standard HNSW one: a greedy descent through the upper
+//! layers, then a best-first beam of width `ef` on layer 0. It differs from
+//! `hnsw_rs`'s in three ways, each for recall or speed:
+//! - the descent moves greedily until no neighbour is closer on each layer
+//!   (`hnsw_rs` looks at the pivot's neighbours once per layer);
+//! - rows a filter rejects are walked through but never enter the answer,
+//!   and the beam keeps going until it holds `ef` accepted rows (as
+//!   hnswlib does), where `hnsw_rs` may stop with fewer;
+//! - the visited set is a generation-stamped array per thread instead of a
+//!   hash map, and the next nodes' vectors are prefetched.
+//!
+//! File layout (all integers little-endian `u32`):
+//! `"VFHNSW\0\0"`, format version, rows, entry row, layer count `L`;
+//! layer 0: `rows + 1` offsets, then the neighbours; each layer `1..L`:
+//! its row count `n`, its `n` rows (ascending), `n + 1` offsets, the
+//! neighbours; last the CRC-32 of everything before it.
+
+use std::cell::RefCell;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use hnsw_rs::hnsw::Hnsw;
+use vectorflow_core::{Error, Metric, Result};
+
+use crate::distance::distance;
+
+const MAGIC: &[u8; 8] = b"VFHNSW\0\0";
+const FORMAT_VERSION: u32 = 1;
+/// Layers a file may declare; `hnsw_rs` builds at most 16.
+const MAX_LAYERS: u32 = 64;
+
+/// Neighbour lists of the nodes of one layer, in node order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Adjacency {
+    /// `offsets[i]..offsets[i + 1]` indexes node `i`'s neighbours.
+    offsets: Vec<u32>,
+    neighbours: Vec<u32>,
+}
+
+impl Adjacency {
+    fn from_lists(lists: impl IntoIterator<Item = Vec<u32>>) -> Adjacency {
+        let mut adjacency = Adjacency { offsets: vec![0], neighbours: Vec::new() };
+        for list in lists {
+            adjacency.neighbours.extend(list);
+            adjacency.offsets.push(adjacency.neighbours.len() as u32);
+        }
+        adjacency
+    }
+
+    #[inline]
+    fn of(&self, node: usize) -> &[u32] {
+        &self.neighbours[self.offsets[node] as usize..self.offsets[node + 1] as usize]
+    }
+
+    fn nodes(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    fn bytes(&self) -> usize {
+        4 * (self.offsets.len() + self.neighbours.len())
+    }
+}
+
+/// A layer above 0: the rows on it and their neighbour lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UpperLayer {
+    rows: Vec<u32>,
+    links: Adjacency,
+}
+
+impl UpperLayer {
+    #[inline]
+    fn neighbours(&self, row: u32) -> &[u32] {
+        match self.rows.binary_search(&row) {
+            Ok(node) => self.links.of(node),
+            Err(_) => &[],
+        }
+    }
+}
+
+/// A read-only HNSW graph over the rows `0..rows` of one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrozenGraph {
+    rows: u32,
+    entry: u32,
+    base: Adjacency,
+    /// Layers 1, 2, … in order.
+    upper: Vec<UpperLayer>,
+}
+
+impl FrozenGraph {
+    /// Freezes a graph `hnsw_rs` built with row numbers `0..rows` as data ids.
+    pub fn freeze<D: anndists::dist::Distance<f32> + Send + Sync>(
+        hnsw: &Hnsw<'_, f32, D>,
+        rows: usize,
+    ) -> Result<FrozenGraph> {
+        let broken = |problem: String| Error::Internal(format!("freezing an HNSW graph: {problem}"));
+        let row_count = u32::try_from(rows).map_err(|_| broken(format!("{rows} rows do not fit a u32")))?;
+        let mut levels = vec![0u8; rows];
+        // Per row, its neighbour lists on layers 0..=level.
+        let mut lists: Vec<Vec<Vec<u32>>> = vec![Vec::new(); rows];
+        let mut seen = 0usize;
+        for point in hnsw.get_point_indexation() {
+            let row = point.get_origin_id();
+            if row >= rows {
+                return Err(broken(format!("data id {row} outside 0..{rows}")));
+            }
+            let level = point.get_point_id().0;
+            levels[row] = level;
+            lists[row] = point
+                .get_neighborhood_id()
+                .into_iter()
+                .take(usize::from(level) + 1)
+                .map(|layer| layer.into_iter().map(|n| n.d_id as u32).filter(|&n| n < row_count).collect())
+                .collect();
+            seen += 1;
+        }
+        if seen != rows {
+            return Err(broken(format!("{seen} points for {rows} rows")));
+        }
+        let top = hnsw.get_max_level_observed();
+        let entry = hnsw
+            .get_point_indexation()
+            .get_layer_iterator(usize::from(top))
+            .next()
+            .map(|p| p.get_origin_id() as u32)
+            .unwrap_or(0);
+        let base = Adjacency::from_lists(
+            lists.iter_mut().map(|l| if l.is_empty() { Vec::new() } else { std::mem::take(&mut l[0]) }),
+        );
+        let upper = (1..=usize::from(top))
+            .map(|layer| {
+                let on_layer: Vec<u32> = (0..row_count).filter(|&r| usize::from(levels[r as usize]) >= layer).collect();
+                let links = Adjacency::from_lists(
+                    on_layer.iter().map(|&r| lists[r as usize].get_mut(layer).map(std::mem::take).unwrap_or_default()),
+                );
+                UpperLayer { rows: on_layer, links }
+            })
+            .collect();
+        Ok(FrozenGraph { rows: row_count, entry, base, upper })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows as usize
+    }
+
+    /// Bytes the graph holds in memory (the vectors are the segment's).
+    pub fn memory_bytes(&self) -> usize {
+        self.base.bytes() + self.upper.iter().map(|l| 4 * l.rows.len() + l.links.bytes()).sum::<usize>()
+    }
+
+    /// Up to `k` rows closest to `query`, nearest first, as `(distance,
+    /// row)` with the metric's internal distance (see
+    /// [`crate::distance::distance`]). `vectors` holds the segment's rows
+    /// row-major (`dim` each); `accept`, when given, says which rows may be
+    /// answered (the walk still passes through the others).
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        vectors: &[f32],
+        dim: usize,
+        metric: Metric,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        accept: Option<&dyn Fn(usize) -> bool>,
+    ) -> Vec<(f32, u32)> {
+        if self.rows == 0 || k == 0 || vectors.len() < self.rows as usize * dim {
+            return Vec::new();
+        }
+        let vector = |row: u32| &vectors[row as usize * dim..(row as usize + 1) * dim];
+        let measure = |row: u32| distance(metric, query, vector(row));
+        let accepted = |row: u32| accept.is_none_or(|a| a(row as usize));
+
+        // Greedy descent through the upper layers.
+        let mut current = self.entry;
+        let mut current_distance = measure(current);
+        for layer in self.upper.iter().rev() {
+            loop {
+                let mut moved = false;
+                for &next in layer.neighbours(current) {
+                    let d = measure(next);
+                    if d < current_distance {
+                        (current, current_distance) = (next, d);
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        // Best-first beam on layer 0.
+        let ef = ef.max(k);
+        VISITED.with(|visited| {
+            let mut visited = visited.borrow_mut();
+            visited.start(self.rows as usize);
+            let mut candidates: BinaryHeap<Nearest> = BinaryHeap::with_capacity(ef * 2);
+            let mut results: BinaryHeap<Farthest> = BinaryHeap::with_capacity(ef + 1);
+            visited.insert(current);
+            candidates.push(Nearest(Scored(current_distance, current)));
+            if accepted(current) {
+                results.push(Farthest(Scored(current_distance, current)));
+            }
+            let mut fresh: Vec<u32> = Vec::with_capacity(64);
+            while let Some(Nearest(Scored(d, node))) = candidates.pop() {
+                let bound = results.peek().map_or(f32::INFINITY, |f| f.0.0);
+                if d > bound && results.len() >= ef {
+                    break;
+                }
+                fresh.clear();
+                fresh.extend(self.base.of(node as usize).iter().copied().filter(|&n| visited.insert(n)));
+                for &n in &fresh {
+                    prefetch(vector(n));
+                }
+                for &n in &fresh {
+                    let d = measure(n);
+                    let bound = results.peek().map_or(f32::INFINITY, |f| f.0.0);
+                    if results.len() < ef || d < bound {
+                        candidates.push(Nearest(Scored(d, n)));
+                        if accepted(n) {
+                            results.push(Farthest(Scored(d, n)));
+                            if results.len() > ef {
+                                results.pop();
+                            }
+                        }
+                    }
+                }
+            }
+            let mut answer: Vec<(f32, u32)> = results.into_iter().map(|f| (f.0.0, f.0.1)).collect();
+            answer.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            answer.truncate(k);
+            answer
+        })
+    }
+
+    /// The graph in its file layout (see the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let words = 5 + self.base.offsets.len() + self.base.neighbours.len();
+        let upper_words: usize = self.upper.iter().map(|l| 2 + 2 * l.rows.len() + l.links.neighbours.len()).sum();
+        let mut out = Vec::with_capacity(8 + 4 * (words + upper_words + 1));
+        out.extend_from_slice(MAGIC);
+        let put = |out: &mut Vec<u8>, values: &[u32]| {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        put(&mut out, &[FORMAT_VERSION, self.rows, self.entry, 1 + self.upper.len() as u32]);
+        put(&mut out, &self.base.offsets);
+        put(&mut out, &self.base.neighbours);
+        for layer in &self.upper {
+            put(&mut out, &[layer.rows.len() as u32]);
+            put(&mut out, &layer.rows);
+            put(&mut out, &layer.links.offsets);
+            put(&mut out, &layer.links.neighbours);
+        }
+        let checksum = crc32fast::hash(&out);
+        out.extend_from_slice(&checksum.to_le_bytes());
+        out
+    }
+
+    /// Reads a graph [`FrozenGraph::encode`] wrote for a segment of `rows`
+    /// rows. Anything malformed (a flipped bit, a truncated file, another
+    /// segment's graph) is [`Error::Corrupt`] naming `location`, never a
+    /// panic.
+    pub fn decode(bytes: &[u8], rows: usize, location: &str) -> Result<FrozenGraph> {
+        let corrupt = |problem: String| Error::Corrupt { location: location.to_string(), problem };
+        if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("not a frozen HNSW graph".into()));
+        }
+        let (body, stored) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+        if crc32fast::hash(body) != stored {
+            return Err(corrupt("checksum mismatch".into()));
+        }
+        let mut reader = Words { bytes: &body[MAGIC.len()..], location };
+        let version = reader.one()?;
+        if version != FORMAT_VERSION {
+            return Err(corrupt(format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let stored_rows = reader.one()?;
+        if stored_rows as usize != rows {
+            return Err(corrupt(format!("a graph of {stored_rows} rows, the segment has {rows}")));
+        }
+        let entry = reader.one()?;
+        let layers = reader.one()?;
+        if layers == 0 || layers > MAX_LAYERS || (rows > 0 && entry >= stored_rows) {
+            return Err(corrupt(format!("{layers} layers, entry row {entry}")));
+        }
+        let base = reader.adjacency(rows, stored_rows)?;
+        let mut upper = Vec::with_capacity(layers as usize - 1);
+        for _ in 1..layers {
+            let count = reader.one()? as usize;
+            if count > rows {
+                return Err(corrupt(format!("a layer of {count} rows")));
+            }
+            let layer_rows = reader.many(count)?;
+            if layer_rows.windows(2).any(|w| w[0] >= w[1]) || layer_rows.last().is_some_and(|&r| r >= stored_rows) {
+                return Err(corrupt("a layer's rows are not ascending row numbers".into()));
+            }
+            let links = reader.adjacency(count, stored_rows)?;
+            upper.push(UpperLayer { rows: layer_rows, links });
+        }
+        if !reader.bytes.is_empty() {
+            return Err(corrupt(format!("{} bytes after the last layer", reader.bytes.len())));
+        }
+        if let Some(top) = upper.last()
+            && top.rows.binary_search(&entry).is_err()
+        {
+            return Err(corrupt("the entry row is not on the top layer".into()));
+        }
+        Ok(FrozenGraph { rows: stored_rows, entry, base, upper })
+    }
+}
+
+/// Reads little-endian `u32`s off a file, with errors naming it.
+struct Words<'a> {
+    bytes: &'a [u8],
+    location: &'a str,
+}
+
+impl Words<'_> {
+    fn corrupt(&self, problem: String) -> Error {
+        Error::Corrupt { location: self.location.to_string(), problem }
+    }
+
+    fn many(&mut self, count: usize) -> Result<Vec<u32>> {
+        let needed = count.checked_mul(4).filter(|&n| n <= self.bytes.len());
+        let Some(needed) = needed else {
+            return Err(self.corrupt(format!("truncated: {count} more values expected")));
+        };
+        let (taken, rest) = self.bytes.split_at(needed);
+        self.bytes = rest;
+        Ok(taken.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect())
+    }
+
+    fn one(&mut self) -> Result<u32> {
+        Ok(self.many(1)?[0])
+    }
+
+    /// Offsets for `nodes` nodes, then the neighbours they index (each a row below `rows`).
+    fn adjacency(&mut self, nodes: usize, rows: u32) -> Result<Adjacency> {
+        let offsets = self.many(nodes + 1)?;
+        if offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
+            return Err(self.corrupt("neighbour offsets are not ascending".into()));
+        }
+        let neighbours = self.many(offsets[nodes] as usize)?;
+        if neighbours.iter().any(|&n| n >= rows) {
+            return Err(self.corrupt("a neighbour outside the segment".into()));
+        }
+        let adjacency = Adjacency { offsets, neighbours };
+        debug_assert_eq!(adjacency.nodes(), nodes);
+        Ok(adjacency)
+    }
+}
+
+/// A distance and a row, ordered by distance (ties by row).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Scored(f32, u32);
+
+impl Scored {
+    fn order(&self, other: &Scored) -> Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+/// Max-heap order on the nearest: the candidate queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Nearest(Scored);
+
+impl Eq for Nearest {}
+impl PartialOrd for Nearest {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Nearest {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.0.order(&self.0)
+    }
+}
+
+/// Max-heap order on the farthest: the results, whose top is the bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Farthest(Scored);
+
+impl Eq for Farthest {}
+impl PartialOrd for Farthest {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Farthest {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.order(&other.0)
+    }
+}
+
+/// Which rows a search has visited: a row is visited when its stamp equals
+/// the current generation, so starting a search costs nothing until the
+/// generation counter wraps.
+#[derive(Default)]
+struct Visited {
+    stamps: Vec<u16>,
+    generation: u16,
+}
+
+impl Visited {
+    fn start(&mut self, rows: usize) {
+        if self.stamps.len() < rows {
+            self.stamps.resize(rows, 0);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.stamps.fill(0);
+            self.generation = 1;
+        }
+    }
+
+    /// Marks `row` visited; `true` if it was not yet.
+    #[inline]
+    fn insert(&mut self, row: u32) -> bool {
+        let stamp = &mut self.stamps[row as usize];
+        let fresh = *stamp != self.generation;
+        *stamp = self.generation;
+        fresh
+    }
+}
+
+thread_local! {
+    /// One visited set per search thread, reused across searches.
+    static VISITED: RefCell<Visited> = RefCell::new(Visited::default());
+}
+
+/// Asks the CPU to start loading a vector the search reads next.
+#[inline(always)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // A vector spans several cache lines; the first two cover 32 values,
+        // enough for the kernel to start while the rest streams in.
+        for line in values.chunks(16).take(2) {
+            // SAFETY: prefetching is a hint; it never faults, and the
+            // pointer is into a live slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{HnswIndex, IndexParams};
+    use rand::{Rng, SeedableRng};
+
+    fn random(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..rows * dim).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn exact(vectors: &[f32], dim: usize, metric: Metric, query: &[f32], k: usize) -> Vec<u32> {
+        let mut all: Vec<(f32, u32)> =
+            vectors.chunks_exact(dim).enumerate().map(|(r, v)| (distance(metric, query, v), r as u32)).collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0));
+        all[..k].iter().map(|x| x.1).collect()
+    }
+
+    #[test]
+    fn the_frozen_search_finds_what_hnsw_rs_finds_on_the_same_graph() {
+        let (rows, dim, k, ef) = (3000, 24, 10, 64);
+        for metric in [Metric::L2, Metric::IP] {
+            let vectors = random(rows, dim, 5);
+            let raw = HnswIndex::build(&vectors, dim, metric, IndexParams::default());
+            let frozen = raw.freeze().unwrap();
+            let queries = random(50, dim, 6);
+            let (mut same, mut frozen_hits, mut raw_hits) = (0, 0, 0);
+            for query in queries.chunks_exact(dim) {
+                let truth = exact(&vectors, dim, metric, query, k);
+                let ours: Vec<u32> =
+                    frozen.search(&vectors, dim, metric, query, k, ef, None).into_iter().map(|x| x.1).collect();
+                let theirs: Vec<u32> = raw.search(query, k, ef, None).into_iter().map(|r| r as u32).collect();
+                same += ours.iter().filter(|r| theirs.contains(r)).count();
+                frozen_hits += ours.iter().filter(|r| truth.contains(r)).count();
+                raw_hits += theirs.iter().filter(|r| truth.contains(r)).count();
+            }
+            let total = 50 * k;
+            // Both walk the same graph; the descent and stopping rules differ
+            // slightly (see the module documentation), so a few answers may.
+            assert!(same as f64 >= 0.97 * total as f64, "{metric:?}: {same} of {total} the same");
+            assert!(frozen_hits >= raw_hits, "{metric:?}: frozen {frozen_hits} vs hnsw_rs {raw_hits}");
+            assert!(frozen_hits as f64 >= 0.95 * total as f64, "{metric:?}: recall {frozen_hits}/{total}");
+        }
+    }
+
+    #[test]
+    fn a_filtered_search_answers_only_accepted_rows_and_keeps_recall() {
+        let (rows, dim, k) = (3000, 16, 10);
+        let vectors = random(rows, dim, 8);
+        let frozen = HnswIndex::build(&vectors, dim, Metric::L2, IndexParams::default()).freeze().unwrap();
+        let half = |row: usize| row % 2 == 0;
+        let mut hits = 0;
+        for query in random(30, dim, 9).chunks_exact(dim) {
+            let found = frozen.search(&vectors, dim, Metric::L2, query, k, 64, Some(&half));
+            assert_eq!(found.len(), k);
+            assert!(found.iter().all(|&(_, r)| r % 2 == 0));
+            assert!(found.windows(2).all(|w| w[0].0 <= w[1].0), "nearest first");
+            let mut even: Vec<(f32, u32)> = vectors
+                .chunks_exact(dim)
+                .enumerate()
+                .filter(|(r, _)| r % 2 == 0)
+                .map(|(r, v)| (distance(Metric::L2, query, v), r as u32))
+                .collect();
+            even.sort_by(|a, b| a.0.total_cmp(&b.0));
+            hits += found.iter().filter(|(_, r)| even[..k].iter().any(|e| e.1 == *r)).count();
+        }
+        assert!(hits as f64 >= 0.95 * 300.0, "{hits}/300");
+    }
+
+    #[test]
+    fn a_graph_round_trips_through_its_file_and_damage_is_an_error() {
+        let (rows, dim) = (800, 8);
+        let vectors = random(rows, dim, 10);
+        let frozen = HnswIndex::build(&vectors, dim, Metric::L2, IndexParams::default()).freeze().unwrap();
+        let bytes = frozen.encode();
+        assert_eq!(FrozenGraph::decode(&bytes, rows, "seg/f").unwrap(), frozen);
+
+        let err = FrozenGraph::decode(&bytes, rows + 1, "seg/f").unwrap_err().to_string();
+        assert!(err.contains("seg/f") && err.contains("rows"), "{err}");
+        for cut in [0, 7, 20, bytes.len() / 2, bytes.len() - 1] {
+            let err = FrozenGraph::decode(&bytes[..cut], rows, "seg/f").unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "cut at {cut}: {err}");
+        }
+        for position in [9, 30, bytes.len() / 3, bytes.len() - 2] {
+            let mut flipped = bytes.clone();
+            flipped[position] ^= 0x10;
+            let err = FrozenGraph::decode(&flipped, rows, "seg/f").unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "flip at {position}: {err}");
+        }
+    }
+
+    #[test]
+    fn tiny_and_empty_graphs_search_without_panicking() {
+        for rows in [1usize, 2, 5] {
+            let vectors = random(rows, 4, rows as u64);
+            let frozen = HnswIndex::build(&vectors, 4, Metric::L2, IndexParams::default()).freeze().unwrap();
+            let found = frozen.search(&vectors, 4, Metric::L2, &[0.0; 4], 10, 16, None);
+            assert_eq!(found.len(), rows);
+            let none = |_: usize| false;
+            assert!(frozen.search(&vectors, 4, Metric::L2, &[0.0; 4], 10, 16, Some(&none)).is_empty());
+            assert_eq!(FrozenGraph::decode(&frozen.encode(), rows, "x").unwrap(), frozen);
+        }
+    }
+}
