@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vectorflow::crates::connectors::dataset::{ID_COLUMN, VECTOR_FIELD};
+use vectorflow::crates::connectors::dataset::{ID_COLUMN, RecallJudge, VECTOR_FIELD};
 use vectorflow::crates::operators::distance::distance;
 use vectorflow::{Consistency, Dataset, Engine, EngineConfig, Pk, SearchOptions};
 
@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     // Search and recall@10 against the ground truth, or exact search without one.
     let metric = dataset.metric();
     let truth = dataset.ground_truth("unfiltered")?;
+    let judge = RecallJudge::new(&vectors, &queries, metric)?;
     let n_queries = queries.rows.min(MAX_QUERIES);
     let query_list: Vec<Vec<f32>> = (0..n_queries).map(|q| queries.row(q).to_vec()).collect();
     let options = SearchOptions { ef: Some(64), ..SearchOptions::new(K) };
@@ -70,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         let found: Vec<(i64, f32)> =
             hits.iter().map(|h| (if let Pk::Int(id) = h.pk { id } else { -1 }, h.score)).collect();
         recall += match &truth {
-            Some(truth) => truth.recall(q, K, &found),
+            Some(truth) => truth.recall(&judge, q, K, &found.iter().map(|(id, _)| *id).collect::<Vec<_>>()),
             None => exact_recall(&vectors.data, vectors.cols, metric, &query_list[q], &found),
         };
     }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use arrow::array::ArrayRef;
 use arrow::record_batch::RecordBatch;
 use serde_json::json;
-use vectorflow::crates::connectors::dataset::GroundTruth;
+use vectorflow::crates::connectors::dataset::{GroundTruth, RecallJudge, exact_search};
 use vectorflow::crates::connectors::npy::Matrix;
 use vectorflow::crates::operators::distance::{distance, normalize};
 use vectorflow::crates::operators::index::HnswIndex;
@@ -145,11 +145,14 @@ pub fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
 type SearchFn<'a> = dyn Fn(&[f32]) -> anyhow::Result<Vec<(i64, f32)>> + Sync + 'a;
 
 /// Runs `search` for every query on `clients` threads; returns QPS, recall and latency percentiles.
+/// `queries[q]` is what `search` gets (it may be normalised); recall judges
+/// the returned ids against query `q` of the dataset through `judge`.
 fn measure(
     queries: &[Vec<f32>],
     clients: usize,
     k: usize,
     truth: &GroundTruth,
+    judge: &RecallJudge,
     search: &SearchFn,
 ) -> anyhow::Result<(f64, f64, f64, f64)> {
     let started = Instant::now();
@@ -162,7 +165,8 @@ fn measure(
                         let t = Instant::now();
                         let found = search(&queries[q])?;
                         let ms = t.elapsed().as_secs_f64() * 1e3;
-                        out.push((q, ms, truth.recall(q, k, &found)));
+                        let ids: Vec<i64> = found.iter().map(|(id, _)| *id).collect();
+                        out.push((q, ms, truth.recall(judge, q, k, &ids)));
                     }
                     Ok(out)
                 })
@@ -238,6 +242,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!truths.is_empty(), "filters.json lists no ground truth");
     let n_queries = args.queries.map_or(queries_m.rows, |q| q.min(queries_m.rows));
+    // Recall is judged from the dataset's own vectors, as the ground truths were computed.
+    let judge = RecallJudge::new(&vectors, &queries_m, metric)?;
+    for (name, _, truth) in &truths {
+        anyhow::ensure!(
+            truth.ids.rows >= n_queries && truth.ids.cols >= args.k,
+            "ground truth `{name}` lists {} neighbours of {} queries; --k {} over {n_queries} queries needs more",
+            truth.ids.cols,
+            truth.ids.rows,
+            args.k
+        );
+    }
     let queries: Vec<Vec<f32>> = (0..n_queries).map(|q| queries_m.row(q).to_vec()).collect();
     let n = vectors.rows;
     let k = args.k;
@@ -308,7 +323,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let result = engine.search("bench", &[q.to_vec()], &options)?;
                     Ok(ids(&result.hits[0]))
                 };
-                let (qps, recall, p50_ms, p99_ms) = measure(&queries, clients, k, truth, &search)?;
+                let (qps, recall, p50_ms, p99_ms) = measure(&queries, clients, k, truth, &judge, &search)?;
                 engine_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
             }
         }
@@ -337,7 +352,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         vectorflow::crates::operators::distance::score(metric, distance(metric, q, &base[row * dim..(row + 1) * dim]))
     };
     let all_rows = dataset.base_batch(&schema, &vectors, &attributes, 0..n)?;
-    let exact_queries = &prepared[..args.exact_queries.min(prepared.len())];
+    // Brute force scores the stored vectors the way the ground truths were
+    // computed (not normalised), so it is exact by the recall rule: 1.0.
+    let exact_queries = &queries[..args.exact_queries.min(queries.len())];
     let mut hnsw_points = Vec::new();
     let mut exact_points = Vec::new();
     for (name, expression, truth) in &truths {
@@ -360,15 +377,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     rows.sort_by(|a, b| rank(metric, a.1, b.1));
                     Ok(rows)
                 };
-                let (qps, recall, p50_ms, p99_ms) = measure(&prepared, clients, k, truth, &search)?;
+                let (qps, recall, p50_ms, p99_ms) = measure(&prepared, clients, k, truth, &judge, &search)?;
                 hnsw_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
             }
         }
         for &clients in &args.clients {
             let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
-                Ok(brute_force(&base, dim, metric, q, k, &passing_rows))
+                Ok(exact_search(metric, &vectors, q, k, &passing_rows))
             };
-            let (qps, recall, p50_ms, p99_ms) = measure(exact_queries, clients, k, truth, &search)?;
+            let (qps, recall, p50_ms, p99_ms) = measure(exact_queries, clients, k, truth, &judge, &search)?;
             exact_points.push(Point { filter: name.clone(), ef: 0, clients, qps, recall, p50_ms, p99_ms });
         }
     }
@@ -388,7 +405,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // ---- the same through gRPC, against a running server ----
     let grpc = match (&args.addr, grpc_runtime) {
         (Some(addr), Some(runtime)) => {
-            let data = grpc::Data { dataset: &dataset, vectors: &vectors, attributes: &attributes, queries: &queries };
+            let data = grpc::Data {
+                dataset: &dataset,
+                vectors: &vectors,
+                attributes: &attributes,
+                queries: &queries,
+                judge: &judge,
+            };
             Some(grpc::run(&runtime, addr, &args, &data, &truths)?)
         }
         _ => None,
@@ -578,24 +601,6 @@ fn rank(metric: Metric, a: f32, b: f32) -> std::cmp::Ordering {
     if metric.larger_is_closer() { b.total_cmp(&a) } else { a.total_cmp(&b) }
 }
 
-/// Exact top-k over `rows` of `base`.
-fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize, rows: &[usize]) -> Vec<(i64, f32)> {
-    let mut top = vectorflow::crates::operators::topk::TopK::new(k);
-    for &row in rows {
-        let d = distance(metric, q, &base[row * dim..(row + 1) * dim]);
-        top.push(vectorflow::crates::operators::topk::Candidate {
-            distance: d,
-            tiebreak: row as u64,
-            segment: 0,
-            row: row as u32,
-        });
-    }
-    top.into_sorted()
-        .into_iter()
-        .map(|c| (c.row as i64, vectorflow::crates::operators::distance::score(metric, c.distance)))
-        .collect()
-}
-
 /// A writer inserts one new row every 5 ms; after each acknowledged write a
 /// Strong get must return it. Returns (p50 ms, p99 ms, writes).
 fn freshness(engine: &Engine, rows: &Rows) -> anyhow::Result<(f64, f64, usize)> {
@@ -699,7 +704,7 @@ mod grpc {
     use std::time::{Duration, Instant};
 
     use tonic::transport::Channel;
-    use vectorflow::crates::connectors::dataset::GroundTruth;
+    use vectorflow::crates::connectors::dataset::{GroundTruth, RecallJudge};
     use vectorflow::crates::connectors::npy::Matrix;
     use vectorflow::{Dataset, Pk};
     use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
@@ -719,6 +724,7 @@ mod grpc {
         pub vectors: &'a Matrix<f32>,
         pub attributes: &'a arrow::record_batch::RecordBatch,
         pub queries: &'a [Vec<f32>],
+        pub judge: &'a RecallJudge<'a>,
     }
 
     /// The gRPC part's results.
@@ -861,7 +867,7 @@ mod grpc {
                             .map(|(key, score)| (if let Pk::Int(id) = key { *id } else { -1 }, score))
                             .collect())
                     };
-                    let (qps, recall, p50_ms, p99_ms) = measure(data.queries, clients, k, truth, &search)?;
+                    let (qps, recall, p50_ms, p99_ms) = measure(data.queries, clients, k, truth, data.judge, &search)?;
                     points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
                 }
             }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vectorflow::crates::connectors::synth::{self, SynthSpec};
 
 mod admission;
 mod auth;
@@ -40,6 +41,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         queries: usize,
     },
+    /// Make dataset folders in the layout of shared/datasets/README.md.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
     /// Benchmark ingest, search (against raw HNSW and brute force), freshness, time travel and memory;
     /// `bench soak`: a long mixed load against a server.
     Bench(bench::BenchCommand),
@@ -91,6 +95,34 @@ enum Command {
     Query(client::QueryArgs),
 }
 
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write a synthetic dataset: clustered unit vectors (COSINE, stored as f16), int32 attributes
+    /// `cluster`, `month` and `rank` with filters passing ~10 % and 1 % of the rows, and exact
+    /// ground truths `unfiltered`, `filter10` and `filter1`. The same seed writes the same files.
+    Synth {
+        /// Base rows.
+        #[arg(long)]
+        rows: usize,
+        /// Dimensions of the vectors.
+        #[arg(long)]
+        dim: usize,
+        /// The dataset folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = SynthSpec::DEFAULT_QUERIES)]
+        queries: usize,
+        /// Neighbours listed per query in each ground truth.
+        #[arg(long, default_value_t = SynthSpec::DEFAULT_K)]
+        k: usize,
+        /// Cluster centres the vectors are drawn around.
+        #[arg(long, default_value_t = SynthSpec::DEFAULT_CLUSTERS)]
+        clusters: usize,
+        #[arg(long, default_value_t = SynthSpec::DEFAULT_SEED)]
+        seed: u64,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let server_config = match &cli.command {
@@ -107,6 +139,24 @@ fn main() -> anyhow::Result<()> {
             let dataset = vectorflow::Dataset::open(&from).with_context(|| format!("opening {}", from.display()))?;
             let sample = dataset.write_sample(&to, rows, queries)?;
             println!("wrote {} rows and {} queries to {}", sample.info.n_base, sample.info.n_queries, to.display());
+        }
+        Command::Dataset(DatasetCommand::Synth { rows, dim, out, queries, k, clusters, seed }) => {
+            let started = std::time::Instant::now();
+            let spec = SynthSpec { rows, dim, queries, k, clusters, seed };
+            let dataset = synth::synthesize(&out, &spec).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {rows} rows x {dim} dims and {queries} queries (k = {k}) to {} in {:.1}s",
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            for (name, info) in &dataset.info.ground_truth {
+                let passing = info.passing_rows.unwrap_or(rows);
+                let expression = info.expression.as_deref().unwrap_or("(no filter)");
+                println!(
+                    "  {name:<10} {expression:<28} {passing} rows ({:.2} %)",
+                    100.0 * passing as f64 / rows as f64
+                );
+            }
         }
         Command::Bench(bench::BenchCommand { kind: Some(bench::BenchKind::Soak(args)), .. }) => bench_soak::run(args)?,
         Command::Bench(bench::BenchCommand { search, .. }) => bench::run(search)?,

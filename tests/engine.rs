@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use vectorflow::crates::connectors::dataset::RecallJudge;
 use vectorflow::{
     CollectionSchema, Consistency, DataType, Dataset, Engine, EngineConfig, Error, FieldSchema, GetOptions, Metric, Pk,
     SearchOptions, Value, row,
@@ -18,6 +19,7 @@ fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
     let queries = dataset.query_vectors().unwrap();
     let attributes = dataset.base_attributes().unwrap();
     let truth = dataset.ground_truth("unfiltered").unwrap().expect("unfiltered ground truth");
+    let judge = RecallJudge::new(&vectors, &queries, dataset.metric()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(EngineConfig { workers: 2, seal_rows: 3000, ..EngineConfig::new(dir.path()) }).unwrap();
     let schema = dataset.collection_schema("pypi", &attributes).unwrap();
@@ -40,8 +42,8 @@ fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
         assert_eq!(hits.len(), 10);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "COSINE hits best first");
         assert!(hits.iter().all(|h| h.fields.contains_key("month")));
-        let found: Vec<(i64, f32)> = hits.iter().map(|h| (pk_int(&h.pk), h.score)).collect();
-        recall += truth.recall(q, 10, &found);
+        let found: Vec<i64> = hits.iter().map(|h| pk_int(&h.pk)).collect();
+        recall += truth.recall(&judge, q, 10, &found);
     }
     let recall = recall / queries.rows as f64;
     assert!(recall >= 0.95, "recall@10 = {recall}");
@@ -57,7 +59,7 @@ fn recall_on_pypi_20k_through_the_engine_with_sealed_and_growing_data() {
             .hits
             .iter()
             .enumerate()
-            .map(|(q, hits)| truth.recall(q, 10, &hits.iter().map(|h| (pk_int(&h.pk), h.score)).collect::<Vec<_>>()))
+            .map(|(q, hits)| truth.recall(&judge, q, 10, &hits.iter().map(|h| pk_int(&h.pk)).collect::<Vec<_>>()))
             .sum::<f64>()
             / queries.rows as f64;
         assert!(recall >= 0.95, "{name} (`{expression}`): recall@10 = {recall}");
@@ -349,5 +351,49 @@ fn concurrent_writers_and_readers_finish_with_correct_counts() {
     // 8 threads x 40 rows, 4 deletes each.
     assert_eq!(engine.stats("c", Consistency::Strong).unwrap().live_rows, 8 * 36);
     assert_eq!(engine.count("c", &Default::default()).unwrap(), 8 * 36);
+    engine.shutdown();
+}
+
+#[test]
+fn writes_wait_while_the_dataflow_lags_and_are_refused_untaken_past_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        workers: 2,
+        max_apply_lag: Some(Duration::from_millis(200)),
+        request_timeout: Duration::from_millis(800),
+        ..EngineConfig::new(dir.path())
+    };
+    let engine = Engine::open(config).unwrap();
+    engine.create_collection(small_schema("c")).unwrap();
+    engine.insert_rows("c", &[small_row(1, [1.0, 0.0])]).unwrap();
+    // Paused, the applied frontier stops while the clock goes on.
+    engine.pause_ingest();
+    engine.insert_rows("c", &[small_row(2, [2.0, 0.0])]).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    match engine.insert_rows("c", &[small_row(3, [3.0, 0.0])]) {
+        Err(Error::ResourceExhausted { limit, problem }) => {
+            assert_eq!(limit, "max_apply_lag_ms");
+            assert!(problem.contains("not taken"), "{problem}");
+        }
+        other => panic!("expected the write to be refused, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(700), "it waited for the dataflow first");
+    assert!(matches!(engine.delete("c", &[Pk::Int(1)]), Err(Error::ResourceExhausted { .. })));
+    // A write that starts waiting goes through once the dataflow catches up.
+    let waiting = std::thread::scope(|scope| {
+        let write = scope.spawn(|| engine.insert_rows("c", &[small_row(4, [4.0, 0.0])]));
+        std::thread::sleep(Duration::from_millis(150));
+        engine.resume_ingest();
+        write.join().unwrap()
+    });
+    assert!(waiting.is_ok(), "{waiting:?}");
+    let health = engine.health();
+    assert!(health.writes_held >= 3 && health.writes_refused == 2, "{health:?}");
+    // The refused writes were never taken; the others all were.
+    let found = engine.get("c", &[1, 2, 3, 4].map(Pk::Int), &GetOptions::default()).unwrap();
+    let mut found: Vec<i64> = found.iter().map(|r| int(&r["id"])).collect();
+    found.sort();
+    assert_eq!(found, vec![1, 2, 4]);
     engine.shutdown();
 }

@@ -1,6 +1,6 @@
 //! Connectors: the embedded write-ahead log (the log the dataflow reads when
 //! no Kafka is configured), the object store (catalog, manifests, segment
-//! files) and dataset import.
+//! files), dataset import and synthetic datasets.
 
 pub mod catalog;
 pub mod dataset;
@@ -12,6 +12,7 @@ pub mod npy;
 pub mod parquet_io;
 pub mod power_cut;
 pub mod store;
+pub mod synth;
 
 pub use catalog::{CatalogEntry, CatalogStore};
 pub use dataset::Dataset;

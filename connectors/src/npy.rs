@@ -1,5 +1,6 @@
 //! NumPy `.npy` arrays (v1/v2/v3, C order, little-endian `f2`/`f4`/`i4`):
-//! read as `f32`/`i32` matrices, and written as `f2` for dataset samples.
+//! read as `f32`/`i32` matrices, and written (`f2` vectors, `f4`/`i4`
+//! ground truths) for dataset samples and synthetic datasets.
 
 use std::path::Path;
 
@@ -95,23 +96,57 @@ pub fn read_i32(path: &Path) -> Result<Matrix<i32>> {
     })
 }
 
-/// Writes a float matrix as `f2` (the datasets' own format).
-pub fn write_f16(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
-    let mut header = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+/// Writes `data` (`rows * cols` values, row-major) as a `.npy` v1.0 array of
+/// dtype `descr`, streaming through a buffer: a million-row base set is not
+/// copied into a second, encoded buffer first.
+fn write_values<T: Copy, const N: usize>(
+    path: &Path,
+    descr: &str,
+    rows: usize,
+    cols: usize,
+    data: &[T],
+    encode: impl Fn(T) -> [u8; N],
+) -> Result<()> {
+    use std::io::Write;
+
+    if data.len() != rows * cols {
+        return Err(Error::argument(
+            "data",
+            format!("holds {} values, shape ({rows}, {cols}) needs {}", data.len(), rows * cols),
+        ));
+    }
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     // Pad so the data starts on a 64-byte boundary, ending the header with a newline.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 2);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
+    let header_len =
+        u16::try_from(header.len()).map_err(|_| Error::argument("shape", "too long for a .npy v1.0 header"))?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    out.write_all(b"\x93NUMPY\x01\x00")?;
+    out.write_all(&header_len.to_le_bytes())?;
+    out.write_all(header.as_bytes())?;
     for x in data {
-        out.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+        out.write_all(&encode(*x))?;
     }
-    std::fs::write(path, out)?;
+    out.flush()?;
     Ok(())
+}
+
+/// Writes a float matrix as `f2` (the datasets' own format).
+pub fn write_f16(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
+    write_values(path, "<f2", rows, cols, data, |x| f16::from_f32(x).to_le_bytes())
+}
+
+/// Writes a float matrix as `f4` (ground-truth similarities).
+pub fn write_f32(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
+    write_values(path, "<f4", rows, cols, data, f32::to_le_bytes)
+}
+
+/// Writes an `i4` matrix (ground-truth row ids).
+pub fn write_i32(path: &Path, rows: usize, cols: usize, data: &[i32]) -> Result<()> {
+    write_values(path, "<i4", rows, cols, data, i32::to_le_bytes)
 }
 
 #[cfg(test)]
@@ -127,5 +162,21 @@ mod tests {
         assert_eq!((m.rows, m.cols), (2, 3));
         assert_eq!(m.row(1), &[0.25, 0.0, 3.0]);
         assert!(read_i32(&path).is_err());
+    }
+
+    #[test]
+    fn f32_and_i32_round_trip_and_a_wrong_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let floats = dir.path().join("f.npy");
+        write_f32(&floats, 2, 2, &[0.1, -2.5, f32::NEG_INFINITY, 1e-7]).unwrap();
+        assert_eq!(
+            read_f32(&floats).unwrap(),
+            Matrix { rows: 2, cols: 2, data: vec![0.1, -2.5, f32::NEG_INFINITY, 1e-7] }
+        );
+        let ints = dir.path().join("i.npy");
+        write_i32(&ints, 1, 3, &[7, -1, i32::MAX]).unwrap();
+        assert_eq!(read_i32(&ints).unwrap(), Matrix { rows: 1, cols: 3, data: vec![7, -1, i32::MAX] });
+        assert!(read_f32(&ints).is_err(), "an i4 array is not read as floats");
+        assert!(write_i32(&ints, 2, 3, &[1, 2, 3]).is_err());
     }
 }
