@@ -299,13 +299,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let index_started = Instant::now();
     engine.wait_for_indexes("bench", Duration::from_secs(3600))?;
     let index_wait_s = index_started.elapsed().as_secs_f64();
+    // Searches are measured on the segments the merge policy settles on.
+    let settled = engine.wait_for_merges("bench", Duration::from_secs(3600))?;
+    let merge_wait_s = index_started.elapsed().as_secs_f64() - index_wait_s;
     let rss_engine = current_rss().saturating_sub(rss_before);
+    let workers = args.data.workers.max(1);
+    let segments = json!({
+        "sealed": settled.sealed_segments,
+        "per_shard": settled.sealed_segments as f64 / workers as f64,
+        "growing_rows": settled.growing_rows,
+        // Per query, every sealed segment's graph is searched once (on its
+        // worker) and every non-empty growing segment scanned.
+        "graph_searches_per_query": settled.indexed_segments,
+    });
     println!(
-        "ingest: {n} rows in {ingest_s:.2}s = {:.0} rows/s to searchable; indexes ready {index_wait_s:.2}s later \
-         ({} sealed segments, {} growing rows)",
+        "ingest: {n} rows in {ingest_s:.2}s = {:.0} rows/s to searchable; indexes ready {index_wait_s:.2}s later, \
+         merges settled {merge_wait_s:.2}s after that: {} sealed segments ({:.1} per shard, {} graph searches per \
+         query), {} growing rows",
         n as f64 / ingest_s,
-        stats.sealed_segments,
-        stats.growing_rows
+        settled.sealed_segments,
+        settled.sealed_segments as f64 / workers as f64,
+        settled.indexed_segments,
+        settled.growing_rows
     );
 
     // ---- engine search, per ground truth (with its filter) ----
@@ -401,6 +416,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let peak = peak_rss();
     let bytes_per_vector = rss_engine as f64 / n as f64;
     let raw_bytes = (vectors.cols * 4) as f64;
+    // Where a vector's bytes go: its f32 values (held once), its share of
+    // the graphs, its scalar attributes as Arrow holds them, and the rest
+    // (keys, versions, timestamps, allocator slack) from the RSS growth.
+    let graph_bytes = settled.graph_bytes as f64 / n as f64;
+    let scalar_bytes = attributes.get_array_memory_size() as f64 / n as f64;
+    let breakdown = json!({
+        "vectors": raw_bytes,
+        "graph": graph_bytes,
+        "scalars": scalar_bytes,
+        "other": bytes_per_vector - raw_bytes - graph_bytes - scalar_bytes,
+    });
 
     // ---- the same through gRPC, against a running server ----
     let grpc = match (&args.addr, grpc_runtime) {
@@ -499,10 +525,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         travel.0, travel.1
     );
     println!(
-        "memory: peak RSS {:.0} MiB; engine {:.0} bytes/vector vs {raw_bytes:.0} raw ({:.2}x)",
+        "memory: peak RSS {:.0} MiB; engine {:.0} bytes/vector vs {raw_bytes:.0} raw ({:.2}x): vectors \
+         {raw_bytes:.0}, graph {graph_bytes:.0}, scalars {scalar_bytes:.0}, other {:.0}",
         peak as f64 / (1 << 20) as f64,
         bytes_per_vector,
-        bytes_per_vector / raw_bytes
+        bytes_per_vector / raw_bytes,
+        bytes_per_vector - raw_bytes - graph_bytes - scalar_bytes
     );
     if let Some(grpc) = &grpc {
         println!(
@@ -525,7 +553,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "k": k,
         "consistency": "Bounded",
         "ingest": {"rows_per_s": n as f64 / ingest_s, "seconds": ingest_s},
-        "index": {"build_s": index_wait_s, "raw_hnsw_build_s": raw_build_s},
+        "index": {"build_s": index_wait_s, "merges_settled_s": merge_wait_s, "raw_hnsw_build_s": raw_build_s},
+        "segments": segments,
         "search": engine_points.iter().map(Point::json).collect::<Vec<_>>(),
         "baseline_hnsw": hnsw_points.iter().map(Point::json).collect::<Vec<_>>(),
         "baseline_exact": exact_points.iter().map(Point::json).collect::<Vec<_>>(),
@@ -535,7 +564,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "freshness_ms": {"p50": freshness.0, "p99": freshness.1, "writes": freshness.2},
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
-        "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes},
+        "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes,
+                   "per_vector": breakdown},
     });
     if let Some(grpc) = &grpc {
         results["grpc"] = grpc

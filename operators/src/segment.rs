@@ -151,6 +151,11 @@ impl Segment {
         self.sealed && self.vectors.iter().all(|v| v.index.as_ref().is_some_and(|i| i.get().is_some()))
     }
 
+    /// Bytes the built graphs of this segment hold.
+    pub fn graph_bytes(&self) -> usize {
+        self.vectors.iter().filter_map(|v| v.index.as_ref()?.get()?.as_ref()).map(FrozenGraph::memory_bytes).sum()
+    }
+
     pub fn uid(&self) -> &str {
         &self.uid
     }

@@ -238,8 +238,10 @@ pub struct CollectionStats {
     pub growing_rows: usize,
     pub sealed_segments: usize,
     pub indexed_segments: usize,
-    /// Compactions (merges) building their output's index now.
+    /// Shards with a merge building its output's graph, or about to start one.
     pub compacting: usize,
+    /// Bytes the sealed segments' graphs hold in memory.
+    pub graph_bytes: usize,
     pub read_ts: Timestamp,
 }
 

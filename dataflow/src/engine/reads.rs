@@ -254,6 +254,7 @@ impl Engine {
                 sealed_segments,
                 indexed_segments,
                 compacting,
+                graph_bytes,
             }) => Ok(CollectionStats {
                 live_rows,
                 versions,
@@ -261,6 +262,7 @@ impl Engine {
                 sealed_segments,
                 indexed_segments,
                 compacting,
+                graph_bytes,
                 read_ts,
             }),
             other => Err(unexpected(other)),
@@ -291,6 +293,23 @@ impl Engine {
                 return Err(Error::Timeout(timeout));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every sealed segment is indexed and no merge runs or
+    /// is due: the segments the merge policy settles on for the data as it
+    /// is now.
+    pub fn wait_for_merges(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let stats = self.stats(collection, Consistency::Eventually)?;
+            if stats.indexed_segments == stats.sealed_segments && stats.compacting == 0 {
+                return Ok(stats);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
