@@ -9,10 +9,19 @@
 //! `merge_factor` segments per tier and about `log_factor(n / floor)`
 //! tiers, and each row is rewritten about that many times over its life.
 //!
+//! Once a shard is quiet (its segments have not changed for
+//! `quiet_after`), a tier with two or more segments merges all of them that
+//! fit, so data that stopped changing settles at about one segment per tier
+//! (searches pay per segment: an HNSW search costs nearly the same on a
+//! small graph as on a large one). Under a trickle of writes this merges
+//! pairs, never a large segment with each new small one.
+//!
 //! Dead rows come first: a segment with more than `dead_fraction` of its
 //! rows dead (no read inside the retention window can see them) is
 //! rewritten, together with the other such segments while they fit, so
 //! deletes and upserts give their memory back.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,11 +50,19 @@ pub struct MergePolicy {
     pub max_segment_rows: usize,
     /// Segments of one tier merged at once, and the size ratio of tiers.
     pub merge_factor: usize,
+    /// A shard whose segments have not changed for this long is quiet.
+    pub quiet_after: Duration,
 }
 
 impl Default for MergePolicy {
     fn default() -> Self {
-        MergePolicy { dead_fraction: 0.2, floor_rows: 16_384, max_segment_rows: 1 << 20, merge_factor: 4 }
+        MergePolicy {
+            dead_fraction: 0.2,
+            floor_rows: 16_384,
+            max_segment_rows: 1 << 20,
+            merge_factor: 4,
+            quiet_after: Duration::from_secs(5),
+        }
     }
 }
 
@@ -63,11 +80,12 @@ impl MergePolicy {
     }
 
     /// The segments (positions in `segments`) to merge into one next, in
-    /// ascending order; empty when nothing should be merged.
-    pub fn choose(&self, segments: &[SegmentSize]) -> Vec<usize> {
+    /// ascending order; empty when nothing should be merged. `quiet`: the
+    /// shard's segments have not changed for `quiet_after`.
+    pub fn choose(&self, segments: &[SegmentSize], quiet: bool) -> Vec<usize> {
         let mut chosen = self.dead_heavy(segments);
         if chosen.is_empty() {
-            chosen = self.full_tier(segments);
+            chosen = self.full_tier(segments, quiet);
         }
         chosen.sort_unstable();
         chosen
@@ -86,9 +104,10 @@ impl MergePolicy {
         self.fitting(heavy, segments, 1)
     }
 
-    /// The lowest tier holding `merge_factor` segments: its smallest ones
-    /// that fit one segment, if at least two do.
-    fn full_tier(&self, segments: &[SegmentSize]) -> Vec<usize> {
+    /// The lowest tier holding `merge_factor` segments (two when quiet):
+    /// its smallest ones (up to `merge_factor`; all when quiet) that fit
+    /// one segment, if at least two do.
+    fn full_tier(&self, segments: &[SegmentSize], quiet: bool) -> Vec<usize> {
         let factor = self.merge_factor.max(2);
         let mut by_tier: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
         for (i, s) in segments.iter().enumerate() {
@@ -98,12 +117,14 @@ impl MergePolicy {
             }
         }
         for members in by_tier.into_values() {
-            if members.len() < factor {
+            if members.len() < if quiet { 2 } else { factor } {
                 continue;
             }
             let mut members = members;
             members.sort_by_key(|&i| (segments[i].live, i));
-            members.truncate(factor);
+            if !quiet {
+                members.truncate(factor);
+            }
             let group = self.fitting(members, segments, 2);
             if !group.is_empty() {
                 return group;
@@ -136,7 +157,43 @@ mod tests {
     use proptest::prelude::*;
 
     fn policy() -> MergePolicy {
-        MergePolicy { dead_fraction: 0.2, floor_rows: 100, max_segment_rows: 10_000, merge_factor: 4 }
+        MergePolicy {
+            dead_fraction: 0.2,
+            floor_rows: 100,
+            max_segment_rows: 10_000,
+            merge_factor: 4,
+            ..Default::default()
+        }
+    }
+
+    impl MergePolicy {
+        fn choose_busy(&self, segments: &[SegmentSize]) -> Vec<usize> {
+            self.choose(segments, false)
+        }
+    }
+
+    #[test]
+    fn a_quiet_shard_merges_every_tier_with_two_or_more_segments() {
+        let p = policy();
+        assert!(p.choose(&live(&[100, 90, 80]), false).is_empty());
+        assert_eq!(p.choose(&live(&[100, 90, 80]), true), vec![0, 1, 2]);
+        assert!(p.choose(&live(&[5000, 100]), true).is_empty(), "a large segment is not rewritten for a small one");
+        assert_eq!(p.choose(&live(&[5000, 100, 60]), true), vec![1, 2]);
+        // Bulk data settles at one segment per tier, then stays.
+        let mut segments = vec![100; 30];
+        loop {
+            let chosen = p.choose(&live(&segments), true);
+            if chosen.is_empty() {
+                break;
+            }
+            let merged: usize = chosen.iter().map(|&i| segments[i]).sum();
+            segments = segments.iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, &s)| s).collect();
+            segments.push(merged);
+        }
+        let tiers: std::collections::HashSet<u32> = segments.iter().map(|&s| p.tier(s)).collect();
+        assert_eq!(tiers.len(), segments.len(), "{segments:?}");
+        assert_eq!(segments.iter().sum::<usize>(), 3000);
+        assert!(segments.len() <= 2, "{segments:?}");
     }
 
     fn live(rows: &[usize]) -> Vec<SegmentSize> {
@@ -152,22 +209,22 @@ mod tests {
     #[test]
     fn a_tier_merges_once_it_holds_merge_factor_segments() {
         let p = policy();
-        assert!(p.choose(&live(&[100, 90, 80])).is_empty());
-        assert_eq!(p.choose(&live(&[100, 90, 80, 5])), vec![0, 1, 2, 3]);
+        assert!(p.choose_busy(&live(&[100, 90, 80])).is_empty());
+        assert_eq!(p.choose_busy(&live(&[100, 90, 80, 5])), vec![0, 1, 2, 3]);
         // Tiny segments (checkpoints of a few rows) share tier 0.
-        assert_eq!(p.choose(&live(&[3, 1, 2, 7, 350])), vec![0, 1, 2, 3]);
+        assert_eq!(p.choose_busy(&live(&[3, 1, 2, 7, 350])), vec![0, 1, 2, 3]);
         // The lowest full tier goes first; its smallest members.
-        assert_eq!(p.choose(&live(&[300, 300, 300, 300, 50, 40, 30, 20, 10])), vec![5, 6, 7, 8]);
-        assert_eq!(p.choose(&live(&[50, 40, 30, 20, 10])), vec![1, 2, 3, 4]);
+        assert_eq!(p.choose_busy(&live(&[300, 300, 300, 300, 50, 40, 30, 20, 10])), vec![5, 6, 7, 8]);
+        assert_eq!(p.choose_busy(&live(&[50, 40, 30, 20, 10])), vec![1, 2, 3, 4]);
     }
 
     #[test]
     fn no_merge_passes_the_maximum_and_large_segments_stay() {
         let p = MergePolicy { max_segment_rows: 1000, ..policy() };
         // Tier 2 (401..=1600) segments past half the maximum are left alone.
-        assert!(p.choose(&live(&[600, 600, 600, 600])).is_empty());
+        assert!(p.choose_busy(&live(&[600, 600, 600, 600])).is_empty());
         // Four of tier 1 would make 1,200: three fit.
-        assert_eq!(p.choose(&live(&[300, 300, 300, 300])), vec![0, 1, 2]);
+        assert_eq!(p.choose_busy(&live(&[300, 300, 300, 300])), vec![0, 1, 2]);
     }
 
     #[test]
@@ -175,20 +232,20 @@ mod tests {
         let p = policy();
         let mut segments = live(&[100, 90, 80, 70]);
         segments.push(SegmentSize { rows: 5000, live: 1000 });
-        assert_eq!(p.choose(&segments), vec![4]);
+        assert_eq!(p.choose_busy(&segments), vec![4]);
         segments.push(SegmentSize { rows: 50, live: 10 });
-        assert_eq!(p.choose(&segments), vec![4, 5]);
+        assert_eq!(p.choose_busy(&segments), vec![4, 5]);
         // An all-dead segment is rewritten (to nothing).
-        assert_eq!(p.choose(&[SegmentSize { rows: 10, live: 0 }]), vec![0]);
+        assert_eq!(p.choose_busy(&[SegmentSize { rows: 10, live: 0 }]), vec![0]);
         // 20 % dead is not more than the fraction.
-        assert!(p.choose(&[SegmentSize { rows: 100, live: 80 }]).is_empty());
+        assert!(p.choose_busy(&[SegmentSize { rows: 100, live: 80 }]).is_empty());
     }
 
     /// Applies the policy until it settles, as a shard does.
     fn settle(p: &MergePolicy, mut segments: Vec<usize>) -> (Vec<usize>, usize) {
         let mut merges = 0;
         loop {
-            let chosen = p.choose(&live(&segments));
+            let chosen = p.choose_busy(&live(&segments));
             if chosen.is_empty() {
                 return (segments, merges);
             }

@@ -57,6 +57,9 @@ pub struct ShardStats {
     pub indexed_segments: usize,
     /// Shards with a merge building its graph, or about to start one.
     pub compacting: usize,
+    /// Shards whose segments are not yet what the merge policy settles on:
+    /// merging, or not quiet long enough for the policy's last look.
+    pub merges_pending: usize,
     /// Bytes the sealed segments' graphs hold (their vectors are the segments').
     pub graph_bytes: usize,
 }
@@ -69,6 +72,7 @@ impl std::ops::AddAssign for ShardStats {
         self.sealed_segments += other.sealed_segments;
         self.indexed_segments += other.indexed_segments;
         self.compacting += other.compacting;
+        self.merges_pending += other.merges_pending;
         self.graph_bytes += other.graph_bytes;
     }
 }
@@ -93,9 +97,12 @@ pub struct Shard {
     compacting: Option<PendingCompaction>,
     /// History before this time is compacted away: reads before it are refused.
     compacted_through: Timestamp,
-    /// (indexed segments, segments) when the merge policy last looked: it
-    /// looks again only when they changed.
-    merge_looked_at: Option<(usize, usize)>,
+    /// (indexed segments, segments) as last seen, and since when.
+    merge_state: Option<(usize, usize)>,
+    changed_at: std::time::Instant,
+    /// Whether the merge policy has looked at the current state, busy
+    /// (`Some(false)`) or quiet (`Some(true)`): it looks once each.
+    merge_looked: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -192,7 +199,9 @@ impl Shard {
             stored_growing: None,
             compacting: None,
             compacted_through: 0,
-            merge_looked_at: None,
+            merge_state: None,
+            changed_at: std::time::Instant::now(),
+            merge_looked: None,
         };
         shard.index_rows();
         shard
@@ -272,6 +281,7 @@ impl Shard {
     /// One merge per shard at a time. Returns how many segments it replaces
     /// (0: nothing to do).
     pub fn start_compaction(&mut self, horizon: Timestamp) -> Result<usize> {
+        let quiet = self.is_quiet();
         if self.compacting.is_some() {
             return Ok(0);
         }
@@ -285,7 +295,7 @@ impl Shard {
                 SegmentSize { rows: segment.len(), live: segment.len() - segment.dead_rows(horizon) }
             })
             .collect();
-        let chosen: Vec<usize> = self.config.merge.choose(&sizes).into_iter().map(|i| candidates[i]).collect();
+        let chosen: Vec<usize> = self.config.merge.choose(&sizes, quiet).into_iter().map(|i| candidates[i]).collect();
         if chosen.is_empty() {
             return Ok(0);
         }
@@ -308,15 +318,23 @@ impl Shard {
     /// changed, so the worker asks after every step; dead rows alone are
     /// left to the engine's compaction interval.
     pub fn merge_if_due(&mut self, horizon: impl FnOnce() -> Timestamp) -> Result<usize> {
-        if self.compacting.is_some() {
+        let state = Some(self.merge_state());
+        if self.merge_state != state {
+            self.merge_state = state;
+            self.changed_at = std::time::Instant::now();
+            self.merge_looked = None;
+        }
+        let quiet = self.is_quiet();
+        if self.compacting.is_some() || self.merge_looked == Some(quiet) {
             return Ok(0);
         }
-        let now = Some(self.merge_state());
-        if self.merge_looked_at == now {
-            return Ok(0);
-        }
-        self.merge_looked_at = now;
+        self.merge_looked = Some(quiet);
         self.start_compaction(horizon())
+    }
+
+    /// Whether the segments have not changed for the policy's `quiet_after`.
+    fn is_quiet(&self) -> bool {
+        self.changed_at.elapsed() >= self.config.merge.quiet_after
     }
 
     /// What the merge policy's choice depends on, short of dead rows.
@@ -574,8 +592,14 @@ impl Shard {
     pub fn stats(&self) -> ShardStats {
         // A merge the policy has not looked at yet counts as running: the
         // shard's segments are not settled until it has.
-        let settled = self.compacting.is_none() && self.merge_looked_at == Some(self.merge_state());
-        let mut stats = ShardStats { compacting: usize::from(!settled), ..Default::default() };
+        let current = self.merge_state == Some(self.merge_state());
+        let looked = current && self.merge_looked.is_some();
+        let settled = current && self.merge_looked == Some(true);
+        let mut stats = ShardStats {
+            compacting: usize::from(self.compacting.is_some() || !looked),
+            merges_pending: usize::from(self.compacting.is_some() || !settled),
+            ..Default::default()
+        };
         for segment in &self.segments {
             stats.graph_bytes += segment.graph_bytes();
             stats.versions += segment.len();
@@ -676,7 +700,13 @@ mod tests {
     #[test]
     fn merged_segments_answer_as_their_inputs_did_also_before_deletes_that_arrived_during_the_merge() {
         let schema = schema();
-        let merge = MergePolicy { dead_fraction: 0.5, floor_rows: 10, max_segment_rows: 1000, merge_factor: 4 };
+        let merge = MergePolicy {
+            dead_fraction: 0.5,
+            floor_rows: 10,
+            max_segment_rows: 1000,
+            merge_factor: 4,
+            ..Default::default()
+        };
         // Exact search everywhere, so answers compare equal rather than by recall.
         let plan = SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 };
         let mut shard =

@@ -146,6 +146,7 @@ impl Engine {
             floor_rows: config.seal_rows,
             max_segment_rows: config.max_segment_rows,
             merge_factor: config.merge_factor,
+            ..MergePolicy::default()
         };
         let shard_config =
             ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan, merge };

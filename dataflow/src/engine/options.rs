@@ -240,6 +240,9 @@ pub struct CollectionStats {
     pub indexed_segments: usize,
     /// Shards with a merge building its output's graph, or about to start one.
     pub compacting: usize,
+    /// Shards whose segments are not yet what the merge policy settles on
+    /// (merging, or not quiet for `quiet_after` yet).
+    pub merges_pending: usize,
     /// Bytes the sealed segments' graphs hold in memory.
     pub graph_bytes: usize,
     pub read_ts: Timestamp,

@@ -254,6 +254,7 @@ impl Engine {
                 sealed_segments,
                 indexed_segments,
                 compacting,
+                merges_pending,
                 graph_bytes,
             }) => Ok(CollectionStats {
                 live_rows,
@@ -262,6 +263,7 @@ impl Engine {
                 sealed_segments,
                 indexed_segments,
                 compacting,
+                merges_pending,
                 graph_bytes,
                 read_ts,
             }),
@@ -303,7 +305,7 @@ impl Engine {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let stats = self.stats(collection, Consistency::Eventually)?;
-            if stats.indexed_segments == stats.sealed_segments && stats.compacting == 0 {
+            if stats.indexed_segments == stats.sealed_segments && stats.merges_pending == 0 {
                 return Ok(stats);
             }
             if std::time::Instant::now() >= deadline {
