@@ -38,7 +38,7 @@ fn config(dir: &Path) -> EngineConfig {
         seal_rows: 300,
         checkpoint_interval: None,
         compaction_interval: None,
-        search_plan: SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 },
+        search_plan: SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() },
         ..EngineConfig::new(dir)
     }
 }

@@ -217,7 +217,7 @@ fn kafka_engine(dir: &Path, broker: &Broker, workers: usize) -> Engine {
     let config = EngineConfig {
         workers,
         seal_rows: 2_000,
-        search_plan: SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 },
+        search_plan: SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() },
         kafka: Some(KafkaConfig { bootstrap_servers: broker.bootstrap(), ..KafkaConfig::default() }),
         checkpoint_interval: None,
         compaction_interval: None,

@@ -35,7 +35,7 @@ fn config(dir: &Path, workers: usize, seal_rows: usize, exact: bool) -> EngineCo
         ..EngineConfig::new(dir)
     };
     if exact {
-        config.search_plan = SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 };
+        config.search_plan = SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() };
     }
     config
 }

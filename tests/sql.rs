@@ -30,7 +30,7 @@ fn sample_engine(dir: &Path) -> (Engine, Dataset) {
     let config = EngineConfig {
         workers: 2,
         seal_rows: 600,
-        search_plan: vectorflow::SearchPlan { exact_below_rows: 20, exact_below_fraction: 0.0 },
+        search_plan: vectorflow::SearchPlan { exact_below_rows: 20, exact_below_fraction: 0.0, graph_cost_per_ef: 0.0 },
         ..EngineConfig::new(dir)
     };
     let engine = Engine::open(config).unwrap();

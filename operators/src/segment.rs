@@ -35,11 +35,29 @@ pub struct SearchPlan {
     /// Scan exactly when less than this fraction of the segment is visible
     /// (a filtered graph walk loses recall when most nodes are filtered out).
     pub exact_below_fraction: f32,
+    /// Distances a graph walk computes per unit of `ef` when every row
+    /// passes. A walk that may answer only a fraction `f` of the rows
+    /// computes about `ef × graph_cost_per_ef / f` of them, a scan exactly
+    /// the passing rows, so the search scans when
+    /// `passing² < graph_cost_per_ef × ef × rows`: under about a third of
+    /// 16k rows at `ef` 64, under 4 % of a million. 0: never by cost.
+    pub graph_cost_per_ef: f32,
 }
 
 impl Default for SearchPlan {
     fn default() -> Self {
-        SearchPlan { exact_below_rows: 1000, exact_below_fraction: 0.1 }
+        SearchPlan { exact_below_rows: 1000, exact_below_fraction: 0.1, graph_cost_per_ef: 30.0 }
+    }
+}
+
+impl SearchPlan {
+    /// Whether a search of `segment_rows` rows of which `passing` may be
+    /// answered scans them instead of walking the graph.
+    pub fn scans(&self, passing: usize, segment_rows: usize, ef: usize) -> bool {
+        let below = self.exact_below_rows.max((segment_rows as f32 * self.exact_below_fraction) as usize);
+        let scan_cost = passing as f64 * passing as f64;
+        let walk_cost = f64::from(self.graph_cost_per_ef) * ef as f64 * segment_rows as f64;
+        passing < below || scan_cost < walk_cost
     }
 }
 
@@ -509,12 +527,11 @@ impl Segment {
         if passing == 0 || k == 0 {
             return Vec::new();
         }
-        let exact_below = plan.exact_below_rows.max((self.len() as f32 * plan.exact_below_fraction) as usize);
         let index = column.index.as_ref().and_then(|slot| slot.get()).and_then(Option::as_ref);
         let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
         match index {
             // A sealed segment has one chunk: its vectors are contiguous.
-            Some(graph) if passing >= exact_below && column.chunks.len() == 1 => {
+            Some(graph) if !plan.scans(passing, self.len(), ef.max(k)) && column.chunks.len() == 1 => {
                 let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
                 let found = graph.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
                 let mut top = TopK::new(k);
@@ -674,6 +691,20 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use vectorflow_core::FieldSchema;
     use vectorflow_core::batch::{WriteBatch, WriteKind, vector_array};
+
+    #[test]
+    fn the_plan_scans_when_a_walk_would_compute_more_distances_than_the_passing_rows() {
+        let plan = SearchPlan::default();
+        assert!(!plan.scans(16_384, 16_384, 64), "unfiltered: the graph");
+        assert!(plan.scans(1_638, 16_384, 64), "10 % of a sealed segment: scan");
+        assert!(plan.scans(999, 1_000_000, 10), "below exact_below_rows");
+        assert!(plan.scans(40_000, 1_000_000, 64), "4 % of a million");
+        let by_cost_only = SearchPlan { exact_below_fraction: 0.0, ..plan };
+        assert!(by_cost_only.scans(40_000, 1_000_000, 64) && !by_cost_only.scans(50_000, 1_000_000, 64));
+        assert!(!plan.scans(150_000, 1_000_000, 64), "15 % of a million: the graph");
+        let never = SearchPlan { exact_below_rows: 0, exact_below_fraction: 0.0, graph_cost_per_ef: 0.0 };
+        assert!(!never.scans(1, 16_384, 64));
+    }
 
     #[test]
     fn search_stays_exact_when_few_rows_of_an_indexed_segment_are_visible() {

@@ -708,7 +708,7 @@ mod tests {
             ..Default::default()
         };
         // Exact search everywhere, so answers compare equal rather than by recall.
-        let plan = SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 };
+        let plan = SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() };
         let mut shard =
             Shard::new(schema.clone(), ShardConfig { seal_rows: 10, plan, merge, ..ShardConfig::default() });
         let mut all = Vec::new();

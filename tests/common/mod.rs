@@ -17,7 +17,7 @@ pub fn exact_engine(dir: &Path, workers: usize, seal_rows: usize) -> Engine {
     let config = EngineConfig {
         workers,
         seal_rows,
-        search_plan: SearchPlan { exact_below_rows: usize::MAX, exact_below_fraction: 1.0 },
+        search_plan: SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() },
         ..EngineConfig::new(dir)
     };
     Engine::open(config).expect("engine opens")
