@@ -100,13 +100,14 @@ impl Persister {
         }
     }
 
-    /// Segments a shard dropped (compacted away): once no manifest lists
-    /// them, their objects may go.
+    /// Segments a shard dropped (merged away, or growing rows a newer
+    /// checkpoint replaced): once no manifest lists them, their objects may
+    /// go. Their written files stay known until the next publish: a
+    /// checkpoint running now may list them and wait for them.
     pub fn retire(&self, uids: &[String]) {
         if let Ok(mut state) = self.state.lock() {
             for uid in uids {
                 state.live.remove(uid);
-                state.done.remove(uid);
             }
         }
     }
@@ -131,12 +132,16 @@ impl Persister {
         }
     }
 
-    /// Forgets written segments a published manifest now lists.
+    /// Forgets written segments a published manifest now lists, and those
+    /// retired meanwhile: checkpoints run one at a time, so nothing waits
+    /// for them any more.
     pub fn published(&self, uids: impl IntoIterator<Item = String>) {
         if let Ok(mut state) = self.state.lock() {
             for uid in uids {
                 state.done.remove(&uid);
             }
+            let State { done, live } = &mut *state;
+            done.retain(|uid, _| live.contains(uid));
         }
     }
 
