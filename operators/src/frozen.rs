@@ -502,7 +502,9 @@ mod tests {
             // Both walk the same graph; the descent and stopping rules differ
             // slightly (see the module documentation), so a few answers may.
             assert!(same as f64 >= 0.97 * total as f64, "{metric:?}: {same} of {total} the same");
-            assert!(frozen_hits >= raw_hits, "{metric:?}: frozen {frozen_hits} vs hnsw_rs {raw_hits}");
+            // The graph differs from run to run (parallel inserts); either
+            // walk may find one true neighbour the other misses.
+            assert!(frozen_hits + total / 100 >= raw_hits, "{metric:?}: frozen {frozen_hits} vs hnsw_rs {raw_hits}");
             assert!(frozen_hits as f64 >= 0.95 * total as f64, "{metric:?}: recall {frozen_hits}/{total}");
         }
     }
