@@ -1,5 +1,5 @@
 //! The per-worker dataflow: log source → exchange by key → upsert
-//! arrangement → segment operator ← broadcast requests; partial answers go to
+//! arrangement → segment operator ← routed requests; partial answers go to
 //! the origin worker's merge.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -14,7 +14,7 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::core::{Concat, Exchange as ExchangeOp};
 use timely::dataflow::operators::generic::operator::{Operator, source};
-use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::{Scope, StreamVec};
 use timely::scheduling::SyncActivator;
 use timely::worker::Worker;
@@ -226,9 +226,17 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
         .map(|((_, collection, version), ts, diff)| SegmentInput::Change { collection, version, ts, diff });
 
     let data = chunks.map(SegmentInput::Chunk).concat(changes);
-    let requests = request_source(scope, shared.clone(), index).broadcast();
+    // Each request goes to the workers that answer it (every worker, or a
+    // get's key owners), exchanged there like the data.
+    let requests = request_source(scope, shared.clone(), index)
+        .flat_map(move |request| {
+            let targets = Request::targets(request.collection, &request.kind, request.origin, peers);
+            targets.into_iter().map(move |target| (target, request.clone()))
+        })
+        .exchange(|(target, _): &(usize, Request)| *target as u64)
+        .map(|(_, request)| request);
     let partials = segments(data, requests, shared.clone(), index, shards);
-    merge(partials, shared.clone(), peers);
+    merge(partials, shared.clone());
 }
 
 /// Reads this worker's log partitions and cuts each record into per-shard chunks.
@@ -509,7 +517,12 @@ fn segments<'scope>(
                 if let Answer::Checkpoint(parts) = &mut answer {
                     parts.iter_mut().for_each(|part| part.0 = index);
                 }
-                output.session(&cap).give(Partial { id: request.id, origin: request.origin, answer });
+                output.session(&cap).give(Partial {
+                    id: request.id,
+                    origin: request.origin,
+                    parts: request.parts,
+                    answer,
+                });
             }
             apply_through(&shared, &mut shards, &mut stash, frontier.saturating_sub(1));
             shared.applied[index].store(frontier, Ordering::Release);
@@ -535,7 +548,12 @@ fn segments<'scope>(
                     // completes and nothing stays queued behind the frontier.
                     shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
                     let answer = Answer::Failed(Failure::Cancelled);
-                    output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
+                    output.session(cap).give(Partial {
+                        id: request.id,
+                        origin: request.origin,
+                        parts: request.parts,
+                        answer,
+                    });
                     return false;
                 }
                 if request.read_ts >= frontier {
@@ -545,7 +563,12 @@ fn segments<'scope>(
                 if matches!(answer, Answer::Failed(Failure::Cancelled)) {
                     shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
                 }
-                output.session(cap).give(Partial { id: request.id, origin: request.origin, answer });
+                output.session(cap).give(Partial {
+                    id: request.id,
+                    origin: request.origin,
+                    parts: request.parts,
+                    answer,
+                });
                 false
             });
         }
@@ -696,9 +719,9 @@ fn answer(
     result.unwrap_or_else(|e| Answer::Failed(e.into()))
 }
 
-/// Collects every worker's part of an answer on the origin worker and
+/// Collects every answering worker's part of an answer on the origin worker and
 /// completes the caller's reply when the last part arrives.
-fn merge<'scope>(partials: StreamVec<'scope, Timestamp, Partial>, shared: Arc<Shared>, peers: usize) {
+fn merge<'scope>(partials: StreamVec<'scope, Timestamp, Partial>, shared: Arc<Shared>) {
     let mut collecting: HashMap<u64, (usize, Answer)> = HashMap::new();
     partials.sink(Exchange::new(|p: &Partial| p.origin as u64), "Merge", move |(input, _)| {
         input.for_each(|_cap, items| {
@@ -712,7 +735,7 @@ fn merge<'scope>(partials: StreamVec<'scope, Timestamp, Partial>, shared: Arc<Sh
                         slot.1.merge(partial.answer);
                     }
                     slot.0 += 1;
-                    slot.0 == peers
+                    slot.0 >= partial.parts
                 };
                 if done && let Some((_, answer)) = collecting.remove(&partial.id) {
                     let reply = shared.replies.lock().ok().and_then(|mut r| r.remove(&partial.id));

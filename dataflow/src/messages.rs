@@ -57,9 +57,31 @@ pub struct Request {
     /// waits for the answer: workers skip the request, or stop its work.
     pub deadline_ms: Option<u64>,
     pub kind: RequestKind,
+    /// Workers the request goes to (see [`Request::targets`]): the merge
+    /// completes after this many partial answers.
+    pub parts: usize,
 }
 
 impl Request {
+    /// The workers that answer: for a get, only those whose shards own its
+    /// keys (its answer is there and nowhere else); every worker otherwise.
+    pub fn targets(collection: CollectionId, kind: &RequestKind, origin: usize, workers: usize) -> Vec<usize> {
+        match kind {
+            RequestKind::Get { pks, .. } => {
+                let mut owners: Vec<usize> =
+                    pks.iter().map(|pk| crate::routing::shard_of(collection, pk, workers)).collect();
+                owners.sort_unstable();
+                owners.dedup();
+                if owners.is_empty() {
+                    // No key: one (empty) answer, from the merging worker.
+                    owners.push(origin);
+                }
+                owners
+            }
+            _ => (0..workers).collect(),
+        }
+    }
+
     /// Whether the caller has stopped waiting for this request.
     pub fn expired(&self) -> bool {
         self.deadline_ms.is_some_and(|deadline| unix_millis() >= deadline)
@@ -190,6 +212,8 @@ impl RequestKind {
 pub struct Partial {
     pub id: u64,
     pub origin: usize,
+    /// Partial answers the merge waits for (the request's `parts`).
+    pub parts: usize,
     pub answer: Answer,
 }
 
@@ -243,5 +267,27 @@ impl Answer {
             (this, refused @ (Answer::Failed(_) | Answer::Compacted { .. })) => *this = refused,
             (_, _) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::shard_of;
+
+    #[test]
+    fn a_get_goes_only_to_the_workers_owning_its_keys_other_reads_to_every_worker() {
+        let (collection, workers) = (7, 4);
+        let pks: Vec<Pk> = (0..3).map(Pk::Int).collect();
+        let get = RequestKind::Get { pks: pks.clone(), output_fields: Vec::new() };
+        let mut owners: Vec<usize> = pks.iter().map(|pk| shard_of(collection, pk, workers)).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        assert_eq!(Request::targets(collection, &get, 2, workers), owners);
+        let one = RequestKind::Get { pks: vec![Pk::Int(42)], output_fields: Vec::new() };
+        assert_eq!(Request::targets(collection, &one, 2, workers), vec![shard_of(collection, &Pk::Int(42), workers)]);
+        let none = RequestKind::Get { pks: Vec::new(), output_fields: Vec::new() };
+        assert_eq!(Request::targets(collection, &none, 2, workers), vec![2], "no key: the merging worker answers");
+        assert_eq!(Request::targets(collection, &RequestKind::Stats, 2, workers), vec![0, 1, 2, 3]);
     }
 }
