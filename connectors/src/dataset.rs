@@ -627,7 +627,7 @@ mod tests {
         let attributes = dataset.base_attributes().unwrap();
         let month = arrow::compute::cast(attributes.column_by_name("month").unwrap(), &ArrowType::Int32).unwrap();
         let month = month.as_primitive::<arrow::datatypes::Int32Type>();
-        for (name, _) in &dataset.info.ground_truth {
+        for name in dataset.info.ground_truth.keys() {
             let truth = dataset.ground_truth(name).unwrap().unwrap();
             let mut worst = 0.0f32;
             for q in 0..truth.ids.rows {

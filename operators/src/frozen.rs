@@ -27,7 +27,7 @@
 //! neighbours; last the CRC-32 of everything before it.
 
 use std::cell::RefCell;
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 use hnsw_rs::hnsw::Hnsw;
@@ -207,16 +207,16 @@ impl FrozenGraph {
         VISITED.with(|visited| {
             let mut visited = visited.borrow_mut();
             visited.start(self.rows as usize);
-            let mut candidates: BinaryHeap<Nearest> = BinaryHeap::with_capacity(ef * 2);
-            let mut results: BinaryHeap<Farthest> = BinaryHeap::with_capacity(ef + 1);
+            let mut candidates: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(ef * 2);
+            let mut results: BinaryHeap<Scored> = BinaryHeap::with_capacity(ef + 1);
             visited.insert(current);
-            candidates.push(Nearest(Scored(current_distance, current)));
+            candidates.push(Reverse(Scored(current_distance, current)));
             if accepted(current) {
-                results.push(Farthest(Scored(current_distance, current)));
+                results.push(Scored(current_distance, current));
             }
             let mut fresh: Vec<u32> = Vec::with_capacity(64);
-            while let Some(Nearest(Scored(d, node))) = candidates.pop() {
-                let bound = results.peek().map_or(f32::INFINITY, |f| f.0.0);
+            while let Some(Reverse(Scored(d, node))) = candidates.pop() {
+                let bound = results.peek().map_or(f32::INFINITY, |f| f.0);
                 if d > bound && results.len() >= ef {
                     break;
                 }
@@ -227,11 +227,11 @@ impl FrozenGraph {
                 }
                 for &n in &fresh {
                     let d = measure(n);
-                    let bound = results.peek().map_or(f32::INFINITY, |f| f.0.0);
+                    let bound = results.peek().map_or(f32::INFINITY, |f| f.0);
                     if results.len() < ef || d < bound {
-                        candidates.push(Nearest(Scored(d, n)));
+                        candidates.push(Reverse(Scored(d, n)));
                         if accepted(n) {
-                            results.push(Farthest(Scored(d, n)));
+                            results.push(Scored(d, n));
                             if results.len() > ef {
                                 results.pop();
                             }
@@ -239,8 +239,7 @@ impl FrozenGraph {
                     }
                 }
             }
-            let mut answer: Vec<(f32, u32)> = results.into_iter().map(|f| (f.0.0, f.0.1)).collect();
-            answer.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut answer: Vec<(f32, u32)> = results.into_sorted_vec().into_iter().map(|s| (s.0, s.1)).collect();
             answer.truncate(k);
             answer
         })
@@ -366,45 +365,21 @@ impl Words<'_> {
     }
 }
 
-/// A distance and a row, ordered by distance (ties by row).
+/// A distance and a row, ordered by distance (ties by row): a max-heap of
+/// them keeps the farthest on top (the results, whose top is the bound), a
+/// max-heap of `Reverse` ones the nearest (the candidate queue).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Scored(f32, u32);
 
-impl Scored {
-    fn order(&self, other: &Scored) -> Ordering {
+impl Eq for Scored {}
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
         self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
-    }
-}
-
-/// Max-heap order on the nearest: the candidate queue.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Nearest(Scored);
-
-impl Eq for Nearest {}
-impl PartialOrd for Nearest {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Nearest {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.0.order(&self.0)
-    }
-}
-
-/// Max-heap order on the farthest: the results, whose top is the bound.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Farthest(Scored);
-
-impl Eq for Farthest {}
-impl PartialOrd for Farthest {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Farthest {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.order(&other.0)
     }
 }
 
@@ -514,7 +489,7 @@ mod tests {
         let (rows, dim, k) = (3000, 16, 10);
         let vectors = random(rows, dim, 8);
         let frozen = HnswIndex::build(&vectors, dim, Metric::L2, IndexParams::default()).freeze().unwrap();
-        let half = |row: usize| row % 2 == 0;
+        let half = |row: usize| row.is_multiple_of(2);
         let mut hits = 0;
         for query in random(30, dim, 9).chunks_exact(dim) {
             let found = frozen.search(&vectors, dim, Metric::L2, query, k, 64, Some(&half));

@@ -677,8 +677,11 @@ mod tests {
         assert!(matches!(shard.count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
     }
 
+    /// The rows a query answers and the keys a search finds, at one time.
+    type Answers = (Vec<(Pk, Vec<Value>)>, Vec<Pk>);
+
     /// Every answer at every time, searched exactly.
-    fn answers(shard: &Shard, times: &[Timestamp]) -> Vec<(Vec<(Pk, Vec<Value>)>, Vec<Pk>)> {
+    fn answers(shard: &Shard, times: &[Timestamp]) -> Vec<Answers> {
         times
             .iter()
             .map(|&ts| {
