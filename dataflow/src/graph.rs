@@ -229,10 +229,7 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
     // Each request goes to the workers that answer it (every worker, or a
     // get's key owners), exchanged there like the data.
     let requests = request_source(scope, shared.clone(), index)
-        .flat_map(move |request| {
-            let targets = Request::targets(request.collection, &request.kind, request.origin, peers);
-            targets.into_iter().map(move |target| (target, request.clone()))
-        })
+        .flat_map(|request| request.targets.clone().into_iter().map(move |target| (target, request.clone())))
         .exchange(|(target, _): &(usize, Request)| *target as u64)
         .map(|(_, request)| request);
     let partials = segments(data, requests, shared.clone(), index, shards);
@@ -520,7 +517,7 @@ fn segments<'scope>(
                 output.session(&cap).give(Partial {
                     id: request.id,
                     origin: request.origin,
-                    parts: request.parts,
+                    parts: request.targets.len(),
                     answer,
                 });
             }
@@ -551,7 +548,7 @@ fn segments<'scope>(
                     output.session(cap).give(Partial {
                         id: request.id,
                         origin: request.origin,
-                        parts: request.parts,
+                        parts: request.targets.len(),
                         answer,
                     });
                     return false;
@@ -566,7 +563,7 @@ fn segments<'scope>(
                 output.session(cap).give(Partial {
                     id: request.id,
                     origin: request.origin,
-                    parts: request.parts,
+                    parts: request.targets.len(),
                     answer,
                 });
                 false

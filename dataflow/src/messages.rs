@@ -57,9 +57,10 @@ pub struct Request {
     /// waits for the answer: workers skip the request, or stop its work.
     pub deadline_ms: Option<u64>,
     pub kind: RequestKind,
-    /// Workers the request goes to (see [`Request::targets`]): the merge
-    /// completes after this many partial answers.
-    pub parts: usize,
+    /// Workers the request goes to (see [`Request::targets`]), worked out
+    /// once where it is made; the merge completes after one partial answer
+    /// from each.
+    pub targets: Vec<usize>,
 }
 
 impl Request {

@@ -383,7 +383,7 @@ impl Engine {
         shared.replies.lock().map_err(|_| Error::Shutdown)?.insert(id, reply);
         let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         let deadline_ms = Some(unix_millis().saturating_add(timeout.as_millis() as u64));
-        let parts = Request::targets(collection, &kind, origin, shared.workers).len();
+        let targets = Request::targets(collection, &kind, origin, shared.workers);
         shared.requests[origin].lock().map_err(|_| Error::Shutdown)?.push(Request {
             id,
             origin,
@@ -391,7 +391,7 @@ impl Engine {
             read_ts,
             deadline_ms,
             kind,
-            parts,
+            targets,
         });
         shared.wake_requests(origin);
         if consistency == Consistency::Strong || as_of.is_some() {
