@@ -13,7 +13,11 @@
 //!   present is a resurrected one. Keys whose last write failed may hold
 //!   either outcome and are not checked (any failure is an error anyway).
 //!
-//! Reported: errors (any call that failed), lost and resurrected rows,
+//! A write the server refuses untaken under backpressure
+//! (RESOURCE_EXHAUSTED) is sent again after a pause, as Milvus clients do;
+//! those refusals are counted apart.
+//!
+//! Reported: errors (any call that failed otherwise), lost and resurrected rows,
 //! p50/p99 per operation, the server's resident memory at each minute and
 //! each minute's calls and p99.
 
@@ -117,6 +121,44 @@ struct Observed {
     latencies: HashMap<(&'static str, usize), Vec<f64>>,
     errors: Vec<String>,
     wrong_answers: Vec<String>,
+    /// Writes the server refused untaken under backpressure
+    /// (RESOURCE_EXHAUSTED) and the client sent again.
+    writes_refused_and_retried: usize,
+}
+
+/// One write call, as [`write_with_retry`] sends it.
+enum WriteCall {
+    Insert(v1::WriteRequest),
+    Upsert(v1::WriteRequest),
+    Delete(v1::DeleteRequest),
+}
+
+/// How long a client keeps sending a write the server refuses under backpressure.
+const RETRY_REFUSED_WRITES_FOR: Duration = Duration::from_secs(180);
+
+/// Sends a write; while the server refuses it under backpressure
+/// (RESOURCE_EXHAUSTED: the write was not taken, retry later), sends it
+/// again after a growing pause, as Milvus clients retry a rate-limit
+/// refusal, for up to [`RETRY_REFUSED_WRITES_FOR`]. Counts the refusals in
+/// `refused`. Any other failure is returned.
+async fn write_with_retry(client: &mut Client, call: &WriteCall, refused: &mut usize) -> Result<(), tonic::Status> {
+    let give_up = Instant::now() + RETRY_REFUSED_WRITES_FOR;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let result = match call {
+            WriteCall::Insert(request) => client.insert(request.clone()).await.map(drop),
+            WriteCall::Upsert(request) => client.upsert(request.clone()).await.map(drop),
+            WriteCall::Delete(request) => client.delete(request.clone()).await.map(drop),
+        };
+        match result {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && Instant::now() < give_up => {
+                *refused += 1;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The server under test, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -294,12 +336,13 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             v1::StatsRequest { collection: COLLECTION.into(), consistency: v1::ConsistencyLevel::Eventually as i32 };
         let stats = runtime.block_on(admin.get_stats(request)).map(|s| s.into_inner()).unwrap_or_default();
         println!(
-            "minute {minute}: server RSS {rss_mb:.0} MB, {} live rows, {} row versions, {} sealed segments; \
+            "minute {minute}: server RSS {rss_mb:.0} MB, {} live rows, {} row versions, {} sealed segments ({} indexed); \
              {calls} calls so far, {errors} errors",
-            stats.live_rows, stats.versions, stats.sealed_segments
+            stats.live_rows, stats.versions, stats.sealed_segments, stats.indexed_segments
         );
         rss_per_minute.push(json!({"minute": minute, "rss_mb": rss_mb, "live_rows": stats.live_rows,
-            "row_versions": stats.versions, "sealed_segments": stats.sealed_segments}));
+            "row_versions": stats.versions, "sealed_segments": stats.sealed_segments,
+            "indexed_segments": stats.indexed_segments}));
     }
     stop.store(true, Ordering::SeqCst);
     let mut models = Vec::new();
@@ -387,11 +430,13 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         })
         .collect();
     println!(
-        "\nerrors {}, wrong answers {}, rows checked {checked}, lost {}, resurrected {}, live rows at the end {live_rows}",
+        "\nerrors {}, wrong answers {}, rows checked {checked}, lost {}, resurrected {}, live rows at the end \
+         {live_rows}; writes refused under backpressure and sent again {}",
         observed.errors.len(),
         observed.wrong_answers.len(),
         lost.len(),
-        resurrected.len()
+        resurrected.len(),
+        observed.writes_refused_and_retried
     );
     for line in observed.errors.iter().chain(&observed.wrong_answers).chain(&lost).chain(&resurrected).take(20) {
         println!("  {line}");
@@ -402,6 +447,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         "retention_secs": args.retention_secs, "compaction_interval_ms": args.compaction_interval_ms,
         "build": if cfg!(debug_assertions) { "dev" } else { "release" },
         "errors": observed.errors.len(), "wrong_answers": observed.wrong_answers.len(),
+        "writes_refused_and_retried": observed.writes_refused_and_retried,
         "rows_checked": checked, "rows_lost": lost.len(), "rows_resurrected": resurrected.len(), "live_rows": live_rows,
         "rows_not_checked_after_a_failed_write": uncertain, "restart_after_sigkill_s": restart_secs,
         "operations": per_operation, "per_minute": per_minute, "server_rss_mb": rss_per_minute,
@@ -432,6 +478,7 @@ async fn client_loop(
     batch: usize,
 ) -> Model {
     let mut rng = StdRng::seed_from_u64(1000 + index as u64);
+    let mut refused = 0;
     while !stop.load(Ordering::SeqCst) {
         let operation = match rng.random_range(0..100) {
             0..40 => "search",
@@ -460,16 +507,16 @@ async fn client_loop(
                 let keys: Vec<i64> = (model.next_key..model.next_key + batch as i64).collect();
                 let request = write(&keys, &vec![0; keys.len()], &mut rng, dim);
                 let call_started = Instant::now();
-                let result = client.insert(request).await;
+                let result = write_with_retry(&mut client, &WriteCall::Insert(request), &mut refused).await;
                 let ms = elapsed_ms(call_started);
                 // Keys are never reused, acknowledged or not.
                 model.next_key += batch as i64;
-                match result {
+                match &result {
                     Ok(_) => keys.into_iter().for_each(|key| model.set(key, 0)),
                     // It may have been applied: either outcome is right.
                     Err(_) => model.uncertain.extend(keys),
                 }
-                (ms, Ok(None))
+                (ms, result.map(|_| None))
             }
             "upsert" => {
                 let mut keys: Vec<i64> = (0..batch).map(|_| model.pick(&mut rng)).collect();
@@ -478,7 +525,7 @@ async fn client_loop(
                 let versions: Vec<i64> = keys.iter().map(|k| model.live[k] + 1).collect();
                 let request = write(&keys, &versions, &mut rng, dim);
                 let call_started = Instant::now();
-                let result = client.upsert(request).await;
+                let result = write_with_retry(&mut client, &WriteCall::Upsert(request), &mut refused).await;
                 let ms = elapsed_ms(call_started);
                 match &result {
                     Ok(_) => keys.iter().zip(versions).for_each(|(key, n)| model.set(*key, n)),
@@ -498,7 +545,7 @@ async fn client_loop(
                     ))),
                 };
                 let call_started = Instant::now();
-                let result = client.delete(request).await;
+                let result = write_with_retry(&mut client, &WriteCall::Delete(request), &mut refused).await;
                 let ms = elapsed_ms(call_started);
                 match &result {
                     Ok(_) => keys.iter().for_each(|key| model.delete(*key)),
@@ -548,6 +595,7 @@ async fn client_loop(
                 Ok(Some(wrong)) => observed.wrong_answers.push(wrong),
                 Err(status) => observed.errors.push(format!("client {index} {operation}: {status}")),
             }
+            observed.writes_refused_and_retried += std::mem::take(&mut refused);
         }
     }
     model

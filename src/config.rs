@@ -280,6 +280,10 @@ pub struct LimitSettings {
     /// than this many milliseconds ago; one still waiting at the request
     /// timeout gets RESOURCE_EXHAUSTED and is not written (0: never wait).
     pub max_apply_lag_ms: u64,
+    /// Writes also wait while this many rows wait for their index build or
+    /// for a merge to drop them (the index builds cannot keep up); same
+    /// refusal at the request timeout (0: never wait).
+    pub max_index_backlog_rows: usize,
 }
 
 impl Default for LimitSettings {
@@ -295,6 +299,7 @@ impl Default for LimitSettings {
             sql_timeout_ms: vectorflow_sql::policy::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
             sql_memory_limit_bytes: vectorflow_sql::policy::DEFAULT_MEMORY_LIMIT,
             max_apply_lag_ms: EngineConfig::new(".").max_apply_lag.map_or(0, |d| d.as_millis() as u64),
+            max_index_backlog_rows: EngineConfig::new(".").max_index_backlog_rows.unwrap_or(0),
         }
     }
 }
@@ -517,6 +522,8 @@ impl ServerConfig {
             limits: (&self.limits).into(),
             max_apply_lag: (self.limits.max_apply_lag_ms > 0)
                 .then(|| Duration::from_millis(self.limits.max_apply_lag_ms)),
+            max_index_backlog_rows: (self.limits.max_index_backlog_rows > 0)
+                .then_some(self.limits.max_index_backlog_rows),
             ..defaults
         }
     }

@@ -69,7 +69,7 @@ impl Metrics {
             Opts::new(
                 "vectorflow_engine_total",
                 "Engine totals since start: rows_ingested, records_ingested, reads_cancelled, \
-                 checkpoints, checkpoint_microseconds, frontier_stall_reports",
+                 checkpoints, checkpoint_microseconds, frontier_stall_reports, writes_held, writes_refused",
             ),
             &["what"],
         )?;
@@ -77,7 +77,7 @@ impl Metrics {
             Opts::new(
                 "vectorflow_engine",
                 "Engine state: visible_lag_seconds (newest write time minus what reads see), \
-                 frontier_stalled_seconds, rows_in_flight, last_checkpoint_seconds",
+                 frontier_stalled_seconds, rows_in_flight, index_backlog_rows, last_checkpoint_seconds",
             ),
             &["what"],
         )?;
@@ -161,12 +161,15 @@ impl Metrics {
         counter("checkpoints", health.checkpoints);
         counter("checkpoint_microseconds", health.checkpoint_time.as_micros() as u64);
         counter("frontier_stall_reports", health.frontier_stall_reports);
+        counter("writes_held", health.writes_held);
+        counter("writes_refused", health.writes_refused);
         let visible_lag_ms = vectorflow::crates::core::time::physical_ms(health.next_ts)
             .saturating_sub(vectorflow::crates::core::time::physical_ms(health.applied_frontier));
         let gauge = |what: &str, value: f64| self.gauges.with_label_values(&[what]).set(value);
         gauge("visible_lag_seconds", visible_lag_ms as f64 / 1000.0);
         gauge("frontier_stalled_seconds", health.frontier_stalled_for.map_or(0.0, |d| d.as_secs_f64()));
         gauge("rows_in_flight", health.rows_in_flight as f64);
+        gauge("index_backlog_rows", health.index_backlog_rows as f64);
         gauge("last_checkpoint_seconds", health.last_checkpoint.map_or(0.0, |d| d.as_secs_f64()));
 
         let names = self.engine.list_collections();

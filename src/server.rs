@@ -399,6 +399,9 @@ impl Vectorflow for VectorflowService {
                 frontier_stalled_ms: health.frontier_stalled_for.map_or(0, |d| d.as_millis() as u64),
                 frontier_stall_reports: health.frontier_stall_reports,
                 reads_cancelled: health.reads_cancelled,
+                writes_held: health.writes_held,
+                writes_refused: health.writes_refused,
+                index_backlog_rows: health.index_backlog_rows,
             }),
             recovery: Some(v1::RecoveryReport {
                 segments_loaded: recovery.segments as u64,

@@ -355,6 +355,48 @@ fn concurrent_writers_and_readers_finish_with_correct_counts() {
 }
 
 #[test]
+fn writes_wait_while_sealed_rows_wait_for_their_graph_and_go_through_once_it_is_built() {
+    let dataset = Dataset::open(dataset_dir("pypi-20k")).expect("pypi-20k dataset");
+    let vectors = dataset.base_vectors().unwrap();
+    let attributes = dataset.base_attributes().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        workers: 1,
+        seal_rows: 8000,
+        max_index_backlog_rows: Some(4000),
+        checkpoint_interval: None,
+        compaction_interval: None,
+        ..EngineConfig::new(dir.path())
+    };
+    let engine = Engine::open(config).unwrap();
+    let schema = dataset.collection_schema("pypi", &attributes).unwrap();
+    engine.create_collection(schema.clone()).unwrap();
+    let half = vectors.rows / 2;
+    let first = dataset.base_batch(&schema, &vectors, &attributes, 0..half).unwrap();
+    engine.insert("pypi", &first).unwrap();
+    // Applied, the first 8,000 rows seal; their graph takes seconds to build.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while engine.health().index_backlog_rows == 0 {
+        assert!(std::time::Instant::now() < deadline, "the sealed rows never showed as owed: {:?}", engine.health());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(engine.health().writes_held, 0);
+    let second = dataset.base_batch(&schema, &vectors, &attributes, half..vectors.rows).unwrap();
+    engine.insert("pypi", &second).unwrap();
+    let health = engine.health();
+    assert_eq!((health.writes_held, health.writes_refused), (1, 0), "{health:?}");
+    engine.wait_for_indexes("pypi", Duration::from_secs(600)).unwrap();
+    assert_eq!(engine.stats("pypi", Consistency::Strong).unwrap().live_rows, vectors.rows);
+    // Every graph built, nothing is owed (the gauge follows within a worker step).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.health().index_backlog_rows != 0 {
+        assert!(std::time::Instant::now() < deadline, "still owed: {:?}", engine.health());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    engine.shutdown();
+}
+
+#[test]
 fn writes_wait_while_the_dataflow_lags_and_are_refused_untaken_past_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {

@@ -258,9 +258,10 @@ fn compaction_drops_history_outside_retention_shrinks_storage_and_keeps_answers_
     let now = answers(&engine, None);
     assert_eq!(now.count, 400);
 
+    // The workers look at dead rows every 250 ms and may have rewritten
+    // the segments already; either way, after this call they are gone.
     let report = engine.compact("docs").unwrap();
-    assert!(report.replaced_segments > 0, "{report:?}");
-    assert!(report.horizon > deleted);
+    assert!(report.horizon > deleted, "{report:?}");
     let segments_after = engine.stats("docs", Default::default()).unwrap().sealed_segments;
     let bytes_after = engine.storage_bytes("docs").unwrap();
     assert!(segments_after < segments_before, "{segments_before} -> {segments_after}");

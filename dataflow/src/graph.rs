@@ -74,7 +74,11 @@ pub(crate) struct Shared {
     /// Reads whose deadline passed before or while a worker ran them: the
     /// worker skipped them or stopped their work.
     pub reads_cancelled: AtomicU64,
-    /// Writes held back by `max_apply_lag`, and refused after waiting.
+    /// Per worker: rows its shards owe the index builds and merges
+    /// ([`Shard::backlog_rows`]); writes wait while the sum is over
+    /// `max_index_backlog_rows`.
+    pub index_backlog: Vec<AtomicU64>,
+    /// Writes held back by `max_apply_lag` or `max_index_backlog_rows`, and refused after waiting.
     pub writes_held: AtomicU64,
     pub writes_refused: AtomicU64,
     /// Collections stopped by an error while applying a change, with the
@@ -154,6 +158,11 @@ impl Shared {
     /// Why `collection` is stopped, if it is.
     pub fn failure(&self, collection: CollectionId) -> Option<String> {
         self.failed.lock().ok()?.get(&collection).cloned()
+    }
+
+    /// Rows every worker's shards owe the index builds and merges.
+    pub fn index_backlog_rows(&self) -> u64 {
+        self.index_backlog.iter().map(|rows| rows.load(Ordering::Acquire)).sum()
     }
 
     /// The time before which every worker has applied every change.
@@ -524,6 +533,8 @@ fn segments<'scope>(
             apply_through(&shared, &mut shards, &mut stash, frontier.saturating_sub(1));
             shared.applied[index].store(frontier, Ordering::Release);
 
+            let horizon = shared.retention_horizon();
+            let mut backlog = 0;
             for (&collection, shard) in shards.iter_mut() {
                 let replaced = shard.finish_compaction();
                 if !replaced.is_empty() {
@@ -532,12 +543,14 @@ fn segments<'scope>(
                 for snapshot in shard.take_newly_sealed() {
                     shared.persister.submit(collection, snapshot);
                 }
-                match shard.merge_if_due(|| shared.retention_horizon()) {
+                match shard.merge_if_due(|| horizon) {
                     Ok(0) => {}
                     Ok(merged) => tracing::debug!(collection, merged, "merge started"),
                     Err(e) => tracing::warn!(collection, "starting a merge: {e}"),
                 }
+                backlog += shard.backlog_rows(horizon);
             }
+            shared.index_backlog[index].store(backlog as u64, Ordering::Release);
 
             waiting.retain(|(cap, request)| {
                 if request.expired() {

@@ -1,11 +1,15 @@
-//! Where index builds run: one bounded pool for the whole process, below
-//! the dataflow workers' priority.
+//! Where index builds run: one bounded pool for the whole process.
 //!
 //! Each build inserts its rows in parallel on one rayon pool of about one
-//! thread per core whose threads run at a lower scheduling priority (nice
-//! 10), so the timely workers applying the log and answering reads win the
-//! cores whenever both want them. Builds start from two lanes, each taking
-//! one build at a time:
+//! thread per core. The pool runs at the workers' priority: below it
+//! (nice 10, then 4) a search load starved the builds, and unbuilt
+//! segments are searched by brute force, which makes every search dearer
+//! and starves the builds further (under `bench soak`'s 8 clients only 1
+//! to 3 of 16 to 42 sealed segments had their graph at any time). What
+//! keeps builds from taking over is their bound (two lanes, one pool), and
+//! what keeps writers from outrunning them is the engine's
+//! `max_index_backlog_rows`. Builds start from two lanes, each taking one
+//! build at a time:
 //! - `Seal`: a segment that just sealed (or whose stored index was
 //!   unusable). These are at most `seal_rows` rows and make fresh data
 //!   searchable through a graph, so they never wait behind a merge.
@@ -37,16 +41,6 @@ struct Pool {
 static POOL: OnceLock<Option<Pool>> = OnceLock::new();
 static THREADS: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
 
-/// Lowers the calling thread's scheduling priority (Linux: nice is per thread).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with `who = 0` changes only the calling thread;
-    // it takes no pointers.
-    unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-    }
-}
-
 /// The rayon pool builds insert their rows on (`None` if it cannot start:
 /// builds then run on their lane's thread alone).
 fn threads() -> Option<&'static rayon::ThreadPool> {
@@ -56,7 +50,6 @@ fn threads() -> Option<&'static rayon::ThreadPool> {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("index-build-{i}"))
-                .start_handler(|_| lower_priority())
                 .build()
                 .inspect_err(|e| tracing::warn!("starting the index build pool: {e}"))
                 .ok()
@@ -77,7 +70,7 @@ fn release_freed_memory() {
 }
 
 /// Runs `work` inside the build pool, so its parallel iterators (those of
-/// `hnsw_rs`'s inserts) use the pool's low-priority threads.
+/// `hnsw_rs`'s inserts) use the pool's threads.
 pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     match threads() {
         Some(pool) => pool.install(work),
@@ -90,7 +83,6 @@ fn lane(name: &str) -> Option<Sender<Build>> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            lower_priority();
             while let Ok(build) = receiver.recv() {
                 build();
                 release_freed_memory();

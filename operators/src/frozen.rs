@@ -245,6 +245,65 @@ impl FrozenGraph {
         })
     }
 
+    /// The graph over the rows `keep` alone (ascending row numbers; row `i`
+    /// of the new graph is row `keep[i]` of this one), for a segment
+    /// rewritten without its dead rows. The graph is repaired, not built
+    /// again (the way FreshDiskANN consolidates deletes): a row that lost
+    /// neighbours picks new ones, by HNSW's neighbour-selection heuristic,
+    /// among its kept neighbours and the kept neighbours of those it lost,
+    /// up to `max_links` per upper layer and twice that on layer 0 (as the
+    /// builder does). That costs a few hundred distances per repaired row,
+    /// against the tens of thousands of an insert into a fresh graph.
+    /// Rows that lost no neighbour keep their lists. Meant for rewrites
+    /// that keep most rows: past about half gone, the two-hop detours
+    /// themselves are mostly gone and a fresh build is better.
+    pub fn without_dropped_rows(
+        &self,
+        keep: &[u32],
+        vectors: &[f32],
+        dim: usize,
+        metric: Metric,
+        max_links: usize,
+    ) -> Result<FrozenGraph> {
+        let rows = self.rows as usize;
+        if vectors.len() < rows * dim {
+            return Err(Error::Internal(format!("{} values for {rows} rows of {dim}", vectors.len())));
+        }
+        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&r| r >= self.rows) {
+            return Err(Error::Internal("the rows to keep are not ascending rows of the graph".into()));
+        }
+        const DROPPED: u32 = u32::MAX;
+        let mut new_row = vec![DROPPED; rows];
+        for (new, &old) in keep.iter().enumerate() {
+            new_row[old as usize] = new as u32;
+        }
+        let repair = Repair { new_row: &new_row, vectors, dim, metric };
+        let base = Adjacency::from_lists(
+            keep.iter()
+                .map(|&old| repair.list(old, self.base.of(old as usize), |n| self.base.of(n as usize), 2 * max_links)),
+        );
+        let mut upper: Vec<UpperLayer> = self
+            .upper
+            .iter()
+            .map(|layer| {
+                let kept: Vec<u32> = layer.rows.iter().copied().filter(|&r| new_row[r as usize] != DROPPED).collect();
+                let links = Adjacency::from_lists(
+                    kept.iter().map(|&old| repair.list(old, layer.neighbours(old), |n| layer.neighbours(n), max_links)),
+                );
+                // Row numbers map in order, so the layer stays sorted.
+                UpperLayer { rows: kept.iter().map(|&r| new_row[r as usize]).collect(), links }
+            })
+            .collect();
+        while upper.last().is_some_and(|layer| layer.rows.is_empty()) {
+            upper.pop();
+        }
+        let entry = match new_row.get(self.entry as usize) {
+            Some(&new) if new != DROPPED && upper.last().is_none_or(|top| top.rows.binary_search(&new).is_ok()) => new,
+            _ => upper.last().and_then(|top| top.rows.first().copied()).unwrap_or(0),
+        };
+        Ok(FrozenGraph { rows: keep.len() as u32, entry, base, upper })
+    }
+
     /// The graph in its file layout (see the module documentation).
     pub fn encode(&self) -> Vec<u8> {
         let words = 5 + self.base.offsets.len() + self.base.neighbours.len();
@@ -321,6 +380,67 @@ impl FrozenGraph {
             return Err(corrupt("the entry row is not on the top layer".into()));
         }
         Ok(FrozenGraph { rows: stored_rows, entry, base, upper })
+    }
+}
+
+/// What [`FrozenGraph::without_dropped_rows`] needs to repair one list.
+struct Repair<'a> {
+    /// Per old row, its new row number (`u32::MAX`: dropped).
+    new_row: &'a [u32],
+    vectors: &'a [f32],
+    dim: usize,
+    metric: Metric,
+}
+
+impl Repair<'_> {
+    fn vector(&self, row: u32) -> &[f32] {
+        &self.vectors[row as usize * self.dim..(row as usize + 1) * self.dim]
+    }
+
+    fn kept(&self, row: u32) -> bool {
+        self.new_row[row as usize] != u32::MAX
+    }
+
+    /// `node`'s new neighbour list (new row numbers) on a layer where its
+    /// list was `list` and `neighbours_of` gives any row's old list.
+    fn list<'g>(&self, node: u32, list: &[u32], neighbours_of: impl Fn(u32) -> &'g [u32], cap: usize) -> Vec<u32> {
+        if list.iter().all(|&n| self.kept(n)) {
+            return list.iter().map(|&n| self.new_row[n as usize]).collect();
+        }
+        let mut candidates: Vec<u32> = Vec::with_capacity(list.len() * 4);
+        for &n in list {
+            if self.kept(n) {
+                candidates.push(n);
+            } else {
+                candidates.extend(neighbours_of(n).iter().copied().filter(|&m| m != node && self.kept(m)));
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let here = self.vector(node);
+        let mut scored: Vec<Scored> =
+            candidates.into_iter().map(|c| Scored(distance(self.metric, here, self.vector(c)), c)).collect();
+        scored.sort_unstable();
+        // HNSW's heuristic: take a candidate unless a row already taken is
+        // closer to it than the node is (it is reachable through that row),
+        // so the links spread in every direction; then fill up with the
+        // nearest of those passed over, as the build keeps no fewer links.
+        let mut chosen: Vec<u32> = Vec::with_capacity(cap);
+        let mut passed: Vec<u32> = Vec::new();
+        for &Scored(d, c) in &scored {
+            if chosen.len() >= cap {
+                break;
+            }
+            let candidate = self.vector(c);
+            if chosen.iter().all(|&s| distance(self.metric, candidate, self.vector(s)) > d) {
+                chosen.push(c);
+            } else {
+                passed.push(c);
+            }
+        }
+        let room = cap.saturating_sub(chosen.len());
+        chosen.extend(passed.into_iter().take(room));
+        chosen.into_iter().map(|n| self.new_row[n as usize]).collect()
     }
 }
 
@@ -541,5 +661,54 @@ mod tests {
             assert!(frozen.search(&vectors, 4, Metric::L2, &[0.0; 4], 10, 16, Some(&none)).is_empty());
             assert_eq!(FrozenGraph::decode(&frozen.encode(), rows, "x").unwrap(), frozen);
         }
+    }
+
+    #[test]
+    fn a_graph_repaired_after_dropping_rows_finds_what_a_fresh_graph_finds() {
+        let (rows, dim, k, ef) = (4000, 24, 10, 64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (metric, drop_share) in [(Metric::L2, 0.2), (Metric::L2, 0.5), (Metric::IP, 0.35)] {
+            let vectors = random(rows, dim, 9);
+            let graph = HnswIndex::build(&vectors, dim, metric, IndexParams::default()).freeze().unwrap();
+            let keep: Vec<u32> = (0..rows as u32).filter(|_| rng.random::<f64>() >= drop_share).collect();
+            let kept_vectors: Vec<f32> =
+                keep.iter().flat_map(|&r| vectors[r as usize * dim..][..dim].to_vec()).collect();
+            let repaired = graph.without_dropped_rows(&keep, &vectors, dim, metric, IndexParams::default().m).unwrap();
+            assert_eq!(repaired.rows(), keep.len());
+            assert!(repaired.base.neighbours.iter().all(|&n| (n as usize) < keep.len()));
+            assert!(repaired.memory_bytes() <= graph.memory_bytes());
+            assert_eq!(FrozenGraph::decode(&repaired.encode(), keep.len(), "x").unwrap(), repaired);
+            let fresh = HnswIndex::build(&kept_vectors, dim, metric, IndexParams::default()).freeze().unwrap();
+            let (mut repaired_hits, mut fresh_hits) = (0, 0);
+            for query in random(50, dim, 12).chunks_exact(dim) {
+                let truth = exact(&kept_vectors, dim, metric, query, k);
+                let found = |g: &FrozenGraph| g.search(&kept_vectors, dim, metric, query, k, ef, None);
+                repaired_hits += found(&repaired).iter().filter(|x| truth.contains(&x.1)).count();
+                fresh_hits += found(&fresh).iter().filter(|x| truth.contains(&x.1)).count();
+            }
+            let total = 50 * k;
+            assert!(repaired_hits as f64 >= 0.95 * total as f64, "{metric:?} {drop_share}: {repaired_hits}/{total}");
+            assert!(
+                repaired_hits + total / 50 >= fresh_hits,
+                "{metric:?} {drop_share}: repaired {repaired_hits} vs fresh {fresh_hits}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_repair_that_drops_everything_or_the_entry_row_still_searches() {
+        let (rows, dim) = (500, 8);
+        let vectors = random(rows, dim, 3);
+        let graph = HnswIndex::build(&vectors, dim, Metric::L2, IndexParams::default()).freeze().unwrap();
+        let empty = graph.without_dropped_rows(&[], &vectors, dim, Metric::L2, 16).unwrap();
+        assert_eq!(empty.rows(), 0);
+        assert!(empty.search(&[], dim, Metric::L2, &vectors[..dim], 5, 16, None).is_empty());
+        let keep: Vec<u32> = (0..rows as u32).filter(|&r| r != graph.entry).collect();
+        let kept_vectors: Vec<f32> = keep.iter().flat_map(|&r| vectors[r as usize * dim..][..dim].to_vec()).collect();
+        let repaired = graph.without_dropped_rows(&keep, &vectors, dim, Metric::L2, 16).unwrap();
+        let found = repaired.search(&kept_vectors, dim, Metric::L2, &kept_vectors[..dim], 1, 32, None);
+        assert_eq!(found.first().map(|x| x.1), Some(0), "row 0 finds itself");
+        assert!(graph.without_dropped_rows(&[3, 2], &vectors, dim, Metric::L2, 16).is_err());
+        assert!(graph.without_dropped_rows(&[rows as u32], &vectors, dim, Metric::L2, 16).is_err());
     }
 }

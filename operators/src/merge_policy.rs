@@ -91,17 +91,41 @@ impl MergePolicy {
         chosen
     }
 
-    /// The segments with too many dead rows, smallest first while their
-    /// live rows fit one segment (always at least one).
+    /// [`MergePolicy::choose`] limited to rewrites of segments with dead
+    /// rows: for a shard whose fresh segments still wait for their graph,
+    /// where a tier merge (a fresh build of many rows) would compete with
+    /// those builds and frees nothing.
+    pub fn choose_rewrites(&self, segments: &[SegmentSize]) -> Vec<usize> {
+        let mut chosen = self.dead_heavy(segments);
+        chosen.sort_unstable();
+        chosen
+    }
+
+    /// The segments with too many dead rows. Those that lost more than
+    /// half go together, smallest first while their live rows fit one
+    /// segment; failing those, the one with the most dead rows alone: a
+    /// rewrite of a single segment that keeps most of its rows repairs the
+    /// segment's graph instead of building a new one (see
+    /// `FrozenGraph::without_dropped_rows`), which makes the rewrites that
+    /// upserts cause cheap.
     fn dead_heavy(&self, segments: &[SegmentSize]) -> Vec<usize> {
-        let mut heavy: Vec<usize> = (0..segments.len())
+        let heavy: Vec<usize> = (0..segments.len())
             .filter(|&i| {
                 let s = segments[i];
                 s.rows > 0 && s.dead() as f64 > f64::from(self.dead_fraction) * s.rows as f64
             })
             .collect();
-        heavy.sort_by_key(|&i| (segments[i].live, i));
-        self.fitting(heavy, segments, 1)
+        let (mut mostly_dead, mostly_live): (Vec<usize>, Vec<usize>) =
+            heavy.into_iter().partition(|&i| segments[i].live * 2 < segments[i].rows);
+        if mostly_dead.is_empty() {
+            return mostly_live
+                .into_iter()
+                .max_by_key(|&i| (segments[i].dead(), std::cmp::Reverse(i)))
+                .into_iter()
+                .collect();
+        }
+        mostly_dead.sort_by_key(|&i| (segments[i].live, i));
+        self.fitting(mostly_dead, segments, 1)
     }
 
     /// The lowest tier holding `merge_factor` segments (two when quiet):
@@ -239,6 +263,28 @@ mod tests {
         assert_eq!(p.choose_busy(&[SegmentSize { rows: 10, live: 0 }]), vec![0]);
         // 20 % dead is not more than the fraction.
         assert!(p.choose_busy(&[SegmentSize { rows: 100, live: 80 }]).is_empty());
+    }
+
+    #[test]
+    fn a_segment_that_keeps_most_of_its_rows_is_rewritten_alone() {
+        let p = policy();
+        let mostly_live = [
+            SegmentSize { rows: 1000, live: 700 },
+            SegmentSize { rows: 1000, live: 600 },
+            SegmentSize { rows: 90, live: 90 },
+        ];
+        // Alone (its graph is repaired), the one with the most dead rows first.
+        assert_eq!(p.choose_busy(&mostly_live), vec![1]);
+        // Segments that lost more than half go first, together.
+        let mut mixed = mostly_live.to_vec();
+        mixed.push(SegmentSize { rows: 1000, live: 100 });
+        mixed.push(SegmentSize { rows: 800, live: 300 });
+        assert_eq!(p.choose_busy(&mixed), vec![3, 4]);
+        // Rewrites only: a full tier is left alone.
+        let tier = live(&[100, 90, 80, 70]);
+        assert_eq!(p.choose_busy(&tier), vec![0, 1, 2, 3]);
+        assert!(p.choose_rewrites(&tier).is_empty());
+        assert_eq!(p.choose_rewrites(&mixed), vec![3, 4]);
     }
 
     /// Applies the policy until it settles, as a shard does.

@@ -89,7 +89,12 @@ pub struct Segment {
     versions: Vec<VersionId>,
     insert_ts: Vec<Timestamp>,
     delete_ts: Vec<Timestamp>,
-    retired: usize,
+    /// The `delete_ts` of every retired row, ascending: how many rows a
+    /// time has retired is a binary search, not a pass over the rows
+    /// (every search asks, and under upserts every segment has some).
+    retire_times: Vec<Timestamp>,
+    /// Rows restored hidden (inserted after the restore's `as_of`): never visible.
+    hidden: usize,
     max_insert_ts: Timestamp,
     sealed: bool,
     /// Filter results of a sealed segment by filter text: its rows never
@@ -145,7 +150,8 @@ impl Segment {
             versions: Vec::new(),
             insert_ts: Vec::new(),
             delete_ts: Vec::new(),
-            retired: 0,
+            retire_times: Vec::new(),
+            hidden: 0,
             max_insert_ts: 0,
             sealed: false,
             filter_results: Mutex::new(HashMap::new()),
@@ -180,7 +186,36 @@ impl Segment {
 
     /// Rows retired by a later version (or a delete).
     pub fn retired(&self) -> usize {
-        self.retired
+        self.retire_times.len() + self.hidden
+    }
+
+    /// Rows retired at or before `ts`.
+    fn retired_by(&self, ts: Timestamp) -> usize {
+        self.retire_times.partition_point(|&t| t <= ts)
+    }
+
+    /// Sets a row's `delete_ts` to `ts` if that is earlier, keeping
+    /// `retire_times` in step.
+    fn set_delete_ts(&mut self, row: usize, ts: Timestamp) {
+        let old = self.delete_ts[row];
+        if ts >= old {
+            return;
+        }
+        if old != ALIVE {
+            let at = self.retire_times.partition_point(|&t| t < old);
+            self.retire_times.remove(at);
+        }
+        self.delete_ts[row] = ts;
+        // Deletes arrive in time order, so this is nearly always a push.
+        let at = self.retire_times.partition_point(|&t| t <= ts);
+        self.retire_times.insert(at, ts);
+    }
+
+    /// Recomputes `retire_times` and `hidden` after `delete_ts`/`insert_ts` were set wholesale.
+    fn recount_retired(&mut self) {
+        self.retire_times = self.delete_ts.iter().copied().filter(|&ts| ts != ALIVE).collect();
+        self.retire_times.sort_unstable();
+        self.hidden = self.insert_ts.iter().filter(|&&ts| ts == ALIVE).count();
     }
 
     /// `(row, delete_ts)` of every retired row.
@@ -191,7 +226,7 @@ impl Segment {
     /// Rows no read inside the retention window can see: retired at or
     /// before `horizon`, or hidden (never visible).
     pub fn dead_rows(&self, horizon: Timestamp) -> usize {
-        (0..self.len()).filter(|&row| self.is_dead(row, horizon)).count()
+        self.retired_by(horizon) + self.hidden
     }
 
     fn is_dead(&self, row: usize, horizon: Timestamp) -> bool {
@@ -291,8 +326,7 @@ impl Segment {
                 *slot = ts;
             }
         }
-        segment.retired =
-            (0..rows).filter(|&row| segment.delete_ts[row] != ALIVE || segment.insert_ts[row] == ALIVE).count();
+        segment.recount_retired();
         segment.max_insert_ts = segment.insert_ts.iter().copied().filter(|&ts| ts != ALIVE).max().unwrap_or(0);
         segment.chunk_starts = vec![0];
         segment.chunks = vec![user];
@@ -317,7 +351,19 @@ impl Segment {
 
     /// Gives each vector field of the sealed single chunk its contiguous
     /// buffer and its index: the one in `ready`, else one built in the background.
-    fn attach_indexes(&mut self, mut ready: HashMap<usize, FrozenGraph>, params: IndexParams, lane: BuildLane) {
+    fn attach_indexes(&mut self, ready: HashMap<usize, FrozenGraph>, params: IndexParams, lane: BuildLane) {
+        self.attach_or_repair_indexes(ready, HashMap::new(), params, lane);
+    }
+
+    /// [`Segment::attach_indexes`], where a field in `repairs` gets its
+    /// graph repaired from its source segment's instead of built.
+    fn attach_or_repair_indexes(
+        &mut self,
+        mut ready: HashMap<usize, FrozenGraph>,
+        mut repairs: HashMap<usize, GraphRepair>,
+        params: IndexParams,
+        lane: BuildLane,
+    ) {
         let Some(batch) = self.chunks.first() else { return };
         for column in &mut self.vectors {
             let buffer = vector_buffer(batch, column.field, column.dim);
@@ -327,7 +373,13 @@ impl Segment {
                 Some(index) => {
                     let _ = slot.set(Some(index));
                 }
-                None => spawn_index_build(slot.clone(), buffer, column.dim, column.metric, params, &self.uid, lane),
+                None => {
+                    let source = match repairs.remove(&column.field) {
+                        Some(repair) => GraphSource::Repair(repair),
+                        None => GraphSource::Build(buffer),
+                    };
+                    spawn_index_build(slot.clone(), source, column.dim, column.metric, params, &self.uid, lane)
+                }
             }
             column.index = Some(slot);
         }
@@ -370,27 +422,45 @@ impl Segment {
                 sources.push((input_index, row));
             }
         }
-        output.retired = output.delete_ts.iter().filter(|&&ts| ts != ALIVE).count();
+        output.recount_retired();
         output.max_insert_ts = output.insert_ts.iter().copied().max().unwrap_or(0);
-        output.seal(params, BuildLane::Merge)?;
+        let repairs = match inputs {
+            [input] if sources.len() * 2 >= input.len() => input.graph_repairs(&sources),
+            _ => HashMap::new(),
+        };
+        output.seal_repairing(repairs, params, BuildLane::Merge)?;
         Ok((output, sources))
+    }
+
+    /// How to repair each vector field's graph for a rewrite of this
+    /// segment that keeps the rows `sources` names (all of them from this
+    /// one): only when every field's graph is built; otherwise the
+    /// rewrite builds afresh.
+    fn graph_repairs(&self, sources: &[(usize, u32)]) -> HashMap<usize, GraphRepair> {
+        let keep: Arc<Vec<u32>> = Arc::new(sources.iter().map(|&(_, row)| row).collect());
+        let mut repairs = HashMap::new();
+        for column in &self.vectors {
+            let (Some(from), [vectors]) = (&column.index, column.chunks.as_slice()) else { return HashMap::new() };
+            if !matches!(from.get(), Some(Some(_))) {
+                return HashMap::new();
+            }
+            repairs
+                .insert(column.field, GraphRepair { from: from.clone(), vectors: vectors.clone(), keep: keep.clone() });
+        }
+        repairs
     }
 
     /// Copies the current `delete_ts` of each row's source (deletes that
     /// arrived while the compacted segment was being built).
     pub fn take_deletes_from(&mut self, inputs: &[&Segment], sources: &[(usize, u32)]) {
         for (row, &(input, source_row)) in sources.iter().enumerate() {
-            let ts = inputs[input].delete_ts[source_row as usize];
-            if ts != ALIVE && self.delete_ts[row] == ALIVE {
-                self.retired += 1;
-            }
-            self.delete_ts[row] = self.delete_ts[row].min(ts);
+            self.set_delete_ts(row, inputs[input].delete_ts[source_row as usize]);
         }
     }
 
     /// Rows not retired by any later version.
     pub fn live_rows(&self) -> usize {
-        self.len() - self.retired
+        self.len() - self.retired()
     }
 
     pub fn pk(&self, row: u32) -> &Pk {
@@ -431,11 +501,7 @@ impl Segment {
 
     /// Retires a row version at `ts` (a delete, or an upsert that replaced it).
     pub fn retire(&mut self, row: u32, ts: Timestamp) {
-        let slot = &mut self.delete_ts[row as usize];
-        if *slot == ALIVE {
-            self.retired += 1;
-        }
-        *slot = (*slot).min(ts);
+        self.set_delete_ts(row as usize, ts);
     }
 
     /// Seals the segment under `uid`: one chunk, and an HNSW index per
@@ -446,6 +512,16 @@ impl Segment {
     }
 
     fn seal(&mut self, params: IndexParams, lane: BuildLane) -> Result<()> {
+        self.seal_repairing(HashMap::new(), params, lane)
+    }
+
+    /// [`Segment::seal`], repairing the graphs of the fields in `repairs`.
+    fn seal_repairing(
+        &mut self,
+        repairs: HashMap<usize, GraphRepair>,
+        params: IndexParams,
+        lane: BuildLane,
+    ) -> Result<()> {
         if self.sealed {
             return Ok(());
         }
@@ -456,7 +532,7 @@ impl Segment {
             self.chunks = vec![batch];
             self.chunk_starts = vec![0];
         }
-        self.attach_indexes(HashMap::new(), params, lane);
+        self.attach_or_repair_indexes(HashMap::new(), repairs, params, lane);
         Ok(())
     }
 
@@ -478,7 +554,8 @@ impl Segment {
     /// Rows visible at `ts` (and passing `allowed`, when given).
     pub fn passing_count(&self, ts: Timestamp, allowed: Option<&RowSet>) -> usize {
         match allowed {
-            None if self.retired == 0 && ts >= self.max_insert_ts => self.len(),
+            // Every row not hidden is inserted by then: subtract the retired ones.
+            None if ts >= self.max_insert_ts => self.len() - self.hidden - self.retired_by(ts),
             None => (0..self.len()).filter(|&row| self.visible(row, ts)).count(),
             Some(set) => set.rows.iter().filter(|&&row| self.visible(row as usize, ts)).count(),
         }
@@ -604,12 +681,31 @@ impl Segment {
     }
 }
 
+/// Where a sealed segment's graph comes from.
+enum GraphSource {
+    /// A fresh `hnsw_rs` build over these row-major vectors.
+    Build(ScalarBuffer<f32>),
+    /// The graph of the segment this one rewrites, repaired.
+    Repair(GraphRepair),
+}
+
+/// A rewrite's graph as its source segment's graph without the dropped
+/// rows (see [`FrozenGraph::without_dropped_rows`]).
+struct GraphRepair {
+    /// The source segment's graph slot (built).
+    from: Arc<IndexSlot>,
+    /// The source segment's vectors.
+    vectors: ScalarBuffer<f32>,
+    /// The source rows kept, ascending.
+    keep: Arc<Vec<u32>>,
+}
+
 /// Builds a graph into `slot` in the build pool (see [`build_pool`]) and
 /// freezes it. The slot ends up `None` if the build fails; the segment
 /// then keeps answering exactly.
 fn spawn_index_build(
     slot: Arc<IndexSlot>,
-    vectors: ScalarBuffer<f32>,
+    source: GraphSource,
     dim: usize,
     metric: Metric,
     params: IndexParams,
@@ -622,12 +718,19 @@ fn spawn_index_build(
         // `hnsw_rs`'s structure (its own copy of the vectors, pointer-linked
         // neighbour lists) lives only until it is frozen; dropping it in the
         // pool keeps its parallel teardown on the pool's threads too.
-        let built = std::panic::catch_unwind(|| {
-            build_pool::install(|| HnswIndex::build(&vectors, dim, metric, params).freeze())
+        let built = std::panic::catch_unwind(|| match &source {
+            GraphSource::Build(vectors) => {
+                build_pool::install(|| HnswIndex::build(vectors, dim, metric, params).freeze())
+            }
+            GraphSource::Repair(GraphRepair { from, vectors, keep }) => match from.get() {
+                Some(Some(graph)) => graph.without_dropped_rows(keep, vectors, dim, metric, params.m),
+                _ => Err(vectorflow_core::Error::Internal("the graph to repair is gone".into())),
+            },
         });
         match built {
             Ok(Ok(graph)) => {
-                tracing::debug!(segment, ?lane, rows = graph.rows(), elapsed = ?started.elapsed(), "index built");
+                let repaired = matches!(source, GraphSource::Repair(_));
+                tracing::debug!(segment, ?lane, repaired, rows = graph.rows(), elapsed = ?started.elapsed(), "index built");
                 let _ = slot.set(Some(graph));
             }
             Ok(Err(e)) => {

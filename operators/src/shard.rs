@@ -103,7 +103,13 @@ pub struct Shard {
     /// Whether the merge policy has looked at the current state, busy
     /// (`Some(false)`) or quiet (`Some(true)`): it looks once each.
     merge_looked: Option<bool>,
+    /// When the merge policy last looked (dead rows change without a
+    /// change of segments, so it looks again after a while).
+    looked_at: std::time::Instant,
 }
+
+/// How often the merge policy looks at dead rows when the segments did not change.
+const DEAD_ROWS_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug)]
 struct PendingCompaction {
@@ -202,6 +208,7 @@ impl Shard {
             merge_state: None,
             changed_at: std::time::Instant::now(),
             merge_looked: None,
+            looked_at: std::time::Instant::now(),
         };
         shard.index_rows();
         shard
@@ -295,7 +302,15 @@ impl Shard {
                 SegmentSize { rows: segment.len(), live: segment.len() - segment.dead_rows(horizon) }
             })
             .collect();
-        let chosen: Vec<usize> = self.config.merge.choose(&sizes, quiet).into_iter().map(|i| candidates[i]).collect();
+        // While fresh segments wait for their graph, only rewrites that
+        // free dead rows run: a tier merge would compete with those builds.
+        let builds_waiting = self.segments.iter().any(|s| s.is_sealed() && !s.is_indexed());
+        let chosen = if builds_waiting {
+            self.config.merge.choose_rewrites(&sizes)
+        } else {
+            self.config.merge.choose(&sizes, quiet)
+        };
+        let chosen: Vec<usize> = chosen.into_iter().map(|i| candidates[i]).collect();
         if chosen.is_empty() {
             return Ok(0);
         }
@@ -313,10 +328,10 @@ impl Shard {
     }
 
     /// Starts the merge the policy chooses (see [`Shard::start_compaction`])
-    /// if the segments changed since it last looked: a seal, a finished
-    /// merge, or a graph that finished building. Cheap when nothing
-    /// changed, so the worker asks after every step; dead rows alone are
-    /// left to the engine's compaction interval.
+    /// if the segments changed since it last looked (a seal, a finished
+    /// merge, a graph that finished building), or, for dead rows, if
+    /// [`DEAD_ROWS_LOOK_EVERY`] passed. Cheap otherwise, so the worker asks
+    /// after every step.
     pub fn merge_if_due(&mut self, horizon: impl FnOnce() -> Timestamp) -> Result<usize> {
         let state = Some(self.merge_state());
         if self.merge_state != state {
@@ -325,11 +340,35 @@ impl Shard {
             self.merge_looked = None;
         }
         let quiet = self.is_quiet();
-        if self.compacting.is_some() || self.merge_looked == Some(quiet) {
+        let dead_rows_due = self.looked_at.elapsed() >= DEAD_ROWS_LOOK_EVERY;
+        if self.compacting.is_some() || (self.merge_looked == Some(quiet) && !dead_rows_due) {
             return Ok(0);
         }
         self.merge_looked = Some(quiet);
+        self.looked_at = std::time::Instant::now();
         self.start_compaction(horizon())
+    }
+
+    /// Rows held that the background work owes: sealed rows whose graph is
+    /// not built yet (they are searched by brute force), and dead rows past
+    /// `horizon` in segments the merge policy will rewrite. Writers wait
+    /// while the engine's sum of these is over its bound, so a load the
+    /// index builds cannot keep up with slows the writers instead of
+    /// growing memory without end.
+    pub fn backlog_rows(&self, horizon: Timestamp) -> usize {
+        let dead_fraction = f64::from(self.config.merge.dead_fraction);
+        let mut rows = self.compacting.as_ref().map_or(0, |c| c.output.len());
+        for segment in self.segments.iter().filter(|s| s.is_sealed()) {
+            if !segment.is_indexed() {
+                rows += segment.len();
+                continue;
+            }
+            let dead = segment.dead_rows(horizon);
+            if dead as f64 > dead_fraction * segment.len() as f64 {
+                rows += dead;
+            }
+        }
+        rows
     }
 
     /// Whether the segments have not changed for the policy's `quiet_after`.

@@ -184,6 +184,7 @@ impl Engine {
             reads_cancelled: AtomicU64::new(0),
             writes_held: AtomicU64::new(0),
             writes_refused: AtomicU64::new(0),
+            index_backlog: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
             failed: Mutex::new(HashMap::new()),
         });
         let worker_shared = shared.clone();
@@ -250,6 +251,7 @@ impl Engine {
             },
             writes_held: shared.writes_held.load(Ordering::Relaxed),
             writes_refused: shared.writes_refused.load(Ordering::Relaxed),
+            index_backlog_rows: shared.index_backlog_rows(),
         }
     }
 

@@ -58,6 +58,13 @@ pub struct EngineConfig {
     /// one that would wait past `request_timeout` is refused with
     /// `ResourceExhausted` and not written. `None`: never wait.
     pub max_apply_lag: Option<Duration>,
+    /// Writes also wait while the shards hold more than this many rows the
+    /// background work owes: sealed rows whose graph is not built yet and
+    /// dead rows a merge will drop (see `Shard::backlog_rows`). Index builds
+    /// run below the workers' priority; without this bound a load they
+    /// cannot keep up with grows memory (and brute-force search work)
+    /// without end. `None`: never wait.
+    pub max_index_backlog_rows: Option<usize>,
 }
 
 /// Bounds on one request's answer and on the catalog, so no request can
@@ -116,6 +123,7 @@ impl EngineConfig {
             stall_report_after: Duration::from_secs(30),
             limits: Limits::default(),
             max_apply_lag: Some(Duration::from_secs(10)),
+            max_index_backlog_rows: Some(131_072),
         }
     }
 }
@@ -305,10 +313,13 @@ pub struct EngineHealth {
     pub checkpoint_time: Duration,
     /// How long the newest checkpoint took.
     pub last_checkpoint: Option<Duration>,
-    /// Writes that waited for the dataflow to catch up (`max_apply_lag`),
-    /// and those refused because it did not in time.
+    /// Writes that waited for the dataflow or the index builds to catch up
+    /// (`max_apply_lag`, `max_index_backlog_rows`), and those refused
+    /// because they did not in time.
     pub writes_held: u64,
     pub writes_refused: u64,
+    /// Rows the shards owe the index builds and merges (see `max_index_backlog_rows`).
+    pub index_backlog_rows: u64,
 }
 
 /// How a collection's Kafka topic is being read.

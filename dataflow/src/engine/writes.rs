@@ -1,6 +1,7 @@
 //! Writes: inserts, upserts and deletes go to the log and are acknowledged
-//! once durable there, after waiting while the dataflow is too far behind
-//! the log (backpressure, see [`EngineConfig::max_apply_lag`]).
+//! once durable there, after waiting while the dataflow or the index
+//! builds are too far behind (backpressure, see [`EngineConfig::max_apply_lag`]
+//! and [`EngineConfig::max_index_backlog_rows`]).
 
 use super::*;
 
@@ -31,7 +32,7 @@ impl Engine {
     pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
         let entry = self.running_entry(collection)?;
         entry.schema.check_keys(pks)?;
-        self.wait_for_apply_lag()?;
+        self.wait_for_capacity()?;
         let log = match &self.inner.shared.log {
             Log::Embedded(log) => log,
             Log::Kafka(kafka) => {
@@ -65,7 +66,7 @@ impl Engine {
         if rows == 0 {
             return Ok(WriteResult { pks: Vec::new(), ts: self.inner.shared.log.tso().last() });
         }
-        self.wait_for_apply_lag()?;
+        self.wait_for_capacity()?;
         let pk_index = schema.primary_index();
         let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
         let log = match &self.inner.shared.log {
@@ -108,42 +109,56 @@ impl Engine {
 
 impl Engine {
     /// Backpressure: waits while the applied frontier is more than
-    /// `max_apply_lag` behind the clock, so writers cannot fill the log
-    /// faster than the dataflow applies it (the gap is what a Strong read
-    /// waits for). Gives up at `request_timeout` with `ResourceExhausted`,
-    /// before anything is written.
-    fn wait_for_apply_lag(&self) -> Result<()> {
-        let Some(bound) = self.inner.config.max_apply_lag else { return Ok(()) };
+    /// `max_apply_lag` behind the clock (writers fill the log faster than
+    /// the dataflow applies it; the gap is what a Strong read waits for),
+    /// or while the shards owe the index builds more than
+    /// `max_index_backlog_rows` rows. Gives up at `request_timeout` with
+    /// `ResourceExhausted` naming the bound, before anything is written.
+    fn wait_for_capacity(&self) -> Result<()> {
+        let config = &self.inner.config;
         let shared = &self.inner.shared;
-        let lag = || {
-            let now = vectorflow_core::time::physical_ms(shared.log.tso().next_possible());
-            Duration::from_millis(now.saturating_sub(vectorflow_core::time::physical_ms(shared.applied_frontier())))
+        let over = || -> Option<(&'static str, String)> {
+            if let Some(bound) = config.max_apply_lag {
+                let now = vectorflow_core::time::physical_ms(shared.log.tso().next_possible());
+                let behind = now.saturating_sub(vectorflow_core::time::physical_ms(shared.applied_frontier()));
+                if behind > bound.as_millis() as u64 {
+                    let problem = format!(
+                        "the dataflow has applied the log only up to {behind} ms ago (the bound is {} ms)",
+                        bound.as_millis()
+                    );
+                    return Some(("max_apply_lag_ms", problem));
+                }
+            }
+            if let Some(bound) = config.max_index_backlog_rows {
+                let owed = shared.index_backlog_rows();
+                if owed > bound as u64 {
+                    let problem = format!(
+                        "{owed} rows wait for their index build or for a merge to drop them (the bound is {bound})"
+                    );
+                    return Some(("max_index_backlog_rows", problem));
+                }
+            }
+            None
         };
-        if lag() <= bound {
+        if over().is_none() {
             return Ok(());
         }
         shared.writes_held.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let deadline = Instant::now() + config.request_timeout;
         loop {
             std::thread::sleep(Duration::from_millis(2));
-            let behind = lag();
-            if behind <= bound {
-                return Ok(());
-            }
+            let Some((limit, problem)) = over() else { return Ok(()) };
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(Error::Shutdown);
             }
             if Instant::now() >= deadline {
                 shared.writes_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(?behind, ?bound, "a write was refused: the dataflow is behind the log");
+                tracing::warn!(limit, "a write was refused: {problem}");
                 return Err(Error::ResourceExhausted {
-                    limit: "max_apply_lag_ms".into(),
+                    limit: limit.into(),
                     problem: format!(
-                        "the dataflow has applied the log only up to {} ms ago (the bound is {} ms) and did not \
-                         catch up within {} ms; the write was not taken, retry it later",
-                        behind.as_millis(),
-                        bound.as_millis(),
-                        self.inner.config.request_timeout.as_millis()
+                        "{problem} and did not catch up within {} ms; the write was not taken, retry it later",
+                        config.request_timeout.as_millis()
                     ),
                 });
             }
