@@ -853,4 +853,81 @@ mod tests {
         // Before the deletes every row is visible and the graph answers.
         assert_eq!(segment.search(1, &query, 10, 64, 15, None, plan).len(), 10);
     }
+
+    #[test]
+    fn a_rewrite_that_keeps_most_rows_repairs_the_graph_and_counts_stay_right() {
+        let schema = CollectionSchema::new(
+            "t",
+            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 8, Metric::L2)],
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let rows = 3000;
+        let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let input = RecordBatch::try_new(
+            std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
+                arrow::datatypes::Field::new("v", schema.fields[1].data_type.arrow_type(), false),
+            ])),
+            vec![
+                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..rows as i64)),
+                vector_array(8, values.clone()).unwrap(),
+            ],
+        )
+        .unwrap();
+        let batch = WriteBatch::from_record_batch(&schema, &input, WriteKind::Upsert).unwrap().batch;
+        let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
+        let mut segment = Segment::new(0, &schema);
+        segment.append(batch, versions, 10).unwrap();
+        segment.seal_as("s".into(), IndexParams::default()).unwrap();
+        while !segment.is_indexed() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // A third retired at 20, a few more at 40 (after the horizon).
+        let retired_at = |row: u32| match row % 30 {
+            0..10 => Some(20),
+            10 => Some(40),
+            _ => None,
+        };
+        for row in (0..rows as u32).rev() {
+            if let Some(ts) = retired_at(row) {
+                segment.retire(row, ts);
+            }
+        }
+        let visible_at = |ts: Timestamp| (0..rows as u32).filter(|&r| retired_at(r).is_none_or(|t| ts < t)).count();
+        for ts in [5, 10, 19, 20, 39, 40, 100] {
+            let expected = if ts < 10 { 0 } else { visible_at(ts) };
+            assert_eq!(segment.passing_count(ts, None), expected, "at {ts}");
+        }
+        assert_eq!(segment.dead_rows(30), visible_at(10) - visible_at(20));
+        let (mut output, sources) =
+            Segment::compacted(&[&segment], 1, "r".into(), &schema, 30, IndexParams::default()).unwrap();
+        assert_eq!(segment.graph_repairs(&sources).len(), 1, "two thirds kept: the graph is repaired, not rebuilt");
+        while !output.is_indexed() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        output.take_deletes_from(&[&segment], &sources);
+        assert_eq!(output.len(), visible_at(20));
+        assert_eq!(output.passing_count(100, None), visible_at(100));
+        assert_eq!(output.passing_count(39, None), visible_at(39));
+        let graph = output.vectors[0].index.as_ref().and_then(|slot| slot.get().cloned()).flatten().unwrap();
+        assert_eq!(graph.rows(), output.len());
+        // Through the repaired graph, against exact search over what is visible now.
+        let never_scan = SearchPlan { exact_below_rows: 0, exact_below_fraction: 0.0, graph_cost_per_ef: 0.0 };
+        let mut hits = 0;
+        for _ in 0..20 {
+            let query: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let found: Vec<u32> = output
+                .search(1, &query, 10, 64, 100, None, never_scan)
+                .iter()
+                .map(|c| sources[c.row as usize].1)
+                .collect();
+            let mut exact: Vec<(f32, u32)> = (0..rows as u32)
+                .filter(|&r| retired_at(r).is_none())
+                .map(|r| (distance(Metric::L2, &query, &values[r as usize * 8..(r as usize + 1) * 8]), r))
+                .collect();
+            exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+            hits += found.iter().filter(|r| exact[..10].iter().any(|x| x.1 == **r)).count();
+        }
+        assert!(hits >= 190, "recall {hits}/200 through the repaired graph");
+    }
 }
