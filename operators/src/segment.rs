@@ -809,14 +809,13 @@ mod tests {
         assert!(!never.scans(1, 16_384, 64));
     }
 
-    #[test]
-    fn search_stays_exact_when_few_rows_of_an_indexed_segment_are_visible() {
+    /// A sealed, indexed segment of `rows` random 8-dimensional L2 vectors
+    /// (keys `0..rows`, inserted at 10), with its schema and the vectors.
+    fn indexed_random_segment(rows: usize, rng: &mut rand::rngs::StdRng) -> (CollectionSchema, Vec<f32>, Segment) {
         let schema = CollectionSchema::new(
             "t",
             vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 8, Metric::L2)],
         );
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let rows = 3000;
         let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let input = RecordBatch::try_new(
             std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
@@ -837,6 +836,14 @@ mod tests {
         while !segment.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        (schema, values, segment)
+    }
+
+    #[test]
+    fn search_stays_exact_when_few_rows_of_an_indexed_segment_are_visible() {
+        let rows = 3000;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (_, values, mut segment) = indexed_random_segment(rows, &mut rng);
         // Retire all but every 60th row: 50 rows stay visible.
         for row in (0..rows as u32).filter(|r| r % 60 != 0) {
             segment.retire(row, 20);
@@ -856,32 +863,9 @@ mod tests {
 
     #[test]
     fn a_rewrite_that_keeps_most_rows_repairs_the_graph_and_counts_stay_right() {
-        let schema = CollectionSchema::new(
-            "t",
-            vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 8, Metric::L2)],
-        );
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let rows = 3000;
-        let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let input = RecordBatch::try_new(
-            std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
-                arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
-                arrow::datatypes::Field::new("v", schema.fields[1].data_type.arrow_type(), false),
-            ])),
-            vec![
-                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..rows as i64)),
-                vector_array(8, values.clone()).unwrap(),
-            ],
-        )
-        .unwrap();
-        let batch = WriteBatch::from_record_batch(&schema, &input, WriteKind::Upsert).unwrap().batch;
-        let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
-        let mut segment = Segment::new(0, &schema);
-        segment.append(batch, versions, 10).unwrap();
-        segment.seal_as("s".into(), IndexParams::default()).unwrap();
-        while !segment.is_indexed() {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (schema, values, mut segment) = indexed_random_segment(rows, &mut rng);
         // A third retired at 20, a few more at 40 (after the horizon).
         let retired_at = |row: u32| match row % 30 {
             0..10 => Some(20),
