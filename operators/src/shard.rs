@@ -741,16 +741,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_backlog_counts_dead_rows_a_rewrite_will_drop_until_it_has() {
-        let schema = schema();
-        let merge = MergePolicy {
+    /// Segments of 10 rows, merged four at a time, rewritten past half dead.
+    fn small_merge_policy() -> MergePolicy {
+        MergePolicy {
             dead_fraction: 0.5,
             floor_rows: 10,
             max_segment_rows: 1000,
             merge_factor: 4,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn the_backlog_counts_dead_rows_a_rewrite_will_drop_until_it_has() {
+        let schema = schema();
+        let merge = small_merge_policy();
         let mut shard = Shard::new(schema.clone(), ShardConfig { seal_rows: 10, merge, ..ShardConfig::default() });
         let rows: Vec<(i64, [f32; 2])> = (0..10).map(|i| (i, [i as f32, 0.0])).collect();
         let (b, v) = write(&schema, 10, &rows);
@@ -776,13 +781,7 @@ mod tests {
     #[test]
     fn merged_segments_answer_as_their_inputs_did_also_before_deletes_that_arrived_during_the_merge() {
         let schema = schema();
-        let merge = MergePolicy {
-            dead_fraction: 0.5,
-            floor_rows: 10,
-            max_segment_rows: 1000,
-            merge_factor: 4,
-            ..Default::default()
-        };
+        let merge = small_merge_policy();
         // Exact search everywhere, so answers compare equal rather than by recall.
         let plan = SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() };
         let mut shard =
