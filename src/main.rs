@@ -15,6 +15,7 @@ mod bench_soak;
 mod client;
 mod config;
 mod metrics;
+mod milvus;
 mod observe;
 mod plot;
 mod ready_service;

@@ -61,18 +61,24 @@ impl VectorflowService {
                 self.max_message_bytes
             )));
         }
-        let timeout = match deadline(request)? {
-            Some(left) if left <= deadline_margin(left) => {
-                return Err(Status::deadline_exceeded(format!("deadline of {left:?} leaves no time to answer")));
-            }
-            Some(left) => Some(left - deadline_margin(left)),
-            None => None,
-        };
+        let timeout = read_timeout(request)?;
         let engine = self.engine.clone();
         match tokio::task::spawn_blocking(move || call(&engine, timeout)).await {
             Ok(result) => result.map_err(|e| wire::status(&e)),
             Err(e) => Err(Status::internal(format!("request handler failed: {e}"))),
         }
+    }
+}
+
+/// The time an engine call may take: the client's deadline less the
+/// margin kept for answering; an error when the deadline leaves no time.
+pub fn read_timeout<M>(request: &Request<M>) -> Result<Option<Duration>, Status> {
+    match deadline(request)? {
+        Some(left) if left <= deadline_margin(left) => {
+            Err(Status::deadline_exceeded(format!("deadline of {left:?} leaves no time to answer")))
+        }
+        Some(left) => Ok(Some(left - deadline_margin(left))),
+        None => Ok(None),
     }
 }
 
@@ -500,6 +506,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(wire::milvus::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection = reflection_builder().build_v1()?;
@@ -517,6 +524,13 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let grpc = VectorflowServer::new(service)
         .max_decoding_message_size(transport_limit)
         .max_encoding_message_size(transport_limit);
+    // Milvus's protocol on the same port, for pymilvus and the frameworks built on it.
+    let milvus = crate::milvus::MilvusServiceServer::new(crate::milvus::MilvusServiceImpl::new(
+        engine.clone(),
+        config.max_message_bytes,
+    ))
+    .max_decoding_message_size(transport_limit)
+    .max_encoding_message_size(transport_limit);
     let tls = match (&config.tls.cert_path, &config.tls.client_ca_path) {
         (None, _) => "off",
         (Some(_), None) => "on",
@@ -544,6 +558,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(grpc)
+        .add_service(milvus)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await;
     tracing::info!("stopped accepting; flushing");

@@ -14,6 +14,9 @@ pub type CollectionId = u32;
 
 /// Longest name accepted for collections and fields.
 const MAX_NAME_LEN: usize = 255;
+/// Most collection properties, and the longest value of one.
+const MAX_PROPERTIES: usize = 64;
+const MAX_PROPERTY_BYTES: usize = 4096;
 /// Largest vector dimension accepted.
 pub const MAX_DIM: usize = 32_768;
 
@@ -110,7 +113,17 @@ pub struct FieldSchema {
     /// For the primary key: ids are assigned by the engine on insert.
     #[serde(default)]
     pub auto_id: bool,
+    /// The collection's dynamic field (Milvus's `$meta`): a JSON object per
+    /// row holding the keys the schema does not declare. Filters reach its
+    /// keys by bare name (`color == "red"` reads `$meta["color"]`).
+    #[serde(default)]
+    pub is_dynamic: bool,
+    #[serde(default)]
+    pub description: String,
 }
+
+/// The name of a collection's dynamic field, as Milvus names it.
+pub const DYNAMIC_FIELD_NAME: &str = "$meta";
 
 impl FieldSchema {
     pub fn new(name: impl Into<String>, data_type: DataType) -> Self {
@@ -121,7 +134,14 @@ impl FieldSchema {
             default_value: None,
             is_primary: false,
             auto_id: false,
+            is_dynamic: false,
+            description: String::new(),
         }
+    }
+
+    /// The dynamic field: a nullable JSON field named [`DYNAMIC_FIELD_NAME`].
+    pub fn dynamic() -> Self {
+        FieldSchema { nullable: true, is_dynamic: true, ..FieldSchema::new(DYNAMIC_FIELD_NAME, DataType::Json) }
     }
 
     /// An `int64` primary key.
@@ -156,11 +176,15 @@ pub struct CollectionSchema {
     #[serde(default)]
     pub description: String,
     pub fields: Vec<FieldSchema>,
+    /// Settings fixed at creation that the engine does not read, kept for
+    /// the API that set them (Milvus's `consistency_level`, for one).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl CollectionSchema {
     pub fn new(name: impl Into<String>, fields: Vec<FieldSchema>) -> Self {
-        CollectionSchema { name: name.into(), description: String::new(), fields }
+        CollectionSchema { name: name.into(), description: String::new(), fields, properties: Default::default() }
     }
 
     /// Checks the schema is one the engine can hold; the error names the field.
@@ -168,7 +192,16 @@ impl CollectionSchema {
         check_name("collection name", &self.name)?;
         let mut seen = std::collections::HashSet::new();
         for field in &self.fields {
-            check_name("field name", &field.name)?;
+            if field.is_dynamic {
+                if field.name != DYNAMIC_FIELD_NAME || field.data_type != DataType::Json || field.is_primary {
+                    return Err(Error::InvalidSchema(format!(
+                        "the dynamic field must be a JSON field named `{DYNAMIC_FIELD_NAME}` (not `{}`)",
+                        quote(&field.name)
+                    )));
+                }
+            } else {
+                check_name("field name", &field.name)?;
+            }
             if !seen.insert(field.name.as_str()) {
                 return Err(Error::InvalidSchema(format!("field `{}` appears twice", field.name)));
             }
@@ -224,7 +257,22 @@ impl CollectionSchema {
         if !self.fields.iter().any(|f| f.data_type.is_vector()) {
             return Err(Error::InvalidSchema("a collection needs at least one float_vector field".into()));
         }
+        if self.properties.len() > MAX_PROPERTIES
+            || self.properties.iter().any(|(k, v)| k.len() > MAX_NAME_LEN || v.len() > MAX_PROPERTY_BYTES)
+        {
+            return Err(Error::InvalidSchema(format!(
+                "at most {MAX_PROPERTIES} properties, keys of at most {MAX_NAME_LEN} bytes, values of at most {MAX_PROPERTY_BYTES}"
+            )));
+        }
+        if self.fields.iter().filter(|f| f.is_dynamic).count() > 1 {
+            return Err(Error::InvalidSchema("more than one dynamic field".into()));
+        }
         Ok(())
+    }
+
+    /// The dynamic field, when the collection has one.
+    pub fn dynamic_field(&self) -> Option<&FieldSchema> {
+        self.fields.iter().find(|f| f.is_dynamic)
     }
 
     /// Index of the primary key field. Valid schemas have exactly one.

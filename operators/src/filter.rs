@@ -52,7 +52,12 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Token)>> {
         let start = i;
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_alphabetic() || c == '_' {
+        } else if c.is_ascii_alphabetic()
+            || c == '_'
+            || (c == '$' && text[i + 1..].starts_with(|n: char| n.is_ascii_alphabetic()))
+        {
+            // `$` starts only Milvus's `$meta`, the dynamic field's name.
+            i += 1;
             while i < bytes.len() && ((bytes[i] as char).is_ascii_alphanumeric() || bytes[i] == b'_') {
                 i += 1;
             }
@@ -489,12 +494,22 @@ fn to_sql(schema: &CollectionSchema, text: &str) -> Result<(String, Vec<usize>)>
                             Some(format!("{}(\"{word}\"{steps})", json_getter(schema, &tokens, index, end)))
                         }
                         Ok(_) => Some(format!("\"{word}\"")),
-                        Err(_) => {
-                            return Err(expression(
-                                at,
-                                format!("unknown field `{word}` in collection `{}`", schema.name),
-                            ));
-                        }
+                        // A name the schema does not declare is a key of the
+                        // dynamic field, as in Milvus: `color` reads `$meta["color"]`.
+                        Err(_) => match schema.dynamic_field() {
+                            Some(dynamic) => {
+                                let (steps, end) = json_path(&tokens, index + 1, text.len())?;
+                                consumed = end - index;
+                                let getter = json_getter(schema, &tokens, index, end);
+                                Some(format!("{getter}(\"{}\", '{word}'{steps})", dynamic.name))
+                            }
+                            None => {
+                                return Err(expression(
+                                    at,
+                                    format!("unknown field `{word}` in collection `{}`", schema.name),
+                                ));
+                            }
+                        },
                     }
                 }
             }
@@ -710,6 +725,39 @@ mod tests {
         assert_eq!(passing("year + 1 >= 2011"), vec![3, 4]);
         assert_eq!(passing("year between 2000 and 2010"), vec![2, 3]);
         assert_eq!(passing(r#"color not in ["red"]"#), vec![2, 4]);
+    }
+
+    /// The same documents in a dynamic field: bare names read its keys.
+    fn passing_dynamic(text: &str) -> Vec<i64> {
+        let mut dynamic = schema();
+        dynamic.fields.retain(|f| f.name != "meta");
+        dynamic.fields.push(FieldSchema::dynamic());
+        let rows: Vec<Row> = (1..=4)
+            .zip(META)
+            .map(|(id, meta)| {
+                let mut row = Row::new();
+                row.insert("id".into(), Value::Int(id));
+                row.insert("v".into(), Value::Vector(vec![0.0, 0.0]));
+                row.insert("year".into(), Value::Int(2000 + id));
+                row.insert(vectorflow_core::DYNAMIC_FIELD_NAME.into(), meta.map_or(Value::Null, Value::from));
+                row
+            })
+            .collect();
+        let batch = WriteBatch::from_rows(&dynamic, &rows, WriteKind::Upsert).unwrap().batch;
+        let filter = Filter::compile(&dynamic, text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        filter.evaluate(&batch).unwrap().iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i as i64 + 1).collect()
+    }
+
+    #[test]
+    fn undeclared_names_read_the_dynamic_field() {
+        assert_eq!(passing_dynamic(r#"s == "hi""#), vec![1]);
+        assert_eq!(passing_dynamic("a > 1.5 and year > 2000"), vec![2]);
+        assert_eq!(passing_dynamic(r#"n["b"] == 1"#), vec![2]);
+        assert_eq!(passing_dynamic(r#"$meta["s"] in ["hi", "ho"]"#), vec![1, 2]);
+        assert_eq!(passing_dynamic(r#"array_contains(tags, "x")"#), vec![1]);
+        assert_eq!(passing_dynamic("flag"), vec![1]);
+        // Without a dynamic field an undeclared name is still an error.
+        assert!(err("colour == 1").1.contains("unknown field `colour`"));
     }
 
     fn err(text: &str) -> (usize, String) {

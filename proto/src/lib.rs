@@ -21,6 +21,8 @@ pub mod v1 {
     tonic::include_proto!("vectorflow.v1");
 }
 
+pub mod milvus;
+
 /// The encoded `FileDescriptorSet` of `vectorflow.v1`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vectorflow_descriptor.bin"));
 
@@ -66,6 +68,8 @@ fn field_to_proto(field: &FieldSchema) -> v1::FieldSchema {
         is_primary: field.is_primary,
         auto_id: field.auto_id,
         default_json: field.default_value.as_ref().map(|v| default_json(&field.data_type, v)).unwrap_or_default(),
+        is_dynamic: field.is_dynamic,
+        description: field.description.clone(),
     }
 }
 
@@ -80,7 +84,7 @@ fn default_json(data_type: &DataType, value: &Value) -> String {
 
 pub fn schema_from_proto(schema: v1::CollectionSchema) -> Result<CollectionSchema> {
     let fields = schema.fields.into_iter().map(field_from_proto).collect::<Result<Vec<_>>>()?;
-    Ok(CollectionSchema { name: schema.name, description: schema.description, fields })
+    Ok(CollectionSchema { name: schema.name, description: schema.description, fields, properties: Default::default() })
 }
 
 fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
@@ -129,6 +133,8 @@ fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
         default_value,
         is_primary: field.is_primary,
         auto_id: field.auto_id,
+        is_dynamic: field.is_dynamic,
+        description: field.description,
     })
 }
 
