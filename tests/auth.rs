@@ -9,11 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHasher, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
-use common::{ServerProcess, wire};
+use common::{ServerProcess, phc, wire};
 use futures::StreamExt;
 use sha2::Digest;
 use tonic::transport::Channel;
@@ -23,16 +20,6 @@ use vectorflow_proto::v1;
 use vectorflow_proto::v1::vectorflow_client::VectorflowClient;
 
 const TOKEN: &str = "tok-6f1d2c9a8b7e4f3a";
-
-/// A PHC string with a tiny cost: the server runs unoptimised in tests, and the
-/// string carries its parameters, so the server verifies with the same ones.
-fn phc(password: &str) -> String {
-    let params = Params::new(256, 1, 1, None).expect("argon2 parameters");
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
-        .expect("hashing")
-        .to_string()
-}
 
 /// A config with `reader`, `writer` and `root` (password = name + "-pw") and a write token.
 fn write_config(dir: &Path) -> std::path::PathBuf {
@@ -226,6 +213,7 @@ async fn roles_and_credential_forms_against_the_real_server() {
 
 #[test]
 fn hash_password_output_verifies() {
+    use argon2::Argon2;
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
     let mut child = Command::new(env!("CARGO_BIN_EXE_vectorflow"))
         .arg("hash-password")

@@ -217,3 +217,54 @@ fn milvus_wire_errors_are_in_band_and_unknown_methods_unimplemented() {
         assert!(status.reason.contains("analytics"), "{}", status.reason);
     });
 }
+
+/// pymilvus's credentials (`token="user:password"`, sent as bare base64 in
+/// `authorization`) reach the same role check as every other call.
+#[test]
+fn pymilvus_credentials_pass_the_role_check() {
+    let python = match python() {
+        Ok(python) => python,
+        Err(why) => {
+            assert!(std::env::var_os("VF_TEST_REQUIRE_PYMILVUS").is_none(), "no Python with pymilvus: {why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = String::from("[auth]\nenabled = true\n");
+    for (name, role) in [("reader", "read"), ("root", "admin")] {
+        let hash = common::phc(&format!("{name}-pw"));
+        toml.push_str(&format!("[[auth.users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n"));
+    }
+    let config = dir.path().join("auth.toml");
+    std::fs::write(&config, toml).unwrap();
+    let server = common::ServerProcess::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let script = r#"
+import sys
+from pymilvus import MilvusClient
+uri = sys.argv[1]
+root = MilvusClient(uri=uri, token="root:root-pw", timeout=20)
+root.create_collection("guarded", dimension=4, timeout=20)
+reader = MilvusClient(uri=uri, token="reader:reader-pw", timeout=20)
+assert reader.list_collections(timeout=20) == ["guarded"]
+try:
+    reader.drop_collection("guarded", timeout=5)
+    sys.exit("a reader dropped a collection")
+except Exception as e:  # PERMISSION_DENIED comes as a gRPC error, as from Milvus
+    assert "permission" in str(e).lower(), e
+try:
+    MilvusClient(uri=uri, token="root:wrong", timeout=5).list_collections(timeout=5)
+    sys.exit("a wrong password was accepted")
+except Exception as e:  # pymilvus reports a refused Connect as a failed connection
+    assert any(w in str(e).lower() for w in ("credentials", "unauthenticated", "fail connecting")), e
+print("ok")
+"#;
+    let output = Command::new(python)
+        .args(["-c", script, &format!("http://{}", server.address)])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stdout.contains("ok"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+}

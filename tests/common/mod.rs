@@ -7,6 +7,20 @@ use vectorflow::{
     CollectionSchema, DataType, Engine, EngineConfig, FieldSchema, Metric, Pk, Row, SearchPlan, Value, row,
 };
 
+/// A PHC string (argon2id) of `password` with a tiny cost: servers run
+/// unoptimised in tests, and the string carries its parameters, so the
+/// server verifies with the same ones.
+pub fn phc(password: &str) -> String {
+    use argon2::password_hash::rand_core::OsRng;
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use argon2::{Algorithm, Argon2, Params, Version};
+    let params = Params::new(256, 1, 1, None).expect("argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .expect("hashing")
+        .to_string()
+}
+
 /// `shared/datasets/<name>` beside the repository.
 pub fn dataset_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets").join(name)
