@@ -469,6 +469,7 @@ def parse_args(argv=None):
     p.add_argument("--m", type=int, default=16, help="HNSW M")
     p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction")
     p.add_argument("--warmup", type=int, default=10, help="untimed searches before each run")
+    p.add_argument("--settle", type=float, default=0.0, help="seconds to wait after load, before searching")
     p.add_argument("--timeout", type=float, default=120.0, help="timeout (s) for each ordinary pymilvus call")
     p.add_argument("--insert-timeout", type=float, default=600.0,
                    help="timeout (s) for one insert call, including pymilvus's rate-limit retries")
@@ -587,6 +588,14 @@ def run(args) -> dict:
         result["row_count"] = stats.get("row_count")
         if stats.get("row_count") != rows:
             log(f"  WARNING: get_collection_stats row_count={stats.get('row_count')}, inserted {rows}")
+
+        if args.settle > 0:
+            # Vectorflow merges sealed segments in the background once their
+            # graphs are built; searches during that share the cores with
+            # the merge builds. --settle measures the steady state after.
+            log(f"settling {args.settle:.0f} s before searching")
+            time.sleep(args.settle)
+            result["settle_s"] = args.settle
 
         search_params = search_params_of(args)
         result["search_params"] = search_params
