@@ -14,8 +14,9 @@ searches with a filter on it, queries and counts, and drops the collection.
 
 import argparse
 import random
+import time
 
-from pymilvus import MilvusClient
+from pymilvus import MilvusClient, mkts_from_unixtime
 
 
 def main():
@@ -60,12 +61,25 @@ def main():
     count = client.query(name, output_fields=["count(*)"], timeout=30)[0]["count(*)"]
     print(f"count(*) = {count}")
 
+    # A hybrid timestamp of now (pymilvus's helper makes Vectorflow's layout,
+    # ms << 18), for the time-travel search below.
+    before_delete = mkts_from_unixtime(time.time())
+    time.sleep(0.01)
     deleted = client.delete(name, filter='color == "green"', timeout=30)
     # {'delete_count': n} (older servers answer with the deleted keys instead)
     n = len(deleted) if isinstance(deleted, list) else deleted["delete_count"]
     print(f"deleted {n} green rows")
     count = client.query(name, output_fields=["count(*)"], timeout=30)[0]["count(*)"]
     print(f"count(*) = {count}")
+
+    # Time travel (Vectorflow; Milvus 2.5 has none): the search as of before
+    # the delete still finds green row 1, which is gone now.
+    green = rows[1]["vector"]
+    then = client.search(
+        name, data=[green], limit=1, search_params={"params": {"ef": 64, "travel_timestamp": before_delete}}, timeout=30
+    )
+    now = client.search(name, data=[green], limit=1, consistency_level="Strong", timeout=30)
+    print(f"nearest to row 1: as of before the delete {then[0][0]['id']}, now {now[0][0]['id']}")
 
     print("get(ids=[0, 1, 2]):", list(client.get(name, ids=[0, 1, 2], output_fields=["color", "rank"], timeout=30)))
     client.drop_collection(name, timeout=30)
