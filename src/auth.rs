@@ -80,7 +80,8 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "DropCollection", Access::Needs(Role::Admin)),
     // Milvus's protocol (src/milvus): the same roles for the same kinds of call.
     ("milvus.proto.milvus.MilvusService", "GetVersion", Access::Open),
-    ("milvus.proto.milvus.MilvusService", "CheckHealth", Access::Open),
+    // Its reasons name failed collections and their causes: readers only.
+    ("milvus.proto.milvus.MilvusService", "CheckHealth", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "Connect", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "AllocTimestamp", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "HasCollection", Access::Needs(Role::Read)),

@@ -20,8 +20,13 @@ pub(super) fn create_collection(call: &Call, body: pb::CreateCollectionRequest) 
         }
         // Milvus creates idempotently: the same schema again is a success.
         Err(Error::CollectionExists(name)) => {
+            // Compared as Milvus sees them: without metrics, which an index may have changed.
             let existing = call.engine.describe_collection(&name)?.schema;
-            if existing.fields == wanted.fields { Ok(status::ok()) } else { Err(Error::CollectionExists(name).into()) }
+            if schema::schema_to_milvus(&existing) == schema::schema_to_milvus(&wanted) {
+                Ok(status::ok())
+            } else {
+                Err(Error::CollectionExists(name).into())
+            }
         }
         Err(e) => Err(e.into()),
     }
@@ -130,7 +135,13 @@ pub(super) fn create_index(call: &Call, body: pb::CreateIndexRequest) -> Answer<
     let on_vectors = field.data_type.is_vector();
     let wanted = request::index_params(&body.extra_params, on_vectors)?;
     let name = if body.index_name.is_empty() { body.field_name.clone() } else { body.index_name.clone() };
-    let existing = indexes(call, &info);
+    let implied = call.state.get(info.id).indexes.is_none();
+    let mut existing = indexes(call, &info);
+    // An implied index (a collection made elsewhere, or any after a
+    // restart) gives way to the one a client creates on its field.
+    if implied {
+        existing.retain(|i| i.field != body.field_name);
+    }
     if let Some(same) = existing.iter().find(|i| i.field == body.field_name || i.name == name) {
         let current = request::index_params(&same.params, on_vectors)?;
         let same_metric = wanted.metric.is_none() || wanted.metric == metric_of(&info, &body.field_name);
@@ -166,6 +177,7 @@ pub(super) fn create_index(call: &Call, body: pb::CreateIndexRequest) -> Answer<
 /// A collection that has never held a row is created again with the metric
 /// asked for; one with rows keeps its metric and the request is refused.
 fn rescore(call: &Call, info: &CollectionInfo, field: &str, metric: Metric, current: Metric) -> Answer<CollectionInfo> {
+    let _no_writes_meanwhile = call.state.writes.write().map_err(|_| Error::Shutdown)?;
     let stats = call.engine.stats(&info.schema.name, Consistency::Strong)?;
     if stats.versions > 0 {
         return Err(Refusal(status::failure(
@@ -185,7 +197,16 @@ fn rescore(call: &Call, info: &CollectionInfo, field: &str, metric: Metric, curr
     let state = call.state.get(info.id);
     call.engine.drop_collection(&info.schema.name)?;
     call.state.forget(info.id);
-    let created = call.engine.create_collection(changed)?;
+    let created = match call.engine.create_collection(changed) {
+        Ok(created) => created,
+        Err(e) => {
+            // Put the empty collection back as it was, so a failed change loses nothing.
+            if let Ok(back) = call.engine.create_collection(info.schema.clone()) {
+                call.state.update(back.id, |c| *c = state.clone());
+            }
+            return Err(e.into());
+        }
+    };
     call.state.update(created.id, |c| *c = state);
     Ok(created)
 }

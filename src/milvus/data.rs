@@ -43,16 +43,18 @@ pub(super) fn write(
     num_rows: u32,
     upsert: bool,
 ) -> Answer<pb::MutationResult> {
+    let _no_recreate_meanwhile = call.state.writes.read().map_err(|_| Error::Shutdown)?;
     let schema = call.engine.describe_collection(collection)?.schema;
     let batch = columns::columns_to_batch(&schema, columns_data, num_rows)?;
+    // Milvus counts the rows sent (a key given twice is written once, the last wins).
+    let sent = i64::from(num_rows);
+    let succ_index = (0..num_rows).collect();
     if upsert {
         let written = call.engine.upsert(collection, &batch)?;
-        let count = written.pks.len() as i64;
-        Ok(pb::MutationResult { upsert_cnt: count, ..mutation(&written) })
+        Ok(pb::MutationResult { upsert_cnt: sent, succ_index, ..mutation(&written) })
     } else {
         let written = call.engine.insert(collection, &batch)?;
-        let count = written.pks.len() as i64;
-        Ok(pb::MutationResult { insert_cnt: count, ..mutation(&written) })
+        Ok(pb::MutationResult { insert_cnt: sent, succ_index, ..mutation(&written) })
     }
 }
 
@@ -63,9 +65,16 @@ pub(super) fn delete(call: &Call, body: pb::DeleteRequest) -> Answer<pb::Mutatio
             Error::argument("expr", "a delete needs a filter expression (`id in [1, 2]` or a condition)").into()
         );
     }
+    let _no_recreate_meanwhile = call.state.writes.read().map_err(|_| Error::Shutdown)?;
     let written = call.engine.delete_by_filter(&body.collection_name, &expr)?;
-    let count = written.pks.len() as i64;
-    Ok(pb::MutationResult { delete_cnt: count, ..mutation(&written) })
+    // Milvus (2.3.2 on) answers a delete with its count only: pymilvus
+    // returns the keys instead when they are there.
+    Ok(pb::MutationResult {
+        delete_cnt: written.pks.len() as i64,
+        i_ds: None,
+        succ_index: Vec::new(),
+        ..mutation(&written)
+    })
 }
 
 /// How a read waits, from the request's level and timestamps.
@@ -105,15 +114,18 @@ fn check_loaded(call: &Call, collection: &str) -> Answer<vectorflow::CollectionI
 /// The names an answer lists in `output_fields`: `*` spelled out (with the
 /// dynamic field, so a client unpacks all its keys), dynamic keys as asked.
 fn listed_output_fields(schema: &CollectionSchema, requested: &[String]) -> Vec<String> {
+    // With `*` every field is listed and no dynamic key: a key listed
+    // next to `$meta` would make the client keep only that key.
+    if requested.iter().any(|name| name.trim() == "*") {
+        return schema.fields.iter().map(|f| f.name.clone()).collect();
+    }
     let mut listed: Vec<String> = Vec::new();
     for name in requested {
-        if name.trim() == "*" {
-            listed.extend(schema.fields.iter().map(|f| f.name.clone()));
-        } else {
-            listed.push(name.trim().to_string());
+        let name = name.trim().to_string();
+        if !listed.contains(&name) {
+            listed.push(name);
         }
     }
-    listed.dedup();
     listed
 }
 
@@ -193,9 +205,15 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
     })
 }
 
-/// `count(*)` as the only output field asks for the number of rows.
-fn is_count(output_fields: &[String]) -> bool {
-    matches!(output_fields, [only] if only.trim().eq_ignore_ascii_case("count(*)"))
+/// `count(*)` as the only output field asks for the number of rows; next
+/// to other fields it is refused, as in Milvus.
+fn is_count(output_fields: &[String]) -> Answer<bool> {
+    let counts = output_fields.iter().filter(|f| f.trim().eq_ignore_ascii_case("count(*)")).count();
+    match (counts, output_fields.len()) {
+        (0, _) => Ok(false),
+        (1, 1) => Ok(true),
+        _ => Err(Error::argument("output_fields", "count(*) must be the only output field").into()),
+    }
 }
 
 pub(super) fn query(call: &Call, body: pb::QueryRequest) -> Answer<pb::QueryResults> {
@@ -212,7 +230,7 @@ pub(super) fn query(call: &Call, body: pb::QueryRequest) -> Answer<pb::QueryResu
     let read = read(time);
     let filter = request::fill_templates(&body.expr, &body.expr_template_values)?;
     let filter = (!filter.trim().is_empty()).then_some(filter);
-    let count = is_count(&body.output_fields);
+    let count = is_count(&body.output_fields)?;
     if filter.is_none() && limit.is_none() && !count {
         return Err(Error::argument("expr", "empty expression should be used with limit").into());
     }

@@ -62,6 +62,10 @@ impl Default for CollectionState {
 #[derive(Debug, Default)]
 struct MilvusState {
     collections: Mutex<HashMap<CollectionId, CollectionState>>,
+    /// Writes through this service hold it shared; recreating an empty
+    /// collection with another metric holds it alone, so no write lands
+    /// between the emptiness check and the recreate.
+    writes: std::sync::RwLock<()>,
     next_index_id: std::sync::atomic::AtomicI64,
     next_client_id: std::sync::atomic::AtomicI64,
 }
@@ -165,7 +169,7 @@ impl MilvusServiceImpl {
     ) -> Result<Response<R>, Status>
     where
         M: Message + Send + 'static,
-        R: Failed + Send + 'static,
+        R: Failed + Message + Send + 'static,
     {
         let size = request.get_ref().encoded_len();
         if size > self.max_message_bytes {
@@ -192,7 +196,18 @@ impl MilvusServiceImpl {
         }
         let call = Call { engine: self.engine.clone(), state: self.state.clone(), timeout };
         let answer = tokio::task::spawn_blocking(move || work(&call, body)).await;
+        let max_bytes = self.max_message_bytes;
         Ok(Response::new(match answer {
+            // An answer over the message limit would fail while it is sent,
+            // as a gRPC error pymilvus retries: say so in-band instead.
+            Ok(Ok(response)) if response.encoded_len() > max_bytes => R::failed(status::from_error(&Error::argument(
+                "limit",
+                format!(
+                    "the answer is {} bytes, more than max_message_bytes = {max_bytes}: ask for fewer rows, \
+                     fields or hits (limit / offset)",
+                    response.encoded_len()
+                ),
+            ))),
             Ok(Ok(response)) => response,
             Ok(Err(Refusal(status))) => R::failed(status),
             Err(e) => R::failed(status::from_error(&Error::Internal(format!("request handler failed: {e}")))),

@@ -163,6 +163,8 @@ def deleted_count(result):
     milvus-lite still returns the deleted keys as a list (the old form pymilvus
     keeps for compatibility)."""
     if isinstance(result, list):
+        # Only milvus-lite answers this way; a server must give the count.
+        assert LITE, f"a delete answered with keys {result}, not {{'delete_count': n}}"
         return len(result)
     return result["delete_count"]
 

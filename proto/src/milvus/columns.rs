@@ -99,6 +99,11 @@ pub fn columns_to_batch(schema: &CollectionSchema, columns: Vec<pb::FieldData>, 
     let mut fields = Vec::with_capacity(columns.len());
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
     let rows = num_rows as usize;
+    // Rows come with their columns: without any, `num_rows` alone would
+    // make the engine allocate keys and defaults for rows nobody sent.
+    if columns.is_empty() && rows > 0 {
+        return Err(Error::argument("fields_data", format!("no columns for num_rows = {rows}")));
+    }
     for column in columns {
         let name = if column.is_dynamic {
             match schema.dynamic_field() {
@@ -272,6 +277,7 @@ mod tests {
 
     #[test]
     fn bad_columns_are_named() {
+        assert!(columns_to_batch(&schema(), Vec::new(), u32::MAX).unwrap_err().to_string().contains("fields_data"));
         let short = vec![scalar("id", Scalars::LongData(LongArray { data: vec![1] }), vec![])];
         assert!(columns_to_batch(&schema(), short, 2).unwrap_err().to_string().contains("`id`"));
         let ragged = vec![pb::FieldData {

@@ -197,7 +197,7 @@ fn render(name: &str, value: &TemplateValue) -> Result<String> {
         Some(Val::BoolVal(b)) => b.to_string(),
         Some(Val::Int64Val(i)) => i.to_string(),
         Some(Val::FloatVal(f)) if f.is_finite() => format!("{f:?}"),
-        Some(Val::StringVal(text)) => serde_json::Value::from(text.as_str()).to_string(),
+        Some(Val::StringVal(text)) => string_literal(text),
         Some(Val::ArrayVal(array)) => render_array(name, array)?,
         Some(Val::FloatVal(_)) => return Err(Error::argument(name, "a template number must be finite")),
         Some(Val::BytesVal(_)) | None => {
@@ -206,14 +206,32 @@ fn render(name: &str, value: &TemplateValue) -> Result<String> {
     })
 }
 
+/// A string as a filter literal: the filter reads a backslash and the next
+/// character as that character, so only backslashes and quotes are escaped
+/// (a JSON escape such as `\t` would lose its meaning).
+fn string_literal(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The longest expression templates may make: the filter's own limit.
+pub const MAX_EXPRESSION_BYTES: usize = 1 << 20;
+
 fn render_array(name: &str, array: &TemplateArrayValue) -> Result<String> {
     let items: Vec<String> = match &array.data {
         Some(ArrayData::BoolData(v)) => v.data.iter().map(ToString::to_string).collect(),
         Some(ArrayData::LongData(v)) => v.data.iter().map(ToString::to_string).collect(),
-        Some(ArrayData::DoubleData(v)) => v.data.iter().map(|f| format!("{f:?}")).collect(),
-        Some(ArrayData::StringData(v)) => {
-            v.data.iter().map(|t| serde_json::Value::from(t.as_str()).to_string()).collect()
-        }
+        Some(ArrayData::DoubleData(v)) => v
+            .data
+            .iter()
+            .map(|f| {
+                if f.is_finite() {
+                    Ok(format!("{f:?}"))
+                } else {
+                    Err(Error::argument(name, "a template number must be finite"))
+                }
+            })
+            .collect::<Result<_>>()?,
+        Some(ArrayData::StringData(v)) => v.data.iter().map(|t| string_literal(t)).collect(),
         Some(ArrayData::ArrayData(v)) => v.data.iter().map(|a| render_array(name, a)).collect::<Result<_>>()?,
         Some(ArrayData::JsonData(_)) | None => {
             return Err(Error::argument(name, "a template array must hold bools, numbers, strings or arrays"));
@@ -258,6 +276,12 @@ pub fn fill_templates(expr: &str, values: &HashMap<String, TemplateValue>) -> Re
                     Error::argument("expr_template_values", format!("no value for template `{{{}}}`", quote(name)))
                 })?;
                 out.push_str(&render(&format!("expr_template_values.{}", quote(name)), value)?);
+                if out.len() > MAX_EXPRESSION_BYTES {
+                    return Err(Error::argument(
+                        "expr_template_values",
+                        format!("the filled expression exceeds {MAX_EXPRESSION_BYTES} bytes"),
+                    ));
+                }
                 for _ in 0..=rest[..end].chars().count() {
                     chars.next();
                 }
@@ -302,7 +326,8 @@ pub fn read_time(
     };
     Ok(ReadTime {
         level,
-        guarantee_ts: (guarantee_ts > 1).then_some(guarantee_ts),
+        // 1 and 2 are pymilvus's markers for Eventually and Bounded, not times.
+        guarantee_ts: (guarantee_ts > 2).then_some(guarantee_ts),
         as_of: (travel_ts != 0).then_some(travel_ts),
     })
 }
@@ -404,6 +429,11 @@ mod tests {
         assert_eq!(filled.unwrap(), r#"age > 30 and name == "a\"b" and id in [1, 2] and t == "{age}""#);
         assert!(fill_templates("x == {missing}", &values).unwrap_err().to_string().contains("missing"));
         assert!(fill_templates("x == {age", &values).is_err());
+        let tab = HashMap::from([("s".to_string(), TemplateValue { val: Some(Val::StringVal("a\tb\\".into())) })]);
+        assert_eq!(fill_templates("x == {s}", &tab).unwrap(), "x == \"a\tb\\\\\"");
+        let huge = HashMap::from([("a".to_string(), TemplateValue { val: Some(Val::StringVal("x".repeat(1 << 16))) })]);
+        let error = fill_templates(&"{a} or ".repeat(64), &huge).unwrap_err().to_string();
+        assert!(error.contains("exceeds"), "{error}");
         assert_eq!(fill_templates("x == {age}", &HashMap::new()).unwrap(), "x == {age}");
     }
 

@@ -26,6 +26,9 @@ pub mod code {
     pub const UNEXPECTED: i32 = 65535;
 }
 
+/// The engine's limits that refuse a write only while it catches up.
+const BACKPRESSURE_LIMITS: &[&str] = &["max_apply_lag_ms", "max_index_backlog_rows"];
+
 /// A success.
 pub fn ok() -> Status {
     Status { error_code: ErrorCode::Success as i32, code: 0, ..Default::default() }
@@ -50,8 +53,13 @@ pub fn from_error(error: &Error) -> Status {
             (code::PARAMETER_INVALID, ErrorCode::IllegalArgument)
         }
         Error::Timeout(_) | Error::Cancelled => (code::TIMEOUT, ErrorCode::UnexpectedError),
-        // Backpressure: pymilvus retries a rate limit with backoff.
-        Error::ResourceExhausted { .. } => (code::RATE_LIMIT, ErrorCode::RateLimit),
+        // Write backpressure passes: pymilvus retries a rate limit with
+        // backoff. Every other limit fails the same way each time, so
+        // retrying it for minutes would only hide the message.
+        Error::ResourceExhausted { limit, .. } if BACKPRESSURE_LIMITS.contains(&limit.as_str()) => {
+            (code::RATE_LIMIT, ErrorCode::RateLimit)
+        }
+        Error::ResourceExhausted { .. } => (code::PARAMETER_INVALID, ErrorCode::IllegalArgument),
         Error::Unavailable(_) | Error::Shutdown => (code::SERVICE_UNAVAILABLE, ErrorCode::NotReadyServe),
         Error::CollectionFailed { .. }
         | Error::Internal(_)
@@ -79,6 +87,8 @@ mod tests {
         assert!(missing.reason.contains("`c` not found"));
         let refused = from_error(&Error::exhausted("max_apply_lag_ms", "behind"));
         assert_eq!((refused.code, refused.error_code), (8, ErrorCode::RateLimit as i32));
+        let too_many = from_error(&Error::exhausted("max_query_rows", "give a limit"));
+        assert_eq!(too_many.code, code::PARAMETER_INVALID, "a fixed limit is not retried");
         let bad = from_error(&Error::field("v", "dim 3, expected 8"));
         assert_eq!(bad.code, code::PARAMETER_INVALID);
         assert!(bad.reason.contains("field `v`"));
