@@ -43,6 +43,11 @@ impl WriteBatch {
     /// nothing is applied until the whole batch passes.
     pub fn from_record_batch(schema: &CollectionSchema, input: &RecordBatch, kind: WriteKind) -> Result<WriteBatch> {
         let rows = input.num_rows();
+        // Rows come with columns: a batch of none would have keys and
+        // defaults made for rows nobody sent, as many as it declares.
+        if input.num_columns() == 0 && rows > 0 {
+            return Err(Error::argument("batch", format!("{rows} rows but no columns")));
+        }
         let input_schema = input.schema();
         let mut given = std::collections::HashSet::with_capacity(input_schema.fields().len());
         for field in input_schema.fields() {
