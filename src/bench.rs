@@ -376,6 +376,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     Ok(ids(&result.hits[0]))
                 };
                 let (qps, recall, p50_ms, p99_ms) = measure(&queries, clients, k, truth, &judge, &search)?;
+                // Printed now too: at scale the baselines after this take long.
+                println!(
+                    "engine {name} ef {ef} clients {clients}: {qps:.0} QPS, recall {recall:.3}, p50 {p50_ms:.3} ms, \
+                     p99 {p99_ms:.3} ms"
+                );
                 engine_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
             }
         }
