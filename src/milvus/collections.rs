@@ -7,7 +7,7 @@ use vectorflow_proto::milvus::pb::milvus as pb;
 use vectorflow_proto::milvus::pb::schema::LongArray;
 use vectorflow_proto::milvus::{request, schema, status};
 
-use super::{Answer, Call, CollectionState, IndexRecord, Refusal, collection_consistency};
+use super::{Answer, Call, CollectionState, IndexRecord, Refusal};
 
 pub(super) fn create_collection(call: &Call, body: pb::CreateCollectionRequest) -> Answer<common::Status> {
     let wanted =
@@ -66,7 +66,7 @@ pub(super) fn describe_collection(
         created_timestamp: info.created_ts,
         created_utc_timestamp: physical_ms(info.created_ts),
         shards_num: workers,
-        consistency_level: collection_consistency(&info.schema) as i32,
+        consistency_level: vectorflow_proto::milvus::schema::consistency_of(&info.schema) as i32,
         collection_name: info.schema.name.clone(),
         properties: schema::user_properties(&info.schema),
         db_name: super::DEFAULT_DATABASE.into(),

@@ -13,7 +13,7 @@ use vectorflow_proto::milvus::pb::schema::{
 };
 use vectorflow_proto::milvus::{columns, request, status};
 
-use super::{Answer, Call, Refusal, collection_consistency};
+use super::{Answer, Call, Refusal};
 
 fn ids(pks: &[Pk]) -> IDs {
     let id_field = if pks.iter().all(|pk| matches!(pk, Pk::Int(_))) {
@@ -151,7 +151,7 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
     let time = request::read_time(
         body.use_default_consistency,
         body.consistency_level,
-        collection_consistency(schema),
+        vectorflow_proto::milvus::schema::consistency_of(schema),
         body.guarantee_timestamp,
         if body.travel_timestamp != 0 { body.travel_timestamp } else { params.travel_ts.unwrap_or(0) },
     )?;
@@ -223,7 +223,7 @@ pub(super) fn query(call: &Call, body: pb::QueryRequest) -> Answer<pb::QueryResu
     let time = request::read_time(
         body.use_default_consistency,
         body.consistency_level,
-        collection_consistency(schema),
+        vectorflow_proto::milvus::schema::consistency_of(schema),
         body.guarantee_timestamp,
         body.travel_timestamp,
     )?;

@@ -25,7 +25,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::{Request, Response, Status};
 use vectorflow::{CollectionId, Engine, Error};
-use vectorflow_proto::milvus::pb::common::{self as common, ConsistencyLevel, KeyValuePair};
+use vectorflow_proto::milvus::pb::common::{self as common, KeyValuePair};
 use vectorflow_proto::milvus::pb::milvus::{self as pb, milvus_service_server::MilvusService};
 use vectorflow_proto::milvus::status;
 
@@ -217,11 +217,6 @@ impl MilvusServiceImpl {
 
 fn no_database<M>(_: &M) -> &str {
     ""
-}
-
-/// The consistency level a collection was created with.
-fn collection_consistency(schema: &vectorflow::CollectionSchema) -> ConsistencyLevel {
-    vectorflow_proto::milvus::schema::consistency_of(schema)
 }
 
 #[tonic::async_trait]

@@ -23,6 +23,21 @@ pub mod pb {
 /// The encoded `FileDescriptorSet` of the Milvus subset, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/milvus_descriptor.bin"));
 
+use vectorflow_core::{Metric, Result};
+
+/// The value of `key` among Milvus's key-value parameters.
+pub(crate) fn param<'a>(params: &'a [pb::common::KeyValuePair], key: &str) -> Option<&'a str> {
+    params.iter().find(|p| p.key == key).map(|p| p.value.as_str())
+}
+
+/// The `metric_type` among `params`, when one is given (blank is none).
+pub(crate) fn metric_param(params: &[pb::common::KeyValuePair]) -> Result<Option<Metric>> {
+    match param(params, "metric_type").map(str::trim) {
+        Some("") | None => Ok(None),
+        Some(text) => Ok(Some(text.parse()?)),
+    }
+}
+
 pub mod columns;
 pub mod request;
 pub mod schema;

@@ -11,13 +11,10 @@ use super::pb::common::{ConsistencyLevel, KeyValuePair, PlaceholderGroup, Placeh
 use super::pb::schema::{
     TemplateArrayValue, TemplateValue, template_array_value::Data as ArrayData, template_value::Val,
 };
+use super::{metric_param, param};
 
 /// Milvus's largest `limit + offset` of a search.
 pub const MAX_TOPK: usize = 16_384;
-
-fn param<'a>(params: &'a [KeyValuePair], key: &str) -> Option<&'a str> {
-    params.iter().find(|p| p.key == key).map(|p| p.value.as_str())
-}
 
 fn number(argument: &str, text: &str) -> Result<usize> {
     text.trim()
@@ -90,10 +87,7 @@ pub fn search_params(params: &[KeyValuePair]) -> Result<SearchParams> {
             ),
         ));
     }
-    let mut metric = match param(params, "metric_type").map(str::trim) {
-        Some("") | None => None,
-        Some(text) => Some(text.parse::<Metric>()?),
-    };
+    let mut metric = metric_param(params)?;
     let mut ef = None;
     let mut travel_ts = None;
     if let Some(text) = param(params, "params").filter(|t| !t.trim().is_empty()) {
@@ -180,10 +174,7 @@ pub fn index_params(extra: &[KeyValuePair], on_vectors: bool) -> Result<IndexPar
             format!("`{}` is not a {kind} index type (expected one of {})", quote(index_type), known.join(", ")),
         ));
     }
-    let metric = match param(extra, "metric_type").map(str::trim) {
-        Some("") | None => None,
-        Some(text) => Some(text.parse::<Metric>()?),
-    };
+    let metric = metric_param(extra)?;
     if let Some(text) = param(extra, "params").filter(|t| !t.trim().is_empty()) {
         serde_json::from_str::<serde_json::Value>(text)
             .map_err(|e| Error::argument("extra_params.params", format!("not JSON: {e}")))?;

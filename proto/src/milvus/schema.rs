@@ -12,6 +12,7 @@ use vectorflow_core::{
 
 use super::pb::common::{ConsistencyLevel, KeyValuePair};
 use super::pb::schema::{self as pb, value_field::Data as DefaultData};
+use super::{metric_param, param};
 
 /// The metric a collection gets when nothing names one (Milvus's default).
 pub const DEFAULT_METRIC: Metric = Metric::COSINE;
@@ -42,10 +43,6 @@ pub fn metric_name(metric: Metric) -> &'static str {
         Metric::IP => "IP",
         Metric::COSINE => "COSINE",
     }
-}
-
-fn param<'a>(params: &'a [KeyValuePair], key: &str) -> Option<&'a str> {
-    params.iter().find(|p| p.key.eq_ignore_ascii_case(key)).map(|p| p.value.as_str())
 }
 
 /// A positive integer type parameter (`dim`, `max_length`) of field `name`.
@@ -125,10 +122,7 @@ fn field_from_milvus(field: pb::FieldSchema) -> Result<FieldSchema> {
         }
         Ok(pb::DataType::Json) => DataType::Json,
         Ok(pb::DataType::FloatVector) => {
-            let metric = match param(&field.index_params, "metric_type") {
-                Some(text) => text.parse()?,
-                None => DEFAULT_METRIC,
-            };
+            let metric = metric_param(&field.index_params)?.unwrap_or(DEFAULT_METRIC);
             DataType::FloatVector { dim: positive(&name, &field.type_params, "dim")?, metric }
         }
         Ok(other) => {
