@@ -450,7 +450,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // ---- freshness: Strong reads of just-written rows under a steady writer ----
     let rows = Rows { dataset: &dataset, schema: &schema, vectors: &vectors, attributes: &attributes };
-    let freshness = freshness(&engine, &rows)?;
+    // Then the same while clients search flat out: a search must not hold back ingestion.
+    let loaded = freshness(&engine, &rows, &queries, LOAD_CLIENTS)?;
+    let freshness = freshness(&engine, &rows, &[], 0)?;
 
     // ---- time travel ----
     let travel = time_travel(&engine, &rows, &queries, k)?;
@@ -560,7 +562,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "freshness (Strong, write-to-visible): p50 {:.2} ms, p99 {:.2} ms over {} writes",
-        freshness.0, freshness.1, freshness.2
+        freshness.p50_ms, freshness.p99_ms, freshness.writes
+    );
+    println!(
+        "freshness while {LOAD_CLIENTS} clients search (ef 64, unfiltered): p50 {:.2} ms, p99 {:.2} ms over {} writes \
+         ({:.2}x the idle p99); {:.0} searches/s meanwhile",
+        loaded.p50_ms,
+        loaded.p99_ms,
+        loaded.writes,
+        loaded.p99_ms / freshness.p99_ms.max(1e-9),
+        loaded.searches_per_s
     );
     println!(
         "time travel: as_of cost ratio {:.2} against current searches; answers equal to those recorded then: {}",
@@ -604,7 +615,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "filter": r.point.filter, "ef": r.point.ef, "clients": r.point.clients,
             "qps_vs_hnsw": r.vs_hnsw, "qps_vs_exact": r.vs_exact
         })).collect::<Vec<_>>(),
-        "freshness_ms": {"p50": freshness.0, "p99": freshness.1, "writes": freshness.2},
+        "freshness_ms": {"p50": freshness.p50_ms, "p99": freshness.p99_ms, "writes": freshness.writes},
+        "freshness_under_load_ms": {"clients": LOAD_CLIENTS, "p50": loaded.p50_ms, "p99": loaded.p99_ms,
+                                    "writes": loaded.writes, "searches_per_s": loaded.searches_per_s},
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes,
                    "per_vector": breakdown},
@@ -675,24 +688,76 @@ fn rank(metric: Metric, a: f32, b: f32) -> std::cmp::Ordering {
 
 /// A writer inserts one new row every 5 ms; after each acknowledged write a
 /// Strong get must return it. Returns (p50 ms, p99 ms, writes).
-fn freshness(engine: &Engine, rows: &Rows) -> anyhow::Result<(f64, f64, usize)> {
+/// Strong write-to-visible latency of single-row writes.
+struct Freshness {
+    p50_ms: f64,
+    p99_ms: f64,
+    writes: usize,
+    /// Searches the loading clients completed per second meanwhile.
+    searches_per_s: f64,
+}
+
+/// Searching clients while freshness is measured under load.
+const LOAD_CLIENTS: usize = 8;
+
+/// Writes single rows for 3 s, each followed by a Strong get of it, while
+/// `clients` threads search `queries` flat out (none: idle).
+fn freshness(engine: &Engine, rows: &Rows, queries: &[Vec<f32>], clients: usize) -> anyhow::Result<Freshness> {
     let n = rows.vectors.rows;
-    let mut latencies = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut i = 0;
-    while Instant::now() < deadline {
-        let id = (n + i) as i64;
-        let batch = rows.with_id(i % n, id)?;
-        let started = Instant::now();
-        engine.insert("bench", &batch)?;
-        let visible = engine.get("bench", &[Pk::Int(id)], &Default::default())?;
-        anyhow::ensure!(visible.len() == 1, "row {id} not visible to a Strong read after its write");
-        latencies.push(started.elapsed().as_secs_f64() * 1e3);
-        std::thread::sleep(Duration::from_millis(5));
-        i += 1;
-    }
+    let clients = if queries.is_empty() { 0 } else { clients };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let searches = std::sync::atomic::AtomicUsize::new(0);
+    let started_all = Instant::now();
+    let latencies = std::thread::scope(|scope| -> anyhow::Result<Vec<f64>> {
+        let searchers: Vec<_> = (0..clients)
+            .map(|client| {
+                let (stop, searches) = (&stop, &searches);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let options = SearchOptions { ef: Some(64), ..SearchOptions::new(10) };
+                    let mut i = client;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        engine.search("bench", std::slice::from_ref(&queries[i % queries.len()]), &options)?;
+                        searches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        i += clients;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let written = (|| -> anyhow::Result<Vec<f64>> {
+            let mut latencies = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            // Ids after the base rows, and apart for the loaded and the idle call.
+            let first = n + 1_000_000 * usize::from(clients > 0);
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let id = (first + i) as i64;
+                let batch = rows.with_id(i % n, id)?;
+                let started = Instant::now();
+                engine.insert("bench", &batch)?;
+                let visible = engine.get("bench", &[Pk::Int(id)], &Default::default())?;
+                anyhow::ensure!(visible.len() == 1, "row {id} not visible to a Strong read after its write");
+                latencies.push(started.elapsed().as_secs_f64() * 1e3);
+                std::thread::sleep(Duration::from_millis(5));
+                i += 1;
+            }
+            Ok(latencies)
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for searcher in searchers {
+            searcher.join().map_err(|_| anyhow::anyhow!("a searching client panicked"))??;
+        }
+        written
+    })?;
+    let elapsed = started_all.elapsed().as_secs_f64();
+    let mut latencies = latencies;
     latencies.sort_by(f64::total_cmp);
-    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99), latencies.len()))
+    Ok(Freshness {
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+        writes: latencies.len(),
+        searches_per_s: searches.load(std::sync::atomic::Ordering::Relaxed) as f64 / elapsed,
+    })
 }
 
 /// The dataset's base rows, to build write batches from.

@@ -355,6 +355,53 @@ fn concurrent_writers_and_readers_finish_with_correct_counts() {
 }
 
 #[test]
+fn writes_become_visible_while_searches_run_flat_out_and_the_searches_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 256);
+    engine.create_collection(small_schema("c")).unwrap();
+    // A base of rows on a grid, sealed and growing, for the searches to work on.
+    let base: Vec<_> = (0..3000i64).map(|id| small_row(id, [(id % 100) as f32, (id / 100) as f32])).collect();
+    for chunk in base.chunks(500) {
+        engine.insert_rows("c", chunk).unwrap();
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let searches = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for client in 0..4i64 {
+            let (engine, stop, searches) = (&engine, &stop, &searches);
+            scope.spawn(move || {
+                let mut i = client;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Each query sits on a base row: exact search finds it first.
+                    let id = (i * 37) % 3000;
+                    let query = vec![(id % 100) as f32, (id / 100) as f32];
+                    let hits = engine.search("c", &[query], &SearchOptions::new(5)).unwrap();
+                    assert_eq!(hits.hits[0].len(), 5);
+                    assert_eq!(hits.hits[0][0].pk, Pk::Int(id), "query on row {id}");
+                    searches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    i += 4;
+                }
+            });
+        }
+        // Meanwhile each write is acknowledged and then seen by a Strong
+        // search and a Strong get (off the grid, so it is its own nearest).
+        for i in 0..300i64 {
+            let id = 10_000 + i;
+            let vector = [-1000.0 - i as f32, 0.5];
+            engine.insert_rows("c", &[small_row(id, vector)]).unwrap();
+            let strong = SearchOptions { consistency: Consistency::Strong, ..SearchOptions::new(1) };
+            let hits = engine.search("c", &[vector.to_vec()], &strong).unwrap();
+            assert_eq!(pks(&hits.hits[0]), vec![Pk::Int(id)], "write {i} seen by a Strong search");
+            assert_eq!(engine.get("c", &[Pk::Int(id)], &Default::default()).unwrap().len(), 1, "write {i}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(searches.load(std::sync::atomic::Ordering::Relaxed) > 0, "the searches ran alongside the writes");
+    assert_eq!(engine.count("c", &Default::default()).unwrap(), 3300);
+    engine.shutdown();
+}
+
+#[test]
 fn writes_wait_while_sealed_rows_wait_for_their_graph_and_go_through_once_it_is_built() {
     let dataset = Dataset::open(dataset_dir("pypi-20k")).expect("pypi-20k dataset");
     let vectors = dataset.base_vectors().unwrap();

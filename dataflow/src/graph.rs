@@ -3,10 +3,10 @@
 //! the origin worker's merge.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
@@ -21,12 +21,13 @@ use timely::worker::Worker;
 use vectorflow_connectors::{LogEntry, LogOp, LogReader};
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
-use vectorflow_operators::{Filter, Shard, ShardConfig, Stop};
+use vectorflow_operators::{Shard, ShardConfig};
 
 use crate::log::Log;
 use crate::messages::{Answer, ChunkBody, Failure, Partial, Request, RequestKind, SegmentInput, ShardChunk};
 use crate::persist::Persister;
 use crate::routing::shard_of;
+use crate::shards::{WorkerShards, empty_answer};
 
 /// State the engine and every worker share.
 pub(crate) struct Shared {
@@ -43,6 +44,12 @@ pub(crate) struct Shared {
     pub replies: Mutex<HashMap<u64, SyncSender<Answer>>>,
     /// Per worker: every change before this time is applied to its segments.
     pub applied: Vec<AtomicU64>,
+    /// Signalled when a worker's `applied` moves and a read waits for it.
+    pub applied_moved: (Mutex<()>, Condvar),
+    /// Reads waiting on `applied_moved` (workers signal only when some do).
+    pub applied_waiters: AtomicUsize,
+    /// Per worker: its shards, applied by the worker and read by the search pool.
+    pub shards: Vec<WorkerShards>,
     pub shutdown: AtomicBool,
     /// While set, sources read nothing and hold their frontier.
     pub ingest_paused: AtomicBool,
@@ -114,7 +121,7 @@ impl Shared {
         vectorflow_core::time::before(self.log.tso().next_possible(), self.retention)
     }
 
-    fn schema(&self, collection: CollectionId) -> Option<Arc<CollectionSchema>> {
+    pub(crate) fn schema(&self, collection: CollectionId) -> Option<Arc<CollectionSchema>> {
         self.schemas.read().ok()?.get(&collection).cloned()
     }
 
@@ -136,6 +143,8 @@ impl Shared {
             });
         }
         self.wake_sources();
+        let _guard = self.applied_moved.0.lock();
+        self.applied_moved.1.notify_all();
     }
 
     /// Wakes every log source, so frontiers move now rather than at the next tick.
@@ -160,9 +169,56 @@ impl Shared {
         self.failed.lock().ok()?.get(&collection).cloned()
     }
 
+    /// The failure a stopped collection answers with.
+    pub fn stopped(&self, collection: CollectionId) -> Option<Failure> {
+        let cause = self.failure(collection)?;
+        let collection = self.schema(collection).map_or_else(|| collection.to_string(), |s| s.name.clone());
+        Some(Failure::Stopped { collection, cause })
+    }
+
     /// Rows every worker's shards owe the index builds and merges.
     pub fn index_backlog_rows(&self) -> u64 {
         self.index_backlog.iter().map(|rows| rows.load(Ordering::Acquire)).sum()
+    }
+
+    /// Publishes that `worker` has applied every change before `frontier`,
+    /// waking the reads waiting for it.
+    fn publish_applied(&self, worker: usize, frontier: Timestamp) {
+        // SeqCst on both sides: a read that registers as a waiter after
+        // this load sees the new frontier in its own check.
+        let before = self.applied[worker].swap(frontier, Ordering::SeqCst);
+        if before != frontier && self.applied_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.applied_moved.0.lock();
+            self.applied_moved.1.notify_all();
+        }
+    }
+
+    /// Waits until each of `workers` has applied every change at or before
+    /// `ts`; false if `deadline` or shutdown comes first.
+    pub fn wait_applied(&self, workers: &[usize], ts: Timestamp, deadline: Instant) -> bool {
+        let applied = || workers.iter().all(|&w| self.applied[w].load(Ordering::SeqCst) > ts);
+        if applied() {
+            return true;
+        }
+        let Ok(mut guard) = self.applied_moved.0.lock() else { return false };
+        self.applied_waiters.fetch_add(1, Ordering::SeqCst);
+        let reached = loop {
+            if applied() {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.shutdown.load(Ordering::Acquire) {
+                break false;
+            }
+            // Bounded so a shutdown is noticed even without a signal.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            guard = match self.applied_moved.1.wait_timeout(guard, wait) {
+                Ok((guard, _)) => guard,
+                Err(_) => break false,
+            };
+        };
+        self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
+        reached
     }
 
     /// The time before which every worker has applied every change.
@@ -201,7 +257,9 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
             (*at, versions)
         })
         .collect();
-    let shards: HashMap<CollectionId, Shard> = recovered.into_iter().map(|(c, _, shard)| (c, shard)).collect();
+    for (collection, _, shard) in recovered {
+        shared.shards[index].insert(collection, shard);
+    }
 
     let chunks = log_source(scope, shared.clone(), index, peers).exchange(|chunk: &ShardChunk| chunk.shard as u64);
 
@@ -241,7 +299,7 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
         .flat_map(|request| request.targets.clone().into_iter().map(move |target| (target, request.clone())))
         .exchange(|(target, _): &(usize, Request)| *target as u64)
         .map(|(_, request)| request);
-    let partials = segments(data, requests, shared.clone(), index, shards);
+    let partials = segments(data, requests, shared.clone(), index);
     merge(partials, shared.clone());
 }
 
@@ -461,22 +519,23 @@ struct Pending {
     retired: Vec<(CollectionId, VersionId)>,
 }
 
-/// The segment operator: holds each collection's shard on this worker,
-/// applies version changes in time order, and answers requests once the
-/// data frontier has passed their read time.
+/// The segment operator: applies version changes to this worker's shards
+/// in time order, publishes how far it has applied (reads wait for that
+/// and run off the dataflow, see [`crate::shards`]), runs each shard's
+/// maintenance, and answers control requests: checkpoint barriers once
+/// the data frontier has passed their time, compactions at once.
 fn segments<'scope>(
     data: StreamVec<'scope, Timestamp, SegmentInput>,
     requests: StreamVec<'scope, Timestamp, Request>,
     shared: Arc<Shared>,
     index: usize,
-    mut shards: HashMap<CollectionId, Shard>,
 ) -> StreamVec<'scope, Timestamp, Partial> {
     data.binary_frontier(requests, Pipeline, Pipeline, "Segments", move |_capability, _info| {
         let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
         let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
         let mut catalog_version = 0;
-        let mut filters = FilterCache::default();
         move |(data, data_frontier), (requests, _), output| {
+            let shards = &shared.shards[index];
             data.for_each(|_cap, items| {
                 for item in items.drain(..) {
                     match item {
@@ -502,9 +561,8 @@ fn segments<'scope>(
             let current = shared.catalog_version.load(Ordering::Acquire);
             if current != catalog_version {
                 catalog_version = current;
-                filters = FilterCache::default();
                 if let Ok(schemas) = shared.schemas.read() {
-                    shards.retain(|id, _| schemas.contains_key(id));
+                    shards.retain(|id| schemas.contains_key(&id));
                 }
             }
 
@@ -518,8 +576,8 @@ fn segments<'scope>(
             waiting = others;
             barriers.sort_by_key(|(_, request)| request.read_ts);
             for (cap, request) in barriers {
-                apply_through(&shared, &mut shards, &mut stash, request.read_ts);
-                let mut answer = answer(&shared, &mut shards, &mut filters, &request);
+                apply_through(&shared, shards, &mut stash, request.read_ts);
+                let mut answer = answer_control(&shared, shards, &request);
                 if let Answer::Checkpoint(parts) = &mut answer {
                     parts.iter_mut().for_each(|part| part.0 = index);
                 }
@@ -530,15 +588,17 @@ fn segments<'scope>(
                     answer,
                 });
             }
-            apply_through(&shared, &mut shards, &mut stash, frontier.saturating_sub(1));
-            shared.applied[index].store(frontier, Ordering::Release);
+            apply_through(&shared, shards, &mut stash, frontier.saturating_sub(1));
+            shared.publish_applied(index, frontier);
 
             let horizon = shared.retention_horizon();
             let mut backlog = 0;
-            for (&collection, shard) in shards.iter_mut() {
+            for (collection, shard) in shards.all() {
+                let Ok(mut shard) = crate::shards::write(&shard) else { continue };
                 let replaced = shard.finish_compaction();
                 if !replaced.is_empty() {
                     shared.persister.retire(&replaced);
+                    vectorflow_operators::build_pool::release_freed_memory_later();
                 }
                 for snapshot in shard.take_newly_sealed() {
                     shared.persister.submit(collection, snapshot);
@@ -553,26 +613,17 @@ fn segments<'scope>(
             shared.index_backlog[index].store(backlog as u64, Ordering::Release);
 
             waiting.retain(|(cap, request)| {
-                if request.expired() {
+                if !request.expired() && request.read_ts >= frontier {
+                    return true;
+                }
+                let answer = if request.expired() {
                     // Nobody waits for it: answer at once so the merge
                     // completes and nothing stays queued behind the frontier.
                     shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
-                    let answer = Answer::Failed(Failure::Cancelled);
-                    output.session(cap).give(Partial {
-                        id: request.id,
-                        origin: request.origin,
-                        parts: request.targets.len(),
-                        answer,
-                    });
-                    return false;
-                }
-                if request.read_ts >= frontier {
-                    return true;
-                }
-                let answer = answer(&shared, &mut shards, &mut filters, request);
-                if matches!(answer, Answer::Failed(Failure::Cancelled)) {
-                    shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
-                }
+                    Answer::Failed(Failure::Cancelled)
+                } else {
+                    answer_control(&shared, shards, request)
+                };
                 output.session(cap).give(Partial {
                     id: request.id,
                     origin: request.origin,
@@ -586,12 +637,7 @@ fn segments<'scope>(
 }
 
 /// Applies every stashed time at or before `through`, in time order.
-fn apply_through(
-    shared: &Shared,
-    shards: &mut HashMap<CollectionId, Shard>,
-    stash: &mut BTreeMap<Timestamp, Pending>,
-    through: Timestamp,
-) {
+fn apply_through(shared: &Shared, shards: &WorkerShards, stash: &mut BTreeMap<Timestamp, Pending>, through: Timestamp) {
     while let Some(entry) = stash.first_entry() {
         if *entry.key() > through {
             break;
@@ -601,7 +647,7 @@ fn apply_through(
     }
 }
 
-fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timestamp, pending: Pending) {
+fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending) {
     let Pending { chunks, added, retired } = pending;
     let mut per_collection: BTreeMap<CollectionId, (Vec<_>, Vec<VersionId>)> = BTreeMap::new();
     for chunk in chunks {
@@ -617,99 +663,30 @@ fn apply(shared: &Shared, shards: &mut HashMap<CollectionId, Shard>, ts: Timesta
             // Stopped: nothing more is applied until a restart replays it.
             continue;
         }
-        let shard = match shards.entry(collection) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => match shared.schema(collection) {
-                Some(schema) => e.insert(Shard::new(schema, shared.shard_config)),
-                None => continue,
-            },
+        let make = || shared.schema(collection).map(|schema| Shard::new(schema, shared.shard_config));
+        let Some(shard) = shards.get_or_make(collection, make) else { continue };
+        let applied = match crate::shards::write(&shard) {
+            Ok(mut shard) => shard.apply(ts, batches, &added, &retired).map_err(|e| e.to_string()),
+            Err(failure) => Err(format!("{failure:?}")),
         };
-        if let Err(e) = shard.apply(ts, batches, &added, &retired) {
+        if let Err(e) = applied {
             shared.fail(collection, format!("applying the changes at ts {ts}: {e}"));
-            shards.remove(&collection);
+            shards.remove(collection);
         }
     }
 }
 
-/// Compiled filters by (collection, text), so a repeated filter compiles once per worker.
-#[derive(Default)]
-struct FilterCache {
-    compiled: HashMap<(CollectionId, String), Filter>,
-}
-
-impl FilterCache {
-    /// Filters kept at most; the cache starts over beyond it.
-    const CAPACITY: usize = 256;
-
-    fn get(
-        &mut self,
-        collection: CollectionId,
-        schema: &CollectionSchema,
-        text: &str,
-    ) -> vectorflow_core::Result<Filter> {
-        let key = (collection, text.to_string());
-        if let Some(filter) = self.compiled.get(&key) {
-            return Ok(filter.clone());
-        }
-        let filter = Filter::compile(schema, text)?;
-        if self.compiled.len() >= Self::CAPACITY {
-            self.compiled.clear();
-        }
-        self.compiled.insert(key, filter.clone());
-        Ok(filter)
+/// A control request's answer from this worker's shard of its collection.
+fn answer_control(shared: &Shared, shards: &WorkerShards, request: &Request) -> Answer {
+    if let Some(stopped) = shared.stopped(request.collection) {
+        return Answer::Failed(stopped);
     }
-}
-
-/// The answer for a collection this worker holds no rows of.
-fn empty_answer(kind: &RequestKind) -> Answer {
-    match kind {
-        RequestKind::Search { queries, k, .. } => Answer::Search { k: *k, hits: vec![Vec::new(); queries.len()] },
-        RequestKind::Get { .. } => Answer::Get(Vec::new()),
-        RequestKind::Query { limit, .. } => Answer::Query { limit: *limit, rows: Vec::new() },
-        RequestKind::Count { .. } => Answer::Count(0),
-        RequestKind::Checkpoint { .. } => Answer::Checkpoint(Vec::new()),
-        RequestKind::Compact { .. } => Answer::Count(0),
-        RequestKind::Stats => Answer::Stats(Default::default()),
-    }
-}
-
-fn answer(
-    shared: &Shared,
-    shards: &mut HashMap<CollectionId, Shard>,
-    filters: &mut FilterCache,
-    request: &Request,
-) -> Answer {
-    if let Some(cause) = shared.failure(request.collection) {
-        let collection =
-            shared.schema(request.collection).map_or_else(|| request.collection.to_string(), |s| s.name.clone());
-        return Answer::Failed(Failure::Stopped { collection, cause });
-    }
-    let Some(shard) = shards.get_mut(&request.collection) else { return empty_answer(&request.kind) };
-    if request.kind.reads_history() && request.read_ts < shard.compacted_through() {
-        return Answer::Compacted { horizon: shard.compacted_through() };
-    }
-    let text = match &request.kind {
-        RequestKind::Search { filter, .. } | RequestKind::Query { filter, .. } | RequestKind::Count { filter } => {
-            filter.as_deref()
-        }
-        _ => None,
+    let Some(shard) = shards.get(request.collection) else { return empty_answer(&request.kind) };
+    let mut shard = match crate::shards::write(&shard) {
+        Ok(shard) => shard,
+        Err(failure) => return Answer::Failed(failure),
     };
-    let filter = match text.map(|text| filters.get(request.collection, shard.schema(), text)).transpose() {
-        Ok(filter) => filter,
-        Err(e) => return Answer::Failed(e.into()),
-    };
-    let ts = request.read_ts;
-    let expired = || request.expired();
-    let stop = Stop(&expired);
     let result = match &request.kind {
-        RequestKind::Search { field, queries, k, ef, output_fields, .. } => shard
-            .search(*field, queries, *k, *ef, ts, filter.as_ref(), output_fields, stop)
-            .map(|hits| Answer::Search { k: *k, hits }),
-        RequestKind::Get { pks, output_fields } => Ok(Answer::Get(shard.get(pks, ts, output_fields))),
-        RequestKind::Query { output_fields, limit, .. } => shard
-            .query(filter.as_ref(), ts, output_fields, *limit, stop)
-            .map(|rows| Answer::Query { limit: *limit, rows }),
-        RequestKind::Count { .. } => shard.count(filter.as_ref(), ts, stop).map(Answer::Count),
         RequestKind::Checkpoint { known } => {
             shard.checkpoint(known).map(|checkpoint| {
                 if let Some(superseded) = checkpoint.superseded {
@@ -724,7 +701,8 @@ fn answer(
             })
         }
         RequestKind::Compact { horizon } => shard.start_compaction(*horizon).map(Answer::Count),
-        RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
+        // Reads run off the dataflow (see `crate::shards`).
+        _ => return Answer::Failed(Failure::Internal("a read reached the dataflow's control path".into())),
     };
     result.unwrap_or_else(|e| Answer::Failed(e.into()))
 }

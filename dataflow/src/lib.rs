@@ -10,13 +10,16 @@
 //!                  │       arrange_from_upsert (key → version)
 //!                  │                     │ +1 new version / -1 retired, at t
 //!                  ▼                     ▼
-//!        requests ─► broadcast ─► Segments (per worker: growing + sealed
-//!        (per origin worker)        segments per collection; applies
-//!                                   changes when the frontier passes t;
-//!                                   answers reads when it passes read_ts)
-//!                                        │ partial top-k / rows
+//!   control requests ─► Segments (per worker: growing + sealed segments
+//!   (checkpoints,          per collection, in Shared::shards; applies
+//!    compactions)          changes when the frontier passes t, then
+//!                          publishes applied[w])
+//!                                        │ partial answers
 //!                                        ▼ exchange to the origin worker
 //!                                      Merge ─► the caller's reply
+//!
+//!  reads ─► wait until applied[w] > read_ts ─► each shard under its read
+//!           lock (caller's thread + search pool) ─► merge on the caller
 //! ```
 
 pub mod engine;
@@ -25,6 +28,7 @@ mod log;
 mod messages;
 pub mod persist;
 pub mod routing;
+mod shards;
 
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, IngestStats, Limits,

@@ -196,6 +196,22 @@ impl RequestKind {
         matches!(self, RequestKind::Checkpoint { .. })
     }
 
+    /// Reads, answered from the shards off the dataflow; the rest are
+    /// control requests that change shards, run by their workers.
+    pub fn is_read(&self) -> bool {
+        self.reads_history() || matches!(self, RequestKind::Stats)
+    }
+
+    /// The filter expression a read carries.
+    pub fn filter(&self) -> Option<&str> {
+        match self {
+            RequestKind::Search { filter, .. } | RequestKind::Query { filter, .. } | RequestKind::Count { filter } => {
+                filter.as_deref()
+            }
+            _ => None,
+        }
+    }
+
     /// Reads of rows, which need the history at their time.
     pub fn reads_history(&self) -> bool {
         matches!(

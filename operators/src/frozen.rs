@@ -55,6 +55,9 @@ impl Adjacency {
             adjacency.neighbours.extend(list);
             adjacency.offsets.push(adjacency.neighbours.len() as u32);
         }
+        // Built by doubling; frozen, it never grows again.
+        adjacency.neighbours.shrink_to_fit();
+        adjacency.offsets.shrink_to_fit();
         adjacency
     }
 
@@ -67,8 +70,9 @@ impl Adjacency {
         self.offsets.len() - 1
     }
 
+    /// Bytes held (capacity, not length: what the heap gave it).
     fn bytes(&self) -> usize {
-        4 * (self.offsets.len() + self.neighbours.len())
+        4 * (self.offsets.capacity() + self.neighbours.capacity())
     }
 }
 

@@ -7,6 +7,7 @@ pub mod build_pool;
 pub mod distance;
 pub mod filter;
 pub mod frozen;
+pub mod host;
 pub mod index;
 pub mod json;
 pub mod merge_policy;

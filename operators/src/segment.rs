@@ -532,6 +532,13 @@ impl Segment {
             self.chunks = vec![batch];
             self.chunk_starts = vec![0];
         }
+        // A sealed segment's rows never grow again: give back the slack of
+        // the vectors that grew by doubling (up to half of each).
+        self.pks.shrink_to_fit();
+        self.tiebreaks.shrink_to_fit();
+        self.versions.shrink_to_fit();
+        self.insert_ts.shrink_to_fit();
+        self.delete_ts.shrink_to_fit();
         self.attach_or_repair_indexes(HashMap::new(), repairs, params, lane);
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use vectorflow_core::{CollectionSchema, Error, Pk, Result, Timestamp, Value, VersionId};
 
 use crate::filter::Filter;
@@ -88,7 +89,8 @@ pub struct Shard {
     segments: Vec<Segment>,
     locations: HashMap<VersionId, RowAddress>,
     /// Every version of a key still held.
-    versions_by_pk: HashMap<Pk, Vec<RowAddress>>,
+    /// Most keys have one version held: inline, not a heap block per key.
+    versions_by_pk: HashMap<Pk, SmallVec<[RowAddress; 1]>>,
     /// Segments sealed since persistence last took them.
     newly_sealed: Vec<SegmentSnapshot>,
     /// The uid the last checkpoint stored the growing rows under.

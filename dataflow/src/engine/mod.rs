@@ -18,13 +18,14 @@ use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
 use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
-use vectorflow_operators::{Filter, IndexParams, MergePolicy, SearchPlan, Shard, ShardConfig, ShardStats};
+use vectorflow_operators::{IndexParams, MergePolicy, SearchPlan, Shard, ShardConfig, ShardStats, Stop};
 
 use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
 use crate::log::Log;
-use crate::messages::{Answer, Request, RequestKind, unix_millis};
+use crate::messages::{Answer, Failure, Request, RequestKind, unix_millis};
 use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
 use crate::routing::{PLACEMENT, partition_of};
+use crate::shards::{FilterCache, WorkerShards, answer_read, empty_answer};
 
 mod catalog;
 mod checkpoint;
@@ -34,6 +35,9 @@ mod recovery;
 mod writes;
 
 use recovery::*;
+
+/// The search pool's niceness (the workers run at the process's, 0).
+const SEARCH_NICENESS: i32 = 5;
 
 /// Largest `ef` a search may ask for.
 const MAX_EF: usize = 32_768;
@@ -48,6 +52,10 @@ struct Inner {
     /// Serialises creates and drops (never held by reads or writes).
     catalog_changes: Mutex<()>,
     next_request: AtomicU64,
+    /// Runs reads' shard searches (see [`crate::shards`]).
+    search_pool: rayon::ThreadPool,
+    /// Filters compiled for reads.
+    filters: FilterCache,
     guards: Mutex<Option<WorkerGuards<()>>>,
     closed: AtomicBool,
     storage: ObjectStorage,
@@ -167,6 +175,9 @@ impl Engine {
             source_activators: Mutex::new(HashMap::new()),
             replies: Mutex::new(HashMap::new()),
             applied: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+            applied_moved: (Mutex::new(()), std::sync::Condvar::new()),
+            applied_waiters: std::sync::atomic::AtomicUsize::new(0),
+            shards: (0..config.workers).map(|_| WorkerShards::default()).collect(),
             shutdown: AtomicBool::new(false),
             ingest_paused: AtomicBool::new(false),
             shard_config,
@@ -187,6 +198,16 @@ impl Engine {
             index_backlog: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
             failed: Mutex::new(HashMap::new()),
         });
+        // One search thread per core: reads are the work that should use
+        // them all. Below the workers' priority, so applying a write never
+        // waits for a core behind the searches (with 8 clients searching,
+        // write-to-visible p99 was 2.7x its idle value at equal priority).
+        let search_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name(|i| format!("vectorflow-search-{i}"))
+            .start_handler(|_| vectorflow_operators::host::lower_thread_priority(SEARCH_NICENESS))
+            .build()
+            .map_err(|e| Error::storage(format!("starting the search pool: {e}")))?;
         let worker_shared = shared.clone();
         let guards = timely::execute(timely::Config::process(config.workers), move |worker| {
             run_worker(worker, worker_shared.clone());
@@ -200,6 +221,8 @@ impl Engine {
                 collections: RwLock::new(collections),
                 catalog_changes: Mutex::new(()),
                 next_request: AtomicU64::new(1),
+                search_pool,
+                filters: FilterCache::default(),
                 guards: Mutex::new(Some(guards)),
                 closed: AtomicBool::new(false),
                 storage,

@@ -57,7 +57,7 @@ impl Engine {
             }
         }
         let output_fields = self.output_fields(schema, &options.output_fields)?;
-        let filter = checked_filter(schema, options.filter.as_deref())?;
+        let filter = self.checked_filter(entry.id, schema, options.filter.as_deref())?;
         let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
         let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let kind =
@@ -193,7 +193,7 @@ impl Engine {
         options: &QueryOptions,
         output_fields: &[usize],
     ) -> Result<Vec<(Pk, Vec<Value>)>> {
-        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let filter = self.checked_filter(entry.id, &entry.schema, options.filter.as_deref())?;
         let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
         let kind = RequestKind::Query { filter, output_fields: output_fields.to_vec(), limit };
@@ -205,7 +205,7 @@ impl Engine {
     /// How many rows pass `options.filter` (`count(*)`); limit and offset are ignored.
     pub fn count(&self, collection: &str, options: &QueryOptions) -> Result<usize> {
         let entry = self.entry(collection)?;
-        let filter = checked_filter(&entry.schema, options.filter.as_deref())?;
+        let filter = self.checked_filter(entry.id, &entry.schema, options.filter.as_deref())?;
         let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
         let kind = RequestKind::Count { filter };
         match self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
@@ -286,8 +286,12 @@ impl Engine {
     /// Waits until every sealed segment of the collection has its index, or `timeout`.
     pub fn wait_for_indexes(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
         let deadline = std::time::Instant::now() + timeout;
+        // The first look sees every write acknowledged before the call.
+        let mut consistency = Consistency::Strong;
         loop {
-            let stats = self.stats(collection, Consistency::Eventually)?;
+            let stats = self.stats(collection, consistency)?;
+            // Later polls need not wait for the log: the state only moves on.
+            consistency = Consistency::Eventually;
             if stats.indexed_segments == stats.sealed_segments {
                 return Ok(stats);
             }
@@ -303,8 +307,12 @@ impl Engine {
     /// is now.
     pub fn wait_for_merges(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
         let deadline = std::time::Instant::now() + timeout;
+        // The first look sees every write acknowledged before the call.
+        let mut consistency = Consistency::Strong;
         loop {
-            let stats = self.stats(collection, Consistency::Eventually)?;
+            let stats = self.stats(collection, consistency)?;
+            // Later polls need not wait for the log: the state only moves on.
+            consistency = Consistency::Eventually;
             if stats.indexed_segments == stats.sealed_segments && stats.merges_pending == 0 {
                 return Ok(stats);
             }
@@ -363,7 +371,8 @@ impl Engine {
         })
     }
 
-    /// Sends a request through the dataflow and waits for the merged answer.
+    /// Answers a request: a read from the shards off the dataflow (see
+    /// [`Engine::read`]), a control request through the dataflow.
     pub(super) fn request(
         &self,
         collection: CollectionId,
@@ -375,6 +384,9 @@ impl Engine {
     ) -> Result<Answer> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
+        }
+        if kind.is_read() {
+            return self.read(collection, read_ts, &kind, timeout, consistency, as_of);
         }
         let shared = &self.inner.shared;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
@@ -415,16 +427,95 @@ impl Engine {
             }
         }
     }
-}
 
-/// Checks a filter against the schema here, so the caller gets the error
-/// with its position; workers compile the same text again.
-pub(super) fn checked_filter(schema: &CollectionSchema, filter: Option<&str>) -> Result<Option<String>> {
-    match filter.map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(text) => {
-            Filter::compile(schema, text)?;
-            Ok(Some(text.to_string()))
+    /// Checks a filter against the schema here, so the caller gets the error
+    /// with its position; the compiled filter is kept for the read's shards
+    /// (compiling plans it with DataFusion, which costs more than a
+    /// selective search).
+    pub(super) fn checked_filter(
+        &self,
+        collection: CollectionId,
+        schema: &CollectionSchema,
+        filter: Option<&str>,
+    ) -> Result<Option<String>> {
+        match filter.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(text) => {
+                self.inner.filters.get(collection, schema, text)?;
+                Ok(Some(text.to_string()))
+            }
+        }
+    }
+
+    /// Answers a read without entering the dataflow: once every worker it
+    /// needs has applied every change at or before `read_ts`, their shards
+    /// answer on the search pool under read locks, and the parts merge here.
+    fn read(
+        &self,
+        collection: CollectionId,
+        read_ts: Timestamp,
+        kind: &RequestKind,
+        timeout: Option<Duration>,
+        consistency: Consistency,
+        as_of: Option<Timestamp>,
+    ) -> Result<Answer> {
+        let shared = &self.inner.shared;
+        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
+        let deadline = Instant::now() + timeout;
+        let workers = Request::targets(collection, kind, 0, shared.workers);
+        if consistency == Consistency::Strong || as_of.is_some() {
+            shared.wake_sources();
+        }
+        if !shared.wait_applied(&workers, read_ts, deadline) {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
+            shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Timeout(timeout));
+        }
+        let filter = match (kind.filter(), shared.schema(collection)) {
+            (Some(text), Some(schema)) => Some(self.inner.filters.get(collection, &schema, text)?),
+            _ => None,
+        };
+        let answer_from = |worker: usize| -> Answer {
+            let Some(shard) = shared.shards[worker].get(collection) else { return empty_answer(kind) };
+            let expired = move || Instant::now() >= deadline;
+            match crate::shards::read(&shard) {
+                Ok(shard) => answer_read(&shard, kind, read_ts, filter.as_ref(), Stop(&expired)),
+                Err(failure) => Answer::Failed(failure),
+            }
+        };
+        // A single shard (a get's) answers on this thread. Several answer on
+        // the search pool, so at most one search per core holds a shard's
+        // read lock: with every client's thread searching, a preempted
+        // search held its lock for milliseconds and the worker waiting to
+        // apply a write waited with it.
+        let answer = match workers.as_slice() {
+            [worker] => answer_from(*worker),
+            _ => self
+                .inner
+                .search_pool
+                .install(|| {
+                    use rayon::prelude::*;
+                    workers.par_iter().map(|&worker| answer_from(worker)).reduce_with(|mut whole, part| {
+                        whole.merge(part);
+                        whole
+                    })
+                })
+                .unwrap_or_else(|| empty_answer(kind)),
+        };
+        // A collection stopped while this read ran may have lost its shards.
+        if let Some(stopped) = shared.stopped(collection) {
+            return Err(stopped.into());
+        }
+        match answer {
+            Answer::Failed(Failure::Cancelled) => {
+                shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Timeout(timeout))
+            }
+            Answer::Failed(failure) => Err(failure.into()),
+            Answer::Compacted { horizon } => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
+            answer => Ok(answer),
         }
     }
 }

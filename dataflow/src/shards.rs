@@ -1,0 +1,155 @@
+//! Each worker's shards, shared with the threads that read them.
+//!
+//! A worker applies changes to its shards under each shard's write lock and
+//! then publishes its applied frontier. Reads do not enter the dataflow:
+//! once every worker they need has applied everything at or before their
+//! time, they run on the engine's search pool under the shards' read locks.
+//! Visibility at a time is a property of the rows (insert and delete
+//! times), so changes applied after a read's time do not disturb it. So a
+//! worker never runs a search, and concurrent reads use every core.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use vectorflow_core::{CollectionId, CollectionSchema, Timestamp};
+use vectorflow_operators::{Filter, Shard, Stop};
+
+use crate::messages::{Answer, Failure, RequestKind};
+
+/// One collection's shard on one worker.
+pub(crate) type ShardHandle = Arc<RwLock<Shard>>;
+
+/// One worker's shards by collection.
+#[derive(Default)]
+pub(crate) struct WorkerShards(RwLock<HashMap<CollectionId, ShardHandle>>);
+
+impl WorkerShards {
+    pub fn get(&self, collection: CollectionId) -> Option<ShardHandle> {
+        self.0.read().ok()?.get(&collection).cloned()
+    }
+
+    /// The shard of `collection`, made by `make` if there is none yet
+    /// (`None` from `make`: there is none to make).
+    pub fn get_or_make(&self, collection: CollectionId, make: impl FnOnce() -> Option<Shard>) -> Option<ShardHandle> {
+        if let Some(shard) = self.get(collection) {
+            return Some(shard);
+        }
+        let mut shards = self.0.write().ok()?;
+        if let Some(shard) = shards.get(&collection) {
+            return Some(shard.clone());
+        }
+        let shard = Arc::new(RwLock::new(make()?));
+        shards.insert(collection, shard.clone());
+        Some(shard)
+    }
+
+    pub fn insert(&self, collection: CollectionId, shard: Shard) {
+        if let Ok(mut shards) = self.0.write() {
+            shards.insert(collection, Arc::new(RwLock::new(shard)));
+        }
+    }
+
+    pub fn remove(&self, collection: CollectionId) {
+        if let Ok(mut shards) = self.0.write() {
+            shards.remove(&collection);
+        }
+    }
+
+    /// Keeps the shards of the collections `keep` accepts.
+    pub fn retain(&self, keep: impl Fn(CollectionId) -> bool) {
+        if let Ok(mut shards) = self.0.write() {
+            shards.retain(|&collection, _| keep(collection));
+        }
+    }
+
+    /// Every shard, for the worker's maintenance pass.
+    pub fn all(&self) -> Vec<(CollectionId, ShardHandle)> {
+        self.0.read().map(|shards| shards.iter().map(|(&c, s)| (c, s.clone())).collect()).unwrap_or_default()
+    }
+}
+
+/// A poisoned shard lock means a thread panicked while holding it: the
+/// shard may be half changed, so nothing is read from or applied to it.
+const POISONED: &str = "a shard's lock is poisoned: a thread panicked while holding it";
+
+pub(crate) fn read(shard: &ShardHandle) -> Result<RwLockReadGuard<'_, Shard>, Failure> {
+    shard.read().map_err(|_| Failure::Internal(POISONED.into()))
+}
+
+pub(crate) fn write(shard: &ShardHandle) -> Result<RwLockWriteGuard<'_, Shard>, Failure> {
+    shard.write().map_err(|_| Failure::Internal(POISONED.into()))
+}
+
+/// One shard's answer to a read at `ts` (a control request gets `Failed`:
+/// those change the shard and run on its worker).
+pub(crate) fn answer_read(
+    shard: &Shard,
+    kind: &RequestKind,
+    ts: Timestamp,
+    filter: Option<&Filter>,
+    stop: Stop<'_>,
+) -> Answer {
+    if kind.reads_history() && ts < shard.compacted_through() {
+        return Answer::Compacted { horizon: shard.compacted_through() };
+    }
+    let result = match kind {
+        RequestKind::Search { field, queries, k, ef, output_fields, .. } => shard
+            .search(*field, queries, *k, *ef, ts, filter, output_fields, stop)
+            .map(|hits| Answer::Search { k: *k, hits }),
+        RequestKind::Get { pks, output_fields } => Ok(Answer::Get(shard.get(pks, ts, output_fields))),
+        RequestKind::Query { output_fields, limit, .. } => {
+            shard.query(filter, ts, output_fields, *limit, stop).map(|rows| Answer::Query { limit: *limit, rows })
+        }
+        RequestKind::Count { .. } => shard.count(filter, ts, stop).map(Answer::Count),
+        RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
+        RequestKind::Checkpoint { .. } | RequestKind::Compact { .. } => {
+            return Answer::Failed(Failure::Internal("a control request is not a read".into()));
+        }
+    };
+    result.unwrap_or_else(|e| Answer::Failed(e.into()))
+}
+
+/// The answer for a collection a worker holds no rows of.
+pub(crate) fn empty_answer(kind: &RequestKind) -> Answer {
+    match kind {
+        RequestKind::Search { queries, k, .. } => Answer::Search { k: *k, hits: vec![Vec::new(); queries.len()] },
+        RequestKind::Get { .. } => Answer::Get(Vec::new()),
+        RequestKind::Query { limit, .. } => Answer::Query { limit: *limit, rows: Vec::new() },
+        RequestKind::Count { .. } => Answer::Count(0),
+        RequestKind::Checkpoint { .. } => Answer::Checkpoint(Vec::new()),
+        RequestKind::Compact { .. } => Answer::Count(0),
+        RequestKind::Stats => Answer::Stats(Default::default()),
+    }
+}
+
+/// Compiled filters by (collection, text). Compiling plans the expression
+/// with DataFusion on a thread of its own, which costs more than a
+/// selective search: a repeated filter compiles once. A collection's
+/// schema never changes under its id, so entries never go stale.
+#[derive(Default)]
+pub(crate) struct FilterCache(Mutex<HashMap<(CollectionId, String), Filter>>);
+
+impl FilterCache {
+    /// Filters kept at most; the cache starts over beyond it.
+    const CAPACITY: usize = 256;
+
+    pub fn get(
+        &self,
+        collection: CollectionId,
+        schema: &CollectionSchema,
+        text: &str,
+    ) -> vectorflow_core::Result<Filter> {
+        let key = (collection, text.to_string());
+        if let Some(filter) = self.0.lock().ok().and_then(|cache| cache.get(&key).cloned()) {
+            return Ok(filter);
+        }
+        let filter = Filter::compile(schema, text)?;
+        if let Ok(mut cache) = self.0.lock() {
+            if cache.len() >= Self::CAPACITY {
+                cache.clear();
+            }
+            cache.insert(key, filter.clone());
+        }
+        Ok(filter)
+    }
+}
