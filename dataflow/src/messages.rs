@@ -158,7 +158,7 @@ pub enum RequestKind {
         queries: Vec<Vec<f32>>,
         k: usize,
         ef: usize,
-        /// Filter expression text; every worker compiles it against the schema.
+        /// Filter expression text; the reading engine compiles it once (cached per collection and text).
         filter: Option<String>,
         output_fields: Vec<usize>,
     },

@@ -150,11 +150,9 @@ pub struct ShardCheckpoint {
     pub superseded: Option<String>,
 }
 
-/// A fresh segment name: time first (for people reading listings), then
-/// 64 random bits (std's per-process random hasher keys).
 /// Asked between units of a read's work: `true` once nobody waits for the
 /// answer any more (its deadline passed), so the read stops with
-/// [`vectorflow_core::Error::Cancelled`] instead of holding a worker.
+/// [`vectorflow_core::Error::Cancelled`] instead of holding a search thread.
 #[derive(Clone, Copy)]
 pub struct Stop<'a>(pub &'a dyn Fn() -> bool);
 
@@ -167,6 +165,8 @@ impl Stop<'_> {
     }
 }
 
+/// A fresh segment name: time first (for people reading listings), then
+/// 64 random bits (std's per-process random hasher keys).
 pub fn new_uid() -> String {
     use std::hash::{BuildHasher, Hasher};
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
