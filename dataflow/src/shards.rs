@@ -127,10 +127,11 @@ pub(crate) fn empty_answer(kind: &RequestKind) -> Answer {
 /// selective search: a repeated filter compiles once. A collection's
 /// schema never changes under its id, so entries never go stale.
 #[derive(Default)]
-pub(crate) struct FilterCache(Mutex<HashMap<(CollectionId, String), Filter>>);
+pub(crate) struct FilterCache(Mutex<HashMap<CollectionId, HashMap<String, Filter>>>);
 
 impl FilterCache {
-    /// Filters kept at most; the cache starts over beyond it.
+    /// Collections, and filters per collection, kept at most; past either
+    /// bound that cache starts over (so dropped collections' filters go too).
     const CAPACITY: usize = 256;
 
     pub fn get(
@@ -139,16 +140,21 @@ impl FilterCache {
         schema: &CollectionSchema,
         text: &str,
     ) -> vectorflow_core::Result<Filter> {
-        let key = (collection, text.to_string());
-        if let Some(filter) = self.0.lock().ok().and_then(|cache| cache.get(&key).cloned()) {
+        // Looked up by `&str`: a hit (every repeated read) allocates no key.
+        let cached = self.0.lock().ok().and_then(|cache| cache.get(&collection)?.get(text).cloned());
+        if let Some(filter) = cached {
             return Ok(filter);
         }
         let filter = Filter::compile(schema, text)?;
         if let Ok(mut cache) = self.0.lock() {
-            if cache.len() >= Self::CAPACITY {
+            if !cache.contains_key(&collection) && cache.len() >= Self::CAPACITY {
                 cache.clear();
             }
-            cache.insert(key, filter.clone());
+            let filters = cache.entry(collection).or_default();
+            if filters.len() >= Self::CAPACITY {
+                filters.clear();
+            }
+            filters.insert(text.to_string(), filter.clone());
         }
         Ok(filter)
     }

@@ -285,41 +285,43 @@ impl Engine {
 
     /// Waits until every sealed segment of the collection has its index, or `timeout`.
     pub fn wait_for_indexes(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
-        let deadline = std::time::Instant::now() + timeout;
-        // The first look sees every write acknowledged before the call.
-        let mut consistency = Consistency::Strong;
-        loop {
-            let stats = self.stats(collection, consistency)?;
-            // Later polls need not wait for the log: the state only moves on.
-            consistency = Consistency::Eventually;
-            if stats.indexed_segments == stats.sealed_segments {
-                return Ok(stats);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(Error::Timeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_for_stats(collection, timeout, Duration::from_millis(10), |stats| {
+            stats.indexed_segments == stats.sealed_segments
+        })
     }
 
     /// Waits until every sealed segment is indexed and no merge runs or
     /// is due: the segments the merge policy settles on for the data as it
     /// is now.
     pub fn wait_for_merges(&self, collection: &str, timeout: Duration) -> Result<CollectionStats> {
+        self.wait_for_stats(collection, timeout, Duration::from_millis(20), |stats| {
+            stats.indexed_segments == stats.sealed_segments && stats.merges_pending == 0
+        })
+    }
+
+    /// Polls the collection's stats every `interval` until `done` accepts
+    /// them, or `timeout`.
+    fn wait_for_stats(
+        &self,
+        collection: &str,
+        timeout: Duration,
+        interval: Duration,
+        done: impl Fn(&CollectionStats) -> bool,
+    ) -> Result<CollectionStats> {
         let deadline = std::time::Instant::now() + timeout;
-        // The first look sees every write acknowledged before the call.
+        // The first look sees every write acknowledged before the call;
+        // later ones need not wait for the log: the state only moves on.
         let mut consistency = Consistency::Strong;
         loop {
             let stats = self.stats(collection, consistency)?;
-            // Later polls need not wait for the log: the state only moves on.
             consistency = Consistency::Eventually;
-            if stats.indexed_segments == stats.sealed_segments && stats.merges_pending == 0 {
+            if done(&stats) {
                 return Ok(stats);
             }
             if std::time::Instant::now() >= deadline {
                 return Err(Error::Timeout(timeout));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(interval);
         }
     }
 
