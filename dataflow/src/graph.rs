@@ -287,10 +287,12 @@ fn build<'scope>(scope: Scope<'scope, Timestamp>, shared: &Arc<Shared>, index: u
     // The arrangement places keys by differential's own hash; each change
     // goes back to the key's shard, where its rows are.
     let changes = arranged
-        .as_collection(move |key: &Key, version: &VersionId| (shard_of(key.0, &key.1, peers), key.0, *version))
+        .as_collection(move |key: &Key, version: &VersionId| {
+            (shard_of(key.0, &key.1, peers), key.0, key.1.clone(), *version)
+        })
         .inner
-        .exchange(|((shard, _, _), _, _)| *shard as u64)
-        .map(|((_, collection, version), ts, diff)| SegmentInput::Change { collection, version, ts, diff });
+        .exchange(|((shard, ..), _, _)| *shard as u64)
+        .map(|((_, collection, pk, version), ts, diff)| SegmentInput::Change { collection, pk, version, ts, diff });
 
     let data = chunks.map(SegmentInput::Chunk).concat(changes);
     // Each request goes to the workers that answer it (every worker, or a
@@ -516,7 +518,7 @@ fn request_source<'scope>(
 struct Pending {
     chunks: Vec<ShardChunk>,
     added: HashSet<VersionId>,
-    retired: Vec<(CollectionId, VersionId)>,
+    retired: Vec<(CollectionId, Pk, VersionId)>,
 }
 
 /// The segment operator: applies version changes to this worker's shards
@@ -540,12 +542,12 @@ fn segments<'scope>(
                 for item in items.drain(..) {
                     match item {
                         SegmentInput::Chunk(chunk) => stash.entry(chunk.ts).or_default().chunks.push(chunk),
-                        SegmentInput::Change { collection, version, ts, diff } => {
+                        SegmentInput::Change { collection, pk, version, ts, diff } => {
                             let pending = stash.entry(ts).or_default();
                             if diff > 0 {
                                 pending.added.insert(version);
                             } else {
-                                pending.retired.push((collection, version));
+                                pending.retired.push((collection, pk, version));
                             }
                         }
                     }
@@ -649,14 +651,14 @@ fn apply_through(shared: &Shared, shards: &WorkerShards, stash: &mut BTreeMap<Ti
 
 fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending) {
     let Pending { chunks, added, retired } = pending;
-    let mut per_collection: BTreeMap<CollectionId, (Vec<_>, Vec<VersionId>)> = BTreeMap::new();
+    let mut per_collection: BTreeMap<CollectionId, (Vec<_>, Vec<(Pk, VersionId)>)> = BTreeMap::new();
     for chunk in chunks {
         if let ChunkBody::Upsert { batch, versions, .. } = chunk.body {
             per_collection.entry(chunk.collection).or_default().0.push((batch.0, versions));
         }
     }
-    for (collection, version) in retired {
-        per_collection.entry(collection).or_default().1.push(version);
+    for (collection, pk, version) in retired {
+        per_collection.entry(collection).or_default().1.push((pk, version));
     }
     for (collection, (batches, retired)) in per_collection {
         if shared.failure(collection).is_some() {

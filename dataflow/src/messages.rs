@@ -35,9 +35,11 @@ pub enum ChunkBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SegmentInput {
     Chunk(ShardChunk),
-    /// `+1`: `version` is the key's current version from `ts`; `-1`: retired at `ts`.
+    /// `+1`: `version` is the key's current version from `ts`; `-1`: retired
+    /// at `ts` (the shard finds it among `pk`'s versions).
     Change {
         collection: CollectionId,
+        pk: Pk,
         version: VersionId,
         ts: Timestamp,
         diff: isize,

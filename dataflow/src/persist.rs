@@ -351,9 +351,8 @@ fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams)
         return reshard(job, data, &deletes, shards, bytes, params);
     }
     if files.growing {
-        let segment =
-            Segment::restore(0, String::new(), job.schema, data, &deletes, Restored::Growing, job.as_of, params)
-                .map_err(|e| relocate(e, &location(&files.data.path)))?;
+        let segment = Segment::restore(String::new(), job.schema, data, &deletes, Restored::Growing, job.as_of, params)
+            .map_err(|e| relocate(e, &location(&files.data.path)))?;
         return Ok(vec![Loaded { collection: job.collection, shard: job.shard, segment, rebuilt: false, bytes }]);
     }
     let mut indexes = HashMap::new();
@@ -389,7 +388,7 @@ fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams)
     // A segment whose index is rebuilt is written again under a new name:
     // the objects the manifest lists are never overwritten.
     let uid = if rebuilt { vectorflow_operators::shard::new_uid() } else { files.uid.clone() };
-    let segment = Segment::restore(0, uid, job.schema, data, &deletes, Restored::Sealed { indexes }, job.as_of, params)
+    let segment = Segment::restore(uid, job.schema, data, &deletes, Restored::Sealed { indexes }, job.as_of, params)
         .map_err(|e| relocate(e, &location(&files.data.path)))?;
     Ok(vec![Loaded { collection: job.collection, shard: job.shard, segment, rebuilt, bytes }])
 }
@@ -434,7 +433,7 @@ fn reshard(
         let part = vectorflow_core::batch::take_rows(&data, &rows)?;
         let uid = vectorflow_operators::shard::new_uid();
         let segment =
-            Segment::restore(0, uid, job.schema, part, &deletes_of[shard], Restored::sealed(), job.as_of, params)?;
+            Segment::restore(uid, job.schema, part, &deletes_of[shard], Restored::sealed(), job.as_of, params)?;
         loaded.push(Loaded { collection: job.collection, shard, segment, rebuilt: true, bytes: 0 });
     }
     if let Some(first) = loaded.first_mut() {

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vectorflow_core::{CollectionId, CollectionSchema, Timestamp};
+use vectorflow_operators::shard::SegmentReader;
 use vectorflow_operators::{Filter, Shard, Stop};
 
 use crate::messages::{Answer, Failure, RequestKind};
@@ -81,30 +82,58 @@ pub(crate) fn write(shard: &ShardHandle) -> Result<RwLockWriteGuard<'_, Shard>, 
 }
 
 /// One shard's answer to a read at `ts` (a control request gets `Failed`:
-/// those change the shard and run on its worker).
+/// those change the shard and run on its worker). Searches, queries and
+/// counts read the growing segment under the shard's read lock and the
+/// sealed segments after releasing it (see [`Shard::sealed_view`]): the
+/// worker waiting to apply the next writes waits for the growing
+/// segment's part of a read, never for a graph search.
 pub(crate) fn answer_read(
-    shard: &Shard,
+    shard: &ShardHandle,
     kind: &RequestKind,
     ts: Timestamp,
     filter: Option<&Filter>,
     stop: Stop<'_>,
 ) -> Answer {
+    let shard = match read(shard) {
+        Ok(shard) => shard,
+        Err(failure) => return Answer::Failed(failure),
+    };
     if kind.reads_history() && ts < shard.compacted_through() {
         return Answer::Compacted { horizon: shard.compacted_through() };
     }
+    match kind {
+        RequestKind::Search { .. } | RequestKind::Query { .. } | RequestKind::Count { .. } => {
+            let sealed = shard.sealed_view();
+            let mut answer = answer_from_segments(shard.growing_reader(), kind, ts, filter, stop);
+            drop(shard);
+            answer.merge(answer_from_segments(sealed.reader(), kind, ts, filter, stop));
+            answer
+        }
+        RequestKind::Get { pks, output_fields } => Answer::Get(shard.get(pks, ts, output_fields)),
+        RequestKind::Stats => Answer::Stats(shard.stats()),
+        RequestKind::Checkpoint { .. } | RequestKind::Compact { .. } => {
+            Answer::Failed(Failure::Internal("a control request is not a read".into()))
+        }
+    }
+}
+
+/// A search's, query's or count's answer over some of a shard's segments.
+fn answer_from_segments(
+    segments: SegmentReader<'_>,
+    kind: &RequestKind,
+    ts: Timestamp,
+    filter: Option<&Filter>,
+    stop: Stop<'_>,
+) -> Answer {
     let result = match kind {
-        RequestKind::Search { field, queries, k, ef, output_fields, .. } => shard
+        RequestKind::Search { field, queries, k, ef, output_fields, .. } => segments
             .search(*field, queries, *k, *ef, ts, filter, output_fields, stop)
             .map(|hits| Answer::Search { k: *k, hits }),
-        RequestKind::Get { pks, output_fields } => Ok(Answer::Get(shard.get(pks, ts, output_fields))),
         RequestKind::Query { output_fields, limit, .. } => {
-            shard.query(filter, ts, output_fields, *limit, stop).map(|rows| Answer::Query { limit: *limit, rows })
+            segments.query(filter, ts, output_fields, *limit, stop).map(|rows| Answer::Query { limit: *limit, rows })
         }
-        RequestKind::Count { .. } => shard.count(filter, ts, stop).map(Answer::Count),
-        RequestKind::Stats => Ok(Answer::Stats(shard.stats())),
-        RequestKind::Checkpoint { .. } | RequestKind::Compact { .. } => {
-            return Answer::Failed(Failure::Internal("a control request is not a read".into()));
-        }
+        RequestKind::Count { .. } => segments.count(filter, ts, stop).map(Answer::Count),
+        _ => return Answer::Failed(Failure::Internal("only searches, queries and counts read segments".into())),
     };
     result.unwrap_or_else(|e| Answer::Failed(e.into()))
 }

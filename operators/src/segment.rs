@@ -8,7 +8,8 @@
 //! nothing disappears from results during the hand-off.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use arrow::array::{Array, ArrayRef, AsArray, UInt32Array, UInt64Array};
 use arrow::buffer::ScalarBuffer;
@@ -74,8 +75,6 @@ struct VectorColumn {
 
 #[derive(Debug)]
 pub struct Segment {
-    /// Position in its shard (renumbered when compaction replaces segments).
-    pub id: u64,
     /// Name in the object store, unique for the store's life; set at seal.
     uid: String,
     chunks: Vec<RecordBatch>,
@@ -88,11 +87,17 @@ pub struct Segment {
     tiebreaks: Vec<u64>,
     versions: Vec<VersionId>,
     insert_ts: Vec<Timestamp>,
-    delete_ts: Vec<Timestamp>,
+    /// Set through `&self`: a sealed segment is shared with the reads that
+    /// run without the shard's lock while its one writer (the shard's
+    /// worker) retires rows. A read at `t` starts only once every change
+    /// at or before `t` is applied and published, and every later change
+    /// sets a time after `t`, so whether a read sees those makes no
+    /// difference to its answer.
+    delete_ts: Vec<AtomicU64>,
     /// The `delete_ts` of every retired row, ascending: how many rows a
     /// time has retired is a binary search, not a pass over the rows
     /// (every search asks, and under upserts every segment has some).
-    retire_times: Vec<Timestamp>,
+    retire_times: RwLock<Vec<Timestamp>>,
     /// Rows restored hidden (inserted after the restore's `as_of`): never visible.
     hidden: usize,
     max_insert_ts: Timestamp,
@@ -126,7 +131,7 @@ impl RowSet {
 const CACHED_FILTERS: usize = 32;
 
 impl Segment {
-    pub fn new(id: u64, schema: &CollectionSchema) -> Segment {
+    pub fn new(schema: &CollectionSchema) -> Segment {
         let vectors = schema
             .fields
             .iter()
@@ -139,7 +144,6 @@ impl Segment {
             })
             .collect();
         Segment {
-            id,
             uid: String::new(),
             chunks: Vec::new(),
             chunk_starts: Vec::new(),
@@ -150,7 +154,7 @@ impl Segment {
             versions: Vec::new(),
             insert_ts: Vec::new(),
             delete_ts: Vec::new(),
-            retire_times: Vec::new(),
+            retire_times: RwLock::new(Vec::new()),
             hidden: 0,
             max_insert_ts: 0,
             sealed: false,
@@ -186,41 +190,55 @@ impl Segment {
 
     /// Rows retired by a later version (or a delete).
     pub fn retired(&self) -> usize {
-        self.retire_times.len() + self.hidden
+        self.retire_times().len() + self.hidden
+    }
+
+    /// The retire times (a poisoned lock still holds a sorted list: each
+    /// change is one insert or one remove).
+    fn retire_times(&self) -> std::sync::RwLockReadGuard<'_, Vec<Timestamp>> {
+        self.retire_times.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[inline]
+    fn delete_ts(&self, row: usize) -> Timestamp {
+        self.delete_ts[row].load(Ordering::Relaxed)
     }
 
     /// Rows retired at or before `ts`.
     fn retired_by(&self, ts: Timestamp) -> usize {
-        self.retire_times.partition_point(|&t| t <= ts)
+        self.retire_times().partition_point(|&t| t <= ts)
     }
 
     /// Sets a row's `delete_ts` to `ts` if that is earlier, keeping
     /// `retire_times` in step.
-    fn set_delete_ts(&mut self, row: usize, ts: Timestamp) {
-        let old = self.delete_ts[row];
+    fn set_delete_ts(&self, row: usize, ts: Timestamp) {
+        let old = self.delete_ts(row);
         if ts >= old {
             return;
         }
+        let mut retire_times = self.retire_times.write().unwrap_or_else(PoisonError::into_inner);
         if old != ALIVE {
-            let at = self.retire_times.partition_point(|&t| t < old);
-            self.retire_times.remove(at);
+            let at = retire_times.partition_point(|&t| t < old);
+            retire_times.remove(at);
         }
-        self.delete_ts[row] = ts;
+        self.delete_ts[row].store(ts, Ordering::Relaxed);
         // Deletes arrive in time order, so this is nearly always a push.
-        let at = self.retire_times.partition_point(|&t| t <= ts);
-        self.retire_times.insert(at, ts);
+        let at = retire_times.partition_point(|&t| t <= ts);
+        retire_times.insert(at, ts);
     }
 
     /// Recomputes `retire_times` and `hidden` after `delete_ts`/`insert_ts` were set wholesale.
     fn recount_retired(&mut self) {
-        self.retire_times = self.delete_ts.iter().copied().filter(|&ts| ts != ALIVE).collect();
-        self.retire_times.sort_unstable();
+        let mut retire_times: Vec<Timestamp> =
+            self.delete_ts.iter_mut().map(|ts| *ts.get_mut()).filter(|&ts| ts != ALIVE).collect();
+        retire_times.sort_unstable();
+        self.retire_times = RwLock::new(retire_times);
         self.hidden = self.insert_ts.iter().filter(|&&ts| ts == ALIVE).count();
     }
 
     /// `(row, delete_ts)` of every retired row.
     pub fn deletes(&self) -> Vec<(u32, Timestamp)> {
-        self.delete_ts.iter().enumerate().filter(|(_, ts)| **ts != ALIVE).map(|(row, ts)| (row as u32, *ts)).collect()
+        (0..self.len()).map(|row| (row as u32, self.delete_ts(row))).filter(|&(_, ts)| ts != ALIVE).collect()
     }
 
     /// Rows no read inside the retention window can see: retired at or
@@ -230,7 +248,7 @@ impl Segment {
     }
 
     fn is_dead(&self, row: usize, horizon: Timestamp) -> bool {
-        self.delete_ts[row] <= horizon || self.insert_ts[row] == ALIVE
+        self.delete_ts(row) <= horizon || self.insert_ts[row] == ALIVE
     }
 
     /// What persistence needs of a sealed segment: its rows with the system
@@ -274,7 +292,6 @@ impl Segment {
     /// the log from `as_of` cannot apply anything twice.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(
-        id: u64,
         uid: String,
         schema: &CollectionSchema,
         data: RecordBatch,
@@ -304,7 +321,7 @@ impl Segment {
         };
         let rows = data.num_rows();
         let user = data.project(&(0..user_columns).collect::<Vec<_>>())?;
-        let mut segment = Segment::new(id, schema);
+        let mut segment = Segment::new(schema);
         segment.uid = uid.clone();
         segment.pks = pks_from_array(user.column(segment.pk_field).as_ref())?;
         segment.tiebreaks = segment.pks.iter().map(Pk::order_key).collect();
@@ -316,14 +333,14 @@ impl Segment {
             })
             .collect();
         segment.insert_ts = insert_ts.values().iter().map(|&ts| if ts <= as_of { ts } else { ALIVE }).collect();
-        segment.delete_ts = vec![ALIVE; rows];
+        segment.delete_ts = (0..rows).map(|_| AtomicU64::new(ALIVE)).collect();
         for &(row, ts) in deletes {
             let slot = segment
                 .delete_ts
                 .get_mut(row as usize)
                 .ok_or_else(|| corrupt(format!("deleted row {row} of {rows}")))?;
             if ts <= as_of {
-                *slot = ts;
+                *slot.get_mut() = ts;
             }
         }
         segment.recount_retired();
@@ -396,13 +413,12 @@ impl Segment {
     /// of each new row.
     pub fn compacted(
         inputs: &[&Segment],
-        id: u64,
         uid: String,
         schema: &CollectionSchema,
         horizon: Timestamp,
         params: IndexParams,
     ) -> Result<(Segment, Vec<(usize, u32)>)> {
-        let mut output = Segment::new(id, schema);
+        let mut output = Segment::new(schema);
         output.uid = uid;
         let mut sources = Vec::new();
         for (input_index, input) in inputs.iter().enumerate() {
@@ -418,7 +434,7 @@ impl Segment {
             output.append(batch, versions, 0)?;
             for (i, &row) in keep.iter().enumerate() {
                 output.insert_ts[first + i] = input.insert_ts[row as usize];
-                output.delete_ts[first + i] = input.delete_ts[row as usize];
+                *output.delete_ts[first + i].get_mut() = input.delete_ts(row as usize);
                 sources.push((input_index, row));
             }
         }
@@ -454,7 +470,7 @@ impl Segment {
     /// arrived while the compacted segment was being built).
     pub fn take_deletes_from(&mut self, inputs: &[&Segment], sources: &[(usize, u32)]) {
         for (row, &(input, source_row)) in sources.iter().enumerate() {
-            self.set_delete_ts(row, inputs[input].delete_ts[source_row as usize]);
+            self.set_delete_ts(row, inputs[input].delete_ts(source_row as usize));
         }
     }
 
@@ -477,7 +493,7 @@ impl Segment {
 
     #[inline]
     pub fn visible(&self, row: usize, ts: Timestamp) -> bool {
-        self.insert_ts[row] <= ts && ts < self.delete_ts[row]
+        self.insert_ts[row] <= ts && ts < self.delete_ts(row)
     }
 
     /// Appends rows inserted at `ts`; returns the first new row number.
@@ -492,7 +508,7 @@ impl Segment {
         self.pks.extend(pks);
         self.versions.extend(versions);
         self.insert_ts.resize(self.pks.len(), ts);
-        self.delete_ts.resize(self.pks.len(), ALIVE);
+        self.delete_ts.resize_with(self.pks.len(), || AtomicU64::new(ALIVE));
         self.max_insert_ts = self.max_insert_ts.max(ts);
         self.chunk_starts.push(first);
         self.chunks.push(batch);
@@ -500,7 +516,7 @@ impl Segment {
     }
 
     /// Retires a row version at `ts` (a delete, or an upsert that replaced it).
-    pub fn retire(&mut self, row: u32, ts: Timestamp) {
+    pub fn retire(&self, row: u32, ts: Timestamp) {
         self.set_delete_ts(row as usize, ts);
     }
 
@@ -595,6 +611,8 @@ impl Segment {
     /// The `k` rows closest to `query` in vector field `field` among those
     /// visible at `ts` and, when given, `allowed`. `query` is already
     /// normalised for COSINE.
+    /// The candidates' `segment` is 0: the segment does not know its
+    /// position among those a read covers.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
@@ -620,7 +638,7 @@ impl Segment {
                 let found = graph.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
                 let mut top = TopK::new(k);
                 for (distance, row) in found {
-                    top.push(Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: self.id, row });
+                    top.push(Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: 0, row });
                 }
                 top.into_sorted()
             }
@@ -653,7 +671,7 @@ impl Segment {
         for row in rows.filter(|&row| passes(row)) {
             let d = distance(column.metric, query, self.vector_in(column, row));
             if d <= top.threshold() {
-                top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: self.id, row: row as u32 });
+                top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
             }
         }
         top.into_sorted()
@@ -675,12 +693,7 @@ impl Segment {
                 }
                 let d = distance(column.metric, query, vector);
                 if d <= top.threshold() {
-                    top.push(Candidate {
-                        distance: d,
-                        tiebreak: self.tiebreaks[row],
-                        segment: self.id,
-                        row: row as u32,
-                    });
+                    top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
                 }
             }
         }
@@ -837,7 +850,7 @@ mod tests {
         .unwrap();
         let batch = WriteBatch::from_record_batch(&schema, &input, WriteKind::Upsert).unwrap().batch;
         let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
-        let mut segment = Segment::new(0, &schema);
+        let mut segment = Segment::new(&schema);
         segment.append(batch, versions, 10).unwrap();
         segment.seal_as("s".into(), IndexParams::default()).unwrap();
         while !segment.is_indexed() {
@@ -850,7 +863,7 @@ mod tests {
     fn search_stays_exact_when_few_rows_of_an_indexed_segment_are_visible() {
         let rows = 3000;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let (_, values, mut segment) = indexed_random_segment(rows, &mut rng);
+        let (_, values, segment) = indexed_random_segment(rows, &mut rng);
         // Retire all but every 60th row: 50 rows stay visible.
         for row in (0..rows as u32).filter(|r| r % 60 != 0) {
             segment.retire(row, 20);
@@ -872,7 +885,7 @@ mod tests {
     fn a_rewrite_that_keeps_most_rows_repairs_the_graph_and_counts_stay_right() {
         let rows = 3000;
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (schema, values, mut segment) = indexed_random_segment(rows, &mut rng);
+        let (schema, values, segment) = indexed_random_segment(rows, &mut rng);
         // A third retired at 20, a few more at 40 (after the horizon).
         let retired_at = |row: u32| match row % 30 {
             0..10 => Some(20),
@@ -891,7 +904,7 @@ mod tests {
         }
         assert_eq!(segment.dead_rows(30), visible_at(10) - visible_at(20));
         let (mut output, sources) =
-            Segment::compacted(&[&segment], 1, "r".into(), &schema, 30, IndexParams::default()).unwrap();
+            Segment::compacted(&[&segment], "r".into(), &schema, 30, IndexParams::default()).unwrap();
         assert_eq!(segment.graph_repairs(&sources).len(), 1, "two thirds kept: the graph is repaired, not rebuilt");
         while !output.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));

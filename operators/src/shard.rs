@@ -14,7 +14,7 @@ use crate::index::IndexParams;
 use crate::merge_policy::{MergePolicy, SegmentSize};
 pub use crate::segment::SearchPlan;
 use crate::segment::{RowSet, Segment, SegmentSnapshot};
-use crate::topk::TopK;
+use crate::topk::{Candidate, TopK};
 
 /// Shard tuning, the same for every shard of an engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,17 +78,20 @@ impl std::ops::AddAssign for ShardStats {
     }
 }
 
-/// Where a row version lives: segment id (its position) and row.
-type RowAddress = (u64, u32);
+/// Where a row version lives: its segment's position and its row there.
+type RowAddress = (u32, u32);
 
 #[derive(Debug)]
 pub struct Shard {
     schema: Arc<CollectionSchema>,
     config: ShardConfig,
-    /// Segment `i` has id `i`; the last one is the growing segment.
-    segments: Vec<Segment>,
-    locations: HashMap<VersionId, RowAddress>,
-    /// Every version of a key still held.
+    /// The sealed segments, then the growing one. A row's address names
+    /// its segment by position here. Sealed segments are shared with the
+    /// reads that search them without the shard's lock (see
+    /// [`Shard::sealed_view`]); the growing one never is.
+    segments: Vec<Arc<Segment>>,
+    /// Every version of a key still held: a retired version is found among
+    /// its key's (no map by version: that cost about 40 bytes a row).
     /// Most keys have one version held: inline, not a heap block per key.
     versions_by_pk: HashMap<Pk, SmallVec<[RowAddress; 1]>>,
     /// Segments sealed since persistence last took them.
@@ -165,6 +168,129 @@ impl Stop<'_> {
     }
 }
 
+/// A shard's sealed segments at one moment (see [`Shard::sealed_view`]).
+#[derive(Debug, Clone)]
+pub struct SealedView {
+    segments: Vec<Arc<Segment>>,
+    plan: SearchPlan,
+}
+
+impl SealedView {
+    pub fn reader(&self) -> SegmentReader<'_> {
+        SegmentReader { segments: &self.segments, plan: self.plan }
+    }
+}
+
+/// The reads a shard answers at a timestamp, over some of its segments:
+/// all of them, the growing one, or a [`SealedView`]. Answers over
+/// disjoint parts of a shard merge like the answers of shards.
+#[derive(Clone, Copy)]
+pub struct SegmentReader<'a> {
+    segments: &'a [Arc<Segment>],
+    plan: SearchPlan,
+}
+
+impl SegmentReader<'_> {
+    /// Which rows of each segment pass `filter` (`None` without a filter).
+    fn allowed(&self, filter: Option<&Filter>, stop: Stop<'_>) -> Result<Vec<Option<Arc<RowSet>>>> {
+        self.segments
+            .iter()
+            .map(|segment| {
+                stop.check()?;
+                filter.map(|f| segment.evaluate(f)).transpose()
+            })
+            .collect()
+    }
+
+    /// See [`Shard::search`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        field: usize,
+        queries: &[Vec<f32>],
+        k: usize,
+        ef: usize,
+        ts: Timestamp,
+        filter: Option<&Filter>,
+        output_fields: &[usize],
+        stop: Stop<'_>,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let allowed = self.allowed(filter, stop)?;
+        queries
+            .iter()
+            .map(|query| {
+                let mut top = TopK::new(k);
+                for (position, (segment, allowed)) in self.segments.iter().zip(&allowed).enumerate() {
+                    stop.check()?;
+                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.plan) {
+                        top.push(Candidate { segment: position as u64, ..candidate });
+                    }
+                }
+                Ok(top
+                    .into_sorted()
+                    .into_iter()
+                    .map(|c| self.hit(c.segment, c.row, c.distance, output_fields))
+                    .collect())
+            })
+            .collect()
+    }
+
+    fn hit(&self, segment: u64, row: u32, distance: f32, output_fields: &[usize]) -> Hit {
+        let segment = &self.segments[segment as usize];
+        Hit {
+            pk: segment.pk(row).clone(),
+            distance,
+            fields: output_fields.iter().map(|&f| segment.value(f, row)).collect(),
+        }
+    }
+
+    /// See [`Shard::query`].
+    pub fn query(
+        &self,
+        filter: Option<&Filter>,
+        ts: Timestamp,
+        output_fields: &[usize],
+        limit: usize,
+        stop: Stop<'_>,
+    ) -> Result<Vec<(Pk, Vec<Value>)>> {
+        let allowed = self.allowed(filter, stop)?;
+        // The first `limit` in key order, in a max-heap of at most `limit`
+        // entries: memory follows the answer, not the rows that match.
+        let mut first: std::collections::BinaryHeap<(u64, u64, u32)> = std::collections::BinaryHeap::new();
+        for (position, (segment, allowed)) in self.segments.iter().zip(&allowed).enumerate() {
+            stop.check()?;
+            for row in segment.matching_rows(ts, allowed.as_deref()) {
+                let entry = (segment.pk(row).order_key(), position as u64, row);
+                if first.len() < limit {
+                    first.push(entry);
+                } else if first.peek().is_some_and(|last| entry < *last) {
+                    first.pop();
+                    first.push(entry);
+                }
+            }
+        }
+        Ok(first
+            .into_sorted_vec()
+            .into_iter()
+            .map(|(_, segment, row)| {
+                let hit = self.hit(segment, row, 0.0, output_fields);
+                (hit.pk, hit.fields)
+            })
+            .collect())
+    }
+
+    /// See [`Shard::count`].
+    pub fn count(&self, filter: Option<&Filter>, ts: Timestamp, stop: Stop<'_>) -> Result<usize> {
+        let allowed = self.allowed(filter, stop)?;
+        Ok(self
+            .segments
+            .iter()
+            .zip(&allowed)
+            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_deref()))
+            .sum())
+    }
+}
+
 /// A fresh segment name: time first (for people reading listings), then
 /// 64 random bits (std's per-process random hasher keys).
 pub fn new_uid() -> String {
@@ -193,15 +319,11 @@ impl Shard {
                 }
             }
         }
-        segments.push(growing.pop().unwrap_or_else(|| Segment::new(0, &schema)));
-        for (position, segment) in segments.iter_mut().enumerate() {
-            segment.id = position as u64;
-        }
+        segments.push(growing.pop().unwrap_or_else(|| Segment::new(&schema)));
         let mut shard = Shard {
             schema,
             config,
-            segments,
-            locations: HashMap::new(),
+            segments: segments.into_iter().map(Arc::new).collect(),
             versions_by_pk: HashMap::new(),
             newly_sealed: Vec::new(),
             stored_growing: None,
@@ -218,15 +340,13 @@ impl Shard {
 
     /// Rebuilds where every version lives (after segments moved).
     fn index_rows(&mut self) {
-        self.locations.clear();
         self.versions_by_pk.clear();
-        for segment in &self.segments {
+        for (position, segment) in self.segments.iter().enumerate() {
             for row in 0..segment.len() as u32 {
                 if segment.is_hidden(row) {
                     continue;
                 }
-                let address = (segment.id, row);
-                self.locations.insert(segment.version(row), address);
+                let address = (position as u32, row);
                 self.versions_by_pk.entry(segment.pk(row).clone()).or_default().push(address);
             }
         }
@@ -316,8 +436,8 @@ impl Shard {
         if chosen.is_empty() {
             return Ok(0);
         }
-        let inputs: Vec<&Segment> = chosen.iter().map(|&p| &self.segments[p]).collect();
-        let (output, sources) = Segment::compacted(&inputs, 0, new_uid(), &self.schema, horizon, self.config.index)?;
+        let inputs: Vec<&Segment> = chosen.iter().map(|&p| &*self.segments[p]).collect();
+        let (output, sources) = Segment::compacted(&inputs, new_uid(), &self.schema, horizon, self.config.index)?;
         let count = inputs.len();
         tracing::debug!(inputs = count, rows = output.len(), "compaction started");
         self.compacting = Some(PendingCompaction {
@@ -403,7 +523,7 @@ impl Shard {
             return Vec::new();
         }
         {
-            let input_segments: Vec<&Segment> = positions.iter().map(|&p| &self.segments[p]).collect();
+            let input_segments: Vec<&Segment> = positions.iter().map(|&p| &*self.segments[p]).collect();
             output.take_deletes_from(&input_segments, &sources);
         }
         let growing = self.segments.pop();
@@ -418,12 +538,9 @@ impl Shard {
                 Ok(snapshot) => self.newly_sealed.push(snapshot),
                 Err(e) => tracing::error!("snapshot of a compacted segment: {e}"),
             }
-            self.segments.push(output);
+            self.segments.push(Arc::new(output));
         }
         self.segments.extend(growing);
-        for (position, segment) in self.segments.iter_mut().enumerate() {
-            segment.id = position as u64;
-        }
         self.index_rows();
         self.compacted_through = self.compacted_through.max(horizon);
         tracing::debug!(replaced = inputs.len(), "compaction swapped in");
@@ -444,12 +561,19 @@ impl Shard {
         &self.schema
     }
 
-    fn growing(&mut self) -> &mut Segment {
-        let last = self.segments.len() - 1;
-        &mut self.segments[last]
+    fn growing(&self) -> &Segment {
+        &self.segments[self.segments.len() - 1]
     }
 
-    /// Applies the version changes of one timestamp: `retired` versions get
+    /// The growing segment, to append to or seal: only the shard's worker
+    /// holds it (reads borrow it under the shard's lock, never keep it).
+    fn growing_mut(&mut self) -> Result<&mut Segment> {
+        let last = self.segments.len() - 1;
+        Arc::get_mut(&mut self.segments[last])
+            .ok_or_else(|| Error::Internal("the growing segment is shared with a read".into()))
+    }
+
+    /// Applies the version changes of one timestamp: `retired` versions (with their keys) get
     /// `delete_ts = ts`; rows of `chunks` whose version is in `added` are
     /// appended with `insert_ts = ts` (others were superseded within `ts`).
     pub fn apply(
@@ -457,11 +581,17 @@ impl Shard {
         ts: Timestamp,
         chunks: Vec<(RecordBatch, Vec<VersionId>)>,
         added: &HashSet<VersionId>,
-        retired: &[VersionId],
+        retired: &[(Pk, VersionId)],
     ) -> Result<()> {
-        for version in retired {
-            match self.locations.get(version) {
-                Some(&(segment, row)) => self.segments[segment as usize].retire(row, ts),
+        for (pk, version) in retired {
+            let address = self.versions_by_pk.get(pk).and_then(|addresses| {
+                addresses
+                    .iter()
+                    .copied()
+                    .find(|&(segment, row)| self.segments[segment as usize].version(row) == *version)
+            });
+            match address {
+                Some((segment, row)) => self.segments[segment as usize].retire(row, ts),
                 None => {
                     return Err(Error::storage(format!(
                         "retiring version {version:?} at ts {ts}: the shard does not hold it"
@@ -489,13 +619,11 @@ impl Shard {
 
     fn append(&mut self, batch: RecordBatch, versions: Vec<VersionId>, ts: Timestamp) -> Result<()> {
         let rows = batch.num_rows();
-        let segment_id = (self.segments.len() - 1) as u64;
-        let first = self.growing().append(batch, versions.clone(), ts)?;
-        for (i, version) in versions.into_iter().enumerate() {
-            let address = (segment_id, first + i as u32);
-            self.locations.insert(version, address);
-            let pk = self.segments[segment_id as usize].pk(address.1).clone();
-            self.versions_by_pk.entry(pk).or_default().push(address);
+        let position = (self.segments.len() - 1) as u32;
+        let first = self.growing_mut()?.append(batch, versions, ts)?;
+        for row in first..first + rows as u32 {
+            let pk = self.growing().pk(row).clone();
+            self.versions_by_pk.entry(pk).or_default().push((position, row));
         }
         if self.growing().len() >= self.config.seal_rows {
             self.seal_growing()?;
@@ -510,23 +638,34 @@ impl Shard {
             return Ok(());
         }
         let params = self.config.index;
-        self.growing().seal_as(new_uid(), params)?;
+        self.growing_mut()?.seal_as(new_uid(), params)?;
         let snapshot = self.growing().snapshot()?;
         self.newly_sealed.push(snapshot);
-        let id = self.segments.len() as u64;
-        self.segments.push(Segment::new(id, &self.schema));
+        self.segments.push(Arc::new(Segment::new(&self.schema)));
         Ok(())
     }
 
-    /// Which rows of each segment pass `filter` (`None` without a filter).
-    fn allowed(&self, filter: Option<&Filter>, stop: Stop<'_>) -> Result<Vec<Option<Arc<RowSet>>>> {
-        self.segments
-            .iter()
-            .map(|segment| {
-                stop.check()?;
-                filter.map(|f| segment.evaluate(f)).transpose()
-            })
-            .collect()
+    /// Reads over every segment.
+    fn reader(&self) -> SegmentReader<'_> {
+        SegmentReader { segments: &self.segments, plan: self.config.plan }
+    }
+
+    /// Reads over the growing segment alone: for the part of a read that
+    /// needs the shard's lock (see [`Shard::sealed_view`]).
+    pub fn growing_reader(&self) -> SegmentReader<'_> {
+        SegmentReader {
+            segments: std::slice::from_ref(&self.segments[self.segments.len() - 1]),
+            plan: self.config.plan,
+        }
+    }
+
+    /// The sealed segments as they are now, to read without the shard's
+    /// lock: the worker keeps applying (it only retires their rows, at
+    /// times after any running read's) and a merge that replaces them
+    /// leaves this view its own. So a long search never holds up a write;
+    /// only the growing segment's part of a read holds the lock.
+    pub fn sealed_view(&self) -> SealedView {
+        SealedView { segments: self.segments[..self.segments.len() - 1].to_vec(), plan: self.config.plan }
     }
 
     /// The `k` closest rows visible at `ts` (and passing `filter`) for each
@@ -543,33 +682,7 @@ impl Shard {
         output_fields: &[usize],
         stop: Stop<'_>,
     ) -> Result<Vec<Vec<Hit>>> {
-        let allowed = self.allowed(filter, stop)?;
-        queries
-            .iter()
-            .map(|query| {
-                let mut top = TopK::new(k);
-                for (segment, allowed) in self.segments.iter().zip(&allowed) {
-                    stop.check()?;
-                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.config.plan) {
-                        top.push(candidate);
-                    }
-                }
-                Ok(top
-                    .into_sorted()
-                    .into_iter()
-                    .map(|c| self.hit(c.segment, c.row, c.distance, output_fields))
-                    .collect())
-            })
-            .collect()
-    }
-
-    fn hit(&self, segment: u64, row: u32, distance: f32, output_fields: &[usize]) -> Hit {
-        let segment = &self.segments[segment as usize];
-        Hit {
-            pk: segment.pk(row).clone(),
-            distance,
-            fields: output_fields.iter().map(|&f| segment.value(f, row)).collect(),
-        }
+        self.reader().search(field, queries, k, ef, ts, filter, output_fields, stop)
     }
 
     /// Rows visible at `ts` that pass `filter`: the first `limit` in key
@@ -582,41 +695,12 @@ impl Shard {
         limit: usize,
         stop: Stop<'_>,
     ) -> Result<Vec<(Pk, Vec<Value>)>> {
-        let allowed = self.allowed(filter, stop)?;
-        // The first `limit` in key order, in a max-heap of at most `limit`
-        // entries: memory follows the answer, not the rows that match.
-        let mut first: std::collections::BinaryHeap<(u64, u64, u32)> = std::collections::BinaryHeap::new();
-        for (segment, allowed) in self.segments.iter().zip(&allowed) {
-            stop.check()?;
-            for row in segment.matching_rows(ts, allowed.as_deref()) {
-                let entry = (segment.pk(row).order_key(), segment.id, row);
-                if first.len() < limit {
-                    first.push(entry);
-                } else if first.peek().is_some_and(|last| entry < *last) {
-                    first.pop();
-                    first.push(entry);
-                }
-            }
-        }
-        Ok(first
-            .into_sorted_vec()
-            .into_iter()
-            .map(|(_, segment, row)| {
-                let hit = self.hit(segment, row, 0.0, output_fields);
-                (hit.pk, hit.fields)
-            })
-            .collect())
+        self.reader().query(filter, ts, output_fields, limit, stop)
     }
 
     /// How many rows visible at `ts` pass `filter`.
     pub fn count(&self, filter: Option<&Filter>, ts: Timestamp, stop: Stop<'_>) -> Result<usize> {
-        let allowed = self.allowed(filter, stop)?;
-        Ok(self
-            .segments
-            .iter()
-            .zip(&allowed)
-            .map(|(segment, allowed)| segment.passing_count(ts, allowed.as_deref()))
-            .sum())
+        self.reader().count(filter, ts, stop)
     }
 
     /// The version of each key visible at `ts` that this shard holds, with `output_fields`.
@@ -682,6 +766,12 @@ mod tests {
         (batch, versions)
     }
 
+    /// The versions at `rows` of `versions`, keyed: the tests write key `i`
+    /// as the `i`-th version.
+    fn retiring(versions: &[VersionId], rows: &[usize]) -> Vec<(Pk, VersionId)> {
+        rows.iter().map(|&row| (Pk::Int(row as i64), versions[row])).collect()
+    }
+
     #[test]
     fn versions_are_visible_between_insert_and_retire_across_seals() {
         let schema = schema();
@@ -692,8 +782,8 @@ mod tests {
         shard.apply(10, vec![(b1, v1.clone())], &added, &[]).unwrap();
         let (b2, v2) = write(&schema, 20, &[(1, [9.0, 9.0])]);
         let added2: HashSet<_> = v2.iter().copied().collect();
-        shard.apply(20, vec![(b2, v2)], &added2, &[v1[0]]).unwrap();
-        shard.apply(30, vec![], &HashSet::new(), &[v1[1]]).unwrap();
+        shard.apply(20, vec![(b2, v2)], &added2, &[(Pk::Int(1), v1[0])]).unwrap();
+        shard.apply(30, vec![], &HashSet::new(), &[(Pk::Int(2), v1[1])]).unwrap();
 
         let ids = |ts| -> Vec<Pk> {
             shard
@@ -754,6 +844,77 @@ mod tests {
         }
     }
 
+    /// A search, query and count over the growing segment and over a
+    /// sealed view taken at the same moment, merged as shards' answers are.
+    fn answers_in_parts(growing: SegmentReader<'_>, sealed: &SealedView, ts: Timestamp) -> (Answers, usize) {
+        let parts = [growing, sealed.reader()];
+        let mut rows: Vec<(Pk, Vec<Value>)> =
+            parts.iter().flat_map(|p| p.query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap()).collect();
+        rows.sort_by_key(|(pk, _)| pk.order_key());
+        let mut hits: Vec<Hit> = parts
+            .iter()
+            .flat_map(|p| p.search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap().remove(0))
+            .collect();
+        hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key())));
+        hits.truncate(7);
+        let count = parts.iter().map(|p| p.count(None, ts, Stop::NEVER).unwrap()).sum();
+        ((rows, hits.into_iter().map(|h| h.pk).collect()), count)
+    }
+
+    #[test]
+    fn a_sealed_view_answers_as_of_its_reads_time_while_the_shard_applies_and_merges_on() {
+        let schema = schema();
+        let plan = SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() };
+        // Quiet at once: the two sealed segments merge when asked.
+        let merge = MergePolicy { quiet_after: std::time::Duration::ZERO, ..small_merge_policy() };
+        let config = ShardConfig { seal_rows: 10, plan, merge, ..ShardConfig::default() };
+        let mut shard = Shard::new(schema.clone(), config);
+        let mut all = Vec::new();
+        // Batches of 6 rows sealing at 10: two sealed segments and 6 growing rows.
+        for batch in 0..5i64 {
+            let ts = 10 * (batch as u64 + 1);
+            let rows: Vec<(i64, [f32; 2])> = (0..6).map(|i| (batch * 6 + i, [i as f32 * 0.1, batch as f32])).collect();
+            let (b, v) = write(&schema, ts, &rows);
+            all.extend(v.iter().copied());
+            shard.apply(ts, vec![(b, v.clone())], &v.iter().copied().collect(), &[]).unwrap();
+        }
+        shard.apply(55, vec![], &HashSet::new(), &retiring(&all, &[2, 20, 27])).unwrap();
+        assert_eq!((shard.stats().growing_rows, shard.stats().sealed_segments), (6, 2));
+        let times: Vec<Timestamp> = (0..=60).collect();
+        let whole: Vec<Answers> = answers(&shard, &times);
+        let view = shard.sealed_view();
+        for (i, &ts) in times.iter().enumerate() {
+            let (parts, count) = answers_in_parts(shard.growing_reader(), &view, ts);
+            assert_eq!(parts, whole[i], "at {ts}: the parts merged answer as the whole shard");
+            assert_eq!(count, whole[i].0.len());
+        }
+        // The growing part as of now; then the shard moves on: deletes,
+        // more rows, and a merge that replaces the segments the view holds.
+        let growing_then: Vec<Answers> = times
+            .iter()
+            .map(|&ts| {
+                let rows = shard.growing_reader().query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
+                (rows, Vec::new())
+            })
+            .collect();
+        let view_then: Vec<Vec<(Pk, Vec<Value>)>> =
+            times.iter().map(|&ts| view.reader().query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap()).collect();
+        shard.apply(70, vec![], &HashSet::new(), &retiring(&all, &[0, 14, 25])).unwrap();
+        let (b, v) = write(&schema, 80, &[(100, [0.3, 0.1])]);
+        shard.apply(80, vec![(b, v.clone())], &v.iter().copied().collect(), &[]).unwrap();
+        wait_until(|| shard.stats().indexed_segments == shard.stats().sealed_segments);
+        assert_eq!(shard.merge_if_due(|| 0).unwrap(), 2);
+        wait_until(|| !shard.finish_compaction().is_empty());
+        for (i, &ts) in times.iter().enumerate() {
+            let rows = view.reader().query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
+            assert_eq!(rows, view_then[i], "at {ts}: the view still answers as it did");
+            let mut merged = [rows, growing_then[i].0.clone()].concat();
+            merged.sort_by_key(|(pk, _)| pk.order_key());
+            assert_eq!(merged, whole[i].0);
+        }
+        assert_eq!(answers(&shard, &times), whole, "the shard itself answers those times as before");
+    }
+
     #[test]
     fn the_backlog_counts_dead_rows_a_rewrite_will_drop_until_it_has() {
         let schema = schema();
@@ -768,10 +929,10 @@ mod tests {
         assert!(owed == 0 || (owed == 10 && shard.stats().indexed_segments == 0), "{owed}");
         wait_until(|| shard.stats().indexed_segments == 1);
         assert_eq!(shard.backlog_rows(0), 0);
-        shard.apply(20, vec![], &HashSet::new(), &v[..4]).unwrap();
+        shard.apply(20, vec![], &HashSet::new(), &retiring(&v, &[0, 1, 2, 3])).unwrap();
         assert_eq!(shard.backlog_rows(15), 0, "retired after the horizon: time travel still sees them");
         assert_eq!(shard.backlog_rows(25), 0, "4 of 10 dead is not more than half: no rewrite will drop them");
-        shard.apply(30, vec![], &HashSet::new(), &v[4..6]).unwrap();
+        shard.apply(30, vec![], &HashSet::new(), &retiring(&v, &[4, 5])).unwrap();
         assert_eq!(shard.backlog_rows(35), 6);
         assert_eq!(shard.merge_if_due(|| 35).unwrap(), 1, "the policy rewrites it");
         assert_eq!(shard.backlog_rows(35), 6, "owed until the rewrite replaces the segment");
@@ -799,8 +960,8 @@ mod tests {
         }
         // An upsert and a delete before the merge.
         let (b, v) = write(&schema, 45, &[(3, [0.3, 0.1])]);
-        shard.apply(45, vec![(b, v.clone())], &v.iter().copied().collect(), &[all[3]]).unwrap();
-        shard.apply(47, vec![], &HashSet::new(), &[all[5]]).unwrap();
+        shard.apply(45, vec![(b, v.clone())], &v.iter().copied().collect(), &retiring(&all, &[3])).unwrap();
+        shard.apply(47, vec![], &HashSet::new(), &retiring(&all, &[5])).unwrap();
         assert_eq!(shard.stats().sealed_segments, 4);
         wait_until(|| shard.stats().indexed_segments == 4);
         let times: Vec<Timestamp> = (0..=70).step_by(1).collect();
@@ -810,8 +971,8 @@ mod tests {
         assert_eq!(shard.merge_if_due(|| 0).unwrap(), 4);
         assert_eq!(shard.merge_if_due(|| 0).unwrap(), 0, "one merge at a time");
         // Deletes arriving while the merged graph builds carry over.
-        shard.apply(55, vec![], &HashSet::new(), &[all[0], all[17]]).unwrap();
-        shard.apply(60, vec![], &HashSet::new(), &[all[39]]).unwrap();
+        shard.apply(55, vec![], &HashSet::new(), &retiring(&all, &[0, 17])).unwrap();
+        shard.apply(60, vec![], &HashSet::new(), &retiring(&all, &[39])).unwrap();
         let during = answers(&shard, &times);
         wait_until(|| !shard.finish_compaction().is_empty());
         assert!(!shard.is_compacting());

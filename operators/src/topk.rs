@@ -9,7 +9,7 @@ pub struct Candidate {
     pub distance: f32,
     /// Breaks distance ties deterministically (the key's [`Pk::order_key`](vectorflow_core::Pk::order_key)).
     pub tiebreak: u64,
-    /// Id of the segment holding the row.
+    /// Position of the segment holding the row among those a read covers.
     pub segment: u64,
     pub row: u32,
 }

@@ -482,10 +482,7 @@ impl Engine {
         let answer_from = |worker: usize| -> Answer {
             let Some(shard) = shared.shards[worker].get(collection) else { return empty_answer(kind) };
             let expired = move || Instant::now() >= deadline;
-            match crate::shards::read(&shard) {
-                Ok(shard) => answer_read(&shard, kind, read_ts, filter.as_ref(), Stop(&expired)),
-                Err(failure) => Answer::Failed(failure),
-            }
+            answer_read(&shard, kind, read_ts, filter.as_ref(), Stop(&expired))
         };
         // A single shard (a get's) answers on this thread. Several answer on
         // the search pool, so at most one search per core holds a shard's
