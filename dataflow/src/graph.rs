@@ -651,7 +651,9 @@ fn apply_through(shared: &Shared, shards: &WorkerShards, stash: &mut BTreeMap<Ti
 
 fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending) {
     let Pending { chunks, added, retired } = pending;
-    let mut per_collection: BTreeMap<CollectionId, (Vec<_>, Vec<(Pk, VersionId)>)> = BTreeMap::new();
+    // Per collection: the upserted chunks, and the retired versions with their keys.
+    type Changes = (Vec<(arrow::record_batch::RecordBatch, Vec<VersionId>)>, Vec<(Pk, VersionId)>);
+    let mut per_collection: BTreeMap<CollectionId, Changes> = BTreeMap::new();
     for chunk in chunks {
         if let ChunkBody::Upsert { batch, versions, .. } = chunk.body {
             per_collection.entry(chunk.collection).or_default().0.push((batch.0, versions));

@@ -8,10 +8,15 @@
 //! `x -> [x, sqrt(M^2 - |x|^2)]`, `q -> [q, 0]`. Hits are re-scored with the
 //! true metric by the caller.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use anndists::dist::Distance;
+use arrow::buffer::ScalarBuffer;
 use hnsw_rs::hnsw::Hnsw;
 use serde::{Deserialize, Serialize};
-use vectorflow_core::{Metric, Result};
+use vectorflow_core::{Error, Metric, Result};
 
 use crate::distance::{dot, l2_squared};
 use crate::frozen::FrozenGraph;
@@ -111,15 +116,133 @@ impl HnswIndex {
             }
             _ => query,
         };
-        let ef = ef.max(k);
-        let neighbours = match filter {
-            Some(f) => {
-                let f = |id: &usize| f(id);
-                self.hnsw.search_filter(query, k, ef, Some(&f))
+        search_graph(&self.hnsw, query, k, ef, filter)
+    }
+}
+
+/// Up to `k` data ids near `query` in `hnsw` that pass `filter`.
+fn search_graph(
+    hnsw: &Hnsw<'static, f32, SquaredL2>,
+    query: &[f32],
+    k: usize,
+    ef: usize,
+    filter: Option<&dyn Fn(&usize) -> bool>,
+) -> Vec<usize> {
+    let ef = ef.max(k);
+    let neighbours = match filter {
+        Some(f) => {
+            let f = |id: &usize| f(id);
+            hnsw.search_filter(query, k, ef, Some(&f))
+        }
+        None => hnsw.search_filter(query, k, ef, None),
+    };
+    neighbours.into_iter().map(|n| n.d_id).collect()
+}
+
+/// Rows a growing segment's graph takes in one go: the rows below
+/// [`GrowingIndex::indexed_rows`] (the ones searches find through the
+/// graph) move on after each step.
+const INSERT_STEP: usize = 256;
+
+/// A growing segment's graph, built while its rows arrive: appended
+/// chunks queue here and build-pool jobs insert them in row order, so the
+/// rows below [`GrowingIndex::indexed_rows`] are in the graph and a search
+/// scans only the rows after them. At seal the rest is inserted and the
+/// graph frozen ([`GrowingIndex::finish`]): a segment's graph is built
+/// once, starting while it grows. `hnsw_rs` inserts through `&self` and
+/// locks each neighbour list on its own, so searches run during inserts.
+/// L2 and COSINE only: IP's augmentation needs the largest norm of every
+/// row before the first insert.
+pub struct GrowingIndex {
+    hnsw: Hnsw<'static, f32, SquaredL2>,
+    dim: usize,
+    /// Chunks not inserted yet: (first row, row-major vectors).
+    queue: Mutex<VecDeque<(usize, ScalarBuffer<f32>)>>,
+    /// Held by the one thread inserting, so rows go in in order.
+    inserting: Mutex<()>,
+    indexed: AtomicUsize,
+    /// A job to insert the queue is queued or running.
+    scheduled: AtomicBool,
+}
+
+impl std::fmt::Debug for GrowingIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrowingIndex").field("dim", &self.dim).field("indexed", &self.indexed_rows()).finish()
+    }
+}
+
+/// A poisoned lock here still holds a consistent queue (each change is one push or pop).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl GrowingIndex {
+    /// An empty graph for about `expected_rows` rows; `None` for IP.
+    pub fn new(dim: usize, metric: Metric, expected_rows: usize, params: IndexParams) -> Option<GrowingIndex> {
+        (metric != Metric::IP).then(|| GrowingIndex {
+            hnsw: Hnsw::new(params.m, expected_rows.max(1), MAX_LAYERS, params.ef_construction, SquaredL2),
+            dim,
+            queue: Mutex::new(VecDeque::new()),
+            inserting: Mutex::new(()),
+            indexed: AtomicUsize::new(0),
+            scheduled: AtomicBool::new(false),
+        })
+    }
+
+    /// Rows `0..indexed_rows()` are in the graph.
+    pub fn indexed_rows(&self) -> usize {
+        self.indexed.load(Ordering::Acquire)
+    }
+
+    /// Queues rows `first..` (row-major `vectors`). Returns whether the
+    /// caller must start a job running [`GrowingIndex::insert_queued`]
+    /// (none is queued or running).
+    pub fn push(&self, first: usize, vectors: ScalarBuffer<f32>) -> bool {
+        lock(&self.queue).push_back((first, vectors));
+        !self.scheduled.swap(true, Ordering::SeqCst)
+    }
+
+    /// Inserts queued chunks until about `budget` rows went in. Returns
+    /// whether the job must run again (rows are still queued): a job
+    /// yields its lane after its budget, so seal builds queued behind it
+    /// run in between.
+    pub fn insert_queued(&self, budget: usize) -> bool {
+        let _one_inserter = lock(&self.inserting);
+        let mut inserted = 0;
+        while inserted < budget {
+            let Some((first, vectors)) = lock(&self.queue).pop_front() else { break };
+            let items: Vec<(&[f32], usize)> =
+                vectors.chunks_exact(self.dim).enumerate().map(|(i, v)| (v, first + i)).collect();
+            for step in items.chunks(INSERT_STEP) {
+                self.hnsw.parallel_insert_slice(&step.to_vec());
+                if let Some(&(_, last)) = step.last() {
+                    self.indexed.store(last + 1, Ordering::Release);
+                }
             }
-            None => self.hnsw.search_filter(query, k, ef, None),
-        };
-        neighbours.into_iter().map(|n| n.d_id).collect()
+            inserted += items.len();
+        }
+        if !lock(&self.queue).is_empty() {
+            return true;
+        }
+        self.scheduled.store(false, Ordering::SeqCst);
+        // A push between the look above and the store found `scheduled`
+        // still set and left its chunk to this job.
+        !lock(&self.queue).is_empty() && !self.scheduled.swap(true, Ordering::SeqCst)
+    }
+
+    /// Up to `k` rows near `query` among the indexed rows `filter` accepts.
+    pub fn search(&self, query: &[f32], k: usize, ef: usize, filter: &dyn Fn(&usize) -> bool) -> Vec<usize> {
+        search_graph(&self.hnsw, query, k, ef, Some(filter))
+    }
+
+    /// Inserts what is still queued and freezes the graph of `rows` rows.
+    pub fn finish(&self, rows: usize) -> Result<FrozenGraph> {
+        self.insert_queued(usize::MAX);
+        let indexed = self.indexed_rows();
+        if indexed != rows {
+            return Err(Error::Internal(format!("the growing graph holds {indexed} of {rows} rows")));
+        }
+        FrozenGraph::freeze(&self.hnsw, rows)
     }
 }
 
@@ -147,6 +270,45 @@ mod tests {
             assert!(index.search(&query, k, 64, Some(&only_even)).iter().all(|r| r.is_multiple_of(2)), "query {q}");
         }
         hits as f64 / (20 * k) as f64
+    }
+
+    #[test]
+    fn a_growing_graph_takes_its_rows_in_order_answers_while_it_grows_and_freezes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (dim, chunk) = (16, 500);
+        assert!(GrowingIndex::new(dim, Metric::IP, 100, IndexParams::default()).is_none(), "IP needs every norm first");
+        let graph = GrowingIndex::new(dim, Metric::L2, 100, IndexParams::default()).unwrap();
+        let vectors: Vec<f32> = (0..4 * chunk * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let chunks: Vec<ScalarBuffer<f32>> =
+            vectors.chunks(chunk * dim).map(|c| ScalarBuffer::from(c.to_vec())).collect();
+        assert!(graph.push(0, chunks[0].clone()), "the first push starts a job");
+        assert!(!graph.push(chunk, chunks[1].clone()), "one is queued already");
+        assert!(graph.insert_queued(chunk), "a budget of one chunk leaves the second queued");
+        assert_eq!(graph.indexed_rows(), chunk);
+        // Indexed rows are found; the rest are not in the graph yet.
+        let row = 123;
+        let everything = |_: &usize| true;
+        assert_eq!(graph.search(&vectors[row * dim..(row + 1) * dim], 1, 32, &everything), vec![row]);
+        assert!(!graph.insert_queued(usize::MAX), "drained: the job ends");
+        assert_eq!(graph.indexed_rows(), 2 * chunk);
+        assert!(graph.push(2 * chunk, chunks[2].clone()), "no job runs: the push starts one");
+        graph.push(3 * chunk, chunks[3].clone());
+        let frozen = graph.finish(4 * chunk).unwrap();
+        assert_eq!(frozen.rows(), 4 * chunk);
+        assert!(graph.finish(4 * chunk + 1).is_err(), "a row the graph never got");
+        let mut found = 0;
+        for _ in 0..20 {
+            let query: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut exact: Vec<(f32, u32)> = vectors
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(r, v)| (distance(Metric::L2, &query, v), r as u32))
+                .collect();
+            exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let hits = frozen.search(&vectors, dim, Metric::L2, &query, 10, 64, None);
+            found += hits.iter().filter(|(_, r)| exact[..10].iter().any(|e| e.1 == *r)).count();
+        }
+        assert!(found as f64 / 200.0 > 0.9, "recall {found}/200");
     }
 
     #[test]

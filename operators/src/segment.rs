@@ -22,7 +22,7 @@ use crate::build_pool::{self, BuildLane};
 use crate::distance::distance;
 use crate::filter::Filter;
 use crate::frozen::FrozenGraph;
-use crate::index::{HnswIndex, IndexParams, IndexSlot};
+use crate::index::{GrowingIndex, HnswIndex, IndexParams, IndexSlot};
 use crate::topk::{Candidate, TopK};
 
 /// `delete_ts` of a version nothing has retired yet.
@@ -71,7 +71,17 @@ struct VectorColumn {
     /// One contiguous buffer per chunk.
     chunks: Vec<ScalarBuffer<f32>>,
     index: Option<Arc<IndexSlot>>,
+    /// A growing segment's graph, built while it grows (see [`Segment::grow_graph`]).
+    growing: Option<Arc<GrowingIndex>>,
 }
+
+/// A growing segment starts its graph at this many rows: below it a scan
+/// costs about what a graph search does.
+pub const GROWING_GRAPH_FROM_ROWS: usize = 1_024;
+
+/// Rows one job inserts into a growing graph before it yields its build
+/// lane (to seal builds queued behind it) and queues itself again.
+const GROWING_GRAPH_BUDGET: usize = 2_048;
 
 #[derive(Debug)]
 pub struct Segment {
@@ -102,6 +112,8 @@ pub struct Segment {
     hidden: usize,
     max_insert_ts: Timestamp,
     sealed: bool,
+    /// Rows handed to the growing graphs so far.
+    graph_queued_rows: usize,
     /// Filter results of a sealed segment by filter text: its rows never
     /// change (only `delete_ts` does, and visibility is checked apart).
     filter_results: Mutex<HashMap<String, Arc<RowSet>>>,
@@ -138,7 +150,7 @@ impl Segment {
             .enumerate()
             .filter_map(|(field, f)| match f.data_type {
                 DataType::FloatVector { dim, metric } => {
-                    Some(VectorColumn { field, dim, metric, chunks: Vec::new(), index: None })
+                    Some(VectorColumn { field, dim, metric, chunks: Vec::new(), index: None, growing: None })
                 }
                 _ => None,
             })
@@ -158,6 +170,7 @@ impl Segment {
             hidden: 0,
             max_insert_ts: 0,
             sealed: false,
+            graph_queued_rows: 0,
             filter_results: Mutex::new(HashMap::new()),
         }
     }
@@ -361,6 +374,7 @@ impl Segment {
                 for (column, buffer) in segment.vectors.iter_mut().zip(buffers) {
                     column.chunks = vec![buffer];
                 }
+                segment.grow_graph(params);
             }
         }
         Ok(segment)
@@ -391,9 +405,10 @@ impl Segment {
                     let _ = slot.set(Some(index));
                 }
                 None => {
-                    let source = match repairs.remove(&column.field) {
-                        Some(repair) => GraphSource::Repair(repair),
-                        None => GraphSource::Build(buffer),
+                    let source = match (repairs.remove(&column.field), column.growing.take()) {
+                        (Some(repair), _) => GraphSource::Repair(repair),
+                        (None, Some(graph)) => GraphSource::Grown { graph, vectors: buffer },
+                        (None, None) => GraphSource::Build(buffer),
                     };
                     spawn_index_build(slot.clone(), source, column.dim, column.metric, params, &self.uid, lane)
                 }
@@ -515,6 +530,29 @@ impl Segment {
         Ok(first as u32)
     }
 
+    /// Keeps the growing segment's graphs (see [`GrowingIndex`]) up with its
+    /// rows: starts them once it holds [`GROWING_GRAPH_FROM_ROWS`] rows and
+    /// queues the chunks appended since, for the build pool to insert.
+    pub fn grow_graph(&mut self, params: IndexParams) {
+        if self.sealed || self.len() < GROWING_GRAPH_FROM_ROWS {
+            return;
+        }
+        for column in &mut self.vectors {
+            if column.growing.is_none() {
+                // About the seal size: only a hint for its first allocations.
+                let expected = self.pks.len().max(16_384);
+                column.growing = GrowingIndex::new(column.dim, column.metric, expected, params).map(Arc::new);
+            }
+            let Some(graph) = &column.growing else { continue };
+            for (vectors, &first) in column.chunks.iter().zip(&self.chunk_starts) {
+                if first >= self.graph_queued_rows && graph.push(first, vectors.clone()) {
+                    insert_into_growing_graph(graph.clone());
+                }
+            }
+        }
+        self.graph_queued_rows = self.len();
+    }
+
     /// Retires a row version at `ts` (a delete, or an upsert that replaced it).
     pub fn retire(&self, row: u32, ts: Timestamp) {
         self.set_delete_ts(row as usize, ts);
@@ -631,9 +669,16 @@ impl Segment {
         }
         let index = column.index.as_ref().and_then(|slot| slot.get()).and_then(Option::as_ref);
         let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
+        let walks = !plan.scans(passing, self.len(), ef.max(k));
+        if let Some(growing) = column.growing.as_deref()
+            && walks
+            && growing.indexed_rows() >= GROWING_GRAPH_FROM_ROWS
+        {
+            return self.search_growing(column, growing, query, k, ef, &passes);
+        }
         match index {
             // A sealed segment has one chunk: its vectors are contiguous.
-            Some(graph) if !plan.scans(passing, self.len(), ef.max(k)) && column.chunks.len() == 1 => {
+            Some(graph) if walks && column.chunks.len() == 1 => {
                 let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
                 let found = graph.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
                 let mut top = TopK::new(k);
@@ -648,6 +693,30 @@ impl Segment {
                 None => self.exact(column, query, k, &passes),
             },
         }
+    }
+
+    /// A growing segment's top-k: its graph over the rows it holds, a scan
+    /// of the rows appended since.
+    fn search_growing(
+        &self,
+        column: &VectorColumn,
+        graph: &GrowingIndex,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        passes: &dyn Fn(usize) -> bool,
+    ) -> Vec<Candidate> {
+        // Read once: rows the graph takes in meanwhile are scanned, not found twice.
+        let indexed = graph.indexed_rows().min(self.len());
+        let mut top = TopK::new(k);
+        for row in graph.search(query, k, ef, &|row: &usize| *row < indexed && passes(*row)) {
+            let distance = distance(column.metric, query, self.vector_in(column, row));
+            top.push(Candidate { distance, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
+        }
+        for candidate in self.exact_rows(column, query, k, indexed..self.len(), passes) {
+            top.push(candidate);
+        }
+        top.into_sorted()
     }
 
     /// Rows visible at `ts` and allowed, in row order.
@@ -705,6 +774,9 @@ impl Segment {
 enum GraphSource {
     /// A fresh `hnsw_rs` build over these row-major vectors.
     Build(ScalarBuffer<f32>),
+    /// The graph the segment grew while growing, finished (its last rows
+    /// inserted) and frozen; built afresh over `vectors` if that fails.
+    Grown { graph: Arc<GrowingIndex>, vectors: ScalarBuffer<f32> },
     /// The graph of the segment this one rewrites, repaired.
     Repair(GraphRepair),
 }
@@ -738,7 +810,9 @@ fn spawn_index_build(
         // `hnsw_rs`'s structure (its own copy of the vectors, pointer-linked
         // neighbour lists) lives only until it is frozen; dropping it in the
         // pool keeps its parallel teardown on the pool's threads too.
-        let built = std::panic::catch_unwind(|| match &source {
+        // Unwind safety: after a panic the graph being built is dropped,
+        // never searched (the segment answers exactly or builds afresh).
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &source {
             GraphSource::Build(vectors) => {
                 build_pool::install(|| HnswIndex::build(vectors, dim, metric, params).freeze())
             }
@@ -746,7 +820,8 @@ fn spawn_index_build(
                 Some(Some(graph)) => graph.without_dropped_rows(keep, vectors, dim, metric, params.m),
                 _ => Err(vectorflow_core::Error::Internal("the graph to repair is gone".into())),
             },
-        });
+            GraphSource::Grown { graph, vectors } => finish_grown_graph(graph, vectors, dim, metric, params, &segment),
+        }));
         match built {
             Ok(Ok(graph)) => {
                 let repaired = matches!(source, GraphSource::Repair(_));
@@ -763,6 +838,47 @@ fn spawn_index_build(
             }
         }
     });
+}
+
+/// Queues a job inserting `graph`'s queued rows in the seal lane; it
+/// queues itself again after [`GROWING_GRAPH_BUDGET`] rows while rows wait.
+/// If an insert panics the graph stops growing (its rows keep being
+/// scanned) and the seal builds the segment's graph afresh.
+fn insert_into_growing_graph(graph: Arc<GrowingIndex>) {
+    build_pool::submit(BuildLane::Seal, move || {
+        let more = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build_pool::install(|| graph.insert_queued(GROWING_GRAPH_BUDGET))
+        }));
+        match more {
+            Ok(true) => insert_into_growing_graph(graph),
+            Ok(false) => {}
+            Err(_) => tracing::error!("an insert into a growing segment's graph panicked; the graph stops growing"),
+        }
+    });
+}
+
+/// The graph a segment grew while growing, with its last rows inserted
+/// and frozen; built afresh if an insert failed or panicked (the rows are
+/// all there, only the graph is lost).
+fn finish_grown_graph(
+    graph: &GrowingIndex,
+    vectors: &ScalarBuffer<f32>,
+    dim: usize,
+    metric: Metric,
+    params: IndexParams,
+    segment: &str,
+) -> Result<FrozenGraph> {
+    let rows = vectors.len().checked_div(dim).unwrap_or(0);
+    // Unwind safety: a graph an insert panicked in is never used again.
+    let finished =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build_pool::install(|| graph.finish(rows))));
+    let problem = match finished {
+        Ok(Ok(frozen)) => return Ok(frozen),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "an insert panicked".to_string(),
+    };
+    tracing::warn!(segment, "the graph grown with the segment is unusable ({problem}); building afresh");
+    build_pool::install(|| HnswIndex::build(vectors, dim, metric, params).freeze())
 }
 
 /// What a stored segment was when it was written.
@@ -829,27 +945,45 @@ mod tests {
         assert!(!never.scans(1, 16_384, 64));
     }
 
-    /// A sealed, indexed segment of `rows` random 8-dimensional L2 vectors
-    /// (keys `0..rows`, inserted at 10), with its schema and the vectors.
-    fn indexed_random_segment(rows: usize, rng: &mut rand::rngs::StdRng) -> (CollectionSchema, Vec<f32>, Segment) {
-        let schema = CollectionSchema::new(
+    fn l2_schema() -> CollectionSchema {
+        CollectionSchema::new(
             "t",
             vec![FieldSchema::int64_primary("id", false), FieldSchema::vector("v", 8, Metric::L2)],
-        );
-        let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        )
+    }
+
+    /// Rows with keys `first..` and the 8-dimensional `values`, written at `ts`.
+    fn rows_of(
+        schema: &CollectionSchema,
+        first: usize,
+        values: &[f32],
+        ts: Timestamp,
+    ) -> (RecordBatch, Vec<VersionId>) {
+        let rows = values.len() / 8;
         let input = RecordBatch::try_new(
             std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
                 arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
                 arrow::datatypes::Field::new("v", schema.fields[1].data_type.arrow_type(), false),
             ])),
             vec![
-                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..rows as i64)),
-                vector_array(8, values.clone()).unwrap(),
+                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(
+                    (first..first + rows).map(|k| k as i64),
+                )),
+                vector_array(8, values.to_vec()).unwrap(),
             ],
         )
         .unwrap();
-        let batch = WriteBatch::from_record_batch(&schema, &input, WriteKind::Upsert).unwrap().batch;
-        let versions = (0..rows as u32).map(|row| VersionId { ts: 10, partition: 0, row }).collect();
+        let batch = WriteBatch::from_record_batch(schema, &input, WriteKind::Upsert).unwrap().batch;
+        let versions = (0..rows as u32).map(|row| VersionId { ts, partition: 0, row: first as u32 + row }).collect();
+        (batch, versions)
+    }
+
+    /// A sealed, indexed segment of `rows` random 8-dimensional L2 vectors
+    /// (keys `0..rows`, inserted at 10), with its schema and the vectors.
+    fn indexed_random_segment(rows: usize, rng: &mut rand::rngs::StdRng) -> (CollectionSchema, Vec<f32>, Segment) {
+        let schema = l2_schema();
+        let values: Vec<f32> = (0..rows * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (batch, versions) = rows_of(&schema, 0, &values, 10);
         let mut segment = Segment::new(&schema);
         segment.append(batch, versions, 10).unwrap();
         segment.seal_as("s".into(), IndexParams::default()).unwrap();
@@ -857,6 +991,68 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         (schema, values, segment)
+    }
+
+    /// The exact top `k` rows of `values` (8-dimensional) near `query` among `rows`.
+    fn exact_top(values: &[f32], rows: std::ops::Range<usize>, query: &[f32], k: usize) -> Vec<u32> {
+        let mut exact: Vec<(f32, u32)> =
+            rows.map(|r| (distance(Metric::L2, query, &values[r * 8..(r + 1) * 8]), r as u32)).collect();
+        exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+        exact.into_iter().take(k).map(|x| x.1).collect()
+    }
+
+    #[test]
+    fn a_growing_segment_searches_through_its_graph_and_finds_rows_appended_since_at_once() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let schema = l2_schema();
+        let params = IndexParams::default();
+        // Always the graph when there is one: this test is about the graph.
+        let plan = SearchPlan { exact_below_rows: 0, exact_below_fraction: 0.0, graph_cost_per_ef: 0.0 };
+        let mut segment = Segment::new(&schema);
+        let mut values: Vec<f32> = Vec::new();
+        for (chunk, ts) in [(0usize, 10u64), (1, 20), (2, 30)] {
+            let chunk_values: Vec<f32> = (0..700 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (batch, versions) = rows_of(&schema, chunk * 700, &chunk_values, ts);
+            segment.append(batch, versions, ts).unwrap();
+            segment.grow_graph(params);
+            values.extend(chunk_values);
+        }
+        let graph = segment.vectors[0].growing.clone().expect("2,100 rows grow a graph");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while graph.indexed_rows() < 2_100 {
+            assert!(std::time::Instant::now() < deadline, "the graph took 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut recall = |segment: &Segment, rows: usize, ts: Timestamp| {
+            let mut found = 0;
+            for _ in 0..20 {
+                let query: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let hits: Vec<u32> = segment.search(1, &query, 10, 64, ts, None, plan).iter().map(|c| c.row).collect();
+                found += exact_top(&values, 0..rows, &query, 10).iter().filter(|r| hits.contains(r)).count();
+            }
+            found as f64 / 200.0
+        };
+        assert!(recall(&segment, 2_100, 30) > 0.9);
+        assert!(recall(&segment, 1_400, 25) > 0.9, "as of 25: the third chunk is not visible yet");
+
+        // A row appended now is found at once, in the graph or not yet.
+        let far = [9.0f32; 8];
+        let (batch, versions) = rows_of(&schema, 2_100, &far, 40);
+        segment.append(batch, versions, 40).unwrap();
+        segment.grow_graph(params);
+        let top = segment.search(1, &far, 1, 64, 40, None, plan);
+        assert_eq!((top[0].row, top[0].distance), (2_100, 0.0));
+        assert_ne!(segment.search(1, &far, 1, 64, 35, None, plan)[0].row, 2_100, "not visible before 40");
+
+        // Sealed, it freezes the graph it grew (with the last row inserted).
+        segment.seal_as("s".into(), params).unwrap();
+        assert!(segment.vectors[0].growing.is_none());
+        while !segment.is_indexed() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(graph.indexed_rows(), 2_101);
+        assert_eq!(segment.search(1, &far, 1, 64, 40, None, plan)[0].row, 2_100);
+        assert!(recall(&segment, 2_100, 30) > 0.9);
     }
 
     #[test]

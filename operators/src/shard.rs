@@ -620,7 +620,10 @@ impl Shard {
     fn append(&mut self, batch: RecordBatch, versions: Vec<VersionId>, ts: Timestamp) -> Result<()> {
         let rows = batch.num_rows();
         let position = (self.segments.len() - 1) as u32;
-        let first = self.growing_mut()?.append(batch, versions, ts)?;
+        let params = self.config.index;
+        let growing = self.growing_mut()?;
+        let first = growing.append(batch, versions, ts)?;
+        growing.grow_graph(params);
         for row in first..first + rows as u32 {
             let pk = self.growing().pk(row).clone();
             self.versions_by_pk.entry(pk).or_default().push((position, row));
