@@ -18,7 +18,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::{Scope, StreamVec};
 use timely::scheduling::SyncActivator;
 use timely::worker::Worker;
-use vectorflow_connectors::{LogEntry, LogOp, LogReader};
+use vectorflow_connectors::{LogEntry, LogOp};
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
 use vectorflow_operators::{Shard, ShardConfig};
@@ -31,7 +31,7 @@ use crate::shards::{WorkerShards, empty_answer};
 
 /// State the engine and every worker share.
 pub(crate) struct Shared {
-    pub log: Log,
+    pub log: Box<dyn Log>,
     pub workers: usize,
     pub schemas: RwLock<HashMap<CollectionId, Arc<CollectionSchema>>>,
     /// Bumped on every create/drop so workers drop state of dropped collections.
@@ -313,22 +313,16 @@ fn log_source<'scope>(
     peers: usize,
 ) -> StreamVec<'scope, Timestamp, ShardChunk> {
     source(scope, "LogSource", move |capability, info| {
-        let mut reader: Option<Box<dyn LogReader>> = match &shared.log {
-            Log::Embedded(log) => {
-                let partitions: Vec<u32> = (0..log.partitions()).filter(|p| *p as usize % peers == index).collect();
-                let wake = scope.worker().sync_activator_for(info.address.to_vec());
-                log.subscribe(Box::new(move || {
-                    let _ = wake.activate();
-                }));
-                (!partitions.is_empty()).then(|| Box::new(log.reader_from(partitions, &shared.replay_from)) as _)
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let wake = Box::new(move || {
+            let _ = wake.activate();
+        });
+        let mut reader = match shared.log.reader(index, peers, &shared.replay_from, wake) {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::error!(worker = index, "no log reader, this worker reads nothing: {e}");
+                None
             }
-            Log::Kafka(kafka) => match kafka.reader(index) {
-                Ok(reader) => Some(Box::new(reader) as _),
-                Err(e) => {
-                    tracing::error!(worker = index, "no kafka consumer, this worker reads nothing: {e}");
-                    None
-                }
-            },
         };
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         if let Ok(mut activators) = shared.source_activators.lock() {

@@ -26,11 +26,13 @@ impl Engine {
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create(schema, created_ts)?;
         let started = (|| {
-            let manifest = initial_manifest(&entry, &self.inner.shared.log, self.inner.config.workers)?;
+            let manifest = initial_manifest(&entry, self.inner.shared.log.as_ref(), self.inner.config.workers)?;
             publish_manifest(&self.inner.storage, &manifest)?;
-            if let Some(kafka) = self.inner.shared.log.kafka() {
-                kafka.register(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
-            }
+            self.inner.shared.log.follow(
+                entry.id,
+                Arc::new(entry.schema.clone()),
+                &manifest.checkpoint.log_positions,
+            )?;
             Ok(manifest)
         })();
         let manifest = match started {
@@ -70,9 +72,7 @@ impl Engine {
         if let Ok(mut failed) = self.inner.shared.failed.lock() {
             failed.remove(&entry.id);
         }
-        if let Some(kafka) = self.inner.shared.log.kafka()
-            && let Err(e) = kafka.unregister(entry.id)
-        {
+        if let Err(e) = self.inner.shared.log.unfollow(entry.id) {
             tracing::warn!(collection = name, "forgetting the dropped collection's offset bindings: {e}");
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);

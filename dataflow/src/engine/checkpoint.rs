@@ -57,16 +57,11 @@ impl Engine {
         // it: the log keeps what a restart must replay.
         self.check_running(entry)?;
         // Every write at or before `ts` is committed now (the frontier passed it).
-        if let Some(kafka) = inner.shared.log.kafka() {
-            // Dead letters of the records the checkpoint covers were handed
-            // to the producer before those records were applied: delivered
-            // before the checkpoint moves past them, they cannot be lost.
-            kafka.flush_producer()?;
-        }
-        let log_positions = match &inner.shared.log {
-            Log::Embedded(log) => log.positions_after(ts)?,
-            Log::Kafka(kafka) => kafka.positions_after(entry.id, ts)?,
-        };
+        // Dead letters of the records the checkpoint covers were handed to
+        // the producer before those records were applied: delivered before
+        // the checkpoint moves past them, they cannot be lost.
+        inner.shared.log.flush()?;
+        let log_positions = inner.shared.log.positions_after(entry.id, ts)?;
         let version = previous.version + 1;
         let mut segments = vec![Vec::new(); inner.config.workers];
         for (shard, states) in parts {
@@ -106,12 +101,16 @@ impl Engine {
         if let Err(e) = self.collect_garbage(&manifest) {
             tracing::warn!(collection = entry.schema.name, "removing unreferenced objects: {e}");
         }
-        let truncated = match &inner.shared.log {
-            Log::Embedded(_) => self.truncate_log(),
-            Log::Kafka(kafka) => kafka.checkpointed(entry.id, &manifest.checkpoint.log_positions),
+        let released = match inner.manifests.lock() {
+            Ok(manifests) => {
+                let checkpoints = checkpoint_positions(&manifests);
+                drop(manifests);
+                inner.shared.log.checkpointed(entry.id, &checkpoints)
+            }
+            Err(_) => Err(Error::Shutdown),
         };
-        if let Err(e) = truncated {
-            tracing::warn!("truncating the log: {e}");
+        if let Err(e) = released {
+            tracing::warn!("releasing the log the checkpoint covers: {e}");
         }
         inner.checkpoint_stats.record(started.elapsed());
         tracing::debug!(collection = entry.schema.name, version, ts, "checkpoint published");
@@ -135,19 +134,6 @@ impl Engine {
                 continue;
             }
             storage.delete(&path)?;
-        }
-        Ok(())
-    }
-
-    /// Drops the log records every collection's checkpoint covers.
-    pub(super) fn truncate_log(&self) -> Result<()> {
-        let Log::Embedded(log) = &self.inner.shared.log else { return Ok(()) };
-        let manifests = self.inner.manifests.lock().map_err(|_| Error::Shutdown)?;
-        let below = oldest_checkpoint_positions(manifests.values(), log.ends());
-        drop(manifests);
-        let removed = log.truncate_below(&below)?;
-        if removed > 0 {
-            tracing::debug!(removed, "log truncated");
         }
         Ok(())
     }
@@ -225,10 +211,7 @@ impl Engine {
             // Stopped (fail-stop): its checkpoint stays where it was.
             return Ok(());
         }
-        let positions = match &self.inner.shared.log {
-            Log::Embedded(log) => log.ends(),
-            Log::Kafka(kafka) => kafka.positions(entry.id)?,
-        };
+        let positions = self.inner.shared.log.positions(entry.id)?;
         let behind = self
             .inner
             .manifests
@@ -309,12 +292,7 @@ pub(super) fn watch_frontier(inner: std::sync::Weak<Inner>, report_after: Durati
         }
         let shared = &inner.shared;
         let frontier = shared.applied_frontier();
-        // How far the log has been written: records on the embedded log,
-        // the oracle's time on Kafka (the sources bind records to it).
-        let written = match &shared.log {
-            Log::Embedded(log) => log.ends().iter().sum(),
-            Log::Kafka(_) => shared.log.tso().next_possible(),
-        };
+        let written = shared.log.written();
         let paused = shared.ingest_paused.load(Ordering::Acquire);
         let stuck = last.is_some_and(|(f, w)| f == frontier && w != written) && !paused;
         let moved = last.is_some_and(|(f, _)| f != frontier);

@@ -11,20 +11,20 @@ use arrow::record_batch::RecordBatch;
 use timely::communication::WorkerGuards;
 use vectorflow_connectors::manifest::{collection_prefix, delete_collection_objects, load_manifest, publish_manifest};
 use vectorflow_connectors::{
-    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, KafkaConfig, KafkaLog, LogOp, LogRecord, Manifest,
-    ObjectStorage, PartitionLag, SegmentFiles, StorageConfig,
+    CatalogEntry, CatalogStore, Checkpoint, EmbeddedLog, KafkaConfig, KafkaLog, Manifest, ObjectStorage, PartitionLag,
+    SegmentFiles, StorageConfig,
 };
 use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
-use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Metric, Pk, Result, Row, Timestamp, Value};
+use vectorflow_core::{CollectionId, CollectionSchema, Error, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
 use vectorflow_operators::{IndexParams, MergePolicy, SearchPlan, Shard, ShardConfig, ShardStats, Stop};
 
 use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
-use crate::log::Log;
+use crate::log::{CheckpointPositions, Log};
 use crate::messages::{Answer, Failure, Request, RequestKind, unix_millis};
 use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
-use crate::routing::{PLACEMENT, partition_of};
+use crate::routing::PLACEMENT;
 use crate::shards::{FilterCache, WorkerShards, answer_read, empty_answer};
 
 mod catalog;
@@ -36,8 +36,10 @@ mod writes;
 
 use recovery::*;
 
-/// The search pool's niceness (the workers run at the process's, 0).
-const SEARCH_NICENESS: i32 = 5;
+/// The search pool's niceness (the workers run at the process's, 0):
+/// searches get what ingestion and index builds leave, so a search load
+/// does not delay a write's visibility (see ARCHITECTURE, build pool).
+const SEARCH_NICENESS: i32 = 10;
 
 /// Largest `ef` a search may ask for.
 const MAX_EF: usize = 32_768;
@@ -134,9 +136,9 @@ impl Engine {
         }
         let started = Instant::now();
         let partitions = config.log_partitions.unwrap_or(config.workers as u32);
-        let log = match &config.kafka {
-            Some(kafka) => Log::Kafka(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
-            None => Log::Embedded(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
+        let log: Box<dyn Log> = match &config.kafka {
+            Some(kafka) => Box::new(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
+            None => Box::new(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
         };
         let catalog_store = CatalogStore::open(storage.clone())?;
         let entries = catalog_store.load()?;
@@ -159,10 +161,11 @@ impl Engine {
         let shard_config =
             ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan, merge };
         let persister = Persister::start(storage.clone())?;
-        let recovered = recover(&config, &storage, &log, &entries, &persister, shard_config).inspect_err(|_| {
-            // Nothing will submit to it: let its thread end.
-            persister.stop();
-        })?;
+        let recovered =
+            recover(&config, &storage, log.as_ref(), &entries, &persister, shard_config).inspect_err(|_| {
+                // Nothing will submit to it: let its thread end.
+                persister.stop();
+            })?;
         let schemas = entries.iter().map(|e| (e.id, Arc::new(e.schema.clone()))).collect();
         let collections = entries.into_iter().map(|e| (e.schema.name.clone(), e)).collect();
         let shared = Arc::new(Shared {
@@ -296,10 +299,7 @@ impl Engine {
 
     /// Log records held (not yet covered by every collection's checkpoint).
     pub fn log_records(&self) -> Result<u64> {
-        match &self.inner.shared.log {
-            Log::Embedded(log) => log.held_records(),
-            Log::Kafka(_) => Ok(0),
-        }
+        self.inner.shared.log.held_records()
     }
 
     pub fn config(&self) -> &EngineConfig {

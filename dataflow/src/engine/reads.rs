@@ -275,12 +275,7 @@ impl Engine {
     /// (`None` on the embedded log). Asks the brokers for their watermarks.
     pub fn ingest_stats(&self, collection: &str) -> Result<Option<IngestStats>> {
         let entry = self.entry(collection)?;
-        let Some(kafka) = self.inner.shared.log.kafka() else { return Ok(None) };
-        Ok(Some(IngestStats {
-            topic: kafka.config().topic_of(&entry.schema.name),
-            dead_letters: kafka.dead_letters(entry.id),
-            partitions: kafka.lag(entry.id)?,
-        }))
+        self.inner.shared.log.ingest_stats(entry.id, &entry.schema.name)
     }
 
     /// Waits until every sealed segment of the collection has its index, or `timeout`.
@@ -360,11 +355,10 @@ impl Engine {
         let applied = self.inner.shared.applied_frontier().saturating_sub(1);
         Ok(match consistency {
             Consistency::Strong => {
-                if let Some(kafka) = self.inner.shared.log.kafka() {
-                    // Acknowledged by the brokers means read by the sources
-                    // first; their records then have times before this read's.
-                    kafka.sync(collection, self.inner.config.request_timeout)?;
-                }
+                // Acknowledged by an external log's brokers means read by
+                // the sources first; their records then have times before
+                // this read's.
+                self.inner.shared.log.sync(Some(collection), self.inner.config.request_timeout)?;
                 tso.allocate(1)
             }
             Consistency::Session => applied.max(guarantee_ts.unwrap_or(0)),

@@ -10,17 +10,10 @@ impl Engine {
     /// the replay stands, rather than waiting silently for ever.
     pub(super) fn wait_for_replay(&self, started: Instant) -> Result<()> {
         let shared = &self.inner.shared;
-        if let Some(kafka) = shared.log.kafka() {
-            // Everything the brokers hold now is the "log at open".
-            kafka.sync_all(self.inner.config.request_timeout.max(Duration::from_secs(600)))?;
-        }
+        // Everything an external log holds now is the "log at open".
+        shared.log.sync(None, self.inner.config.request_timeout.max(Duration::from_secs(600)))?;
         let target = shared.log.tso().next_possible();
-        let to_replay = match &shared.log {
-            Log::Embedded(log) => {
-                log.ends().iter().zip(&shared.replay_from).map(|(end, from)| end.saturating_sub(*from)).sum()
-            }
-            Log::Kafka(_) => 0,
-        };
+        let to_replay = shared.log.records_to_replay(&shared.replay_from);
         let stall_timeout = self.inner.config.replay_stall_timeout;
         let mut logged = Instant::now();
         let mut last_progress = (Instant::now(), shared.applied_frontier(), 0);
@@ -68,12 +61,8 @@ impl Engine {
 
 /// The manifest of a collection nothing has been checkpointed for: no
 /// segments, replay from the log position at its creation.
-pub(super) fn initial_manifest(entry: &CatalogEntry, log: &Log, workers: usize) -> Result<Manifest> {
-    let log_positions = match log {
-        Log::Embedded(log) => log.positions_after(entry.created_ts)?,
-        // A topic is read from its beginning (Kafka's `earliest`).
-        Log::Kafka(_) => Vec::new(),
-    };
+pub(super) fn initial_manifest(entry: &CatalogEntry, log: &dyn Log, workers: usize) -> Result<Manifest> {
+    let log_positions = log.start_positions(entry.created_ts)?;
     Ok(Manifest {
         version: 1,
         collection: entry.id,
@@ -84,25 +73,16 @@ pub(super) fn initial_manifest(entry: &CatalogEntry, log: &Log, workers: usize) 
     })
 }
 
+/// Each collection's newest checkpoint's log positions.
+pub(super) fn checkpoint_positions(manifests: &HashMap<CollectionId, Manifest>) -> CheckpointPositions {
+    manifests.iter().map(|(id, m)| (*id, m.checkpoint.log_positions.clone())).collect()
+}
+
 /// Whether a manifest's segments were cut for another shard count or by
 /// another placement than [`PLACEMENT`] (manifests from before placement
 /// was recorded were cut by differential's `hashed()`).
 fn needs_resharding(manifest: &Manifest, workers: usize) -> bool {
     manifest.shards != workers || manifest.placement != PLACEMENT
-}
-
-/// Per log partition, the lowest position any of `manifests` still needs
-/// (`ends` where none needs anything).
-pub(super) fn oldest_checkpoint_positions<'a>(
-    manifests: impl Iterator<Item = &'a Manifest>,
-    mut ends: Vec<u64>,
-) -> Vec<u64> {
-    for manifest in manifests {
-        for (slot, position) in ends.iter_mut().zip(&manifest.checkpoint.log_positions) {
-            *slot = (*slot).min(*position);
-        }
-    }
-    ends
 }
 
 /// What recovery hands the dataflow and the engine.
@@ -120,15 +100,12 @@ pub(super) struct Recovered {
 pub(super) fn recover(
     config: &EngineConfig,
     storage: &ObjectStorage,
-    log: &Log,
+    log: &dyn Log,
     entries: &[CatalogEntry],
     persister: &Persister,
     shard_config: ShardConfig,
 ) -> Result<Recovered> {
-    let replayed_records = match log {
-        Log::Embedded(log) => log.held_records()?,
-        Log::Kafka(_) => 0,
-    };
+    let replayed_records = log.held_records()?;
     let mut report = RecoveryReport { collections: entries.len(), replayed_records, ..Default::default() };
     let mut manifests = HashMap::new();
     for entry in entries {
@@ -198,17 +175,13 @@ pub(super) fn recover(
         let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
         shards.entry(worker).or_default().push((collection, at, shard));
     }
-    let replay_from = match log {
-        Log::Embedded(log) => oldest_checkpoint_positions(manifests.values(), log.ends()),
-        Log::Kafka(kafka) => {
-            // Each collection's sources seek to its own checkpoint.
-            for entry in entries {
-                let positions = &manifests[&entry.id].checkpoint.log_positions;
-                kafka.register(entry.id, Arc::new(entry.schema.clone()), positions)?;
-            }
-            Vec::new()
-        }
-    };
+    // Each collection is read from its own checkpoint on (where the log
+    // reads per collection), the replay from the oldest (where it does not).
+    for entry in entries {
+        let positions = &manifests[&entry.id].checkpoint.log_positions;
+        log.follow(entry.id, Arc::new(entry.schema.clone()), positions)?;
+    }
+    let replay_from = log.replay_start(&checkpoint_positions(&manifests));
     let skip_through = manifests.iter().map(|(id, m)| (*id, m.checkpoint.ts)).collect();
     Ok(Recovered { shards, replay_from, skip_through, manifests, dirty, report })
 }

@@ -33,23 +33,7 @@ impl Engine {
         let entry = self.running_entry(collection)?;
         entry.schema.check_keys(pks)?;
         self.wait_for_capacity()?;
-        let log = match &self.inner.shared.log {
-            Log::Embedded(log) => log,
-            Log::Kafka(kafka) => {
-                let ts = kafka.write(entry.id, None, pks, self.inner.config.request_timeout)?;
-                return Ok(WriteResult { pks: pks.to_vec(), ts });
-            }
-        };
-        let partitions = log.partitions();
-        let mut by_partition: BTreeMap<u32, Vec<Pk>> = BTreeMap::new();
-        for pk in pks {
-            by_partition.entry(partition_of(entry.id, pk, partitions)).or_default().push(pk.clone());
-        }
-        let records = by_partition
-            .into_iter()
-            .map(|(p, pks)| (p, LogRecord { collection: entry.id, op: LogOp::Delete(pks) }))
-            .collect();
-        let ts = log.append(records)?;
+        let ts = self.inner.shared.log.append_deletes(entry.id, pks, self.inner.config.request_timeout)?;
         Ok(WriteResult { pks: pks.to_vec(), ts })
     }
 
@@ -69,40 +53,9 @@ impl Engine {
         self.wait_for_capacity()?;
         let pk_index = schema.primary_index();
         let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
-        let log = match &self.inner.shared.log {
-            Log::Embedded(log) => log,
-            Log::Kafka(kafka) => {
-                // Auto ids from reserved timestamps, as in the embedded log;
-                // the records carry them as keys.
-                let write = if auto_id {
-                    with_auto_ids(write, pk_index, kafka.tso().allocate(rows as u64) as i64)?
-                } else {
-                    write
-                };
-                let ts = kafka.write(entry.id, Some(&write), &[], self.inner.config.request_timeout)?;
-                return Ok(WriteResult { pks: write.pks, ts });
-            }
-        };
-        let partitions = log.partitions();
-        let mut pks = Vec::new();
-        let ts = log.append_with(rows as u64, |first_ts| {
-            let write = if auto_id { with_auto_ids(write, pk_index, first_ts as i64)? } else { write };
-            let mut rows_by_partition: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-            for (row, pk) in write.pks.iter().enumerate() {
-                rows_by_partition.entry(partition_of(entry.id, pk, partitions)).or_default().push(row as u32);
-            }
-            let mut records = Vec::with_capacity(rows_by_partition.len());
-            for (partition, rows) in rows_by_partition {
-                let part = if rows.len() == write.pks.len() {
-                    write.batch.clone()
-                } else {
-                    vectorflow_core::batch::take_rows(&write.batch, &rows)?
-                };
-                records.push((partition, LogRecord { collection: entry.id, op: LogOp::Upsert(IpcBatch(part)) }));
-            }
-            pks = write.pks;
-            Ok(records)
-        })?;
+        let auto_id_field = auto_id.then_some(pk_index);
+        let (pks, ts) =
+            self.inner.shared.log.append_rows(entry.id, write, auto_id_field, self.inner.config.request_timeout)?;
         Ok(WriteResult { pks, ts })
     }
 }
@@ -169,14 +122,4 @@ impl Engine {
 pub(super) fn insert_kind() -> WriteKind {
     // Auto ids are assigned from the write's timestamp once it is known.
     WriteKind::Insert { first_auto_id: 0 }
-}
-
-/// Replaces placeholder auto ids with ids from the write's reserved timestamps.
-pub(super) fn with_auto_ids(write: WriteBatch, pk_index: usize, first: i64) -> Result<WriteBatch> {
-    let rows = write.batch.num_rows() as i64;
-    let ids = arrow::array::Int64Array::from_iter_values(first..first + rows);
-    let mut columns = write.batch.columns().to_vec();
-    columns[pk_index] = Arc::new(ids);
-    let batch = RecordBatch::try_new(write.batch.schema(), columns)?;
-    Ok(WriteBatch { batch, pks: (first..first + rows).map(Pk::Int).collect() })
 }
