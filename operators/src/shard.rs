@@ -202,7 +202,8 @@ impl SegmentReader<'_> {
             .collect()
     }
 
-    /// See [`Shard::search`].
+    /// The `k` closest rows visible at `ts` (and passing `filter`) for each
+    /// query, with `output_fields`. `stop` is asked between segments.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
@@ -244,7 +245,8 @@ impl SegmentReader<'_> {
         }
     }
 
-    /// See [`Shard::query`].
+    /// Rows visible at `ts` that pass `filter`: the first `limit` in key
+    /// order (`Pk::order_key`), with `output_fields`.
     pub fn query(
         &self,
         filter: Option<&Filter>,
@@ -279,7 +281,7 @@ impl SegmentReader<'_> {
             .collect())
     }
 
-    /// See [`Shard::count`].
+    /// How many rows visible at `ts` pass `filter`.
     pub fn count(&self, filter: Option<&Filter>, ts: Timestamp, stop: Stop<'_>) -> Result<usize> {
         let allowed = self.allowed(filter, stop)?;
         Ok(self
@@ -648,8 +650,10 @@ impl Shard {
         Ok(())
     }
 
-    /// Reads over every segment.
-    fn reader(&self) -> SegmentReader<'_> {
+    /// Reads over every segment: searches, queries and counts at a
+    /// timestamp (the engine reads a shard in two parts instead, see
+    /// [`Shard::sealed_view`]).
+    pub fn reader(&self) -> SegmentReader<'_> {
         SegmentReader { segments: &self.segments, plan: self.config.plan }
     }
 
@@ -669,41 +673,6 @@ impl Shard {
     /// only the growing segment's part of a read holds the lock.
     pub fn sealed_view(&self) -> SealedView {
         SealedView { segments: self.segments[..self.segments.len() - 1].to_vec(), plan: self.config.plan }
-    }
-
-    /// The `k` closest rows visible at `ts` (and passing `filter`) for each
-    /// query, with `output_fields`. `stop` is asked between segments.
-    #[allow(clippy::too_many_arguments)]
-    pub fn search(
-        &self,
-        field: usize,
-        queries: &[Vec<f32>],
-        k: usize,
-        ef: usize,
-        ts: Timestamp,
-        filter: Option<&Filter>,
-        output_fields: &[usize],
-        stop: Stop<'_>,
-    ) -> Result<Vec<Vec<Hit>>> {
-        self.reader().search(field, queries, k, ef, ts, filter, output_fields, stop)
-    }
-
-    /// Rows visible at `ts` that pass `filter`: the first `limit` in key
-    /// order (`Pk::order_key`), with `output_fields`.
-    pub fn query(
-        &self,
-        filter: Option<&Filter>,
-        ts: Timestamp,
-        output_fields: &[usize],
-        limit: usize,
-        stop: Stop<'_>,
-    ) -> Result<Vec<(Pk, Vec<Value>)>> {
-        self.reader().query(filter, ts, output_fields, limit, stop)
-    }
-
-    /// How many rows visible at `ts` pass `filter`.
-    pub fn count(&self, filter: Option<&Filter>, ts: Timestamp, stop: Stop<'_>) -> Result<usize> {
-        self.reader().count(filter, ts, stop)
     }
 
     /// The version of each key visible at `ts` that this shard holds, with `output_fields`.
@@ -790,6 +759,7 @@ mod tests {
 
         let ids = |ts| -> Vec<Pk> {
             shard
+                .reader()
                 .search(1, &[vec![0.0, 0.0]], 3, 16, ts, None, &[], Stop::NEVER)
                 .unwrap()
                 .remove(0)
@@ -807,10 +777,10 @@ mod tests {
 
         let stopped = Stop(&|| true);
         assert!(matches!(
-            shard.search(1, &[vec![0.0, 0.0]], 3, 16, 35, None, &[], stopped),
+            shard.reader().search(1, &[vec![0.0, 0.0]], 3, 16, 35, None, &[], stopped),
             Err(vectorflow_core::Error::Cancelled)
         ));
-        assert!(matches!(shard.count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
+        assert!(matches!(shard.reader().count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
     }
 
     /// The rows a query answers and the keys a search finds, at one time.
@@ -821,8 +791,8 @@ mod tests {
         times
             .iter()
             .map(|&ts| {
-                let rows = shard.query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
-                let hits = shard.search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap();
+                let rows = shard.reader().query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
+                let hits = shard.reader().search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap();
                 (rows, hits[0].iter().map(|h| h.pk.clone()).collect())
             })
             .collect()
