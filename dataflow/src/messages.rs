@@ -1,6 +1,7 @@
 //! The records that flow through the dataflow. They are plain serialisable
 //! data so they can cross process boundaries in a cluster.
 
+use itertools::Itertools;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Timestamp, Value, VersionId};
@@ -261,23 +262,24 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// Folds another worker's part into this one.
+    /// Folds another part (another worker's, or another part of a shard's
+    /// segments) into this one. Parts come sorted (hits by distance, then
+    /// key order; rows by key order), so they merge in one pass: with a
+    /// large `k` or `limit` a sort here cost more than the searches.
     pub fn merge(&mut self, other: Answer) {
         match (self, other) {
             (Answer::Search { k, hits }, Answer::Search { hits: more, .. }) => {
                 for (mine, theirs) in hits.iter_mut().zip(more) {
-                    mine.extend(theirs);
-                    mine.sort_by(|a, b| {
-                        a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key()))
+                    let merged = std::mem::take(mine).into_iter().merge_by(theirs, |a, b| {
+                        a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key())).is_le()
                     });
-                    mine.truncate(*k);
+                    *mine = merged.take(*k).collect();
                 }
             }
             (Answer::Get(rows), Answer::Get(more)) => rows.extend(more),
             (Answer::Query { limit, rows }, Answer::Query { rows: more, .. }) => {
-                rows.extend(more);
-                rows.sort_by_key(|(pk, _)| pk.order_key());
-                rows.truncate(*limit);
+                let merged = std::mem::take(rows).into_iter().merge_by(more, |a, b| a.0.order_key() <= b.0.order_key());
+                *rows = merged.take(*limit).collect();
             }
             (Answer::Count(count), Answer::Count(more)) => *count += more,
             (Answer::Stats(stats), Answer::Stats(more)) => *stats += more,
