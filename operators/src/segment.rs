@@ -537,6 +537,10 @@ impl Segment {
         if self.sealed || self.len() < GROWING_GRAPH_FROM_ROWS {
             return;
         }
+        // Only the chunks appended since the last call: one-row writes make
+        // thousands of chunks, and a pass over all of them per append would
+        // cost the square of the segment's writes.
+        let first_new = self.chunk_starts.partition_point(|&start| start < self.graph_queued_rows);
         for column in &mut self.vectors {
             if column.growing.is_none() {
                 // About the seal size: only a hint for its first allocations.
@@ -544,8 +548,8 @@ impl Segment {
                 column.growing = GrowingIndex::new(column.dim, column.metric, expected, params).map(Arc::new);
             }
             let Some(graph) = &column.growing else { continue };
-            for (vectors, &first) in column.chunks.iter().zip(&self.chunk_starts) {
-                if first >= self.graph_queued_rows && graph.push(first, vectors.clone()) {
+            for (vectors, &first) in column.chunks[first_new..].iter().zip(&self.chunk_starts[first_new..]) {
+                if graph.push(first, vectors.clone()) {
                     insert_into_growing_graph(graph.clone());
                 }
             }
