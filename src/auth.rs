@@ -78,6 +78,11 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "Flush", Access::Needs(Role::Write)),
     ("vectorflow.v1.Vectorflow", "CreateCollection", Access::Needs(Role::Admin)),
     ("vectorflow.v1.Vectorflow", "DropCollection", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "DescribeAlias", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "ListAliases", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "CreateAlias", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "AlterAlias", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "DropAlias", Access::Needs(Role::Admin)),
     // Milvus's protocol (src/milvus): the same roles for the same kinds of call.
     ("milvus.proto.milvus.MilvusService", "GetVersion", Access::Open),
     // Its reasons name failed collections and their causes: readers only.
@@ -104,6 +109,11 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("milvus.proto.milvus.MilvusService", "DropCollection", Access::Needs(Role::Admin)),
     ("milvus.proto.milvus.MilvusService", "CreateIndex", Access::Needs(Role::Admin)),
     ("milvus.proto.milvus.MilvusService", "DropIndex", Access::Needs(Role::Admin)),
+    ("milvus.proto.milvus.MilvusService", "DescribeAlias", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "ListAliases", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "CreateAlias", Access::Needs(Role::Admin)),
+    ("milvus.proto.milvus.MilvusService", "AlterAlias", Access::Needs(Role::Admin)),
+    ("milvus.proto.milvus.MilvusService", "DropAlias", Access::Needs(Role::Admin)),
     ("grpc.health.v1.Health", "*", Access::Open),
     ("grpc.reflection.v1.ServerReflection", "*", Access::Open),
     ("grpc.reflection.v1alpha.ServerReflection", "*", Access::Open),

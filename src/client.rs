@@ -213,6 +213,47 @@ pub enum CollectionCommand {
     },
 }
 
+/// `vectorflow alias ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum AliasCommand {
+    /// Name a collection also ALIAS (reads and writes through the alias reach it).
+    Create {
+        alias: String,
+        /// The collection it names.
+        #[arg(long, short = 'c')]
+        collection: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Point ALIAS at another collection, atomically (a blue/green swap).
+    Alter {
+        alias: String,
+        #[arg(long, short = 'c')]
+        collection: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Show the collection ALIAS names.
+    Describe {
+        alias: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// List the aliases (of one collection with --collection).
+    List {
+        #[arg(long, short = 'c')]
+        collection: Option<String>,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Remove an alias (the collection stays).
+    Drop {
+        alias: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
 /// `vectorflow insert`
 #[derive(Debug, clap::Args)]
 pub struct InsertArgs {
@@ -517,6 +558,62 @@ pub async fn describe(client: &mut Client, name: &str) -> anyhow::Result<(v1::Co
     let schema = info.schema.clone().ok_or_else(|| anyhow!("the server sent no schema for `{name}`"))?;
     let schema = wire::schema_from_proto(schema).with_context(|| format!("the schema of `{name}` from the server"))?;
     Ok((info, schema))
+}
+
+// ---- alias ----
+
+pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
+    match command {
+        AliasCommand::Create { alias, collection, connect } => {
+            let request = v1::AliasRequest { alias: alias.clone(), collection: collection.clone() };
+            with_client(&connect, async |client| Ok(client.create_alias(request).await.map_err(rpc)?.into_inner()))?;
+            report_alias(connect.json, "created", &alias, &collection);
+        }
+        AliasCommand::Alter { alias, collection, connect } => {
+            let request = v1::AliasRequest { alias: alias.clone(), collection: collection.clone() };
+            with_client(&connect, async |client| Ok(client.alter_alias(request).await.map_err(rpc)?.into_inner()))?;
+            report_alias(connect.json, "altered", &alias, &collection);
+        }
+        AliasCommand::Describe { alias, connect } => {
+            let request = v1::AliasRef { alias: alias.clone() };
+            let named = with_client(&connect, async |client| {
+                Ok(client.describe_alias(request).await.map_err(rpc)?.into_inner())
+            })?;
+            report_alias(connect.json, "", &named.alias, &named.collection);
+        }
+        AliasCommand::List { collection, connect } => {
+            let request = v1::CollectionRef { name: collection.unwrap_or_default() };
+            let aliases = with_client(&connect, async |client| {
+                Ok(client.list_aliases(request).await.map_err(rpc)?.into_inner().aliases)
+            })?;
+            let batch = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![Field::new("alias", ArrowType::Utf8, false)])),
+                vec![Arc::new(StringArray::from(aliases))],
+            )?;
+            print_batches(&[batch], connect.json, &HashSet::new())?;
+        }
+        AliasCommand::Drop { alias, connect } => {
+            let request = v1::AliasRef { alias: alias.clone() };
+            with_client(&connect, async |client| Ok(client.drop_alias(request).await.map_err(rpc)?.into_inner()))?;
+            if connect.json {
+                println!("{}", serde_json::json!({ "dropped_alias": alias }));
+            } else {
+                println!("dropped alias `{alias}`");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line about an alias: `verb` ("created", "altered", or "" to describe).
+fn report_alias(json: bool, verb: &str, alias: &str, collection: &str) {
+    if json {
+        println!("{}", serde_json::json!({ "alias": alias, "collection": collection }));
+    } else if verb.is_empty() {
+        println!("alias `{alias}` names collection `{collection}`");
+    } else {
+        println!("{verb} alias `{alias}` for collection `{collection}`");
+    }
 }
 
 // ---- collection ----

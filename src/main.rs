@@ -88,6 +88,9 @@ enum Command {
     /// Create, list, describe or drop collections on a server (gRPC).
     #[command(subcommand)]
     Collection(client::CollectionCommand),
+    /// Create, alter, describe, list or drop collection aliases on a server (gRPC).
+    #[command(subcommand)]
+    Alias(client::AliasCommand),
     /// Insert rows from a JSON lines or Parquet file into a collection on a server.
     Insert(client::InsertArgs),
     /// Search a collection on a server for the nearest neighbours of query vectors.
@@ -189,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Collection(command) => client::exit_on_error(client::collection(command)),
+        Command::Alias(command) => client::exit_on_error(client::alias(command)),
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
         Command::Query(args) => client::exit_on_error(client::query(args)),

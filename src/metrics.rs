@@ -88,7 +88,7 @@ impl Metrics {
             Opts::new(
                 "vectorflow_collection",
                 "Per collection: live_rows, growing_rows, index_builds (sealed segments without their index yet), \
-                 merge_builds (shards with a merge building or due), graph_bytes",
+                 merge_builds (shards with a merge building or due), index_bytes",
             ),
             &["collection", "what"],
         )?;
@@ -189,7 +189,7 @@ impl Metrics {
                 set("growing_rows", stats.growing_rows);
                 set("index_builds", stats.sealed_segments.saturating_sub(stats.indexed_segments));
                 set("merge_builds", stats.compacting);
-                set("graph_bytes", stats.graph_bytes);
+                set("index_bytes", stats.index_bytes);
                 self.segments.with_label_values(&[name.as_str(), "sealed"]).set(stats.sealed_segments as i64);
                 self.segments.with_label_values(&[name.as_str(), "indexed"]).set(stats.indexed_segments as i64);
             }

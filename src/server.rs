@@ -127,7 +127,12 @@ fn non_empty(text: String) -> Option<String> {
 }
 
 fn info(info: vectorflow::CollectionInfo) -> v1::CollectionInfo {
-    v1::CollectionInfo { id: info.id, schema: Some(wire::schema_to_proto(&info.schema)), created_ts: info.created_ts }
+    v1::CollectionInfo {
+        id: info.id,
+        schema: Some(wire::schema_to_proto(&info.schema)),
+        created_ts: info.created_ts,
+        aliases: info.aliases,
+    }
 }
 
 fn write_response(write: vectorflow::WriteResult) -> v1::WriteResponse {
@@ -213,6 +218,42 @@ impl Vectorflow for VectorflowService {
     ) -> Result<Response<v1::CollectionInfo>, Status> {
         let name = request.get_ref().name.clone();
         Ok(Response::new(info(self.run(&request, move |engine, _| engine.describe_collection(&name)).await?)))
+    }
+
+    async fn create_alias(&self, request: Request<v1::AliasRequest>) -> Result<Response<v1::Empty>, Status> {
+        let v1::AliasRequest { alias, collection } = request.get_ref().clone();
+        self.run(&request, move |engine, _| engine.create_alias(&alias, &collection)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn alter_alias(&self, request: Request<v1::AliasRequest>) -> Result<Response<v1::Empty>, Status> {
+        let v1::AliasRequest { alias, collection } = request.get_ref().clone();
+        self.run(&request, move |engine, _| engine.alter_alias(&alias, &collection)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn drop_alias(&self, request: Request<v1::AliasRef>) -> Result<Response<v1::Empty>, Status> {
+        let alias = request.get_ref().alias.clone();
+        self.run(&request, move |engine, _| engine.drop_alias(&alias)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn describe_alias(&self, request: Request<v1::AliasRef>) -> Result<Response<v1::AliasRequest>, Status> {
+        let alias = request.get_ref().alias.clone();
+        let named = alias.clone();
+        let collection = self.run(&request, move |engine, _| engine.describe_alias(&named)).await?;
+        Ok(Response::new(v1::AliasRequest { alias, collection }))
+    }
+
+    async fn list_aliases(
+        &self,
+        request: Request<v1::CollectionRef>,
+    ) -> Result<Response<v1::ListAliasesResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let aliases = self
+            .run(&request, move |engine, _| engine.list_aliases(Some(name.as_str()).filter(|n| !n.is_empty())))
+            .await?;
+        Ok(Response::new(v1::ListAliasesResponse { aliases }))
     }
 
     async fn insert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {

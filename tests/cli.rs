@@ -137,6 +137,24 @@ fn collections_are_created_listed_described_and_dropped() {
     let err = server.fails(&["collection", "create", "--schema", r#"{"name": "x", "fields": []}"#]);
     assert!(err.starts_with("error: INVALID_ARGUMENT: "), "{err}");
 
+    // Aliases, through the binary's gRPC API.
+    let out = server.ok(&["alias", "create", "current", "-c", "docs"]);
+    assert_eq!(out.trim(), "created alias `current` for collection `docs`");
+    assert_eq!(
+        lines(&server.ok(&["alias", "describe", "current", "--json"])),
+        vec![json!({"alias": "current", "collection": "docs"})]
+    );
+    let described = lines(&server.ok(&["collection", "describe", "current", "--json"]));
+    assert_eq!(described[0]["schema"]["name"], json!("docs"), "a collection described through its alias");
+    let err = server.fails(&["collection", "drop", "docs"]);
+    assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("has aliases"), "{err}");
+    server.ok(&["alias", "alter", "current", "-c", "other"]);
+    assert_eq!(lines(&server.ok(&["alias", "list", "-c", "other", "--json"])), vec![json!({"alias": "current"})]);
+    assert!(lines(&server.ok(&["alias", "list", "-c", "docs", "--json"])).is_empty());
+    server.ok(&["alias", "drop", "current"]);
+    let err = server.fails(&["alias", "describe", "current"]);
+    assert_eq!(err.trim(), "error: NOT_FOUND: alias `current` not found");
+
     let out = server.ok(&["collection", "drop", "docs"]);
     assert!(out.contains("dropped collection `docs`"), "{out}");
     assert_eq!(lines(&server.ok(&["collection", "list", "--json"])), vec![json!({"name": "other"})]);

@@ -324,6 +324,87 @@ fn schema_features_auto_id_varchar_keys_defaults_json_and_drop() {
 }
 
 #[test]
+fn aliases_resolve_for_reads_and_writes_swap_atomically_under_searches_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 100);
+    // Each collection holds rows of its own: blue's ids are below 1,000, green's above.
+    for (name, first) in [("blue", 0i64), ("green", 1000)] {
+        engine.create_collection(small_schema(name)).unwrap();
+        let rows: Vec<_> = (0..150).map(|i| small_row(first + i, [i as f32, 0.0])).collect();
+        engine.insert_rows(name, &rows).unwrap();
+    }
+    engine.create_alias("live", "blue").unwrap();
+    assert_eq!(engine.describe_alias("live").unwrap(), "blue");
+    assert_eq!(engine.describe_collection("live").unwrap().schema.name, "blue");
+    assert_eq!(engine.describe_collection("blue").unwrap().aliases, vec!["live".to_string()]);
+    let strong = SearchOptions { consistency: Consistency::Strong, ..SearchOptions::new(3) };
+    let ids = |options: &SearchOptions| -> Vec<i64> {
+        engine.search("live", &[vec![0.0, 0.0]], options).unwrap().hits[0].iter().map(|h| pk_int(&h.pk)).collect()
+    };
+    assert_eq!(ids(&strong), vec![0, 1, 2]);
+    // A write through the alias goes to the collection it names.
+    engine.insert_rows("live", &[small_row(-1, [0.0, 0.0])]).unwrap();
+    assert_eq!(ids(&strong), vec![-1, 0, 1]);
+    assert_eq!(engine.stats("blue", Consistency::Strong).unwrap().live_rows, 151);
+
+    // The rules: an alias is unique, never a collection's name, and never dangles.
+    assert!(matches!(engine.create_alias("live", "green"), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(engine.create_alias("green", "blue"), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(engine.create_alias("x", "nope"), Err(Error::CollectionNotFound(_))));
+    assert!(
+        matches!(engine.create_alias("no spaces", "blue"), Err(Error::InvalidArgument { argument, .. }) if argument == "alias")
+    );
+    assert!(matches!(engine.alter_alias("other", "green"), Err(Error::AliasNotFound(_))));
+    assert!(matches!(engine.create_collection(small_schema("live")), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(engine.drop_collection("blue"), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(engine.drop_collection("live"), Err(Error::InvalidArgument { .. })));
+
+    // Searches run flat out through the alias while it moves to green:
+    // each one answers from blue or from green, never fails, never mixes.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let eventually = SearchOptions { consistency: Consistency::Eventually, ..SearchOptions::new(3) };
+    let seen = std::thread::scope(|scope| {
+        let searchers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut blue, mut green) = (0, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match ids(&eventually).as_slice() {
+                            [-1, 0, 1] => blue += 1,
+                            [1000, 1001, 1002] => green += 1,
+                            other => panic!("an answer from neither collection: {other:?}"),
+                        }
+                    }
+                    (blue, green)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        engine.alter_alias("live", "green").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        searchers.into_iter().map(|s| s.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    assert!(seen.0 > 0 && seen.1 > 0, "searches before and after the swap: {seen:?}");
+    assert_eq!(ids(&strong), vec![1000, 1001, 1002]);
+    assert_eq!(engine.list_aliases(Some("green")).unwrap(), vec!["live".to_string()]);
+    assert!(engine.list_aliases(Some("blue")).unwrap().is_empty());
+    engine.drop_collection("blue").unwrap();
+    engine.create_alias("next", "green").unwrap();
+    engine.shutdown();
+    drop(engine);
+
+    let engine = exact_engine(dir.path(), 2, 100);
+    assert_eq!(engine.list_aliases(None).unwrap(), vec!["live".to_string(), "next".to_string()]);
+    assert_eq!(engine.describe_collection("live").unwrap().schema.name, "green");
+    engine.drop_alias("live").unwrap();
+    assert!(matches!(engine.drop_alias("live"), Err(Error::AliasNotFound(_))));
+    assert!(matches!(engine.search("live", &[vec![0.0, 0.0]], &strong), Err(Error::CollectionNotFound(_))));
+    assert_eq!(engine.search("next", &[vec![0.0, 0.0]], &strong).unwrap().hits[0].len(), 3);
+    engine.shutdown();
+}
+
+#[test]
 fn concurrent_writers_and_readers_finish_with_correct_counts() {
     let dir = tempfile::tempdir().unwrap();
     let engine = exact_engine(dir.path(), 2, 64);

@@ -1,8 +1,10 @@
-//! The durable catalog: collections, their ids and schemas, kept in the
-//! object store as versioned documents (`catalog/v{N}.json`). A change
+//! The durable catalog: collections, their ids and schemas, and the
+//! aliases that name them, kept in the object store as versioned documents
+//! (`catalog/v{N}.json`). A change
 //! writes version N+1 with a conditional put, so two writers cannot both
 //! publish over the same version, and a reader always sees a whole version.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -27,6 +29,10 @@ struct CatalogDocument {
     /// collection can never be taken for a new one's.
     next_collection_id: CollectionId,
     collections: Vec<CatalogEntry>,
+    /// Alias → the name of the collection it stands for (absent in
+    /// documents written before aliases existed).
+    #[serde(default)]
+    aliases: BTreeMap<String, String>,
 }
 
 const PREFIX: &str = "catalog";
@@ -43,7 +49,7 @@ pub struct CatalogStore {
 impl CatalogStore {
     pub fn open(storage: ObjectStorage) -> Result<CatalogStore> {
         let (version, document) = newest_complete_version(&storage, PREFIX, "catalog version")?
-            .unwrap_or((0, CatalogDocument { next_collection_id: 1, collections: Vec::new() }));
+            .unwrap_or((0, CatalogDocument { next_collection_id: 1, ..CatalogDocument::default() }));
         Ok(CatalogStore { storage, current: Mutex::new((version, document)) })
     }
 
@@ -53,12 +59,25 @@ impl CatalogStore {
         Ok(current.1.collections.clone())
     }
 
-    /// Adds a collection under a fresh id; fails if the name is taken.
+    /// Every alias, with the name of its collection.
+    pub fn aliases(&self) -> Result<BTreeMap<String, String>> {
+        let current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        Ok(current.1.aliases.clone())
+    }
+
+    /// Adds a collection under a fresh id; fails if the name is taken (by
+    /// a collection or an alias).
     pub fn create(&self, schema: CollectionSchema, created_ts: Timestamp) -> Result<CatalogEntry> {
         let mut entry = None;
         self.change(|document| {
             if document.collections.iter().any(|c| c.schema.name == schema.name) {
                 return Err(Error::CollectionExists(schema.name.clone()));
+            }
+            if document.aliases.contains_key(&schema.name) {
+                return Err(Error::argument(
+                    "collection_name",
+                    format!("`{}` is an alias; a collection cannot take its name", schema.name),
+                ));
             }
             let id = document.next_collection_id;
             document.next_collection_id =
@@ -71,14 +90,53 @@ impl CatalogStore {
         entry.ok_or_else(|| Error::storage("catalog: the new entry was not recorded"))
     }
 
+    /// Drops a collection; fails while an alias names it (as Milvus does:
+    /// an alias never dangles).
     pub fn drop_collection(&self, name: &str) -> Result<()> {
         self.change(|document| {
+            let aliases: Vec<&str> =
+                document.aliases.iter().filter(|(_, target)| *target == name).map(|(a, _)| a.as_str()).collect();
+            if !aliases.is_empty() {
+                return Err(Error::argument(
+                    "collection_name",
+                    format!("collection `{name}` has aliases {aliases:?}: drop or alter them first"),
+                ));
+            }
             let before = document.collections.len();
             document.collections.retain(|c| c.schema.name != name);
             if document.collections.len() == before {
                 return Err(Error::CollectionNotFound(name.to_string()));
             }
             Ok(())
+        })
+    }
+
+    /// Points `alias` at `collection`: a new alias (`replace` false) or an
+    /// existing one moved, in one catalog version (`replace` true).
+    pub fn set_alias(&self, alias: &str, collection: &str, replace: bool) -> Result<()> {
+        self.change(|document| {
+            if !document.collections.iter().any(|c| c.schema.name == collection) {
+                return Err(Error::CollectionNotFound(collection.to_string()));
+            }
+            if document.collections.iter().any(|c| c.schema.name == alias) {
+                return Err(Error::argument("alias", format!("`{alias}` is the name of a collection")));
+            }
+            match (document.aliases.get(alias), replace) {
+                (Some(target), false) => {
+                    return Err(Error::argument("alias", format!("alias `{alias}` already names `{target}`")));
+                }
+                (None, true) => return Err(Error::AliasNotFound(alias.to_string())),
+                _ => {}
+            }
+            document.aliases.insert(alias.to_string(), collection.to_string());
+            Ok(())
+        })
+    }
+
+    pub fn drop_alias(&self, alias: &str) -> Result<()> {
+        self.change(|document| match document.aliases.remove(alias) {
+            Some(_) => Ok(()),
+            None => Err(Error::AliasNotFound(alias.to_string())),
         })
     }
 
@@ -135,5 +193,30 @@ mod tests {
         assert_eq!(names, vec!["a".to_string()]);
         assert_eq!(catalog.create(schema("b"), 8).unwrap().id, 3);
         assert!(matches!(catalog.drop_collection("zz"), Err(Error::CollectionNotFound(_))));
+    }
+
+    #[test]
+    fn aliases_name_one_collection_survive_reopen_and_never_dangle() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = || ObjectStorage::open(&StorageConfig::default(), dir.path()).unwrap();
+        {
+            let catalog = CatalogStore::open(storage()).unwrap();
+            catalog.create(schema("blue"), 1).unwrap();
+            catalog.create(schema("green"), 2).unwrap();
+            catalog.set_alias("live", "blue", false).unwrap();
+            assert!(matches!(catalog.set_alias("live", "green", false), Err(Error::InvalidArgument { .. })));
+            assert!(matches!(catalog.set_alias("next", "green", true), Err(Error::AliasNotFound(_))));
+            assert!(matches!(catalog.set_alias("blue", "green", false), Err(Error::InvalidArgument { .. })));
+            assert!(matches!(catalog.set_alias("x", "nope", false), Err(Error::CollectionNotFound(_))));
+            assert!(matches!(catalog.create(schema("live"), 3), Err(Error::InvalidArgument { .. })));
+            catalog.set_alias("live", "green", true).unwrap();
+            assert!(matches!(catalog.drop_collection("green"), Err(Error::InvalidArgument { .. })));
+            catalog.drop_collection("blue").unwrap();
+        }
+        let catalog = CatalogStore::open(storage()).unwrap();
+        assert_eq!(catalog.aliases().unwrap().into_iter().collect::<Vec<_>>(), vec![("live".into(), "green".into())]);
+        catalog.drop_alias("live").unwrap();
+        assert!(matches!(catalog.drop_alias("live"), Err(Error::AliasNotFound(_))));
+        catalog.drop_collection("green").unwrap();
     }
 }

@@ -28,6 +28,8 @@ pub enum Error {
     CollectionNotFound(String),
     #[error("collection `{0}` already exists")]
     CollectionExists(String),
+    #[error("alias `{0}` not found")]
+    AliasNotFound(String),
     /// A read `as_of` a time whose history has been compacted away.
     #[error("as_of {as_of} is before the retention horizon {horizon}: history older than the retention window is gone")]
     OutsideRetention { as_of: Timestamp, horizon: Timestamp },
@@ -88,6 +90,7 @@ impl Error {
             Error::InvalidSchema(message) => Error::InvalidSchema(message.clone()),
             Error::CollectionNotFound(name) => Error::CollectionNotFound(name.clone()),
             Error::CollectionExists(name) => Error::CollectionExists(name.clone()),
+            Error::AliasNotFound(name) => Error::AliasNotFound(name.clone()),
             Error::OutsideRetention { as_of, horizon } => Error::OutsideRetention { as_of: *as_of, horizon: *horizon },
             Error::FutureTimestamp { as_of, now } => Error::FutureTimestamp { as_of: *as_of, now: *now },
             Error::Timeout(after) => Error::Timeout(*after),

@@ -9,6 +9,6 @@ pub mod value;
 
 pub use batch::{IpcBatch, Row, WriteBatch};
 pub use error::{Error, Result};
-pub use schema::{CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric};
+pub use schema::{CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric, check_alias};
 pub use time::{Timestamp, Tso};
 pub use value::{Pk, Value, VersionId, quote, quote_at_most};

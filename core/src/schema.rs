@@ -378,6 +378,15 @@ impl CollectionSchema {
     }
 }
 
+/// Checks an alias by the rule for collection names: an alias stands
+/// wherever a collection name does.
+pub fn check_alias(alias: &str) -> Result<()> {
+    check_name("alias", alias).map_err(|e| match e {
+        Error::InvalidSchema(problem) => Error::argument("alias", problem),
+        other => other,
+    })
+}
+
 fn check_name(what: &str, name: &str) -> Result<()> {
     let valid_start = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if name.is_empty()

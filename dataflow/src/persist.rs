@@ -185,11 +185,12 @@ fn write_segment(
     let mut indexes = Vec::new();
     for (field, metric, slot) in &snapshot.indexes {
         // A failed build leaves no index: the load builds it again.
-        let Some(graph) = slot.wait() else { continue };
+        let Some(index) = slot.wait() else { continue };
         indexes.push(IndexFiles {
             field: *field,
             metric: *metric,
-            graph: storage.put(&format!("{prefix}/field-{field}.{GRAPH_SUFFIX}"), Bytes::from(graph.encode()))?,
+            graph: storage
+                .put(&format!("{prefix}/field-{field}.{GRAPH_SUFFIX}"), Bytes::from(index.graph().encode()))?,
             data: None,
         });
     }

@@ -39,6 +39,10 @@ const MAGIC: &[u8; 8] = b"VFHNSW\0\0";
 const FORMAT_VERSION: u32 = 1;
 /// Layers a file may declare; `hnsw_rs` builds at most 16.
 const MAX_LAYERS: u32 = 64;
+/// Cache lines of an `f32` vector prefetched before it is measured: the
+/// first two cover 32 values, enough for the kernel to start while the
+/// hardware prefetcher streams the rest in.
+const F32_PREFETCH_LINES: usize = 2;
 
 /// Neighbour lists of the nodes of one layer, in node order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -180,11 +184,33 @@ impl FrozenGraph {
         ef: usize,
         accept: Option<&dyn Fn(usize) -> bool>,
     ) -> Vec<(f32, u32)> {
-        if self.rows == 0 || k == 0 || vectors.len() < self.rows as usize * dim {
+        if vectors.len() < self.rows as usize * dim {
             return Vec::new();
         }
         let vector = |row: u32| &vectors[row as usize * dim..(row as usize + 1) * dim];
-        let measure = |row: u32| distance(metric, query, vector(row));
+        let mut found = self.walk(
+            |row| distance(metric, query, vector(row)),
+            |row| prefetch(vector(row), F32_PREFETCH_LINES),
+            ef.max(k),
+            accept,
+        );
+        found.truncate(k);
+        found
+    }
+
+    /// The HNSW walk: the `ef` best rows `accept` takes (all when `None`),
+    /// nearest first, by `measure`, a distance from the query to a row;
+    /// `prefetch` is called on the rows about to be measured.
+    pub fn walk(
+        &self,
+        measure: impl Fn(u32) -> f32,
+        prefetch: impl Fn(u32),
+        ef: usize,
+        accept: Option<&dyn Fn(usize) -> bool>,
+    ) -> Vec<(f32, u32)> {
+        if self.rows == 0 || ef == 0 {
+            return Vec::new();
+        }
         let accepted = |row: u32| accept.is_none_or(|a| a(row as usize));
 
         // Greedy descent through the upper layers.
@@ -207,7 +233,6 @@ impl FrozenGraph {
         }
 
         // Best-first beam on layer 0.
-        let ef = ef.max(k);
         VISITED.with(|visited| {
             let mut visited = visited.borrow_mut();
             visited.start(self.rows as usize);
@@ -227,7 +252,7 @@ impl FrozenGraph {
                 fresh.clear();
                 fresh.extend(self.base.of(node as usize).iter().copied().filter(|&n| visited.insert(n)));
                 for &n in &fresh {
-                    prefetch(vector(n));
+                    prefetch(n);
                 }
                 for &n in &fresh {
                     let d = measure(n);
@@ -243,9 +268,7 @@ impl FrozenGraph {
                     }
                 }
             }
-            let mut answer: Vec<(f32, u32)> = results.into_sorted_vec().into_iter().map(|s| (s.0, s.1)).collect();
-            answer.truncate(k);
-            answer
+            results.into_sorted_vec().into_iter().map(|s| (s.0, s.1)).collect()
         })
     }
 
@@ -543,22 +566,23 @@ thread_local! {
     static VISITED: RefCell<Visited> = RefCell::new(Visited::default());
 }
 
-/// Asks the CPU to start loading a vector the search reads next.
+/// Asks the CPU to start loading the first `lines` cache lines of a
+/// vector the search reads next.
 #[inline(always)]
-fn prefetch(values: &[f32]) {
+pub(crate) fn prefetch<T>(values: &[T], lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // A vector spans several cache lines; the first two cover 32 values,
-        // enough for the kernel to start while the rest streams in.
-        for line in values.chunks(16).take(2) {
-            // SAFETY: prefetching is a hint; it never faults, and the
-            // pointer is into a live slice.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        let bytes = std::mem::size_of_val(values);
+        let start = values.as_ptr().cast::<i8>();
+        for line in 0..lines.min(bytes.div_ceil(64)) {
+            // SAFETY: prefetching is a hint and never faults; the address
+            // is inside the live slice (`line * 64 < bytes`).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line * 64)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
+    let _ = (values, lines);
 }
 
 #[cfg(test)]

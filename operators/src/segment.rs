@@ -22,7 +22,7 @@ use crate::build_pool::{self, BuildLane};
 use crate::distance::distance;
 use crate::filter::Filter;
 use crate::frozen::FrozenGraph;
-use crate::index::{GrowingIndex, HnswIndex, IndexParams, IndexSlot};
+use crate::index::{GrowingIndex, HnswIndex, IndexParams, IndexSlot, SealedIndex};
 use crate::topk::{Candidate, TopK};
 
 /// `delete_ts` of a version nothing has retired yet.
@@ -192,9 +192,9 @@ impl Segment {
         self.sealed && self.vectors.iter().all(|v| v.index.as_ref().is_some_and(|i| i.get().is_some()))
     }
 
-    /// Bytes the built graphs of this segment hold.
-    pub fn graph_bytes(&self) -> usize {
-        self.vectors.iter().filter_map(|v| v.index.as_ref()?.get()?.as_ref()).map(FrozenGraph::memory_bytes).sum()
+    /// Bytes the built indexes of this segment hold (graphs and SQ8 codes).
+    pub fn index_bytes(&self) -> usize {
+        self.vectors.iter().filter_map(|v| v.index.as_ref()?.get()?.as_ref()).map(SealedIndex::memory_bytes).sum()
     }
 
     pub fn uid(&self) -> &str {
@@ -401,16 +401,18 @@ impl Segment {
             column.chunks = vec![buffer.clone()];
             let slot = Arc::new(IndexSlot::new());
             match ready.remove(&column.field) {
-                Some(index) => {
-                    let _ = slot.set(Some(index));
+                Some(graph) => {
+                    let _ = slot.set(Some(SealedIndex::new(graph, &buffer, column.dim, column.metric)));
                 }
                 None => {
                     let source = match (repairs.remove(&column.field), column.growing.take()) {
                         (Some(repair), _) => GraphSource::Repair(repair),
-                        (None, Some(graph)) => GraphSource::Grown { graph, vectors: buffer },
-                        (None, None) => GraphSource::Build(buffer),
+                        (None, Some(graph)) => GraphSource::Grown(graph),
+                        (None, None) => GraphSource::Build,
                     };
-                    spawn_index_build(slot.clone(), source, column.dim, column.metric, params, &self.uid, lane)
+                    let build =
+                        IndexBuild { slot: slot.clone(), vectors: buffer, dim: column.dim, metric: column.metric };
+                    spawn_index_build(build, source, params, &self.uid, lane)
                 }
             }
             column.index = Some(slot);
@@ -682,9 +684,9 @@ impl Segment {
         }
         match index {
             // A sealed segment has one chunk: its vectors are contiguous.
-            Some(graph) if walks && column.chunks.len() == 1 => {
+            Some(index) if walks && column.chunks.len() == 1 => {
                 let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
-                let found = graph.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
+                let found = index.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
                 let mut top = TopK::new(k);
                 for (distance, row) in found {
                     top.push(Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: 0, row });
@@ -776,11 +778,11 @@ impl Segment {
 
 /// Where a sealed segment's graph comes from.
 enum GraphSource {
-    /// A fresh `hnsw_rs` build over these row-major vectors.
-    Build(ScalarBuffer<f32>),
+    /// A fresh `hnsw_rs` build over the segment's vectors.
+    Build,
     /// The graph the segment grew while growing, finished (its last rows
-    /// inserted) and frozen; built afresh over `vectors` if that fails.
-    Grown { graph: Arc<GrowingIndex>, vectors: ScalarBuffer<f32> },
+    /// inserted) and frozen; built afresh if that fails.
+    Grown(Arc<GrowingIndex>),
     /// The graph of the segment this one rewrites, repaired.
     Repair(GraphRepair),
 }
@@ -796,19 +798,21 @@ struct GraphRepair {
     keep: Arc<Vec<u32>>,
 }
 
-/// Builds a graph into `slot` in the build pool (see [`build_pool`]) and
-/// freezes it. The slot ends up `None` if the build fails; the segment
-/// then keeps answering exactly.
-fn spawn_index_build(
+/// One vector field's index to build: where it goes, over which vectors.
+struct IndexBuild {
     slot: Arc<IndexSlot>,
-    source: GraphSource,
+    /// The sealed segment's vectors of the field, row-major.
+    vectors: ScalarBuffer<f32>,
     dim: usize,
     metric: Metric,
-    params: IndexParams,
-    uid: &str,
-    lane: BuildLane,
-) {
+}
+
+/// Builds a graph into `slot` in the build pool (see [`build_pool`]),
+/// freezes it and quantises the vectors for it. The slot ends up `None`
+/// if the build fails; the segment then keeps answering exactly.
+fn spawn_index_build(build: IndexBuild, source: GraphSource, params: IndexParams, uid: &str, lane: BuildLane) {
     let segment = uid.to_string();
+    let IndexBuild { slot, vectors, dim, metric } = build;
     build_pool::submit(lane, move || {
         let started = std::time::Instant::now();
         // `hnsw_rs`'s structure (its own copy of the vectors, pointer-linked
@@ -816,21 +820,23 @@ fn spawn_index_build(
         // pool keeps its parallel teardown on the pool's threads too.
         // Unwind safety: after a panic the graph being built is dropped,
         // never searched (the segment answers exactly or builds afresh).
-        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &source {
-            GraphSource::Build(vectors) => {
-                build_pool::install(|| HnswIndex::build(vectors, dim, metric, params).freeze())
-            }
-            GraphSource::Repair(GraphRepair { from, vectors, keep }) => match from.get() {
-                Some(Some(graph)) => graph.without_dropped_rows(keep, vectors, dim, metric, params.m),
-                _ => Err(vectorflow_core::Error::Internal("the graph to repair is gone".into())),
-            },
-            GraphSource::Grown { graph, vectors } => finish_grown_graph(graph, vectors, dim, metric, params, &segment),
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let graph = match &source {
+                GraphSource::Build => build_pool::install(|| HnswIndex::build(&vectors, dim, metric, params).freeze()),
+                GraphSource::Repair(GraphRepair { from, vectors, keep }) => match from.get() {
+                    Some(Some(index)) => index.graph().without_dropped_rows(keep, vectors, dim, metric, params.m),
+                    _ => Err(vectorflow_core::Error::Internal("the graph to repair is gone".into())),
+                },
+                GraphSource::Grown(graph) => finish_grown_graph(graph, &vectors, dim, metric, params, &segment),
+            }?;
+            Ok::<_, vectorflow_core::Error>(SealedIndex::new(graph, &vectors, dim, metric))
         }));
         match built {
-            Ok(Ok(graph)) => {
+            Ok(Ok(index)) => {
                 let repaired = matches!(source, GraphSource::Repair(_));
-                tracing::debug!(segment, ?lane, repaired, rows = graph.rows(), elapsed = ?started.elapsed(), "index built");
-                let _ = slot.set(Some(graph));
+                let rows = index.graph().rows();
+                tracing::debug!(segment, ?lane, repaired, rows, elapsed = ?started.elapsed(), "index built");
+                let _ = slot.set(Some(index));
             }
             Ok(Err(e)) => {
                 tracing::error!(segment, "the index build failed, the segment answers exactly: {e}");
@@ -1113,8 +1119,8 @@ mod tests {
         assert_eq!(output.len(), visible_at(20));
         assert_eq!(output.passing_count(100, None), visible_at(100));
         assert_eq!(output.passing_count(39, None), visible_at(39));
-        let graph = output.vectors[0].index.as_ref().and_then(|slot| slot.get().cloned()).flatten().unwrap();
-        assert_eq!(graph.rows(), output.len());
+        let index = output.vectors[0].index.as_ref().and_then(|slot| slot.get().cloned()).flatten().unwrap();
+        assert_eq!(index.graph().rows(), output.len());
         // Through the repaired graph, against exact search over what is visible now.
         let never_scan = SearchPlan { exact_below_rows: 0, exact_below_fraction: 0.0, graph_cost_per_ef: 0.0 };
         let mut hits = 0;

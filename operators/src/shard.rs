@@ -61,8 +61,9 @@ pub struct ShardStats {
     /// Shards whose segments are not yet what the merge policy settles on:
     /// merging, or not quiet long enough for the policy's last look.
     pub merges_pending: usize,
-    /// Bytes the sealed segments' graphs hold (their vectors are the segments').
-    pub graph_bytes: usize,
+    /// Bytes the sealed segments' indexes hold: graphs and SQ8 codes (the
+    /// vectors are the segments').
+    pub index_bytes: usize,
 }
 
 impl std::ops::AddAssign for ShardStats {
@@ -74,7 +75,7 @@ impl std::ops::AddAssign for ShardStats {
         self.indexed_segments += other.indexed_segments;
         self.compacting += other.compacting;
         self.merges_pending += other.merges_pending;
-        self.graph_bytes += other.graph_bytes;
+        self.index_bytes += other.index_bytes;
     }
 }
 
@@ -700,7 +701,7 @@ impl Shard {
             ..Default::default()
         };
         for segment in &self.segments {
-            stats.graph_bytes += segment.graph_bytes();
+            stats.index_bytes += segment.index_bytes();
             stats.versions += segment.len();
             stats.live_rows += segment.live_rows();
             if segment.is_sealed() {

@@ -407,7 +407,7 @@ pub fn status(error: &Error) -> tonic::Status {
         | Error::Expression { .. }
         | Error::InvalidSchema(_)
         | Error::Sql(_) => Code::InvalidArgument,
-        Error::CollectionNotFound(_) => Code::NotFound,
+        Error::CollectionNotFound(_) | Error::AliasNotFound(_) => Code::NotFound,
         Error::CollectionExists(_) => Code::AlreadyExists,
         Error::OutsideRetention { .. } => Code::FailedPrecondition,
         Error::FutureTimestamp { .. } => Code::OutOfRange,

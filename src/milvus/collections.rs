@@ -40,6 +40,43 @@ pub(super) fn drop_collection(call: &Call, body: pb::DropCollectionRequest) -> A
     Ok(status::ok())
 }
 
+pub(super) fn create_alias(call: &Call, body: pb::CreateAliasRequest) -> Answer<common::Status> {
+    call.engine.create_alias(&body.alias, &body.collection_name)?;
+    Ok(status::ok())
+}
+
+pub(super) fn alter_alias(call: &Call, body: pb::AlterAliasRequest) -> Answer<common::Status> {
+    call.engine.alter_alias(&body.alias, &body.collection_name)?;
+    Ok(status::ok())
+}
+
+pub(super) fn drop_alias(call: &Call, body: pb::DropAliasRequest) -> Answer<common::Status> {
+    call.engine.drop_alias(&body.alias)?;
+    Ok(status::ok())
+}
+
+pub(super) fn describe_alias(call: &Call, body: pb::DescribeAliasRequest) -> Answer<pb::DescribeAliasResponse> {
+    let collection = call.engine.describe_alias(&body.alias)?;
+    Ok(pb::DescribeAliasResponse {
+        status: Some(status::ok()),
+        db_name: super::DEFAULT_DATABASE.into(),
+        alias: body.alias,
+        collection,
+    })
+}
+
+/// The aliases of one collection, or every alias when no collection is named.
+pub(super) fn list_aliases(call: &Call, body: pb::ListAliasesRequest) -> Answer<pb::ListAliasesResponse> {
+    let named = Some(body.collection_name.as_str()).filter(|name| !name.is_empty());
+    let aliases = call.engine.list_aliases(named)?;
+    Ok(pb::ListAliasesResponse {
+        status: Some(status::ok()),
+        db_name: super::DEFAULT_DATABASE.into(),
+        collection_name: body.collection_name,
+        aliases,
+    })
+}
+
 fn collection(call: &Call, name: &str) -> Answer<CollectionInfo> {
     Ok(call.engine.describe_collection(name)?)
 }
@@ -68,6 +105,7 @@ pub(super) fn describe_collection(
         shards_num: workers,
         consistency_level: vectorflow_proto::milvus::schema::consistency_of(&info.schema) as i32,
         collection_name: info.schema.name.clone(),
+        aliases: info.aliases.clone(),
         properties: schema::user_properties(&info.schema),
         db_name: super::DEFAULT_DATABASE.into(),
         num_partitions: 1,

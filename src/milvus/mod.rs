@@ -138,6 +138,8 @@ failed_in_status_field!(
     pb::QueryResults,
     pb::FlushResponse,
     pb::GetFlushStateResponse,
+    pb::DescribeAliasResponse,
+    pb::ListAliasesResponse,
 );
 
 /// What a handler works with.
@@ -285,6 +287,32 @@ impl MilvusService for MilvusServiceImpl {
         request: Request<pb::DropCollectionRequest>,
     ) -> Result<Response<common::Status>, Status> {
         self.answer(request, |r| &r.db_name, collections::drop_collection).await
+    }
+
+    async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::create_alias).await
+    }
+
+    async fn alter_alias(&self, request: Request<pb::AlterAliasRequest>) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::alter_alias).await
+    }
+
+    async fn drop_alias(&self, request: Request<pb::DropAliasRequest>) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::drop_alias).await
+    }
+
+    async fn describe_alias(
+        &self,
+        request: Request<pb::DescribeAliasRequest>,
+    ) -> Result<Response<pb::DescribeAliasResponse>, Status> {
+        self.answer(request, |r| &r.db_name, collections::describe_alias).await
+    }
+
+    async fn list_aliases(
+        &self,
+        request: Request<pb::ListAliasesRequest>,
+    ) -> Result<Response<pb::ListAliasesResponse>, Status> {
+        self.answer(request, |r| &r.db_name, collections::list_aliases).await
     }
 
     async fn has_collection(

@@ -1060,6 +1060,40 @@ class T07Lifecycle(Base):
         self.assert_not_exist_state(scratch)
         expect_error(self, lambda: c.describe_collection(scratch, timeout=T), "describe dropped")
 
+    def test_01b_aliases_name_collections_and_swap_atomically(self):
+        c = client()
+        blue, green, live = name("blue"), name("green"), name("live")
+        for collection, pk in ((blue, 1), (green, 2)):
+            c.drop_collection(collection, timeout=T)
+            c.create_collection(collection, dimension=DIM, metric_type="L2", timeout=T)
+            c.insert(collection, [{"id": pk, "vector": [float(pk)] * DIM}], timeout=T)
+        c.create_alias(blue, live, timeout=T)
+        self.assertEqual(c.describe_alias(live, timeout=T)["collection_name"], blue)
+        self.assertEqual(c.list_aliases(blue, timeout=T)["aliases"], [live])
+        self.assertEqual(c.describe_collection(live, timeout=T)["collection_name"], blue)
+
+        def only_id():
+            res = c.search(live, [[0.0] * DIM], limit=5, consistency_level="Strong", timeout=T)
+            return [hit["id"] for hit in res[0]]
+
+        self.assertEqual(only_id(), [1])
+        # A write through the alias lands in the collection it names.
+        c.insert(live, [{"id": 11, "vector": [1.5] * DIM}], timeout=T)
+        self.assertEqual(count_of(c.query(blue, output_fields=["count(*)"], consistency_level="Strong", timeout=T)), 2)
+        c.alter_alias(green, live, timeout=T)
+        self.assertEqual(only_id(), [2])
+        self.assertEqual(c.list_aliases(blue, timeout=T)["aliases"], [])
+        self.assertEqual(c.list_aliases(green, timeout=T)["aliases"], [live])
+        expect_error(self, lambda: c.create_alias(blue, live, timeout=T), "an alias taken")
+        expect_error(self, lambda: c.create_alias(blue, green, timeout=T), "an alias named like a collection")
+        expect_error(self, lambda: c.drop_collection(green, timeout=T), "dropping an aliased collection")
+        expect_error(self, lambda: c.drop_collection(live, timeout=T), "dropping through an alias")
+        c.drop_alias(live, timeout=T)
+        expect_error(self, lambda: c.describe_alias(live, timeout=T), "describe a dropped alias")
+        expect_error(self, lambda: c.search(live, [[0.0] * DIM], limit=1, timeout=T), "search a dropped alias")
+        for collection in (blue, green):
+            c.drop_collection(collection, timeout=T)
+
     def test_02_load_release_cycle(self):
         c = client()
         quick = name(QUICK)

@@ -1,4 +1,4 @@
-//! Collections: create, drop, list, describe.
+//! Collections (create, drop, list, describe) and their aliases.
 
 use super::*;
 
@@ -53,13 +53,20 @@ impl Engine {
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(entry.schema.name.clone(), entry.clone());
-        Ok(info(&entry))
+        Ok(info(&entry, Vec::new()))
     }
 
     /// Drops a collection: it is gone from the catalog at once; its objects
-    /// are removed after, with no lock held.
+    /// are removed after, with no lock held. `name` must be the
+    /// collection's own name, not an alias, and no alias may name it.
     pub fn drop_collection(&self, name: &str) -> Result<()> {
         let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        if let Some(target) = self.alias_target(name)? {
+            return Err(Error::argument(
+                "collection_name",
+                format!("`{name}` is an alias of `{target}`: drop a collection by its own name"),
+            ));
+        }
         let entry = self.entry(name)?;
         self.inner.catalog_store.drop_collection(name)?;
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.remove(name);
@@ -89,8 +96,64 @@ impl Engine {
         names
     }
 
+    /// The collection `name` names (its own name or an alias).
     pub fn describe_collection(&self, name: &str) -> Result<CollectionInfo> {
-        Ok(info(&self.entry(name)?))
+        let entry = self.entry(name)?;
+        let aliases = self.list_aliases(Some(&entry.schema.name))?;
+        Ok(info(&entry, aliases))
+    }
+
+    /// Names `collection` also `alias`. Aliases are unique across
+    /// collections and collection names; a collection may have several.
+    pub fn create_alias(&self, alias: &str, collection: &str) -> Result<()> {
+        self.set_alias(alias, collection, false)
+    }
+
+    /// Points an existing alias at another collection, atomically: a read
+    /// or write through the alias resolves to the old collection or the
+    /// new one, never to neither (blue/green swaps).
+    pub fn alter_alias(&self, alias: &str, collection: &str) -> Result<()> {
+        self.set_alias(alias, collection, true)
+    }
+
+    fn set_alias(&self, alias: &str, collection: &str, replace: bool) -> Result<()> {
+        vectorflow_core::check_alias(alias)?;
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        self.inner.catalog_store.set_alias(alias, collection, replace)?;
+        self.inner.aliases.write().map_err(|_| Error::Shutdown)?.insert(alias.to_string(), collection.to_string());
+        Ok(())
+    }
+
+    pub fn drop_alias(&self, alias: &str) -> Result<()> {
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        self.inner.catalog_store.drop_alias(alias)?;
+        self.inner.aliases.write().map_err(|_| Error::Shutdown)?.remove(alias);
+        Ok(())
+    }
+
+    /// The name of the collection `alias` names.
+    pub fn describe_alias(&self, alias: &str) -> Result<String> {
+        self.alias_target(alias)?.ok_or_else(|| Error::AliasNotFound(vectorflow_core::quote(alias).into_owned()))
+    }
+
+    /// The aliases of `collection` (a collection's own name; all aliases
+    /// when `None`), sorted.
+    pub fn list_aliases(&self, collection: Option<&str>) -> Result<Vec<String>> {
+        if let Some(name) = collection {
+            self.entry(name)?;
+        }
+        let aliases = self.inner.aliases.read().map_err(|_| Error::Shutdown)?;
+        let mut names: Vec<String> = aliases
+            .iter()
+            .filter(|(_, target)| collection.is_none_or(|c| c == target.as_str()))
+            .map(|(alias, _)| alias.clone())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn alias_target(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.inner.aliases.read().map_err(|_| Error::Shutdown)?.get(name).cloned())
     }
 
     /// The collection's entry, unless an error while applying a change
@@ -120,11 +183,13 @@ impl Engine {
         named
     }
 
+    /// The collection `name` names: a collection's own name, else an alias.
     pub(super) fn entry(&self, name: &str) -> Result<CatalogEntry> {
         let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
-        collections
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))
+        let found = match collections.get(name) {
+            Some(entry) => Some(entry),
+            None => self.alias_target(name)?.and_then(|target| collections.get(&target)),
+        };
+        found.cloned().ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))
     }
 }

@@ -52,6 +52,8 @@ struct Inner {
     shared: Arc<Shared>,
     catalog_store: CatalogStore,
     collections: RwLock<HashMap<String, CatalogEntry>>,
+    /// Alias → collection name; every read and write resolves through it.
+    aliases: RwLock<HashMap<String, String>>,
     /// Serialises creates and drops (never held by reads or writes).
     catalog_changes: Mutex<()>,
     next_request: AtomicU64,
@@ -143,6 +145,7 @@ impl Engine {
         };
         let catalog_store = CatalogStore::open(storage.clone())?;
         let entries = catalog_store.load()?;
+        let aliases: HashMap<String, String> = catalog_store.aliases()?.into_iter().collect();
         for entry in &entries {
             log.tso().observe(entry.created_ts);
         }
@@ -223,6 +226,7 @@ impl Engine {
                 shared,
                 catalog_store,
                 collections: RwLock::new(collections),
+                aliases: RwLock::new(aliases),
                 catalog_changes: Mutex::new(()),
                 next_request: AtomicU64::new(1),
                 search_pool,
@@ -430,8 +434,8 @@ impl Session {
     }
 }
 
-fn info(entry: &CatalogEntry) -> CollectionInfo {
-    CollectionInfo { id: entry.id, schema: entry.schema.clone(), created_ts: entry.created_ts }
+fn info(entry: &CatalogEntry, aliases: Vec<String>) -> CollectionInfo {
+    CollectionInfo { id: entry.id, schema: entry.schema.clone(), created_ts: entry.created_ts, aliases }
 }
 
 fn named(schema: &CollectionSchema, fields: &[usize], values: Vec<Value>) -> BTreeMap<String, Value> {

@@ -236,6 +236,8 @@ pub struct CollectionInfo {
     pub id: CollectionId,
     pub schema: CollectionSchema,
     pub created_ts: Timestamp,
+    /// The aliases that name it, sorted.
+    pub aliases: Vec<String>,
 }
 
 /// Counts over every shard of a collection.
@@ -251,8 +253,8 @@ pub struct CollectionStats {
     /// Shards whose segments are not yet what the merge policy settles on
     /// (merging, or not quiet for `quiet_after` yet).
     pub merges_pending: usize,
-    /// Bytes the sealed segments' graphs hold in memory.
-    pub graph_bytes: usize,
+    /// Bytes the sealed segments' indexes (graphs and SQ8 codes) hold in memory.
+    pub index_bytes: usize,
     pub read_ts: Timestamp,
 }
 

@@ -255,7 +255,7 @@ impl Engine {
                 indexed_segments,
                 compacting,
                 merges_pending,
-                graph_bytes,
+                index_bytes,
             }) => Ok(CollectionStats {
                 live_rows,
                 versions,
@@ -264,7 +264,7 @@ impl Engine {
                 indexed_segments,
                 compacting,
                 merges_pending,
-                graph_bytes,
+                index_bytes,
                 read_ts,
             }),
             other => Err(unexpected(other)),

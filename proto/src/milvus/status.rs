@@ -17,6 +17,7 @@ pub mod code {
     pub const COLLECTION_NOT_FOUND: i32 = 100;
     pub const COLLECTION_NOT_LOADED: i32 = 101;
     pub const COLLECTION_ILLEGAL_SCHEMA: i32 = 105;
+    pub const ALIAS_NOT_FOUND: i32 = 1600;
     /// `list_indexes` answers `[]` on this code.
     pub const INDEX_NOT_FOUND: i32 = 700;
     pub const INDEX_NOT_SUPPORTED: i32 = 701;
@@ -49,6 +50,7 @@ pub fn from_error(error: &Error) -> Status {
         Error::InvalidSchema(_) => (code::COLLECTION_ILLEGAL_SCHEMA, ErrorCode::IllegalArgument),
         Error::CollectionNotFound(_) => (code::COLLECTION_NOT_FOUND, ErrorCode::CollectionNotExists),
         Error::CollectionExists(_) => (code::PARAMETER_INVALID, ErrorCode::IllegalCollectionName),
+        Error::AliasNotFound(_) => (code::ALIAS_NOT_FOUND, ErrorCode::IllegalArgument),
         Error::OutsideRetention { .. } | Error::FutureTimestamp { .. } => {
             (code::PARAMETER_INVALID, ErrorCode::IllegalArgument)
         }
