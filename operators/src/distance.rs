@@ -55,7 +55,7 @@ fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// Whether this CPU has AVX2 and FMA (checked once, then a cached load).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 

@@ -168,7 +168,7 @@ fn weighted_sum_avx2(weights: &[f32], codes: &[u8]) -> f32 {
 #[inline]
 fn weighted_sum(weights: &[f32], codes: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::distance::has_avx2_fma() {
         // SAFETY: the CPU supports the features `weighted_sum_avx2` is compiled for.
         return unsafe { weighted_sum_avx2(weights, codes) };
     }
