@@ -586,11 +586,7 @@ pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
             let aliases = with_client(&connect, async |client| {
                 Ok(client.list_aliases(request).await.map_err(rpc)?.into_inner().aliases)
             })?;
-            let batch = RecordBatch::try_new(
-                Arc::new(Schema::new(vec![Field::new("alias", ArrowType::Utf8, false)])),
-                vec![Arc::new(StringArray::from(aliases))],
-            )?;
-            print_batches(&[batch], connect.json, &HashSet::new())?;
+            print_names("alias", aliases, connect.json)?;
         }
         AliasCommand::Drop { alias, connect } => {
             let request = v1::AliasRef { alias: alias.clone() };
@@ -603,6 +599,15 @@ pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A one-column listing (`column` heads it, or keys each JSON line).
+fn print_names(column: &str, names: Vec<String>, json: bool) -> anyhow::Result<()> {
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(column, ArrowType::Utf8, false)])),
+        vec![Arc::new(StringArray::from(names))],
+    )?;
+    print_batches(&[batch], json, &HashSet::new())
 }
 
 /// One line about an alias: `verb` ("created", "altered", or "" to describe).
@@ -638,11 +643,7 @@ pub fn collection(command: CollectionCommand) -> anyhow::Result<()> {
             let names = with_client(&connect, async |client| {
                 Ok(client.list_collections(v1::Empty {}).await.map_err(rpc)?.into_inner().names)
             })?;
-            let batch = RecordBatch::try_new(
-                Arc::new(Schema::new(vec![Field::new("name", ArrowType::Utf8, false)])),
-                vec![Arc::new(StringArray::from(names))],
-            )?;
-            print_batches(&[batch], connect.json, &HashSet::new())?;
+            print_names("name", names, connect.json)?;
         }
         CollectionCommand::Describe { name, connect } => {
             let (info, schema) = with_client(&connect, async |client| describe(client, &name).await)?;
