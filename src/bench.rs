@@ -996,6 +996,7 @@ mod grpc {
                             filter: expression.clone().unwrap_or_default(),
                             output_fields: Vec::new(),
                             read: read(v1::ConsistencyLevel::Bounded),
+                            ..Default::default()
                         };
                         let response = runtime.block_on(client.search(request)).map_err(rpc)?.into_inner();
                         let hits = response

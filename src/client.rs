@@ -309,6 +309,22 @@ pub struct SearchArgs {
     /// HNSW search breadth (the server's default when left out).
     #[arg(long)]
     pub ef: Option<u32>,
+    /// Range search: only hits within this score of the query (L2:
+    /// distance < radius; IP, COSINE: similarity > radius); `k` caps them.
+    #[arg(long, allow_hyphen_values = true)]
+    pub radius: Option<f32>,
+    /// The range's near end (L2: distance >= it; IP, COSINE: similarity <= it).
+    #[arg(long, allow_hyphen_values = true, requires = "radius")]
+    pub range_filter: Option<f32>,
+    /// Grouping search: `k` groups by this scalar field (printed with the hits).
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// Hits per group at most.
+    #[arg(long, default_value_t = 1, requires = "group_by")]
+    pub group_size: u32,
+    /// Fill every group to `--group-size` hits when it has that many rows.
+    #[arg(long, requires = "group_by")]
+    pub strict_group_size: bool,
     #[command(flatten)]
     pub read: ReadArgs,
     #[command(flatten)]
@@ -969,6 +985,13 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
             anyhow::ensure!(vector.len() == dim, "{what}: {} numbers, but field `{field}` has dim {dim}", vector.len());
         }
         let vectors: Vec<Vec<f32>> = queries.iter().map(|(_, v)| v.clone()).collect();
+        let mut fields = output_fields(&schema, &args.read.output_fields)?;
+        if let Some(group) = &args.group_by
+            && !fields.contains(group)
+            && *group != schema.primary().name
+        {
+            fields.push(group.clone());
+        }
         let request = v1::SearchRequest {
             collection: args.collection.clone(),
             field: args.field.clone().unwrap_or_default(),
@@ -976,8 +999,15 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
             k: args.k,
             ef: args.ef.unwrap_or(0),
             filter: args.read.filter.clone().unwrap_or_default(),
-            output_fields: output_fields(&schema, &args.read.output_fields)?,
+            output_fields: fields,
             read: Some(args.read.to_proto()),
+            radius: args.radius,
+            range_filter: args.range_filter,
+            group_by: args.group_by.clone().map(|field| v1::GroupBy {
+                field,
+                size: args.group_size,
+                strict: args.strict_group_size,
+            }),
         };
         let response = client.search(request).await.map_err(rpc)?.into_inner();
         Ok((schema, response))

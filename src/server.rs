@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use prost::Message;
+use std::collections::BTreeMap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use vectorflow::{
-    CollectionSchema, Consistency, Engine, Error, GetOptions, QueryOptions, SearchOptions, SqlSession, Timestamp,
+    CollectionSchema, Consistency, Engine, Error, GetOptions, GroupBy, QueryOptions, SearchOptions, SqlSession,
+    Timestamp, Value,
 };
 use vectorflow_proto::v1::vectorflow_server::{Vectorflow, VectorflowServer};
 use vectorflow_proto::{self as wire, v1};
@@ -297,11 +299,19 @@ impl Vectorflow for VectorflowService {
                     ef: (body.ef != 0).then_some(body.ef as usize),
                     output_fields: body.output_fields.clone(),
                     filter: non_empty(body.filter),
+                    radius: body.radius,
+                    range_filter: body.range_filter,
+                    group_by: body.group_by.as_ref().map(|g| GroupBy {
+                        field: g.field.clone(),
+                        size: (g.size as usize).max(1),
+                        strict: g.strict,
+                    }),
                     consistency: read.consistency,
                     as_of: read.as_of,
                     guarantee_ts: read.guarantee_ts,
                     timeout,
                 };
+                let group_field = options.group_by.as_ref().map(|g| g.field.clone());
                 let schema = engine.describe_collection(&body.collection)?.schema;
                 let result = engine.search(&body.collection, &queries, &options)?;
                 let results = result
@@ -310,11 +320,22 @@ impl Vectorflow for VectorflowService {
                     .map(|hits| {
                         let keys: Vec<_> = hits.iter().map(|h| h.pk.clone()).collect();
                         let scores = hits.iter().map(|h| h.score).collect();
+                        let groups = match &group_field {
+                            Some(name) => {
+                                let values: Vec<_> = hits
+                                    .iter()
+                                    .map(|h| BTreeMap::from([(name.clone(), h.group.clone().unwrap_or(Value::Null))]))
+                                    .collect();
+                                wire::rows_to_columns(&schema, std::slice::from_ref(name), &values)?.pop()
+                            }
+                            None => None,
+                        };
                         let rows: Vec<_> = hits.into_iter().map(|h| h.fields).collect();
                         Ok(v1::SearchHits {
                             keys: Some(wire::pks_to_proto(&keys)),
                             scores,
                             fields: wire::rows_to_columns(&schema, &body.output_fields, &rows)?,
+                            groups,
                         })
                     })
                     .collect::<vectorflow::Result<Vec<_>>>()?;

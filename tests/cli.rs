@@ -253,6 +253,39 @@ fn inserted_rows_are_found_by_search_query_and_sql() {
     ]));
     assert_eq!(ints(&hits, "query"), vec![0, 0, 1, 1]);
     assert_eq!(ints(&hits, "id"), vec![1, 3, 12, 13]);
+    // Range search: squared L2 distances in [1, 6) from x = 0.75 are ids 3 and 4.
+    let hits = lines(&server.ok(&[
+        "search",
+        "-c",
+        "docs",
+        "--vector",
+        "[0.75, 0, 0]",
+        "--radius",
+        "6",
+        "--range-filter",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(ints(&hits, "id"), vec![3, 4]);
+    // Grouping by tag: group `b` (id 2) is nearest, then `a` with two hits.
+    let hits = lines(&server.ok(&[
+        "search",
+        "-c",
+        "docs",
+        "--vector",
+        "[0.75, 0, 0]",
+        "--k",
+        "2",
+        "--group-by",
+        "tag",
+        "--group-size",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(ints(&hits, "id"), vec![2, 1, 3]);
+    assert_eq!(hits.iter().map(|h| h["tag"].clone()).collect::<Vec<_>>(), vec![json!("b"), json!("a"), json!("a")]);
+    let err = server.fails(&["search", "-c", "docs", "--vector", "[0, 0, 0]", "--radius", "1", "--range-filter", "2"]);
+    assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("range_filter"), "{err}");
     // Query vectors from a file; a table by default.
     let vectors = write(dir.path(), "q.jsonl", "[14, 0, 0]\n");
     let table = server.ok(&["search", "-c", "docs", "--vectors-file", s(&vectors), "--k", "1", "--output-fields", "*"]);

@@ -31,7 +31,7 @@ pub mod routing;
 mod shards;
 
 pub use engine::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, IngestStats, Limits,
-    QueryOptions, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy, IngestStats,
+    Limits, QueryOptions, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
 };
 pub use persist::RecoveryReport;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Timestamp, Value, VersionId};
 
-use vectorflow_operators::{Hit, SegmentState, ShardStats};
+use vectorflow_operators::{DistanceRange, Hit, SegmentState, ShardStats};
 
 /// Part of one log record destined for one shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +161,8 @@ pub enum RequestKind {
         queries: Vec<Vec<f32>>,
         k: usize,
         ef: usize,
+        /// Only hits at these distances (a range search); `DistanceRange::ALL` otherwise.
+        range: DistanceRange,
         /// Filter expression text; the reading engine compiles it once (cached per collection and text).
         filter: Option<String>,
         output_fields: Vec<usize>,

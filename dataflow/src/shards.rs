@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vectorflow_core::{CollectionId, CollectionSchema, Timestamp};
 use vectorflow_operators::shard::SegmentReader;
-use vectorflow_operators::{Filter, Shard, Stop};
+use vectorflow_operators::{Filter, SearchBounds, Shard, Stop};
 
 use crate::messages::{Answer, Failure, RequestKind};
 
@@ -126,9 +126,12 @@ fn answer_from_segments(
     stop: Stop<'_>,
 ) -> Answer {
     let result = match kind {
-        RequestKind::Search { field, queries, k, ef, output_fields, .. } => segments
-            .search(*field, queries, *k, *ef, ts, filter, output_fields, stop)
-            .map(|hits| Answer::Search { k: *k, hits }),
+        RequestKind::Search { field, queries, k, ef, range, output_fields, .. } => {
+            let bounds = SearchBounds { k: *k, ef: *ef, range: *range };
+            segments
+                .search(*field, queries, bounds, ts, filter, output_fields, stop)
+                .map(|hits| Answer::Search { k: *k, hits })
+        }
         RequestKind::Query { output_fields, limit, .. } => {
             segments.query(filter, ts, output_fields, *limit, stop).map(|rows| Answer::Query { limit: *limit, rows })
         }

@@ -23,7 +23,7 @@ use crate::distance::distance;
 use crate::filter::Filter;
 use crate::frozen::FrozenGraph;
 use crate::index::{GrowingIndex, HnswIndex, IndexParams, IndexSlot, SealedIndex};
-use crate::topk::{Candidate, TopK};
+use crate::topk::{Candidate, DistanceRange, SearchBounds, TopK};
 
 /// `delete_ts` of a version nothing has retired yet.
 pub const ALIVE: Timestamp = Timestamp::MAX;
@@ -652,77 +652,89 @@ impl Segment {
         Ok(passing)
     }
 
-    /// The `k` rows closest to `query` in vector field `field` among those
-    /// visible at `ts` and, when given, `allowed`. `query` is already
-    /// normalised for COSINE.
+    /// The `bounds.k` rows closest to `query` in vector field `field` among
+    /// those visible at `ts`, within `bounds.range` and, when given,
+    /// `allowed`. `query` is already normalised for COSINE.
     /// The candidates' `segment` is 0: the segment does not know its
     /// position among those a read covers.
-    #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
         field: usize,
         query: &[f32],
-        k: usize,
-        ef: usize,
+        bounds: SearchBounds,
         ts: Timestamp,
         allowed: Option<&RowSet>,
         plan: SearchPlan,
     ) -> Vec<Candidate> {
         let Some(column) = self.column(field) else { return Vec::new() };
         let passing = self.passing_count(ts, allowed);
-        if passing == 0 || k == 0 {
+        if passing == 0 || bounds.k == 0 {
             return Vec::new();
         }
         let index = column.index.as_ref().and_then(|slot| slot.get()).and_then(Option::as_ref);
         let passes = |row: usize| allowed.is_none_or(|a| a.contains(row)) && self.visible(row, ts);
-        let walks = !plan.scans(passing, self.len(), ef.max(k));
+        let walks = |ef: usize| !plan.scans(passing, self.len(), ef.max(bounds.k));
         if let Some(growing) = column.growing.as_deref()
-            && walks
             && growing.indexed_rows() >= GROWING_GRAPH_FROM_ROWS
+            && let Some(found) = self.search_growing(column, growing, query, bounds, &walks, &passes)
         {
-            return self.search_growing(column, growing, query, k, ef, &passes);
+            return found;
         }
-        match index {
-            // A sealed segment has one chunk: its vectors are contiguous.
-            Some(index) if walks && column.chunks.len() == 1 => {
-                let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
-                let found = index.search(&column.chunks[0], column.dim, column.metric, query, k, ef, accept);
-                let mut top = TopK::new(k);
-                for (distance, row) in found {
-                    top.push(Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: 0, row });
-                }
-                top.into_sorted()
+        // A sealed segment has one chunk: its vectors are contiguous.
+        if let Some(index) = index
+            && column.chunks.len() == 1
+        {
+            let accept: Option<&dyn Fn(usize) -> bool> = if passing == self.len() { None } else { Some(&passes) };
+            let walk = |ef: usize| index.search(&column.chunks[0], column.dim, column.metric, query, ef, ef, accept);
+            if let Some(found) = walk_within(bounds, &walks, walk) {
+                return self.candidates(found);
             }
-            // A selective filter: scan only the rows that pass it.
-            _ => match allowed {
-                Some(set) => self.exact_rows(column, query, k, set.rows.iter().map(|&r| r as usize), &passes),
-                None => self.exact(column, query, k, &passes),
-            },
+        }
+        // A selective filter, or a range the walk would have to cover most
+        // of the segment for: scan the rows that pass.
+        match allowed {
+            Some(set) => self.exact_rows(column, query, bounds, set.rows.iter().map(|&r| r as usize), &passes),
+            None => self.exact(column, query, bounds, &passes),
         }
     }
 
-    /// A growing segment's top-k: its graph over the rows it holds, a scan
-    /// of the rows appended since.
+    fn candidates(&self, found: Vec<(f32, u32)>) -> Vec<Candidate> {
+        found
+            .into_iter()
+            .map(|(distance, row)| Candidate { distance, tiebreak: self.tiebreaks[row as usize], segment: 0, row })
+            .collect()
+    }
+
+    /// A growing segment's answer: its graph over the rows it holds, a scan
+    /// of the rows appended since; `None` when the plan prefers a scan.
     fn search_growing(
         &self,
         column: &VectorColumn,
         graph: &GrowingIndex,
         query: &[f32],
-        k: usize,
-        ef: usize,
+        bounds: SearchBounds,
+        walks: &dyn Fn(usize) -> bool,
         passes: &dyn Fn(usize) -> bool,
-    ) -> Vec<Candidate> {
+    ) -> Option<Vec<Candidate>> {
         // Read once: rows the graph takes in meanwhile are scanned, not found twice.
         let indexed = graph.indexed_rows().min(self.len());
-        let mut top = TopK::new(k);
-        for row in graph.search(query, k, ef, &|row: &usize| *row < indexed && passes(*row)) {
-            let distance = distance(column.metric, query, self.vector_in(column, row));
-            top.push(Candidate { distance, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
-        }
-        for candidate in self.exact_rows(column, query, k, indexed..self.len(), passes) {
+        let walk = |ef: usize| {
+            let mut found: Vec<(f32, u32)> = graph
+                .search(query, ef, ef, &|row: &usize| *row < indexed && passes(*row))
+                .into_iter()
+                .map(|row| (distance(column.metric, query, self.vector_in(column, row)), row as u32))
+                .collect();
+            found.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            found
+        };
+        let mut top = TopK::new(bounds.k);
+        for candidate in self.candidates(walk_within(bounds, walks, walk)?) {
             top.push(candidate);
         }
-        top.into_sorted()
+        for candidate in self.exact_rows(column, query, bounds, indexed..self.len(), passes) {
+            top.push(candidate);
+        }
+        Some(top.into_sorted())
     }
 
     /// Rows visible at `ts` and allowed, in row order.
@@ -738,14 +750,14 @@ impl Segment {
         &self,
         column: &VectorColumn,
         query: &[f32],
-        k: usize,
+        bounds: SearchBounds,
         rows: impl Iterator<Item = usize>,
         passes: &dyn Fn(usize) -> bool,
     ) -> Vec<Candidate> {
-        let mut top = TopK::new(k);
+        let mut top = TopK::new(bounds.k);
         for row in rows.filter(|&row| passes(row)) {
             let d = distance(column.metric, query, self.vector_in(column, row));
-            if d <= top.threshold() {
+            if d <= top.threshold() && bounds.range.contains(d) {
                 top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
             }
         }
@@ -757,8 +769,14 @@ impl Segment {
         &column.chunks[chunk][local * column.dim..(local + 1) * column.dim]
     }
 
-    fn exact(&self, column: &VectorColumn, query: &[f32], k: usize, passes: &dyn Fn(usize) -> bool) -> Vec<Candidate> {
-        let mut top = TopK::new(k);
+    fn exact(
+        &self,
+        column: &VectorColumn,
+        query: &[f32],
+        bounds: SearchBounds,
+        passes: &dyn Fn(usize) -> bool,
+    ) -> Vec<Candidate> {
+        let mut top = TopK::new(bounds.k);
         for (chunk, buffer) in column.chunks.iter().enumerate() {
             let start = self.chunk_starts[chunk];
             for (local, vector) in buffer.chunks_exact(column.dim).enumerate() {
@@ -767,12 +785,44 @@ impl Segment {
                     continue;
                 }
                 let d = distance(column.metric, query, vector);
-                if d <= top.threshold() {
+                if d <= top.threshold() && bounds.range.contains(d) {
                     top.push(Candidate { distance: d, tiebreak: self.tiebreaks[row], segment: 0, row: row as u32 });
                 }
             }
         }
         top.into_sorted()
+    }
+}
+
+/// Up to `bounds.k` rows within `bounds.range` from graph walks:
+/// `walk(ef)` answers the `ef` rows nearest the query, nearest first, with
+/// exact distances. A range that excludes the nearest rows (a
+/// `range_filter`) needs a wider walk: `ef` doubles until the walk holds
+/// `k` rows in the range, reaches past it, or runs out of rows. `None`
+/// once `walks` says a scan is cheaper than a walk that wide.
+fn walk_within(
+    bounds: SearchBounds,
+    walks: &dyn Fn(usize) -> bool,
+    mut walk: impl FnMut(usize) -> Vec<(f32, u32)>,
+) -> Option<Vec<(f32, u32)>> {
+    let mut ef = bounds.ef.max(bounds.k);
+    loop {
+        if !walks(ef) {
+            return None;
+        }
+        let found = walk(ef);
+        let ran_out = found.len() < ef;
+        let reached_past = found.last().is_some_and(|&(d, _)| d >= bounds.range.below);
+        let mut inside: Vec<(f32, u32)> = if bounds.range == DistanceRange::ALL {
+            found
+        } else {
+            found.into_iter().filter(|&(d, _)| bounds.range.contains(d)).collect()
+        };
+        if inside.len() >= bounds.k || ran_out || reached_past {
+            inside.truncate(bounds.k);
+            return Some(inside);
+        }
+        ef = ef.saturating_mul(2);
     }
 }
 
@@ -1037,7 +1087,11 @@ mod tests {
             let mut found = 0;
             for _ in 0..20 {
                 let query: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let hits: Vec<u32> = segment.search(1, &query, 10, 64, ts, None, plan).iter().map(|c| c.row).collect();
+                let hits: Vec<u32> = segment
+                    .search(1, &query, SearchBounds::top(10, 64), ts, None, plan)
+                    .iter()
+                    .map(|c| c.row)
+                    .collect();
                 found += exact_top(&values, 0..rows, &query, 10).iter().filter(|r| hits.contains(r)).count();
             }
             found as f64 / 200.0
@@ -1050,9 +1104,13 @@ mod tests {
         let (batch, versions) = rows_of(&schema, 2_100, &far, 40);
         segment.append(batch, versions, 40).unwrap();
         segment.grow_graph(params);
-        let top = segment.search(1, &far, 1, 64, 40, None, plan);
+        let top = segment.search(1, &far, SearchBounds::top(1, 64), 40, None, plan);
         assert_eq!((top[0].row, top[0].distance), (2_100, 0.0));
-        assert_ne!(segment.search(1, &far, 1, 64, 35, None, plan)[0].row, 2_100, "not visible before 40");
+        assert_ne!(
+            segment.search(1, &far, SearchBounds::top(1, 64), 35, None, plan)[0].row,
+            2_100,
+            "not visible before 40"
+        );
 
         // Sealed, it freezes the graph it grew (with the last row inserted).
         segment.seal_as("s".into(), params).unwrap();
@@ -1061,7 +1119,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(graph.indexed_rows(), 2_101);
-        assert_eq!(segment.search(1, &far, 1, 64, 40, None, plan)[0].row, 2_100);
+        assert_eq!(segment.search(1, &far, SearchBounds::top(1, 64), 40, None, plan)[0].row, 2_100);
         assert!(recall(&segment, 2_100, 30) > 0.9);
     }
 
@@ -1076,7 +1134,8 @@ mod tests {
         }
         let plan = SearchPlan::default();
         let query = vec![0.1f32; 8];
-        let found: Vec<u32> = segment.search(1, &query, 10, 16, 25, None, plan).iter().map(|c| c.row).collect();
+        let found: Vec<u32> =
+            segment.search(1, &query, SearchBounds::top(10, 16), 25, None, plan).iter().map(|c| c.row).collect();
         let mut exact: Vec<(f32, u32)> = (0..rows as u32)
             .filter(|r| r % 60 == 0)
             .map(|r| (distance(Metric::L2, &query, &values[r as usize * 8..(r as usize + 1) * 8]), r))
@@ -1084,7 +1143,7 @@ mod tests {
         exact.sort_by(|a, b| a.0.total_cmp(&b.0));
         assert_eq!(found, exact[..10].iter().map(|x| x.1).collect::<Vec<_>>());
         // Before the deletes every row is visible and the graph answers.
-        assert_eq!(segment.search(1, &query, 10, 64, 15, None, plan).len(), 10);
+        assert_eq!(segment.search(1, &query, SearchBounds::top(10, 64), 15, None, plan).len(), 10);
     }
 
     #[test]
@@ -1127,7 +1186,7 @@ mod tests {
         for _ in 0..20 {
             let query: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
             let found: Vec<u32> = output
-                .search(1, &query, 10, 64, 100, None, never_scan)
+                .search(1, &query, SearchBounds::top(10, 64), 100, None, never_scan)
                 .iter()
                 .map(|c| sources[c.row as usize].1)
                 .collect();

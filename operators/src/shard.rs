@@ -14,7 +14,7 @@ use crate::index::IndexParams;
 use crate::merge_policy::{MergePolicy, SegmentSize};
 pub use crate::segment::SearchPlan;
 use crate::segment::{RowSet, Segment, SegmentSnapshot};
-use crate::topk::{Candidate, TopK};
+use crate::topk::{Candidate, SearchBounds, TopK};
 
 /// Shard tuning, the same for every shard of an engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -203,15 +203,15 @@ impl SegmentReader<'_> {
             .collect()
     }
 
-    /// The `k` closest rows visible at `ts` (and passing `filter`) for each
-    /// query, with `output_fields`. `stop` is asked between segments.
+    /// The `bounds.k` closest rows visible at `ts` within `bounds.range`
+    /// (and passing `filter`) for each query, with `output_fields`. `stop`
+    /// is asked between segments.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
         field: usize,
         queries: &[Vec<f32>],
-        k: usize,
-        ef: usize,
+        bounds: SearchBounds,
         ts: Timestamp,
         filter: Option<&Filter>,
         output_fields: &[usize],
@@ -221,10 +221,10 @@ impl SegmentReader<'_> {
         queries
             .iter()
             .map(|query| {
-                let mut top = TopK::new(k);
+                let mut top = TopK::new(bounds.k);
                 for (position, (segment, allowed)) in self.segments.iter().zip(&allowed).enumerate() {
                     stop.check()?;
-                    for candidate in segment.search(field, query, k, ef, ts, allowed.as_deref(), self.plan) {
+                    for candidate in segment.search(field, query, bounds, ts, allowed.as_deref(), self.plan) {
                         top.push(Candidate { segment: position as u64, ..candidate });
                     }
                 }
@@ -761,7 +761,7 @@ mod tests {
         let ids = |ts| -> Vec<Pk> {
             shard
                 .reader()
-                .search(1, &[vec![0.0, 0.0]], 3, 16, ts, None, &[], Stop::NEVER)
+                .search(1, &[vec![0.0, 0.0]], SearchBounds::top(3, 16), ts, None, &[], Stop::NEVER)
                 .unwrap()
                 .remove(0)
                 .into_iter()
@@ -778,7 +778,7 @@ mod tests {
 
         let stopped = Stop(&|| true);
         assert!(matches!(
-            shard.reader().search(1, &[vec![0.0, 0.0]], 3, 16, 35, None, &[], stopped),
+            shard.reader().search(1, &[vec![0.0, 0.0]], SearchBounds::top(3, 16), 35, None, &[], stopped),
             Err(vectorflow_core::Error::Cancelled)
         ));
         assert!(matches!(shard.reader().count(None, 35, stopped), Err(vectorflow_core::Error::Cancelled)));
@@ -793,7 +793,10 @@ mod tests {
             .iter()
             .map(|&ts| {
                 let rows = shard.reader().query(None, ts, &[1], usize::MAX, Stop::NEVER).unwrap();
-                let hits = shard.reader().search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap();
+                let hits = shard
+                    .reader()
+                    .search(1, &[vec![0.3, 0.1]], SearchBounds::top(7, 16), ts, None, &[], Stop::NEVER)
+                    .unwrap();
                 (rows, hits[0].iter().map(|h| h.pk.clone()).collect())
             })
             .collect()
@@ -827,7 +830,9 @@ mod tests {
         rows.sort_by_key(|(pk, _)| pk.order_key());
         let mut hits: Vec<Hit> = parts
             .iter()
-            .flat_map(|p| p.search(1, &[vec![0.3, 0.1]], 7, 16, ts, None, &[], Stop::NEVER).unwrap().remove(0))
+            .flat_map(|p| {
+                p.search(1, &[vec![0.3, 0.1]], SearchBounds::top(7, 16), ts, None, &[], Stop::NEVER).unwrap().remove(0)
+            })
             .collect();
         hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key())));
         hits.truncate(7);

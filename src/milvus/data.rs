@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use vectorflow::{
-    CollectionSchema, Consistency, Error, Pk, QueryOptions, SearchOptions, Timestamp, Value, WriteResult,
+    CollectionSchema, Consistency, Error, GroupBy, Pk, QueryOptions, SearchHit, SearchOptions, Timestamp, Value,
+    WriteResult,
 };
 use vectorflow_proto::milvus::pb::common::{ConsistencyLevel, ErrorCode};
 use vectorflow_proto::milvus::pb::milvus as pb;
@@ -164,6 +165,9 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
         ef: params.ef,
         output_fields: fields.clone(),
         filter: (!filter.trim().is_empty()).then_some(filter),
+        radius: params.radius,
+        range_filter: params.range_filter,
+        group_by: params.group_by.as_ref().map(|g| GroupBy { field: g.field.clone(), size: g.size, strict: g.strict }),
         consistency: read.consistency,
         as_of: read.as_of,
         guarantee_ts: read.guarantee_ts,
@@ -174,19 +178,30 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
     let mut pks = Vec::new();
     let mut scores = Vec::new();
     let mut rows: Vec<&BTreeMap<String, Value>> = Vec::new();
+    let mut groups: Vec<BTreeMap<String, Value>> = Vec::new();
     for hits in &result.hits {
-        let page: Vec<_> = hits.iter().skip(params.offset).take(params.limit).collect();
+        let page = page_of(hits, params.offset, params.limit);
         topks.push(page.len() as i64);
         for hit in page {
             pks.push(hit.pk.clone());
             scores.push(hit.score);
             rows.push(&hit.fields);
+            if let (Some(group_by), Some(value)) = (&params.group_by, &hit.group) {
+                groups.push(BTreeMap::from([(group_by.field.clone(), value.clone())]));
+            }
         }
     }
     let fields_data = fields
         .iter()
         .map(|name| columns::rows_to_field_data(schema, name, &rows))
         .collect::<vectorflow::Result<Vec<_>>>()?;
+    let group_by_field_value = match &params.group_by {
+        Some(group_by) => {
+            let group_rows: Vec<&BTreeMap<String, Value>> = groups.iter().collect();
+            Some(columns::rows_to_field_data(schema, &group_by.field, &group_rows)?)
+        }
+        None => None,
+    };
     Ok(pb::SearchResults {
         status: Some(status::ok()),
         results: Some(schema_pb::SearchResultData {
@@ -198,11 +213,28 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
             topks,
             output_fields: listed_output_fields(schema, &body.output_fields),
             primary_field_name: schema.primary().name.clone(),
+            group_by_field_value,
             ..Default::default()
         }),
         collection_name: body.collection_name,
         session_ts: result.read_ts,
     })
+}
+
+/// One query's page of hits: `limit` after `offset`, counted in hits, or
+/// in groups for a grouping search (its hits come group after group).
+fn page_of(hits: &[SearchHit], offset: usize, limit: usize) -> &[SearchHit] {
+    if hits.first().is_none_or(|hit| hit.group.is_none()) {
+        let start = offset.min(hits.len());
+        return &hits[start..(start + limit).min(hits.len())];
+    }
+    // Where each group starts, and the end.
+    let mut starts: Vec<usize> = (0..hits.len()).filter(|&i| i == 0 || hits[i].group != hits[i - 1].group).collect();
+    starts.push(hits.len());
+    let groups = starts.len() - 1;
+    let first = offset.min(groups);
+    let last = offset.saturating_add(limit).min(groups);
+    &hits[starts[first]..starts[last]]
 }
 
 /// `count(*)` as the only output field asks for the number of rows; next

@@ -707,6 +707,63 @@ class T02FullSchema(Base):
         self.assertGreaterEqual(stats["row_count"], len(self.rows), stats)
         self.assertLessEqual(stats["row_count"], ROWS + 3, stats)
 
+    def test_19_range_search(self):
+        # L2: range_filter <= distance < radius. The range is cut midway
+        # between exact neighbours, so the answer is exactly neighbours 3..15.
+        q = random_vector(self.rnd)
+        exact = reference("L2", self.rows, q, len(self.rows))
+        radius = (exact[14][0] + exact[15][0]) / 2
+        near = (exact[2][0] + exact[3][0]) / 2
+        params = {"params": {"ef": 64, "radius": radius, "range_filter": near}}
+        res = client().search(self.name, [q], limit=50, search_params=params, timeout=T)
+        self.assertEqual([h["id"] for h in res[0]], [pk for _, pk in exact[3:15]])
+        for hit in res[0]:
+            self.assertTrue(near <= hit["distance"] < radius, hit)
+        # The limit caps a range search.
+        capped = client().search(self.name, [q], limit=4, search_params={"params": {"radius": radius}}, timeout=T)
+        self.assertEqual([h["id"] for h in capped[0]], [pk for _, pk in exact[:4]])
+        # A range_filter on the wrong side of the radius is refused by name.
+        wrong = {"params": {"radius": near, "range_filter": radius}}
+        error = expect_error(
+            self, lambda: client().search(self.name, [q], limit=5, search_params=wrong, timeout=T), "range_filter"
+        )
+        self.assertIn("range_filter", str(error))
+
+    def test_20_grouping_search(self):
+        # Milvus's group_by_field: the best `limit` groups of i32 (three rows
+        # each), each with its nearest `group_size` hits, group after group.
+        q = random_vector(self.rnd)
+        exact = reference("L2", self.rows, q, len(self.rows))
+        groups = {}
+        for _, pk in exact:
+            key = self.rows[pk]["i32"]
+            if key not in groups and len(groups) == 5:
+                continue
+            groups.setdefault(key, [])
+            if len(groups[key]) < 2:
+                groups[key].append(pk)
+        expected = [pk for members in groups.values() for pk in members]
+        res = client().search(
+            self.name,
+            [q],
+            limit=5,
+            group_by_field="i32",
+            group_size=2,
+            strict_group_size=True,
+            output_fields=["i32"],
+            timeout=T,
+        )
+        self.assertEqual([h["id"] for h in res[0]], expected)
+        for hit in res[0]:
+            self.assertEqual(hit["entity"]["i32"], self.rows[hit["id"]]["i32"])
+        # One hit per group by default; a float field does not group.
+        single = client().search(self.name, [q], limit=5, group_by_field="i32", timeout=T)
+        self.assertEqual([h["id"] for h in single[0]], [members[0] for members in groups.values()])
+        error = expect_error(
+            self, lambda: client().search(self.name, [q], limit=5, group_by_field="f32", timeout=T), "group_by_field"
+        )
+        self.assertIn("group_by_field", str(error))
+
 
 # ---- no index at creation: create_index later, IP ----
 

@@ -173,6 +173,15 @@ pub struct SearchOptions {
     pub output_fields: Vec<String>,
     /// Only rows passing this expression (Milvus or SQL predicate syntax).
     pub filter: Option<String>,
+    /// Range search: only hits within `radius` of the query, `k` being a
+    /// cap. In the metric's own scores, as Milvus has it: for L2
+    /// `range_filter <= distance < radius`, for IP and COSINE
+    /// `radius < similarity <= range_filter`.
+    pub radius: Option<f32>,
+    /// The range's near end (needs `radius`).
+    pub range_filter: Option<f32>,
+    /// Grouping search: `k` groups of hits by a scalar field.
+    pub group_by: Option<GroupBy>,
     pub consistency: Consistency,
     /// Time travel: answer as of this timestamp.
     pub as_of: Option<Timestamp>,
@@ -180,6 +189,28 @@ pub struct SearchOptions {
     pub guarantee_ts: Option<Timestamp>,
     /// Overrides the engine's request timeout.
     pub timeout: Option<Duration>,
+}
+
+/// A grouping search (Milvus's `group_by_field`): the best `k` groups by
+/// the field's value, ranked by their nearest hit, each with up to `size`
+/// of its nearest hits; the hits come group after group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupBy {
+    /// A boolean, integer or string field.
+    pub field: String,
+    /// Hits per group at most (Milvus's `group_size`; at least 1).
+    pub size: usize,
+    /// Whether each group must hold `size` hits when it has that many
+    /// rows (`strict_group_size`). Without it a group holds those of its
+    /// hits found among the candidates searched, its nearest ones.
+    pub strict: bool,
+}
+
+impl GroupBy {
+    /// One hit per group of `field`.
+    pub fn new(field: impl Into<String>) -> GroupBy {
+        GroupBy { field: field.into(), size: 1, strict: false }
+    }
 }
 
 impl SearchOptions {
@@ -221,6 +252,8 @@ pub struct SearchHit {
     pub pk: Pk,
     pub score: f32,
     pub fields: BTreeMap<String, Value>,
+    /// In a grouping search, the value of the group the hit belongs to.
+    pub group: Option<Value>,
 }
 
 /// Hits per query vector, best first, and the timestamp the search read at.

@@ -2,6 +2,16 @@
 //! answered once the frontier has passed their read time.
 
 use super::*;
+use vectorflow_core::DataType;
+use vectorflow_operators::grouping::{GroupKey, Grouping, group};
+use vectorflow_operators::{DistanceRange, Hit};
+
+/// Hits per group at most (Milvus allows up to 1024 as well).
+const MAX_GROUP_SIZE: usize = 1_024;
+
+/// Candidates per query a grouping search reads at most before it answers
+/// with the groups found among them.
+const MAX_GROUPING_CANDIDATES: usize = 65_536;
 
 impl Engine {
     /// Searches the `k` nearest rows to each query vector.
@@ -58,25 +68,101 @@ impl Engine {
         }
         let output_fields = self.output_fields(schema, &options.output_fields)?;
         let filter = self.checked_filter(entry.id, schema, options.filter.as_deref())?;
+        let range = DistanceRange::of_scores(metric, options.radius, options.range_filter)?;
         let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
         let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
-        let kind =
-            RequestKind::Search { field, queries, k: options.k, ef, filter, output_fields: output_fields.clone() };
-        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
-        let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
-        let hits = hits
-            .into_iter()
-            .map(|hits| {
-                hits.into_iter()
-                    .map(|hit| SearchHit {
-                        pk: hit.pk,
-                        score: score(metric, hit.distance),
-                        fields: named(schema, &output_fields, hit.fields),
+        let to_hit = |hit: Hit, group: Option<Value>, fields: &[usize]| SearchHit {
+            pk: hit.pk,
+            score: score(metric, hit.distance),
+            fields: named(schema, fields, hit.fields),
+            group,
+        };
+        let Some(group_by) = &options.group_by else {
+            let kind = RequestKind::Search {
+                field,
+                queries,
+                k: options.k,
+                ef,
+                range,
+                filter,
+                output_fields: output_fields.clone(),
+            };
+            let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+            let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
+            let hits = hits
+                .into_iter()
+                .map(|hits| hits.into_iter().map(|hit| to_hit(hit, None, &output_fields)).collect())
+                .collect();
+            return Ok(SearchResult { hits, read_ts });
+        };
+        let (group_field, group_field_schema) = schema.field(&group_by.field)?;
+        if !matches!(
+            group_field_schema.data_type,
+            DataType::Bool
+                | DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::VarChar { .. }
+        ) {
+            return Err(Error::field(
+                &group_by.field,
+                "group_by_field must be a boolean, integer or string field (floats, JSON and vectors do not group)",
+            ));
+        }
+        if group_by.size == 0 || group_by.size > MAX_GROUP_SIZE {
+            return Err(Error::argument("group_size", format!("{} outside 1..={MAX_GROUP_SIZE}", group_by.size)));
+        }
+        let grouping = Grouping { k: options.k, group_size: group_by.size, strict: group_by.strict };
+        // The group's value travels with each hit as one more field.
+        let mut fields_read = output_fields.clone();
+        fields_read.push(group_field);
+        let deadline = Instant::now() + options.timeout.unwrap_or(self.inner.config.request_timeout);
+        let most = (limits.max_search_hits / queries.len()).clamp(options.k, MAX_GROUPING_CANDIDATES);
+        let mut candidates = options.k.saturating_mul(group_by.size).saturating_mul(2).clamp(options.k, most);
+        loop {
+            let kind = RequestKind::Search {
+                field,
+                queries: queries.clone(),
+                k: candidates,
+                ef: ef.max(candidates),
+                range,
+                filter: filter.clone(),
+                output_fields: fields_read.clone(),
+            };
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            let answer = self.request(entry.id, read_ts, kind, Some(timeout), options.consistency, options.as_of)?;
+            let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
+            let mut complete = true;
+            let grouped: Vec<Vec<(GroupKey, Hit)>> = hits
+                .into_iter()
+                .map(|hits| {
+                    let all_rows = hits.len() < candidates;
+                    let keyed = hits
+                        .into_iter()
+                        .map(|mut hit| {
+                            let value = hit.fields.pop().unwrap_or(Value::Null);
+                            (GroupKey::of(&value).unwrap_or(GroupKey::Null), hit)
+                        })
+                        .collect();
+                    let (grouped, whole) = group(keyed, grouping, all_rows);
+                    complete &= whole;
+                    grouped
+                })
+                .collect();
+            // Short of `k` (full) groups among the nearest `candidates`
+            // rows: more rows may hold them; search again with more.
+            if complete || candidates >= most {
+                let hits = grouped
+                    .into_iter()
+                    .map(|hits| {
+                        hits.into_iter().map(|(key, hit)| to_hit(hit, Some(key.into_value()), &output_fields)).collect()
                     })
-                    .collect()
-            })
-            .collect();
-        Ok(SearchResult { hits, read_ts })
+                    .collect();
+                return Ok(SearchResult { hits, read_ts });
+            }
+            candidates = candidates.saturating_mul(4).min(most);
+        }
     }
 
     /// The rows with these primary keys (those that exist), in the order asked.

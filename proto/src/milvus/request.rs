@@ -70,6 +70,20 @@ pub struct SearchParams {
     /// Time travel from `params` (`{"travel_timestamp": ts}`): pymilvus
     /// passes any search parameter there, but never sets the request's field.
     pub travel_ts: Option<u64>,
+    /// Range search (`params`: `radius`, `range_filter`).
+    pub radius: Option<f32>,
+    pub range_filter: Option<f32>,
+    /// Grouping search: `group_by_field`, `group_size` (default 1),
+    /// `strict_group_size` (default false).
+    pub group_by: Option<GroupByParams>,
+}
+
+/// A grouping search's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupByParams {
+    pub field: String,
+    pub size: usize,
+    pub strict: bool,
 }
 
 /// Reads `search_params` as pymilvus sends them: `topk`, `offset`,
@@ -90,19 +104,14 @@ pub fn search_params(params: &[KeyValuePair]) -> Result<SearchParams> {
     let mut metric = metric_param(params)?;
     let mut ef = None;
     let mut travel_ts = None;
+    let (mut radius, mut range_filter) = (None, None);
     if let Some(text) = param(params, "params").filter(|t| !t.trim().is_empty()) {
         let json: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| Error::argument("search_params.params", format!("not JSON: {e}")))?;
         let object =
             json.as_object().ok_or_else(|| Error::argument("search_params.params", "expected a JSON object"))?;
-        for unsupported in ["radius", "range_filter"] {
-            if object.contains_key(unsupported) {
-                return Err(Error::argument(
-                    "search_params.params",
-                    format!("`{unsupported}` (range search) is not supported yet"),
-                ));
-            }
-        }
+        radius = json_float(object, "radius")?;
+        range_filter = json_float(object, "range_filter")?;
         if let Some(value) = object.get("ef") {
             let value = value.as_u64().filter(|v| *v > 0 && *v <= MAX_TOPK as u64).ok_or_else(|| {
                 Error::argument("search_params.params.ef", format!("{value} is not in 1..={MAX_TOPK}"))
@@ -119,13 +128,40 @@ pub fn search_params(params: &[KeyValuePair]) -> Result<SearchParams> {
             metric = Some(text.parse()?);
         }
     }
-    for unsupported in ["group_by_field", "radius", "range_filter"] {
-        if param(params, unsupported).is_some_and(|v| !v.trim().is_empty()) {
-            return Err(Error::argument("search_params", format!("`{unsupported}` is not supported yet")));
-        }
+    if param(params, "group_by_fields").is_some_and(|v| !v.trim().is_empty()) {
+        return Err(Error::argument("search_params.group_by_fields", "grouping by several fields is not supported"));
     }
+    let group_by = match param(params, "group_by_field").map(str::trim).filter(|f| !f.is_empty()) {
+        Some(field) => {
+            let size = number("search_params.group_size", param(params, "group_size").unwrap_or("1"))?.max(1);
+            let strict = match param(params, "strict_group_size").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+                None | Some("") | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(other) => {
+                    return Err(Error::argument(
+                        "search_params.strict_group_size",
+                        format!("`{other}` is not a boolean"),
+                    ));
+                }
+            };
+            Some(GroupByParams { field: field.to_string(), size, strict })
+        }
+        None => None,
+    };
     let anns_field = param(params, "anns_field").map(str::trim).filter(|f| !f.is_empty()).map(str::to_string);
-    Ok(SearchParams { limit, offset, ef, metric, anns_field, travel_ts })
+    Ok(SearchParams { limit, offset, ef, metric, anns_field, travel_ts, radius, range_filter, group_by })
+}
+
+/// A number in a search's `params` JSON, as `f32`.
+fn json_float(object: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<Option<f32>> {
+    object
+        .get(key)
+        .map(|value| {
+            value.as_f64().filter(|v| v.is_finite()).map(|v| v as f32).ok_or_else(|| {
+                Error::argument(format!("search_params.params.{key}"), format!("{value} is not a number"))
+            })
+        })
+        .transpose()
 }
 
 /// A query's `limit` and `offset` (`query_params`); no limit means all rows.
@@ -371,12 +407,25 @@ mod tests {
             metric: Some(Metric::L2),
             anns_field: None,
             travel_ts: None,
+            radius: None,
+            range_filter: None,
+            group_by: None,
         };
         assert_eq!(read, expected);
         let travel = search_params(&[kv("params", r#"{"travel_timestamp": 123}"#)]).unwrap();
         assert_eq!(travel.travel_ts, Some(123));
-        let range = vec![kv("params", r#"{"radius": 1.0}"#)];
-        assert!(search_params(&range).unwrap_err().to_string().contains("radius"));
+        let range = search_params(&[kv("params", r#"{"radius": 0.5, "range_filter": 0.9}"#)]).unwrap();
+        assert_eq!((range.radius, range.range_filter), (Some(0.5), Some(0.9)));
+        let bad_range = vec![kv("params", r#"{"radius": "far"}"#)];
+        assert!(search_params(&bad_range).unwrap_err().to_string().contains("search_params.params.radius"));
+        let grouped =
+            search_params(&[kv("group_by_field", "doc"), kv("group_size", "3"), kv("strict_group_size", "True")]);
+        let expected = GroupByParams { field: "doc".into(), size: 3, strict: true };
+        assert_eq!(grouped.unwrap().group_by, Some(expected));
+        let loose = search_params(&[kv("group_by_field", "doc")]).unwrap().group_by.unwrap();
+        assert_eq!((loose.size, loose.strict), (1, false));
+        let not_bool = search_params(&[kv("group_by_field", "doc"), kv("strict_group_size", "yes")]);
+        assert!(not_bool.unwrap_err().to_string().contains("strict_group_size"));
         assert!(search_params(&[kv("topk", "20000")]).is_err());
         assert!(search_params(&[kv("topk", "x")]).unwrap_err().to_string().contains("topk"));
     }
