@@ -66,6 +66,7 @@ pub enum Access {
 pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "Health", Access::Open),
     ("vectorflow.v1.Vectorflow", "Search", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "HybridSearch", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Query", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Get", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Sql", Access::Needs(Role::Read)),
@@ -97,6 +98,7 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("milvus.proto.milvus.MilvusService", "GetLoadState", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "DescribeIndex", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "Search", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "HybridSearch", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "Query", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "GetFlushState", Access::Needs(Role::Read)),
     ("milvus.proto.milvus.MilvusService", "Insert", Access::Needs(Role::Write)),

@@ -331,6 +331,35 @@ pub struct SearchArgs {
     pub connect: Connect,
 }
 
+/// `vectorflow hybrid-search`
+#[derive(Debug, clap::Args)]
+pub struct HybridSearchArgs {
+    #[arg(long, short = 'c')]
+    pub collection: String,
+    /// One search as a JSON object: {"field": "v", "vector": [...], "k": 20,
+    /// "ef": 64, "filter": "...", "radius": 0.5, "range_filter": 0.9}
+    /// (`vector` and `k` required); repeat for each search to fuse.
+    #[arg(long = "search", required = true)]
+    pub searches: Vec<String>,
+    /// Fused hits to print.
+    #[arg(long, default_value_t = 10)]
+    pub k: u32,
+    /// Reciprocal rank fusion with this constant (the default, with 60).
+    #[arg(long, conflicts_with = "weights")]
+    pub rrf: Option<f32>,
+    /// Weighted fusion: one weight per search, comma separated.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub weights: Vec<f32>,
+    /// With --weights: add the searches' own scores instead of normalising them to [0, 1].
+    #[arg(long, requires = "weights")]
+    pub raw_scores: bool,
+    /// `--filter` applies to every search that has none of its own.
+    #[command(flatten)]
+    pub read: ReadArgs,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
 /// `vectorflow query`
 #[derive(Debug, clap::Args)]
 pub struct QueryArgs {
@@ -1010,6 +1039,64 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
             }),
         };
         let response = client.search(request).await.map_err(rpc)?.into_inner();
+        Ok((schema, response))
+    })?;
+    let batch = hits_batch(&schema, response)?;
+    print_batches(&[batch], args.connect.json, &json_fields(&schema))
+}
+
+pub fn hybrid_search(args: HybridSearchArgs) -> anyhow::Result<()> {
+    let mut searches = Vec::with_capacity(args.searches.len());
+    for (i, text) in args.searches.iter().enumerate() {
+        let what = format!("--search #{}", i + 1);
+        let json: serde_json::Value = serde_json::from_str(text).map_err(|e| anyhow!("{what}: not JSON: {e}"))?;
+        let object = json.as_object().ok_or_else(|| anyhow!("{what}: expected a JSON object"))?;
+        let text_of = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let float_of = |key: &str| -> anyhow::Result<Option<f32>> {
+            object
+                .get(key)
+                .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| anyhow!("{what}: `{key}` is not a number")))
+                .transpose()
+        };
+        let vector = object.get("vector").ok_or_else(|| anyhow!("{what}: `vector` is missing"))?;
+        let vector = parse_vector(&vector.to_string()).map_err(|e| anyhow!("{what}: `vector`: {e}"))?;
+        let k = object
+            .get("k")
+            .and_then(|k| k.as_u64())
+            .ok_or_else(|| anyhow!("{what}: `k` (a positive integer) is missing"))?;
+        let ef = object
+            .get("ef")
+            .map(|v| v.as_u64().ok_or_else(|| anyhow!("{what}: `ef` is not an integer")))
+            .transpose()?;
+        searches.push(v1::SubSearch {
+            field: text_of("field").unwrap_or_default(),
+            vectors: Some(wire::pack_vectors(&[vector])),
+            k: u32::try_from(k).map_err(|_| anyhow!("{what}: `k` {k} is too large"))?,
+            ef: ef.map_or(Ok(0), u32::try_from).map_err(|_| anyhow!("{what}: `ef` is too large"))?,
+            filter: text_of("filter").or_else(|| args.read.filter.clone()).unwrap_or_default(),
+            radius: float_of("radius")?,
+            range_filter: float_of("range_filter")?,
+        });
+    }
+    let ranker = if args.weights.is_empty() {
+        v1::hybrid_search_request::Ranker::Rrf(v1::RrfRanker { k: args.rrf.unwrap_or(60.0) })
+    } else {
+        v1::hybrid_search_request::Ranker::Weighted(v1::WeightedRanker {
+            weights: args.weights.clone(),
+            raw_scores: args.raw_scores,
+        })
+    };
+    let (schema, response) = with_client(&args.connect, async |client| {
+        let (_, schema) = describe(client, &args.collection).await?;
+        let request = v1::HybridSearchRequest {
+            collection: args.collection.clone(),
+            searches,
+            ranker: Some(ranker),
+            k: args.k,
+            output_fields: output_fields(&schema, &args.read.output_fields)?,
+            read: Some(args.read.to_proto()),
+        };
+        let response = client.hybrid_search(request).await.map_err(rpc)?.into_inner();
         Ok((schema, response))
     })?;
     let batch = hits_batch(&schema, response)?;

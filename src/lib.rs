@@ -29,8 +29,9 @@ pub use vectorflow_core::{
 pub use vectorflow_dataflow::RecoveryReport;
 pub use vectorflow_dataflow::engine::CompactionReport;
 pub use vectorflow_dataflow::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy, IngestStats,
-    Limits, QueryOptions, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
+    HybridOptions, IngestStats, Limits, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions, SearchResult,
+    Session, SubSearch, WriteResult, row,
 };
 pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};
 pub use vectorflow_sql::SqlSession;

@@ -95,6 +95,9 @@ enum Command {
     Insert(client::InsertArgs),
     /// Search a collection on a server for the nearest neighbours of query vectors.
     Search(client::SearchArgs),
+    /// Run several searches (one per vector field, say) at one timestamp and
+    /// fuse their hits with reciprocal rank fusion or weights.
+    HybridSearch(client::HybridSearchArgs),
     /// Query rows of a collection on a server by filter (or count them).
     Query(client::QueryArgs),
 }
@@ -195,6 +198,7 @@ fn main() -> anyhow::Result<()> {
         Command::Alias(command) => client::exit_on_error(client::alias(command)),
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
+        Command::HybridSearch(args) => client::exit_on_error(client::hybrid_search(args)),
         Command::Query(args) => client::exit_on_error(client::query(args)),
         Command::HashPassword { token } => client::exit_on_error(hash_password(token)),
     }

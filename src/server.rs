@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use vectorflow::{
-    CollectionSchema, Consistency, Engine, Error, GetOptions, GroupBy, QueryOptions, SearchOptions, SqlSession,
-    Timestamp, Value,
+    CollectionSchema, Consistency, Engine, Error, GetOptions, GroupBy, HybridOptions, QueryOptions, Ranker,
+    SearchOptions, SearchResult, SqlSession, SubSearch, Timestamp, Value,
 };
 use vectorflow_proto::v1::vectorflow_server::{Vectorflow, VectorflowServer};
 use vectorflow_proto::{self as wire, v1};
@@ -122,6 +122,42 @@ fn read_options(argument: &str, read: Option<v1::ReadOptions>) -> vectorflow::Re
         as_of: (read.as_of != 0).then_some(read.as_of),
         guarantee_ts: (read.guarantee_ts != 0).then_some(read.guarantee_ts),
     })
+}
+
+/// A search's answer on the wire: per query its keys, scores, output
+/// fields and (for a grouping search on `group_field`) group values.
+fn search_response(
+    schema: &CollectionSchema,
+    output_fields: &[String],
+    group_field: Option<&str>,
+    result: SearchResult,
+) -> vectorflow::Result<v1::SearchResponse> {
+    let results = result
+        .hits
+        .into_iter()
+        .map(|hits| {
+            let keys: Vec<_> = hits.iter().map(|h| h.pk.clone()).collect();
+            let scores = hits.iter().map(|h| h.score).collect();
+            let groups = match group_field {
+                Some(name) => {
+                    let values: Vec<_> = hits
+                        .iter()
+                        .map(|h| BTreeMap::from([(name.to_string(), h.group.clone().unwrap_or(Value::Null))]))
+                        .collect();
+                    wire::rows_to_columns(schema, &[name.to_string()], &values)?.pop()
+                }
+                None => None,
+            };
+            let rows: Vec<_> = hits.into_iter().map(|h| h.fields).collect();
+            Ok(v1::SearchHits {
+                keys: Some(wire::pks_to_proto(&keys)),
+                scores,
+                fields: wire::rows_to_columns(schema, output_fields, &rows)?,
+                groups,
+            })
+        })
+        .collect::<vectorflow::Result<Vec<_>>>()?;
+    Ok(v1::SearchResponse { results, read_ts: result.read_ts })
 }
 
 fn non_empty(text: String) -> Option<String> {
@@ -314,32 +350,59 @@ impl Vectorflow for VectorflowService {
                 let group_field = options.group_by.as_ref().map(|g| g.field.clone());
                 let schema = engine.describe_collection(&body.collection)?.schema;
                 let result = engine.search(&body.collection, &queries, &options)?;
-                let results = result
-                    .hits
-                    .into_iter()
-                    .map(|hits| {
-                        let keys: Vec<_> = hits.iter().map(|h| h.pk.clone()).collect();
-                        let scores = hits.iter().map(|h| h.score).collect();
-                        let groups = match &group_field {
-                            Some(name) => {
-                                let values: Vec<_> = hits
-                                    .iter()
-                                    .map(|h| BTreeMap::from([(name.clone(), h.group.clone().unwrap_or(Value::Null))]))
-                                    .collect();
-                                wire::rows_to_columns(&schema, std::slice::from_ref(name), &values)?.pop()
-                            }
-                            None => None,
-                        };
-                        let rows: Vec<_> = hits.into_iter().map(|h| h.fields).collect();
-                        Ok(v1::SearchHits {
-                            keys: Some(wire::pks_to_proto(&keys)),
-                            scores,
-                            fields: wire::rows_to_columns(&schema, &body.output_fields, &rows)?,
-                            groups,
+                search_response(&schema, &body.output_fields, group_field.as_deref(), result)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn hybrid_search(
+        &self,
+        request: Request<v1::HybridSearchRequest>,
+    ) -> Result<Response<v1::SearchResponse>, Status> {
+        let body = request.get_ref().clone();
+        let response = self
+            .run(&request, move |engine, timeout| {
+                let searches = body
+                    .searches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, search)| {
+                        let what = format!("searches[{i}].vectors");
+                        let vectors = search.vectors.as_ref().ok_or_else(|| Error::argument(&what, "missing"))?;
+                        Ok(SubSearch {
+                            field: non_empty(search.field.clone()),
+                            queries: wire::unpack_vectors(&what, vectors)?,
+                            k: search.k as usize,
+                            ef: (search.ef != 0).then_some(search.ef as usize),
+                            filter: non_empty(search.filter.clone()),
+                            radius: search.radius,
+                            range_filter: search.range_filter,
                         })
                     })
                     .collect::<vectorflow::Result<Vec<_>>>()?;
-                Ok(v1::SearchResponse { results, read_ts: result.read_ts })
+                let ranker = match body.ranker {
+                    Some(v1::hybrid_search_request::Ranker::Rrf(rrf)) => {
+                        Ranker::Rrf { k: if rrf.k == 0.0 { 60.0 } else { rrf.k } }
+                    }
+                    Some(v1::hybrid_search_request::Ranker::Weighted(weighted)) => {
+                        Ranker::Weighted { weights: weighted.weights, normalize: !weighted.raw_scores }
+                    }
+                    None => return Err(Error::argument("ranker", "give rrf or weighted")),
+                };
+                let read = read_options("read.consistency", body.read)?;
+                let options = HybridOptions {
+                    k: body.k as usize,
+                    ranker,
+                    output_fields: body.output_fields.clone(),
+                    consistency: read.consistency,
+                    as_of: read.as_of,
+                    guarantee_ts: read.guarantee_ts,
+                    timeout,
+                };
+                let schema = engine.describe_collection(&body.collection)?.schema;
+                let result = engine.hybrid_search(&body.collection, &searches, &options)?;
+                search_response(&schema, &body.output_fields, None, result)
             })
             .await?;
         Ok(Response::new(response))

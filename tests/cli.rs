@@ -162,6 +162,15 @@ fn collections_are_created_listed_described_and_dropped() {
     assert_eq!(err.trim(), "error: NOT_FOUND: collection `docs` not found");
 }
 
+/// RRF (k = 60) of the nearest 3 to x = 0.75 and the nearest 3 to x = 3.2.
+const RRF_SQL: &str = "SELECT id, SUM(1.0 / (60 + r)) AS score FROM (
+    SELECT id, row_number() OVER (ORDER BY d) AS r
+      FROM (SELECT id, l2_distance(v, [0.75, 0.0, 0.0]) AS d FROM docs ORDER BY d LIMIT 3)
+    UNION ALL
+    SELECT id, row_number() OVER (ORDER BY d) AS r
+      FROM (SELECT id, l2_distance(v, [3.2, 0.0, 0.0]) AS d FROM docs ORDER BY d LIMIT 3)
+  ) GROUP BY id ORDER BY score DESC, id LIMIT 3";
+
 /// Five rows as JSON lines (one leaves `weight` to its default, one gives
 /// JSON in `meta`, a blank line in between).
 const ROWS: &str = r#"{"id": 1, "v": [0.0, 0.0, 0.0], "tag": "a", "meta": {"n": 1}}
@@ -284,6 +293,32 @@ fn inserted_rows_are_found_by_search_query_and_sql() {
     ]));
     assert_eq!(ints(&hits, "id"), vec![2, 1, 3]);
     assert_eq!(hits.iter().map(|h| h["tag"].clone()).collect::<Vec<_>>(), vec![json!("b"), json!("a"), json!("a")]);
+    // Hybrid search, RRF (60): id 3 is third in both lists, 2 and 4 lead one each (ties in key order).
+    let hits = lines(&server.ok(&[
+        "hybrid-search",
+        "-c",
+        "docs",
+        "--search",
+        r#"{"vector": [0.75, 0, 0], "k": 3}"#,
+        "--search",
+        r#"{"field": "v", "vector": [3.2, 0, 0], "k": 3}"#,
+        "--k",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(ints(&hits, "id"), vec![3, 2, 4]);
+    let rrf = hits[0]["score"].as_f64().unwrap();
+    assert!((rrf - 2.0 / 63.0).abs() < 1e-6, "{hits:?}");
+    let err = server.fails(&[
+        "hybrid-search",
+        "-c",
+        "docs",
+        "--search",
+        r#"{"vector": [1, 0, 0], "k": 2}"#,
+        "--weights",
+        "1,2",
+    ]);
+    assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("ranker.weights"), "{err}");
     let err = server.fails(&["search", "-c", "docs", "--vector", "[0, 0, 0]", "--radius", "1", "--range-filter", "2"]);
     assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("range_filter"), "{err}");
     // Query vectors from a file; a table by default.
@@ -328,6 +363,12 @@ fn inserted_rows_are_found_by_search_query_and_sql() {
     assert_eq!(rows, vec![json!({"id": 1, "d": 0.0}), json!({"id": 2, "d": 1.0}), json!({"id": 3, "d": 4.0})]);
     let rows = lines(&server.ok(&["sql", "--json", "SELECT count(*) AS n FROM docs"]));
     assert_eq!(rows, vec![json!({"n": 10})]);
+    // Reciprocal rank fusion as an ordinary query over two ANN searches
+    // (README, "Hybrid search"): the same answer as `hybrid-search` above.
+    let fused = lines(&server.ok(&["sql", "--json", RRF_SQL]));
+    assert_eq!(ints(&fused, "id"), vec![3, 2, 4], "{fused:?}");
+    assert!((fused[0]["score"].as_f64().unwrap() - 2.0 / 63.0).abs() < 1e-9, "{fused:?}");
+
     let err = server.fails(&["sql", "SELECT nope FROM docs"]);
     assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("nope"), "{err}");
 }

@@ -1,6 +1,7 @@
-//! Range search and grouping search: exact answers equal a reference on
-//! random data (property tests, 1 and 3 workers, sealed and growing
-//! segments), and the graph keeps recall ≥ 0.95 on pypi-20k.
+//! Range search, grouping search and hybrid search: exact answers equal a
+//! reference on random data (property tests, 1 and 3 workers, sealed and
+//! growing segments) and on real data (hybrid fusion over two vector
+//! fields), and the graph keeps recall ≥ 0.95 on pypi-20k.
 
 mod common;
 
@@ -10,8 +11,8 @@ use common::*;
 use proptest::prelude::*;
 use vectorflow::crates::operators::distance::{distance, normalize};
 use vectorflow::{
-    CollectionSchema, Consistency, DataType, Dataset, Engine, EngineConfig, FieldSchema, GroupBy, Metric, Pk,
-    SearchHit, SearchOptions, Value, row,
+    CollectionSchema, Consistency, DataType, Dataset, Engine, EngineConfig, FieldSchema, GroupBy, HybridOptions,
+    Metric, Pk, Ranker, SearchHit, SearchOptions, SubSearch, Value, row,
 };
 
 const DIM: usize = 4;
@@ -302,5 +303,123 @@ fn range_and_grouping_through_the_graph_keep_recall_on_pypi_20k() {
     }
     let recall = found as f64 / expected as f64;
     assert!(recall >= 0.95, "grouping search recall {recall} ({found} of {expected})");
+    engine.shutdown();
+}
+
+/// A reference fusion of exact sub-answers ((key, score) best first):
+/// RRF or Milvus-normalised weights, fused score first, ties in key order.
+fn reference_fusion(lists: &[(Metric, Vec<(i64, f32)>)], ranker: &Ranker, k: usize) -> Vec<(i64, f32)> {
+    let mut fused: Vec<(i64, f32)> = Vec::new();
+    for (search, (metric, hits)) in lists.iter().enumerate() {
+        for (rank, &(key, score)) in hits.iter().enumerate() {
+            let add = match ranker {
+                Ranker::Rrf { k } => 1.0 / (k + (rank + 1) as f32),
+                Ranker::Weighted { weights, .. } => {
+                    let normalised = match metric {
+                        Metric::L2 => 1.0 - 2.0 * score.atan() / std::f32::consts::PI,
+                        _ => (1.0 + score) / 2.0,
+                    };
+                    weights[search] * normalised
+                }
+            };
+            match fused.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, total)) => *total += add,
+                None => fused.push((key, 0.0 + add)),
+            }
+        }
+    }
+    fused.sort_by(|a, b| b.1.total_cmp(&a.1).then(Pk::Int(a.0).order_key().cmp(&Pk::Int(b.0).order_key())));
+    fused.truncate(k);
+    fused
+}
+
+/// Exact top `k` (key, score) of `rows` for `query`, best first, as the engine ranks.
+fn exact_top(metric: Metric, rows: &[Vec<f32>], query: &[f32], k: usize) -> Vec<(i64, f32)> {
+    let mut ranked: Vec<(f32, i64)> =
+        rows.iter().enumerate().map(|(i, v)| (distance(metric, query, v), i as i64)).collect();
+    ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(Pk::Int(a.1).order_key().cmp(&Pk::Int(b.1).order_key())));
+    ranked.truncate(k);
+    ranked.into_iter().map(|(d, key)| (key, if metric == Metric::L2 { d } else { -d })).collect()
+}
+
+#[test]
+fn hybrid_search_over_two_vector_fields_of_real_data_equals_fusing_the_exact_answers() {
+    let dataset = Dataset::open(dataset_dir("pypi-20k")).expect("pypi-20k dataset");
+    let vectors = dataset.base_vectors().unwrap();
+    let queries = dataset.query_vectors().unwrap();
+    let n = vectors.rows;
+    // Field `a`: the row's embedding (COSINE). Field `b`: the first 128
+    // dimensions of another row's embedding (L2): real values with
+    // neighbourhoods of their own.
+    let other = |i: usize| (i * 7919 + 13) % n;
+    let a_rows: Vec<Vec<f32>> = (0..n)
+        .map(|i| {
+            let mut v = vectors.row(i).to_vec();
+            normalize(&mut v);
+            v
+        })
+        .collect();
+    let b_rows: Vec<Vec<f32>> = (0..n).map(|i| vectors.row(other(i))[..128].to_vec()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = exact_engine(dir.path(), 2, 6000);
+    let schema = CollectionSchema::new(
+        "two",
+        vec![
+            FieldSchema::int64_primary("id", false),
+            FieldSchema::vector("a", vectors.cols, Metric::COSINE),
+            FieldSchema::vector("b", 128, Metric::L2),
+        ],
+    );
+    engine.create_collection(schema).unwrap();
+    for start in (0..n).step_by(2000) {
+        let rows: Vec<_> = (start..(start + 2000).min(n))
+            .map(|i| row([("id", (i as i64).into()), ("a", a_rows[i].clone().into()), ("b", b_rows[i].clone().into())]))
+            .collect();
+        engine.insert_rows("two", &rows).unwrap();
+    }
+    let rankers = [Ranker::Rrf { k: 60.0 }, Ranker::Weighted { weights: vec![0.7, 0.3], normalize: true }];
+    for q in 0..10 {
+        let mut a_query = queries.row(q).to_vec();
+        normalize(&mut a_query);
+        let b_query = queries.row(q + 1)[..128].to_vec();
+        let searches = [
+            SubSearch { field: Some("a".into()), queries: vec![a_query.clone()], k: 30, ..Default::default() },
+            SubSearch { field: Some("b".into()), queries: vec![b_query.clone()], k: 20, ..Default::default() },
+        ];
+        let lists = [
+            (Metric::COSINE, exact_top(Metric::COSINE, &a_rows, &a_query, 30)),
+            (Metric::L2, exact_top(Metric::L2, &b_rows, &b_query, 20)),
+        ];
+        for ranker in &rankers {
+            let options = HybridOptions { consistency: Consistency::Strong, ..HybridOptions::new(15, ranker.clone()) };
+            let hits = engine.hybrid_search("two", &searches, &options).unwrap().hits.remove(0);
+            let got: Vec<(i64, f32)> = hits.iter().map(|h| (pk_int(&h.pk), h.score)).collect();
+            let expected = reference_fusion(&lists, ranker, 15);
+            assert_eq!(
+                got.iter().map(|h| h.0).collect::<Vec<_>>(),
+                expected.iter().map(|h| h.0).collect::<Vec<_>>(),
+                "query {q}, {ranker:?}"
+            );
+            for ((_, score), (_, want)) in got.iter().zip(&expected) {
+                assert!((score - want).abs() < 1e-6, "query {q}, {ranker:?}: fused score {score}, expected {want}");
+            }
+        }
+    }
+    // Sub-searches must agree on the number of queries; weights on the number of searches.
+    let two_queries = SubSearch {
+        field: Some("a".into()),
+        queries: vec![a_rows[0].clone(), a_rows[1].clone()],
+        k: 5,
+        ..Default::default()
+    };
+    let one_query = SubSearch { field: Some("b".into()), queries: vec![b_rows[0].clone()], k: 5, ..Default::default() };
+    let error = engine
+        .hybrid_search("two", &[two_queries.clone(), one_query], &HybridOptions::new(5, Ranker::Rrf { k: 60.0 }))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("searches[1].vectors"), "{error}");
+    let weights = Ranker::Weighted { weights: vec![1.0, 2.0], normalize: true };
+    let error = engine.hybrid_search("two", &[two_queries], &HybridOptions::new(5, weights)).unwrap_err().to_string();
+    assert!(error.contains("ranker.weights"), "{error}");
     engine.shutdown();
 }

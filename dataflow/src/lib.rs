@@ -31,7 +31,8 @@ pub mod routing;
 mod shards;
 
 pub use engine::{
-    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy, IngestStats,
-    Limits, QueryOptions, ReplayProgress, SearchHit, SearchOptions, SearchResult, Session, WriteResult, row,
+    CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
+    HybridOptions, IngestStats, Limits, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions, SearchResult,
+    Session, SubSearch, WriteResult, row,
 };
 pub use persist::RecoveryReport;

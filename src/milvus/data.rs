@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use vectorflow::{
-    CollectionSchema, Consistency, Error, GroupBy, Pk, QueryOptions, SearchHit, SearchOptions, Timestamp, Value,
-    WriteResult,
+    CollectionSchema, Consistency, Error, GroupBy, HybridOptions, Pk, QueryOptions, Ranker, SearchHit, SearchOptions,
+    SearchResult, SubSearch, Timestamp, Value, WriteResult,
 };
 use vectorflow_proto::milvus::pb::common::{ConsistencyLevel, ErrorCode};
 use vectorflow_proto::milvus::pb::milvus as pb;
@@ -12,6 +12,7 @@ use vectorflow_proto::milvus::pb::schema::{
     self as schema_pb, IDs, LongArray, ScalarField, StringArray, field_data::Field as Payload, i_ds::IdField,
     scalar_field::Data as Scalars,
 };
+use vectorflow_proto::milvus::request::RankStrategy;
 use vectorflow_proto::milvus::{columns, request, status};
 
 use super::{Answer, Call, Refusal};
@@ -135,20 +136,7 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
     let schema = &info.schema;
     let params = request::search_params(&body.search_params)?;
     let queries = request::query_vectors(&body.placeholder_group, body.nq)?;
-    let (_, _, metric) = schema.vector_field(params.anns_field.as_deref())?;
-    if let Some(asked) = params.metric
-        && asked != metric
-    {
-        return Err(Error::argument(
-            "metric_type",
-            format!(
-                "metric type not match: the field is indexed with {}, the search asks for {}",
-                vectorflow_proto::milvus::schema::metric_name(metric),
-                vectorflow_proto::milvus::schema::metric_name(asked)
-            ),
-        )
-        .into());
-    }
+    check_metric(schema, &params)?;
     let time = request::read_time(
         body.use_default_consistency,
         body.consistency_level,
@@ -174,20 +162,120 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
         timeout: call.timeout,
     };
     let result = call.engine.search(&body.collection_name, &queries, &options)?;
+    let page = Page { offset: params.offset, limit: params.limit };
+    let group_field = params.group_by.as_ref().map(|g| g.field.as_str());
+    search_results(schema, body.collection_name, &body.output_fields, &fields, page, group_field, result)
+}
+
+/// `HybridSearch`: each request is a search as `Search` reads it (its
+/// `topk` is what it contributes), fused as `rank_params` say.
+pub(super) fn hybrid_search(call: &Call, body: pb::HybridSearchRequest) -> Answer<pb::SearchResults> {
+    let info = check_loaded(call, &body.collection_name)?;
+    let schema = &info.schema;
+    if !body.function_score.is_empty() || !body.function_chains.is_empty() {
+        return Err(Error::argument(
+            "function_score",
+            "function rerankers are not supported; use RRFRanker or WeightedRanker",
+        )
+        .into());
+    }
+    let rank = request::rank_params(&body.rank_params)?;
+    let mut searches = Vec::with_capacity(body.requests.len());
+    for (i, sub) in body.requests.iter().enumerate() {
+        let params = request::search_params(&sub.search_params)?;
+        if params.group_by.is_some() {
+            return Err(
+                Error::argument(format!("requests[{i}].group_by_field"), "not supported in a sub-search").into()
+            );
+        }
+        check_metric(schema, &params)?;
+        let filter = request::fill_templates(&sub.dsl, &sub.expr_template_values)?;
+        searches.push(SubSearch {
+            field: params.anns_field,
+            queries: request::query_vectors(&sub.placeholder_group, sub.nq)?,
+            k: params.limit + params.offset,
+            ef: params.ef,
+            filter: (!filter.trim().is_empty()).then_some(filter),
+            radius: params.radius,
+            range_filter: params.range_filter,
+        });
+    }
+    let time = request::read_time(
+        body.use_default_consistency,
+        body.consistency_level,
+        vectorflow_proto::milvus::schema::consistency_of(schema),
+        body.guarantee_timestamp,
+        body.travel_timestamp,
+    )?;
+    let read = read(time);
+    let fields = columns::output_fields(schema, &body.output_fields)?;
+    let ranker = match rank.strategy {
+        RankStrategy::Rrf { k } => Ranker::Rrf { k },
+        RankStrategy::Weighted { weights, normalize } => Ranker::Weighted { weights, normalize },
+    };
+    let options = HybridOptions {
+        k: rank.limit + rank.offset,
+        ranker,
+        output_fields: fields.clone(),
+        consistency: read.consistency,
+        as_of: read.as_of,
+        guarantee_ts: read.guarantee_ts,
+        timeout: call.timeout,
+    };
+    let result = call.engine.hybrid_search(&body.collection_name, &searches, &options)?;
+    let page = Page { offset: rank.offset, limit: rank.limit };
+    search_results(schema, body.collection_name, &body.output_fields, &fields, page, None, result)
+}
+
+/// A search names the metric its field is indexed with, or none.
+fn check_metric(schema: &CollectionSchema, params: &request::SearchParams) -> Answer<()> {
+    let (_, _, metric) = schema.vector_field(params.anns_field.as_deref())?;
+    match params.metric {
+        Some(asked) if asked != metric => Err(Error::argument(
+            "metric_type",
+            format!(
+                "metric type not match: the field is indexed with {}, the search asks for {}",
+                vectorflow_proto::milvus::schema::metric_name(metric),
+                vectorflow_proto::milvus::schema::metric_name(asked)
+            ),
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Which hits of each query an answer carries.
+#[derive(Clone, Copy)]
+struct Page {
+    offset: usize,
+    limit: usize,
+}
+
+/// A search's answer as Milvus sends it: the page of each query's hits,
+/// their keys, scores, output fields and (grouping on `group_field`) groups.
+fn search_results(
+    schema: &CollectionSchema,
+    collection_name: String,
+    requested_fields: &[String],
+    fields: &[String],
+    page: Page,
+    group_field: Option<&str>,
+    result: SearchResult,
+) -> Answer<pb::SearchResults> {
     let mut topks = Vec::with_capacity(result.hits.len());
     let mut pks = Vec::new();
     let mut scores = Vec::new();
     let mut rows: Vec<&BTreeMap<String, Value>> = Vec::new();
     let mut groups: Vec<BTreeMap<String, Value>> = Vec::new();
     for hits in &result.hits {
-        let page = page_of(hits, params.offset, params.limit);
+        let page = page_of(hits, page.offset, page.limit);
         topks.push(page.len() as i64);
         for hit in page {
             pks.push(hit.pk.clone());
             scores.push(hit.score);
             rows.push(&hit.fields);
-            if let (Some(group_by), Some(value)) = (&params.group_by, &hit.group) {
-                groups.push(BTreeMap::from([(group_by.field.clone(), value.clone())]));
+            if let (Some(field), Some(value)) = (group_field, &hit.group) {
+                groups.push(BTreeMap::from([(field.to_string(), value.clone())]));
             }
         }
     }
@@ -195,28 +283,28 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
         .iter()
         .map(|name| columns::rows_to_field_data(schema, name, &rows))
         .collect::<vectorflow::Result<Vec<_>>>()?;
-    let group_by_field_value = match &params.group_by {
-        Some(group_by) => {
+    let group_by_field_value = match group_field {
+        Some(field) => {
             let group_rows: Vec<&BTreeMap<String, Value>> = groups.iter().collect();
-            Some(columns::rows_to_field_data(schema, &group_by.field, &group_rows)?)
+            Some(columns::rows_to_field_data(schema, field, &group_rows)?)
         }
         None => None,
     };
     Ok(pb::SearchResults {
         status: Some(status::ok()),
         results: Some(schema_pb::SearchResultData {
-            num_queries: queries.len() as i64,
-            top_k: params.limit as i64,
+            num_queries: result.hits.len() as i64,
+            top_k: page.limit as i64,
             fields_data,
             scores,
             ids: Some(ids(&pks)),
             topks,
-            output_fields: listed_output_fields(schema, &body.output_fields),
+            output_fields: listed_output_fields(schema, requested_fields),
             primary_field_name: schema.primary().name.clone(),
             group_by_field_value,
             ..Default::default()
         }),
-        collection_name: body.collection_name,
+        collection_name,
         session_ts: result.read_ts,
     })
 }

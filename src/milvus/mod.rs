@@ -457,6 +457,13 @@ impl MilvusService for MilvusServiceImpl {
         self.answer(request, |r| &r.db_name, data::search).await
     }
 
+    async fn hybrid_search(
+        &self,
+        request: Request<pb::HybridSearchRequest>,
+    ) -> Result<Response<pb::SearchResults>, Status> {
+        self.answer(request, |r| &r.db_name, data::hybrid_search).await
+    }
+
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResults>, Status> {
         self.answer(request, |r| &r.db_name, data::query).await
     }

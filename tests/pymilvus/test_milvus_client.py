@@ -81,6 +81,7 @@ FULL = "full"
 INDEXED_LATER = "index_later"
 STRONG = "strong"
 SCRATCH = "scratch"
+HYBRID = "hybrid"
 MISSING = "no_such_collection"
 
 
@@ -1095,6 +1096,88 @@ class T06VectorflowV1(Base):
                 self.assertEqual([{"count": ours}], theirs)
 
 
+# ---- hybrid search: two vector fields, RRF and weighted rankers ----
+
+
+class T065HybridSearch(Base):
+    """`hybrid_search` with one `AnnSearchRequest` per vector field."""
+
+    @classmethod
+    def setUpClass(cls):
+        check_budget()
+        c = client()
+        cls.name = name(HYBRID)
+        c.drop_collection(cls.name, timeout=T)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=DIM)
+        schema.add_field("small", DataType.FLOAT_VECTOR, dim=4)
+        schema.add_field("n", DataType.INT64)
+        index_params = c.prepare_index_params()
+        index_params.add_index(field_name="dense", index_type="AUTOINDEX", metric_type="COSINE")
+        index_params.add_index(field_name="small", index_type="AUTOINDEX", metric_type="L2")
+        c.create_collection(cls.name, schema=schema, index_params=index_params, timeout=T)
+        rnd = random.Random(SEED + 11)
+        cls.rows = {
+            i: {"id": i, "dense": random_vector(rnd), "small": [rnd.uniform(-1, 1) for _ in range(4)], "n": i % 10}
+            for i in range(200)
+        }
+        c.insert(cls.name, list(cls.rows.values()), timeout=T)
+        cls.rnd = random.Random(SEED + 12)
+
+    def exact(self, field, metric, q, limit, where=None):
+        rows = {pk: {"vector": r[field], **r} for pk, r in self.rows.items()}
+        return reference(metric, rows, q, limit, where=where)
+
+    def fused(self, lists, rank):
+        """Milvus's fusion of exact answers [(metric, [(score, id)])]: RRF
+        sum of 1/(k + rank), or weights of normalised scores."""
+        total = {}
+        for i, (metric, hits) in enumerate(lists):
+            for r, (s, pk) in enumerate(hits):
+                if rank[0] == "rrf":
+                    add = 1.0 / (rank[1] + r + 1)
+                else:
+                    norm = (1 + s) / 2 if metric == "COSINE" else 1 - 2 * math.atan(s) / math.pi
+                    add = rank[1][i] * norm
+                total[pk] = total.get(pk, 0.0) + add
+        return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def test_01_rrf_and_weighted_fuse_the_exact_answers(self):
+        from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
+
+        for _ in range(3):
+            qd, qs = random_vector(self.rnd), [self.rnd.uniform(-1, 1) for _ in range(4)]
+            where = lambda r: r["n"] < 7  # noqa: E731
+            reqs = [
+                AnnSearchRequest(data=[qd], anns_field="dense", param={"params": {"ef": 64}}, limit=20),
+                AnnSearchRequest(data=[qs], anns_field="small", param={}, limit=15, expr="n < 7"),
+            ]
+            lists = [
+                ("COSINE", self.exact("dense", "COSINE", qd, 20)),
+                ("L2", self.exact("small", "L2", qs, 15, where)),
+            ]
+            for ranker, rank in ((RRFRanker(60), ("rrf", 60)), (WeightedRanker(0.6, 0.4), ("weighted", [0.6, 0.4]))):
+                res = client().hybrid_search(self.name, reqs, ranker, limit=10, output_fields=["n"], timeout=T)
+                expected = self.fused(lists, rank)[:10]
+                got = [(h["id"], h["distance"]) for h in res[0]]
+                self.assertEqual(len(got), len(expected), f"{rank[0]}: {got} vs {expected}")
+                for (pk, s), (epk, es) in zip(got, expected):
+                    self.assertTrue(close(s, es, 1e-5, 1e-6), f"{rank[0]}: {got} vs {expected}")
+                    if pk != epk:
+                        tied = {p for p, x in expected if close(x, es, 1e-5, 1e-6)}
+                        self.assertIn(pk, tied, f"{rank[0]}: {got} vs {expected}")
+                for hit in res[0]:
+                    self.assertEqual(hit["entity"]["n"], self.rows[hit["id"]]["n"])
+        # A ranker that does not fit the searches is refused by name.
+        from pymilvus import WeightedRanker as W
+
+        error = expect_error(
+            self, lambda: client().hybrid_search(self.name, reqs, W(1.0), limit=5, timeout=T), "one weight"
+        )
+        self.assertIn("weights", str(error))
+
+
 # ---- collection lifecycle (last: it drops what the others made) ----
 
 
@@ -1164,14 +1247,23 @@ class T07Lifecycle(Base):
 
     def test_03_drop_everything(self):
         c = client()
-        for suffix in (QUICK, FULL, INDEXED_LATER, STRONG):
+        for suffix in (QUICK, FULL, INDEXED_LATER, STRONG, HYBRID):
             c.drop_collection(name(suffix), timeout=T)
             self.assertFalse(c.has_collection(name(suffix), timeout=T))
         left = [n for n in c.list_collections(timeout=T) if n.startswith(PREFIX + "_")]
         self.assertEqual(left, [])
 
 
-ORDER = [T01QuickCollection, T02FullSchema, T03IndexLifecycle, T04Consistency, T05Errors, T06VectorflowV1, T07Lifecycle]
+ORDER = [
+    T01QuickCollection,
+    T02FullSchema,
+    T03IndexLifecycle,
+    T04Consistency,
+    T05Errors,
+    T06VectorflowV1,
+    T065HybridSearch,
+    T07Lifecycle,
+]
 
 
 def main():

@@ -29,6 +29,7 @@ use crate::shards::{FilterCache, WorkerShards, answer_read, empty_answer};
 
 mod catalog;
 mod checkpoint;
+mod hybrid;
 mod options;
 mod reads;
 mod recovery;

@@ -191,6 +191,64 @@ pub struct SearchOptions {
     pub timeout: Option<Duration>,
 }
 
+/// One search of a hybrid search (see [`Engine::hybrid_search`]).
+#[derive(Debug, Clone, Default)]
+pub struct SubSearch {
+    /// The vector field; may be left out when the collection has one.
+    pub field: Option<String>,
+    /// One vector per query; every sub-search has as many.
+    pub queries: Vec<Vec<f32>>,
+    /// Hits this search contributes to the fusion, per query.
+    pub k: usize,
+    pub ef: Option<usize>,
+    pub filter: Option<String>,
+    pub radius: Option<f32>,
+    pub range_filter: Option<f32>,
+}
+
+/// How a hybrid search fuses its searches' hits into one ranking (higher
+/// fused score first).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ranker {
+    /// Reciprocal rank fusion: a hit scores `Σ 1 / (k + rank)` over the
+    /// searches that found it, ranks counted from 1 (Milvus's `RRFRanker`).
+    Rrf { k: f32 },
+    /// `Σ weight × score` over the searches that found the hit, one weight
+    /// per search. With `normalize` each score is first mapped to [0, 1]
+    /// as Milvus does (COSINE `(1 + s) / 2`, IP `1/2 + atan(s) / π`, L2
+    /// `1 − 2 atan(d) / π`); without it IP and COSINE scores count as they
+    /// are and an L2 distance still turns into `1 − 2 atan(d) / π`, so
+    /// that a larger value is better for every metric.
+    Weighted { weights: Vec<f32>, normalize: bool },
+}
+
+/// Options of a hybrid search (see [`Engine::hybrid_search`]).
+#[derive(Debug, Clone)]
+pub struct HybridOptions {
+    /// Fused hits per query.
+    pub k: usize,
+    pub ranker: Ranker,
+    pub output_fields: Vec<String>,
+    pub consistency: Consistency,
+    pub as_of: Option<Timestamp>,
+    pub guarantee_ts: Option<Timestamp>,
+    pub timeout: Option<Duration>,
+}
+
+impl HybridOptions {
+    pub fn new(k: usize, ranker: Ranker) -> Self {
+        HybridOptions {
+            k,
+            ranker,
+            output_fields: Vec::new(),
+            consistency: Consistency::default(),
+            as_of: None,
+            guarantee_ts: None,
+            timeout: None,
+        }
+    }
+}
+
 /// A grouping search (Milvus's `group_by_field`): the best `k` groups by
 /// the field's value, ranked by their nearest hit, each with up to `size`
 /// of its nearest hits; the hits come group after group.

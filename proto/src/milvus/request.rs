@@ -152,6 +152,89 @@ pub fn search_params(params: &[KeyValuePair]) -> Result<SearchParams> {
     Ok(SearchParams { limit, offset, ef, metric, anns_field, travel_ts, radius, range_filter, group_by })
 }
 
+/// How a hybrid search fuses its searches (`rank_params`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RankStrategy {
+    Rrf { k: f32 },
+    Weighted { weights: Vec<f32>, normalize: bool },
+}
+
+/// A hybrid search's `rank_params` as pymilvus sends them: `strategy`
+/// (`rrf` or `weighted`), `params` (JSON: `{"k": 60}`, or `{"weights":
+/// [...], "norm_score": true}`), `limit`, `offset`, `round_decimal`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankParams {
+    pub strategy: RankStrategy,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+pub fn rank_params(params: &[KeyValuePair]) -> Result<RankParams> {
+    let limit = number("rank_params.limit", param(params, "limit").unwrap_or("10"))?;
+    let offset = number("rank_params.offset", param(params, "offset").unwrap_or("0"))?;
+    if limit == 0 || limit.saturating_add(offset) > MAX_TOPK {
+        return Err(Error::argument(
+            "rank_params.limit",
+            format!(
+                "limit {limit} + offset {offset}: the limit must be positive and limit + offset at most {MAX_TOPK}"
+            ),
+        ));
+    }
+    for refused in ["group_by_field", "rank_group_scorer"] {
+        if param(params, refused).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(Error::argument(
+                format!("rank_params.{refused}"),
+                "grouping is not supported in a hybrid search",
+            ));
+        }
+    }
+    let json: serde_json::Value = match param(params, "params").filter(|t| !t.trim().is_empty()) {
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| Error::argument("rank_params.params", format!("not JSON: {e}")))?
+        }
+        None => serde_json::Value::Object(Default::default()),
+    };
+    let strategy = match param(params, "strategy").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("rrf") => {
+            let k = match json.get("k") {
+                Some(value) => value
+                    .as_f64()
+                    .filter(|k| *k > 0.0 && *k < 16_384.0)
+                    .ok_or_else(|| Error::argument("rank_params.params.k", format!("{value} is not in (0, 16384)")))?,
+                None => 60.0,
+            };
+            RankStrategy::Rrf { k: k as f32 }
+        }
+        Some("weighted") => {
+            let weights =
+                json.get("weights")
+                    .and_then(|w| w.as_array())
+                    .ok_or_else(|| Error::argument("rank_params.params.weights", "missing: one weight per search"))?
+                    .iter()
+                    .map(|w| {
+                        w.as_f64().filter(|w| w.is_finite()).map(|w| w as f32).ok_or_else(|| {
+                            Error::argument("rank_params.params.weights", format!("{w} is not a number"))
+                        })
+                    })
+                    .collect::<Result<Vec<f32>>>()?;
+            let normalize = match json.get("norm_score") {
+                None => true,
+                Some(value) => value.as_bool().ok_or_else(|| {
+                    Error::argument("rank_params.params.norm_score", format!("{value} is not a boolean"))
+                })?,
+            };
+            RankStrategy::Weighted { weights, normalize }
+        }
+        Some(other) => {
+            return Err(Error::argument(
+                "rank_params.strategy",
+                format!("`{other}` is not supported: use rrf or weighted"),
+            ));
+        }
+    };
+    Ok(RankParams { strategy, limit, offset })
+}
+
 /// A number in a search's `params` JSON, as `f32`.
 fn json_float(object: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<Option<f32>> {
     object
@@ -428,6 +511,26 @@ mod tests {
         assert!(not_bool.unwrap_err().to_string().contains("strict_group_size"));
         assert!(search_params(&[kv("topk", "20000")]).is_err());
         assert!(search_params(&[kv("topk", "x")]).unwrap_err().to_string().contains("topk"));
+    }
+
+    #[test]
+    fn pymilvus_rank_params() {
+        let rrf = rank_params(&[kv("strategy", "rrf"), kv("params", r#"{"k": 60}"#), kv("limit", "5")]).unwrap();
+        assert_eq!(rrf, RankParams { strategy: RankStrategy::Rrf { k: 60.0 }, limit: 5, offset: 0 });
+        let weighted = rank_params(&[
+            kv("strategy", "weighted"),
+            kv("params", r#"{"weights": [0.3, 0.7], "norm_score": false}"#),
+            kv("limit", "3"),
+            kv("offset", "1"),
+        ])
+        .unwrap();
+        let strategy = RankStrategy::Weighted { weights: vec![0.3, 0.7], normalize: false };
+        assert_eq!(weighted, RankParams { strategy, limit: 3, offset: 1 });
+        let unknown = rank_params(&[kv("strategy", "decay")]).unwrap_err().to_string();
+        assert!(unknown.contains("rank_params.strategy"), "{unknown}");
+        let no_weights = rank_params(&[kv("strategy", "weighted")]).unwrap_err().to_string();
+        assert!(no_weights.contains("weights"), "{no_weights}");
+        assert!(rank_params(&[kv("params", r#"{"k": 0}"#)]).unwrap_err().to_string().contains("params.k"));
     }
 
     #[test]
