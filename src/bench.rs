@@ -139,6 +139,11 @@ pub struct BenchArgs {
     /// against engine at 100k) does not need it.
     #[arg(long)]
     pub no_raw: bool,
+    /// Also measure range search and grouping search (by this integer
+    /// attribute, e.g. `month`) next to plain top-k: unfiltered, 1 client,
+    /// each `--ef`, against exact answers.
+    #[arg(long)]
+    pub features: Option<String>,
 }
 
 /// One measured configuration.
@@ -454,6 +459,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     drop(raw);
 
+    // ---- range and grouping search next to plain top-k ----
+    let features = match &args.features {
+        Some(field) => {
+            let column = attributes
+                .column_by_name(field)
+                .ok_or_else(|| anyhow::anyhow!("--features {field}: the dataset has no such attribute"))?;
+            let column = arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)?;
+            let groups = column
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .ok_or_else(|| anyhow::anyhow!("--features {field}: not an integer attribute"))?
+                .values()
+                .to_vec();
+            crate::bench_features::measure_features(
+                &engine, "bench", metric, &vectors, &queries, field, &groups, &args.ef, k,
+            )?
+        }
+        None => Vec::new(),
+    };
+
     // ---- freshness: Strong reads of just-written rows under a steady writer ----
     let rows = Rows { dataset: &dataset, schema: &schema, vectors: &vectors, attributes: &attributes };
     // Then the same while clients search flat out: a search must not hold back ingestion.
@@ -625,6 +650,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "freshness_under_load_ms": {"clients": LOAD_CLIENTS, "p50": loaded.p50_ms, "p99": loaded.p99_ms,
                                     "writes": loaded.writes, "searches_per_s": loaded.searches_per_s},
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
+        "features": features.iter().map(crate::bench_features::FeaturePoint::json).collect::<Vec<_>>(),
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes,
                    "per_vector": breakdown},
     });

@@ -9,6 +9,7 @@ use vectorflow::crates::connectors::synth::{self, SynthSpec};
 mod admission;
 mod auth;
 mod bench;
+mod bench_features;
 mod bench_kafka;
 mod bench_recovery;
 mod bench_soak;

@@ -14,6 +14,7 @@ fn bench_writes_results_with_every_key_and_an_exact_baseline_at_recall_one() {
         .arg("--out")
         .arg(out.path())
         .args(["--ef", "32,64", "--clients", "1,2", "--queries", "100", "--exact-queries", "50", "--seal-rows", "4000"])
+        .args(["--features", "month"])
         .status()
         .expect("the vectorflow binary runs");
     assert!(status.success(), "bench exited with {status}");
@@ -46,6 +47,15 @@ fn bench_writes_results_with_every_key_and_an_exact_baseline_at_recall_one() {
     }
     for point in results["baseline_exact"].as_array().unwrap() {
         assert_eq!(point["recall_at_k"].as_f64(), Some(1.0), "brute force must find the ground truth");
+    }
+    // Range and grouping search next to top-k, at each ef.
+    let features = results["features"].as_array().expect("features is a list");
+    let kinds: Vec<&str> = features.iter().filter_map(|p| p["kind"].as_str()).collect();
+    assert_eq!(kinds, ["top-k", "range", "grouping", "top-k", "range", "grouping"]);
+    for point in features {
+        let recall = point["recall"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&recall), "{point}: recall against the exact answer");
+        assert!(point["qps"].as_f64().unwrap() > 0.0 && point["hits_per_query"].as_f64().unwrap() > 0.0, "{point}");
     }
     assert!(out.path().join("recall_qps.png").exists(), "the plot is written");
 }

@@ -11,4 +11,4 @@ pub use batch::{IpcBatch, Row, WriteBatch};
 pub use error::{Error, Result};
 pub use schema::{CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric, check_alias};
 pub use time::{Timestamp, Tso};
-pub use value::{Pk, Value, VersionId, quote, quote_at_most};
+pub use value::{Pk, Value, VersionId, quote, quote_at_most, string_literal};

@@ -292,6 +292,13 @@ pub fn quote_at_most(text: &str, max_chars: usize) -> Cow<'_, str> {
     }
 }
 
+/// A string as a filter literal: the filter reads a backslash and the next
+/// character as that character, so only backslashes and quotes are escaped
+/// (a JSON escape such as `\t` would lose its meaning).
+pub fn string_literal(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// Reads the primary key at `row` of a primary-key column (`Int64` or `Utf8`).
 pub fn pk_from_array(array: &dyn Array, row: usize) -> Result<Pk> {
     if array.is_null(row) {

@@ -4,12 +4,15 @@
 //! Grouping runs over the nearest `n` hits of a plain search. Groups are
 //! ranked by their best hit, so once `k` groups appear among the nearest
 //! `n` rows no other group can outrank them, and each group's hits among
-//! them are its nearest ones. [`group`] says when `n` was enough; the
-//! caller searches again with a larger `n` when it was not.
+//! them are its nearest ones. [`group`] says when `n` was enough to rank
+//! the groups; the caller searches again with a larger `n` when it was
+//! not. A group that must be full (`strict`) and is not is then filled by
+//! a search restricted to it ([`GroupKey::condition`]): a small group would
+//! otherwise need `n` to reach every row.
 
 use std::collections::HashMap;
 
-use vectorflow_core::Value;
+use vectorflow_core::{Value, string_literal};
 
 use crate::shard::Hit;
 
@@ -32,6 +35,16 @@ impl GroupKey {
             Value::Int(v) => Some(GroupKey::Int(*v)),
             Value::String(v) => Some(GroupKey::String(v.clone())),
             Value::Float(_) | Value::Vector(_) => None,
+        }
+    }
+
+    /// A filter expression passing exactly this group's rows of `field`.
+    pub fn condition(&self, field: &str) -> String {
+        match self {
+            GroupKey::Null => format!("{field} is null"),
+            GroupKey::Bool(v) => format!("{field} == {v}"),
+            GroupKey::Int(v) => format!("{field} == {v}"),
+            GroupKey::String(v) => format!("{field} == {}", string_literal(v)),
         }
     }
 
@@ -58,37 +71,55 @@ pub struct Grouping {
     pub strict: bool,
 }
 
+/// One query's groups, best first, each with its hits nearest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grouped {
+    pub groups: Vec<(GroupKey, Vec<Hit>)>,
+    /// Whether these are the best groups over every matching row: `k`
+    /// were found, or the hits were every matching row.
+    pub ranked: bool,
+    /// Whether the hits were every matching row (no group can hold more).
+    pub all_rows: bool,
+}
+
+impl Grouped {
+    /// The groups a strict grouping must still fill: not full, when rows
+    /// not searched may belong to them.
+    pub fn unfilled(&self, grouping: Grouping) -> impl Iterator<Item = usize> + '_ {
+        let must = grouping.strict && !self.all_rows;
+        self.groups
+            .iter()
+            .enumerate()
+            .filter(move |(_, (_, hits))| must && hits.len() < grouping.group_size)
+            .map(|(i, _)| i)
+    }
+
+    /// The hits group after group, each with its key.
+    pub fn into_hits(self) -> impl Iterator<Item = (GroupKey, Hit)> {
+        self.groups.into_iter().flat_map(|(key, hits)| hits.into_iter().map(move |hit| (key.clone(), hit)))
+    }
+}
+
 /// Groups `hits` (nearest first, each with its key): the best `k` groups
-/// by their nearest hit, each with its nearest hits up to `group_size`,
-/// flattened group after group. The flag says whether this is the answer
-/// over every matching row: `all_rows` (the hits are every matching row),
-/// or `k` groups were found and, when `strict`, each is full.
-pub fn group(hits: Vec<(GroupKey, Hit)>, grouping: Grouping, all_rows: bool) -> (Vec<(GroupKey, Hit)>, bool) {
-    let mut order: Vec<GroupKey> = Vec::new();
-    let mut members: HashMap<GroupKey, Vec<Hit>> = HashMap::new();
+/// by their nearest hit, each with its nearest hits up to `group_size`.
+/// `all_rows`: the hits are every matching row.
+pub fn group(hits: Vec<(GroupKey, Hit)>, grouping: Grouping, all_rows: bool) -> Grouped {
+    let mut groups: Vec<(GroupKey, Vec<Hit>)> = Vec::new();
+    let mut position: HashMap<GroupKey, usize> = HashMap::new();
     for (key, hit) in hits {
-        match members.get_mut(&key) {
-            Some(group) if group.len() < grouping.group_size => group.push(hit),
+        match position.get(&key) {
+            Some(&i) if groups[i].1.len() < grouping.group_size => groups[i].1.push(hit),
             Some(_) => {}
-            None if order.len() < grouping.k => {
-                order.push(key.clone());
-                members.insert(key, vec![hit]);
+            None if groups.len() < grouping.k => {
+                position.insert(key.clone(), groups.len());
+                groups.push((key, vec![hit]));
             }
             // A group first seen after `k` others is outranked by them.
             None => {}
         }
     }
-    let full = order.len() == grouping.k
-        && (!grouping.strict
-            || order.iter().all(|key| members.get(key).is_some_and(|g| g.len() >= grouping.group_size)));
-    let grouped = order
-        .into_iter()
-        .flat_map(|key| {
-            let group = members.remove(&key).unwrap_or_default();
-            group.into_iter().map(move |hit| (key.clone(), hit))
-        })
-        .collect();
-    (grouped, all_rows || full)
+    let ranked = all_rows || groups.len() == grouping.k;
+    Grouped { groups, ranked, all_rows }
 }
 
 #[cfg(test)]
@@ -104,28 +135,41 @@ mod tests {
             .collect()
     }
 
-    fn keys_and_pks(grouped: &[(GroupKey, Hit)]) -> Vec<(GroupKey, Pk)> {
-        grouped.iter().map(|(key, hit)| (key.clone(), hit.pk.clone())).collect()
+    fn keys_and_pks(grouped: Grouped) -> Vec<(GroupKey, Pk)> {
+        grouped.into_hits().map(|(key, hit)| (key, hit.pk)).collect()
     }
 
     #[test]
     fn groups_rank_by_their_nearest_hit_and_keep_their_nearest_hits() {
         // Rows nearest first belong to groups 7, 7, 3, 7, 3, 9, 3.
-        let (grouped, complete) =
-            group(hits(&[7, 7, 3, 7, 3, 9, 3]), Grouping { k: 2, group_size: 2, strict: true }, false);
+        let grouped = group(hits(&[7, 7, 3, 7, 3, 9, 3]), Grouping { k: 2, group_size: 2, strict: true }, false);
+        assert!(grouped.ranked && grouped.unfilled(Grouping { k: 2, group_size: 2, strict: true }).count() == 0);
         let expect = [(7, 0), (7, 1), (3, 2), (3, 4)].map(|(g, pk)| (GroupKey::Int(g), Pk::Int(pk)));
-        assert_eq!(keys_and_pks(&grouped), expect);
-        assert!(complete, "two full groups among the candidates");
+        assert_eq!(keys_and_pks(grouped), expect);
     }
 
     #[test]
-    fn completeness_needs_k_groups_and_with_strict_full_ones() {
+    fn ranking_needs_k_groups_and_strict_groups_short_of_hits_are_unfilled() {
         let candidates = hits(&[1, 1, 2]);
         let strict = Grouping { k: 2, group_size: 2, strict: true };
-        assert!(!group(candidates.clone(), strict, false).1, "group 2 holds one hit: more rows may be its");
-        assert!(group(candidates.clone(), strict, true).1, "every matching row was searched");
-        assert!(group(candidates.clone(), Grouping { strict: false, ..strict }, false).1);
-        assert!(!group(candidates, Grouping { k: 3, group_size: 1, strict: false }, false).1, "only two groups");
+        let grouped = group(candidates.clone(), strict, false);
+        assert!(grouped.ranked);
+        assert_eq!(
+            grouped.unfilled(strict).collect::<Vec<_>>(),
+            vec![1],
+            "group 2 holds one hit: more rows may be its"
+        );
+        assert_eq!(group(candidates.clone(), strict, true).unfilled(strict).count(), 0, "every row was searched");
+        let loose = Grouping { strict: false, ..strict };
+        assert_eq!(group(candidates.clone(), loose, false).unfilled(loose).count(), 0);
+        assert!(!group(candidates, Grouping { k: 3, group_size: 1, strict: false }, false).ranked, "only two groups");
+    }
+
+    #[test]
+    fn a_group_s_condition_passes_its_rows() {
+        assert_eq!(GroupKey::Int(-3).condition("doc"), "doc == -3");
+        assert_eq!(GroupKey::String("a\"b".into()).condition("tag"), r#"tag == "a\"b""#);
+        assert_eq!(GroupKey::Null.condition("tag"), "tag is null");
     }
 
     #[test]

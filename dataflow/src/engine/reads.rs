@@ -3,7 +3,7 @@
 
 use super::*;
 use vectorflow_core::DataType;
-use vectorflow_operators::grouping::{GroupKey, Grouping, group};
+use vectorflow_operators::grouping::{GroupKey, Grouped, Grouping, group};
 use vectorflow_operators::{DistanceRange, Hit};
 
 /// Hits per group at most (Milvus allows up to 1024 as well).
@@ -118,51 +118,70 @@ impl Engine {
         let mut fields_read = output_fields.clone();
         fields_read.push(group_field);
         let deadline = Instant::now() + options.timeout.unwrap_or(self.inner.config.request_timeout);
-        let most = (limits.max_search_hits / queries.len()).clamp(options.k, MAX_GROUPING_CANDIDATES);
-        let mut candidates = options.k.saturating_mul(group_by.size).saturating_mul(2).clamp(options.k, most);
-        loop {
+        // The nearest `k` rows of each query (passing `filter`), keyed by group.
+        let nearest = |queries: Vec<Vec<f32>>, k: usize, filter: Option<String>| -> Result<Vec<Vec<(GroupKey, Hit)>>> {
             let kind = RequestKind::Search {
                 field,
-                queries: queries.clone(),
-                k: candidates,
-                ef: ef.max(candidates),
+                queries,
+                k,
+                ef: ef.max(k),
                 range,
-                filter: filter.clone(),
+                filter,
                 output_fields: fields_read.clone(),
             };
             let timeout = deadline.saturating_duration_since(Instant::now());
             let answer = self.request(entry.id, read_ts, kind, Some(timeout), options.consistency, options.as_of)?;
             let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
-            let mut complete = true;
-            let grouped: Vec<Vec<(GroupKey, Hit)>> = hits
+            Ok(hits
                 .into_iter()
                 .map(|hits| {
-                    let all_rows = hits.len() < candidates;
-                    let keyed = hits
-                        .into_iter()
+                    hits.into_iter()
                         .map(|mut hit| {
                             let value = hit.fields.pop().unwrap_or(Value::Null);
                             (GroupKey::of(&value).unwrap_or(GroupKey::Null), hit)
                         })
-                        .collect();
-                    let (grouped, whole) = group(keyed, grouping, all_rows);
-                    complete &= whole;
-                    grouped
+                        .collect()
+                })
+                .collect())
+        };
+        // Rank the groups over the nearest rows, more of them until `k`
+        // groups appear (or every row was read).
+        let most = (limits.max_search_hits / queries.len()).clamp(options.k, MAX_GROUPING_CANDIDATES);
+        let mut candidates = options.k.saturating_mul(group_by.size).saturating_mul(2).clamp(options.k, most);
+        let mut grouped: Vec<Grouped> = loop {
+            let grouped: Vec<Grouped> = nearest(queries.clone(), candidates, filter.clone())?
+                .into_iter()
+                .map(|hits| {
+                    let all_rows = hits.len() < candidates;
+                    group(hits, grouping, all_rows)
                 })
                 .collect();
-            // Short of `k` (full) groups among the nearest `candidates`
-            // rows: more rows may hold them; search again with more.
-            if complete || candidates >= most {
-                let hits = grouped
-                    .into_iter()
-                    .map(|hits| {
-                        hits.into_iter().map(|(key, hit)| to_hit(hit, Some(key.into_value()), &output_fields)).collect()
-                    })
-                    .collect();
-                return Ok(SearchResult { hits, read_ts });
+            if candidates >= most || grouped.iter().all(|g| g.ranked) {
+                break grouped;
             }
             candidates = candidates.saturating_mul(4).min(most);
+        };
+        // A strict group short of hits gets its nearest rows from a search
+        // restricted to it: widening the first search would have to reach
+        // every row when a group has fewer than `group_size` of them.
+        for (query, grouped) in queries.iter().zip(&mut grouped) {
+            for i in grouped.unfilled(grouping).collect::<Vec<_>>() {
+                let condition = grouped.groups[i].0.condition(&group_by.field);
+                let restricted = match &filter {
+                    Some(filter) => format!("({filter}) and ({condition})"),
+                    None => condition,
+                };
+                let members = nearest(vec![query.clone()], grouping.group_size, Some(restricted))?;
+                grouped.groups[i].1 = members.into_iter().flatten().map(|(_, hit)| hit).collect();
+            }
         }
+        let hits = grouped
+            .into_iter()
+            .map(|grouped| {
+                grouped.into_hits().map(|(key, hit)| to_hit(hit, Some(key.into_value()), &output_fields)).collect()
+            })
+            .collect();
+        Ok(SearchResult { hits, read_ts })
     }
 
     /// The rows with these primary keys (those that exist), in the order asked.

@@ -3,7 +3,7 @@
 //! parameters, and the read's consistency and timestamps.
 
 use prost::Message;
-use vectorflow_core::{Error, Metric, Result, Timestamp, quote};
+use vectorflow_core::{Error, Metric, Result, Timestamp, quote, string_literal};
 
 use std::collections::HashMap;
 
@@ -314,13 +314,6 @@ fn render(name: &str, value: &TemplateValue) -> Result<String> {
             return Err(Error::argument(name, "a template value must be a bool, number, string or array"));
         }
     })
-}
-
-/// A string as a filter literal: the filter reads a backslash and the next
-/// character as that character, so only backslashes and quotes are escaped
-/// (a JSON escape such as `\t` would lose its meaning).
-fn string_literal(text: &str) -> String {
-    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// The longest expression templates may make: the filter's own limit.
