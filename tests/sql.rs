@@ -172,6 +172,56 @@ fn orders_the_rule_must_not_rewrite_give_the_exact_answer() {
     let got = column_i64(&rt.block_on(session.collect(sql)).unwrap(), 0);
     assert_eq!(got, brute([3.0, 4.0], &|id| id % 3 == 0, false, 5));
 
+    // Bounds on the ordered distance become the engine's range search, and
+    // the answer is brute force's within them (ends exact: the grid's
+    // distances are exact in f32, and rows lie at 5 and at 16.25).
+    let within = |lo: f32, hi: f32, hi_inclusive: bool| {
+        let v: Vec<i64> = brute([3.0, 4.0], &|_| true, false, 200)
+            .into_iter()
+            .filter(|id| {
+                let d = l2(&points[*id as usize].1, [3.0, 4.0]);
+                d >= lo && if hi_inclusive { d <= hi } else { d < hi }
+            })
+            .collect();
+        v
+    };
+    let sql = "SELECT id FROM pts WHERE l2_distance(v, [3.0, 4.0]) < 16.25 AND l2_distance(v, [3.0, 4.0]) >= 5 \
+               ORDER BY l2_distance(v, [3.0, 4.0]) LIMIT 100";
+    let plan = explain(&rt, &session, sql);
+    assert!(
+        plan.contains("AnnSearchExec") && plan.contains("radius=16.25") && plan.contains("range_filter=5"),
+        "{plan}"
+    );
+    // Equal distances come in any order (the one sort key is the distance).
+    let by_distance = |mut ids: Vec<i64>| {
+        ids.sort_by(|a, b| {
+            let (da, db) = (l2(&points[*a as usize].1, [3.0, 4.0]), l2(&points[*b as usize].1, [3.0, 4.0]));
+            da.total_cmp(&db).then(a.cmp(b))
+        });
+        ids
+    };
+    let got = column_i64(&rt.block_on(session.collect(sql)).unwrap(), 0);
+    assert_eq!(by_distance(got.clone()), within(5.0, 16.25, false));
+    assert_eq!(
+        by_distance(got.clone()).iter().map(|id| l2(&points[*id as usize].1, [3.0, 4.0])).collect::<Vec<_>>(),
+        got.iter().map(|id| l2(&points[*id as usize].1, [3.0, 4.0])).collect::<Vec<_>>(),
+        "nearest first"
+    );
+    assert!(!got.is_empty());
+    for end in [5.0, 16.25] {
+        assert!(points.iter().any(|(_, v)| l2(v, [3.0, 4.0]) == end), "a row lies at {end}");
+    }
+    let sql = "SELECT id FROM pts WHERE 5 >= l2_distance(v, [3.0, 4.0]) AND tag = 'a' \
+               ORDER BY l2_distance(v, [3.0, 4.0]) LIMIT 100";
+    assert!(explain(&rt, &session, sql).contains("radius="));
+    let got = column_i64(&rt.block_on(session.collect(sql)).unwrap(), 0);
+    let expect: Vec<i64> = within(f32::NEG_INFINITY, 5.0, true).into_iter().filter(|id| id % 3 == 0).collect();
+    assert_eq!(by_distance(got), expect, "an inclusive far end keeps the rows on it");
+    // An empty range (near end past the far end) stays exact: no rows.
+    let sql = "SELECT id FROM pts WHERE l2_distance(v, [3.0, 4.0]) < 2 AND l2_distance(v, [3.0, 4.0]) > 5 \
+               ORDER BY l2_distance(v, [3.0, 4.0]) LIMIT 10";
+    assert!(column_i64(&rt.block_on(session.collect(sql)).unwrap(), 0).is_empty());
+
     // A metric mismatch (cosine ordering over an L2 field) stays exact and correct.
     let sql = "SELECT id FROM pts ORDER BY cosine_distance(v, [1.0, 0.0]), id LIMIT 3";
     assert!(!explain(&rt, &session, sql).contains("AnnSearchExec"));

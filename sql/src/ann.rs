@@ -9,16 +9,25 @@
 //! inside it; the sort stays on top and orders the k rows. Anything else
 //! (another order, a predicate the filter compiler cannot take, a metric
 //! mismatch) keeps the exact plan, which is always correct.
+//!
+//! Conjuncts that bound the sort key itself (`WHERE l2_distance(v, q) < 0.5`)
+//! become the search's range (Milvus's `radius` / `range_filter` in the
+//! metric's scores), so the engine's range search answers them; they also
+//! stay in a filter above the search, which keeps their SQL meaning exact
+//! at the range's ends whatever the engine's rounding.
 
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, Result};
+use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::logical_expr::utils::split_conjunction_owned;
-use datafusion::logical_expr::{Expr, LogicalPlan, Projection, Sort, SubqueryAlias, TableScan, TableScanBuilder};
+use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
+use datafusion::logical_expr::{
+    BinaryExpr, Cast, Expr, Filter, LogicalPlan, Operator, Projection, Sort, SubqueryAlias, TableScan,
+    TableScanBuilder, TryCast,
+};
 use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
-use vectorflow_core::DataType;
+use vectorflow_core::{DataType, Metric};
 
 use crate::predicate::filter_text;
 use crate::table::{AnnSearch, AnnTable, CollectionTable};
@@ -69,16 +78,22 @@ struct Order {
 fn with_search(plan: &LogicalPlan, order: Order, mut predicates: Vec<Expr>) -> Result<Option<LogicalPlan>> {
     match plan {
         LogicalPlan::Projection(projection) => {
-            let key = order.key.transform(|e| {
-                Ok(match e {
-                    Expr::Column(c) => match projection.schema.index_of_column(&c) {
-                        Ok(i) => Transformed::yes(projection.expr[i].clone().unalias()),
-                        Err(_) => Transformed::no(Expr::Column(c)),
-                    },
-                    other => Transformed::no(other),
+            // The key and the predicates collected above, in the input's columns.
+            let through = |expr: Expr| {
+                expr.transform(|e| {
+                    Ok(match e {
+                        Expr::Column(c) => match projection.schema.index_of_column(&c) {
+                            Ok(i) => Transformed::yes(projection.expr[i].clone().unalias()),
+                            Err(_) => Transformed::no(Expr::Column(c)),
+                        },
+                        other => Transformed::no(other),
+                    })
                 })
-            })?;
-            let Some(input) = with_search(&projection.input, Order { key: key.data, ..order }, predicates)? else {
+                .map(|t| t.data)
+            };
+            let key = through(order.key.clone())?;
+            let predicates = predicates.into_iter().map(through).collect::<Result<Vec<_>>>()?;
+            let Some(input) = with_search(&projection.input, Order { key, ..order }, predicates)? else {
                 return Ok(None);
             };
             Ok(Some(LogicalPlan::Projection(Projection::try_new_with_schema(
@@ -147,6 +162,17 @@ fn search_scan(scan: &TableScan, order: &Order, mut predicates: Vec<Expr>) -> Re
             predicates.push(f.clone());
         }
     }
+    let (bounds, mut predicates): (Vec<Expr>, Vec<Expr>) =
+        predicates.into_iter().partition(|p| key_bound(&order.key, p).is_some());
+    let range = match score_range(function, metric, bounds.iter().filter_map(|p| key_bound(&order.key, p))) {
+        Some(range) => range,
+        // Bounds the range search cannot take: they stay predicates (and
+        // the filter compiler refuses them, so the plan stays exact).
+        None => {
+            predicates.extend(bounds.iter().cloned());
+            ScoreRange::default()
+        }
+    };
     let filter = if predicates.is_empty() {
         None
     } else {
@@ -155,10 +181,128 @@ fn search_scan(scan: &TableScan, order: &Order, mut predicates: Vec<Expr>) -> Re
             None => return Ok(None),
         }
     };
-    let search = AnnSearch { field: field.name.clone(), metric, query, k: order.k, filter };
+    let search = AnnSearch {
+        field: field.name.clone(),
+        metric,
+        query,
+        k: order.k,
+        filter,
+        radius: range.radius,
+        range_filter: range.range_filter,
+    };
     let ann = AnnTable { table: table.clone(), search };
     let scan = TableScanBuilder::new(scan.table_name.clone(), provider_as_source(Arc::new(ann)))
         .with_projection(scan.projection.clone())
         .build()?;
-    Ok(Some(LogicalPlan::TableScan(scan)))
+    // The bounds also stay as a filter over the search: their SQL meaning at
+    // the range's ends, whatever the engine's rounding.
+    let kept = if range.pushed { bounds } else { Vec::new() };
+    match conjunction(kept) {
+        Some(bounds) => Ok(Some(LogicalPlan::Filter(Filter::try_new(bounds, Arc::new(LogicalPlan::TableScan(scan)))?))),
+        None => Ok(Some(LogicalPlan::TableScan(scan))),
+    }
+}
+
+/// A comparison of the sort key with a number: `key < 0.5`, `0.1 <= key`.
+#[derive(Debug, Clone, Copy)]
+struct KeyBound {
+    /// The key is below (`true`) or above the value.
+    below: bool,
+    inclusive: bool,
+    value: f64,
+}
+
+fn key_bound(key: &Expr, predicate: &Expr) -> Option<KeyBound> {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = predicate else { return None };
+    // A float cast of the key (type coercion against a Float64 literal) keeps its order.
+    let is_key = |side: &Expr| match side {
+        Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => expr.as_ref().clone().unalias() == *key,
+        side => side.clone().unalias() == *key,
+    };
+    let (value, flipped) = match (left.as_ref(), right.as_ref()) {
+        (side, Expr::Literal(value, _)) if is_key(side) => (value, false),
+        (Expr::Literal(value, _), side) if is_key(side) => (value, true),
+        _ => return None,
+    };
+    let value = match value {
+        ScalarValue::Float64(Some(v)) => *v,
+        ScalarValue::Float32(Some(v)) => f64::from(*v),
+        ScalarValue::Int64(Some(v)) => *v as f64,
+        ScalarValue::Int32(Some(v)) => f64::from(*v),
+        _ => return None,
+    };
+    let (below, inclusive) = match op {
+        Operator::Lt => (true, false),
+        Operator::LtEq => (true, true),
+        Operator::Gt => (false, false),
+        Operator::GtEq => (false, true),
+        _ => return None,
+    };
+    value.is_finite().then_some(KeyBound { below: below != flipped, inclusive, value })
+}
+
+/// A search's range in the metric's scores.
+#[derive(Debug, Default)]
+struct ScoreRange {
+    radius: Option<f32>,
+    range_filter: Option<f32>,
+    /// Whether any bound went into the range.
+    pushed: bool,
+}
+
+/// The range search the key's bounds ask for: the key as a distance
+/// (larger is farther: `l2_distance` is L2's score, `cosine_distance` is
+/// `1 − cosine`, an IP search's `inner_product` is the negated distance),
+/// its tightest far end exclusive and near end inclusive, in the metric's
+/// scores. `None` for a pairing the range cannot express (an inner product
+/// over COSINE vectors scales with the literal's norm) or an empty range.
+fn score_range(function: VectorFunction, metric: Metric, bounds: impl Iterator<Item = KeyBound>) -> Option<ScoreRange> {
+    let (mut far, mut near): (Option<f64>, Option<f64>) = (None, None);
+    let key_is_distance = match (function, metric) {
+        (VectorFunction::L2Distance, Metric::L2) | (VectorFunction::CosineDistance, Metric::COSINE) => true,
+        (VectorFunction::InnerProduct, Metric::IP) => false,
+        _ => return None,
+    };
+    let mut any = false;
+    for bound in bounds {
+        any = true;
+        // In distance terms: (farther-than, value, inclusive).
+        let (is_far_end, value) =
+            if key_is_distance { (bound.below, bound.value) } else { (!bound.below, -bound.value) };
+        // The far end is exclusive, the near end inclusive: move an
+        // inclusive far end (or exclusive near end) one step out (in).
+        let step = |v: f64| (v as f32).next_up();
+        if is_far_end {
+            let end = if bound.inclusive { f64::from(step(value)) } else { value };
+            far = Some(far.map_or(end, |f| f.min(end)));
+        } else {
+            let end = if bound.inclusive { value } else { f64::from(step(value)) };
+            near = Some(near.map_or(end, |n| n.max(end)));
+        }
+    }
+    if !any {
+        return Some(ScoreRange::default());
+    }
+    if let (Some(far), Some(near)) = (far, near)
+        && near >= far
+    {
+        return None;
+    }
+    // Distances to scores: L2 as is; COSINE s = 1 − d; IP s = −d.
+    let to_score = |d: f64| -> f32 {
+        match metric {
+            Metric::L2 => d as f32,
+            Metric::COSINE => (1.0 - d) as f32,
+            Metric::IP => (-d) as f32,
+        }
+    };
+    let unbounded_far = match metric {
+        Metric::L2 => f32::MAX,
+        _ => -f32::MAX,
+    };
+    Some(ScoreRange {
+        radius: Some(far.map_or(unbounded_far, to_score)),
+        range_filter: near.map(to_score),
+        pushed: true,
+    })
 }

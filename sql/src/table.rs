@@ -138,8 +138,11 @@ pub struct AnnSearch {
     pub metric: Metric,
     pub query: Vec<f32>,
     pub k: usize,
-    /// The whole WHERE clause, applied inside the search.
+    /// The whole WHERE clause but its bounds on the distance, applied inside the search.
     pub filter: Option<String>,
+    /// The bounds on the distance as a range search (see [`crate::ann`]).
+    pub radius: Option<f32>,
+    pub range_filter: Option<f32>,
 }
 
 #[async_trait]
@@ -257,6 +260,8 @@ impl ScanExec {
                 let options = SearchOptions {
                     field: Some(search.field.clone()),
                     filter: search.filter.clone(),
+                    radius: search.radius,
+                    range_filter: search.range_filter,
                     output_fields,
                     as_of: Some(read.read_ts),
                     timeout: read.timeout(),
@@ -322,6 +327,12 @@ impl DisplayAs for ScanExec {
                 )?;
                 if let Some(filter) = &search.filter {
                     write!(f, ", filter={filter}")?;
+                }
+                if let Some(radius) = search.radius {
+                    write!(f, ", radius={radius}")?;
+                }
+                if let Some(range_filter) = search.range_filter {
+                    write!(f, ", range_filter={range_filter}")?;
                 }
             }
         }
