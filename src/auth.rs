@@ -84,6 +84,9 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "CreateAlias", Access::Needs(Role::Admin)),
     ("vectorflow.v1.Vectorflow", "AlterAlias", Access::Needs(Role::Admin)),
     ("vectorflow.v1.Vectorflow", "DropAlias", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "ListPartitions", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "CreatePartition", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "DropPartition", Access::Needs(Role::Admin)),
     // Milvus's protocol (src/milvus): the same roles for the same kinds of call.
     ("milvus.proto.milvus.MilvusService", "GetVersion", Access::Open),
     // Its reasons name failed collections and their causes: readers only.
@@ -116,6 +119,13 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("milvus.proto.milvus.MilvusService", "CreateAlias", Access::Needs(Role::Admin)),
     ("milvus.proto.milvus.MilvusService", "AlterAlias", Access::Needs(Role::Admin)),
     ("milvus.proto.milvus.MilvusService", "DropAlias", Access::Needs(Role::Admin)),
+    ("milvus.proto.milvus.MilvusService", "HasPartition", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "ShowPartitions", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "GetPartitionStatistics", Access::Needs(Role::Read)),
+    ("milvus.proto.milvus.MilvusService", "LoadPartitions", Access::Needs(Role::Write)),
+    ("milvus.proto.milvus.MilvusService", "ReleasePartitions", Access::Needs(Role::Write)),
+    ("milvus.proto.milvus.MilvusService", "CreatePartition", Access::Needs(Role::Admin)),
+    ("milvus.proto.milvus.MilvusService", "DropPartition", Access::Needs(Role::Admin)),
     ("grpc.health.v1.Health", "*", Access::Open),
     ("grpc.reflection.v1.ServerReflection", "*", Access::Open),
     ("grpc.reflection.v1alpha.ServerReflection", "*", Access::Open),

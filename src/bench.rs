@@ -144,6 +144,11 @@ pub struct BenchArgs {
     /// each `--ef`, against exact answers.
     #[arg(long)]
     pub features: Option<String>,
+    /// Also compare a tenant's search with `tenant` a partition key
+    /// (16 partitions) and a plain field, over this many tenants (row i is
+    /// tenant i mod N): two more collections of the dataset's rows.
+    #[arg(long)]
+    pub tenants: Option<usize>,
 }
 
 /// One measured configuration.
@@ -479,6 +484,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
 
+    // ---- a tenant's search: partition key against a plain filter ----
+    let tenants = match args.tenants {
+        Some(count) => crate::bench_tenants::measure_tenants(&engine, metric, &vectors, &queries, count, &args.ef, k)?,
+        None => Vec::new(),
+    };
+
     // ---- freshness: Strong reads of just-written rows under a steady writer ----
     let rows = Rows { dataset: &dataset, schema: &schema, vectors: &vectors, attributes: &attributes };
     // Then the same while clients search flat out: a search must not hold back ingestion.
@@ -651,6 +662,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                                     "writes": loaded.writes, "searches_per_s": loaded.searches_per_s},
         "time_travel": {"cost_ratio": travel.0, "answers_equal": travel.1},
         "features": features.iter().map(crate::bench_features::FeaturePoint::json).collect::<Vec<_>>(),
+        "tenants": tenants.iter().map(crate::bench_tenants::TenantPoint::json).collect::<Vec<_>>(),
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes,
                    "per_vector": breakdown},
     });
@@ -955,6 +967,7 @@ mod grpc {
                 collection: COLLECTION.into(),
                 columns: Vec::new(),
                 arrow_ipc: wire::batch_to_ipc(&batch)?,
+                partition: String::new(),
             };
             runtime.block_on(admin.insert(request)).map_err(rpc)?;
             progress.inc((end - start) as u64);

@@ -188,7 +188,8 @@ pub fn measure_features(
                     _ => {
                         let Some(grouped) = &exact.grouped else { continue };
                         judged += 1;
-                        found += answer.iter().filter(|h| grouped.contains(&(groups[key(h) as usize], key(h)))).count();
+                        let pair = |h: &SearchHit| Some((*groups.get(usize::try_from(key(h)).ok()?)?, key(h)));
+                        found += answer.iter().filter(|h| pair(h).is_some_and(|p| grouped.contains(&p))).count();
                         expected += grouped.len();
                     }
                 }

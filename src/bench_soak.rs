@@ -229,6 +229,7 @@ fn write(keys: &[i64], versions: &[i64], rng: &mut StdRng, dim: usize) -> v1::Wr
             int_column("n", versions.to_vec()),
         ],
         arrow_ipc: Vec::new(),
+        partition: String::new(),
     }
 }
 
@@ -381,6 +382,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
                 keys: Some(wire::pks_to_proto(&chunk.iter().map(|&k| Pk::Int(k)).collect::<Vec<_>>())),
                 output_fields: vec!["n".into()],
                 read: strong(),
+                partitions: Vec::new(),
             };
             let found: HashMap<i64, i64> =
                 key_versions(runtime.block_on(admin.get(request)).map_err(crate::client::rpc)?.into_inner())
@@ -543,6 +545,7 @@ async fn client_loop(
                     target: Some(v1::delete_request::Target::Keys(wire::pks_to_proto(
                         &keys.iter().map(|&k| Pk::Int(k)).collect::<Vec<_>>(),
                     ))),
+                    partition: String::new(),
                 };
                 let call_started = Instant::now();
                 let result = write_with_retry(&mut client, &WriteCall::Delete(request), &mut refused).await;

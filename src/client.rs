@@ -254,6 +254,34 @@ pub enum AliasCommand {
     },
 }
 
+/// `vectorflow partition`
+#[derive(Debug, clap::Subcommand)]
+pub enum PartitionCommand {
+    /// Create partition NAME in a collection.
+    Create {
+        name: String,
+        #[arg(long, short = 'c')]
+        collection: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Drop partition NAME (reads `--as-of` before the printed timestamp still see its rows).
+    Drop {
+        name: String,
+        #[arg(long, short = 'c')]
+        collection: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// List a collection's partitions (`_default` first).
+    List {
+        #[arg(long, short = 'c')]
+        collection: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
 /// `vectorflow insert`
 #[derive(Debug, clap::Args)]
 pub struct InsertArgs {
@@ -267,6 +295,9 @@ pub struct InsertArgs {
     /// Rows per Insert call.
     #[arg(long, default_value_t = 1000)]
     pub batch_rows: usize,
+    /// The partition to write to (`_default` when left out).
+    #[arg(long)]
+    pub partition: Option<String>,
     #[command(flatten)]
     pub connect: Connect,
 }
@@ -280,6 +311,9 @@ pub struct ReadArgs {
     /// Fields to return, comma separated (`*` = every field).
     #[arg(long, value_delimiter = ',')]
     pub output_fields: Vec<String>,
+    /// Only these partitions, comma separated (all when left out).
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Vec<String>,
     #[arg(long, value_enum, default_value_t = ConsistencyArg::Strong)]
     pub consistency: ConsistencyArg,
     /// Time travel: answer as of this hybrid timestamp (e.g. one `insert` printed).
@@ -646,6 +680,44 @@ pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn partition(command: PartitionCommand) -> anyhow::Result<()> {
+    match command {
+        PartitionCommand::Create { name, collection, connect } => {
+            let request = v1::PartitionRequest { collection: collection.clone(), partition: name.clone() };
+            with_client(&connect, async |client| {
+                Ok(client.create_partition(request).await.map_err(rpc)?.into_inner())
+            })?;
+            if connect.json {
+                println!("{}", serde_json::json!({ "collection": collection, "created_partition": name }));
+            } else {
+                println!("created partition `{name}` in `{collection}`");
+            }
+        }
+        PartitionCommand::Drop { name, collection, connect } => {
+            let request = v1::PartitionRequest { collection: collection.clone(), partition: name.clone() };
+            let dropped = with_client(&connect, async |client| {
+                Ok(client.drop_partition(request).await.map_err(rpc)?.into_inner())
+            })?;
+            if connect.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "collection": collection, "dropped_partition": name, "ts": dropped.ts })
+                );
+            } else {
+                println!("dropped partition `{name}` of `{collection}` at ts {}", dropped.ts);
+            }
+        }
+        PartitionCommand::List { collection, connect } => {
+            let request = v1::CollectionRef { name: collection };
+            let names = with_client(&connect, async |client| {
+                Ok(client.list_partitions(request).await.map_err(rpc)?.into_inner().names)
+            })?;
+            print_names("partition", names, connect.json)?;
+        }
+    }
+    Ok(())
+}
+
 /// A one-column listing (`column` heads it, or keys each JSON line).
 fn print_names(column: &str, names: Vec<String>, json: bool) -> anyhow::Result<()> {
     let batch = RecordBatch::try_new(
@@ -838,6 +910,7 @@ async fn insert_json_lines(
             collection: args.collection.clone(),
             columns: row_columns(schema, &batch)?,
             arrow_ipc: Vec::new(),
+            partition: args.partition.clone().unwrap_or_default(),
         };
         let what = format!("lines {first}-{last} of {}", path.display());
         let response = send(client, request, &what, written).await.inspect_err(|_| bar.abandon())?;
@@ -939,6 +1012,7 @@ async fn insert_parquet(
             collection: args.collection.clone(),
             columns: Vec::new(),
             arrow_ipc: wire::batch_to_ipc(&batch)?,
+            partition: args.partition.clone().unwrap_or_default(),
         };
         let rows = batch.num_rows() as u64;
         let what = format!("rows {}-{} of {}", written + 1, written + rows, path.display());
@@ -1030,6 +1104,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
             filter: args.read.filter.clone().unwrap_or_default(),
             output_fields: fields,
             read: Some(args.read.to_proto()),
+            partitions: args.read.partitions.clone(),
             radius: args.radius,
             range_filter: args.range_filter,
             group_by: args.group_by.clone().map(|field| v1::GroupBy {
@@ -1095,6 +1170,7 @@ pub fn hybrid_search(args: HybridSearchArgs) -> anyhow::Result<()> {
             k: args.k,
             output_fields: output_fields(&schema, &args.read.output_fields)?,
             read: Some(args.read.to_proto()),
+            partitions: args.read.partitions.clone(),
         };
         let response = client.hybrid_search(request).await.map_err(rpc)?.into_inner();
         Ok((schema, response))
@@ -1224,6 +1300,7 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
             offset: args.offset,
             read: Some(args.read.to_proto()),
             count_only: args.count,
+            partitions: args.read.partitions.clone(),
         };
         let response = client.query(request).await.map_err(rpc)?.into_inner();
         Ok((schema, response))

@@ -265,8 +265,10 @@ pub struct LimitSettings {
     pub max_query_rows: usize,
     /// Primary keys per get.
     pub max_get_keys: usize,
-    /// Collections the server holds.
+    /// Collections the server holds (their partitions count too).
     pub max_collections: usize,
+    /// Partitions of one collection.
+    pub max_partitions: usize,
     /// Calls served at once; one more is refused with RESOURCE_EXHAUSTED
     /// (health checks and reflection are always served).
     pub max_concurrent_requests: usize,
@@ -295,6 +297,7 @@ impl Default for LimitSettings {
             max_query_rows: limits.max_query_rows,
             max_get_keys: limits.max_get_keys,
             max_collections: limits.max_collections,
+            max_partitions: limits.max_partitions,
             max_concurrent_requests: 256,
             sql_timeout_ms: vectorflow_sql::policy::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
             sql_memory_limit_bytes: vectorflow_sql::policy::DEFAULT_MEMORY_LIMIT,
@@ -324,6 +327,7 @@ impl From<&LimitSettings> for Limits {
             max_query_rows: settings.max_query_rows.max(1),
             max_get_keys: settings.max_get_keys.max(1),
             max_collections: settings.max_collections.max(1),
+            max_partitions: settings.max_partitions.max(1),
         }
     }
 }

@@ -13,6 +13,7 @@ mod bench_features;
 mod bench_kafka;
 mod bench_recovery;
 mod bench_soak;
+mod bench_tenants;
 mod client;
 mod config;
 mod metrics;
@@ -92,6 +93,9 @@ enum Command {
     /// Create, alter, describe, list or drop collection aliases on a server (gRPC).
     #[command(subcommand)]
     Alias(client::AliasCommand),
+    /// Create, drop or list a collection's partitions on a server (gRPC).
+    #[command(subcommand)]
+    Partition(client::PartitionCommand),
     /// Insert rows from a JSON lines or Parquet file into a collection on a server.
     Insert(client::InsertArgs),
     /// Search a collection on a server for the nearest neighbours of query vectors.
@@ -197,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Collection(command) => client::exit_on_error(client::collection(command)),
         Command::Alias(command) => client::exit_on_error(client::alias(command)),
+        Command::Partition(command) => client::exit_on_error(client::partition(command)),
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
         Command::HybridSearch(args) => client::exit_on_error(client::hybrid_search(args)),

@@ -124,6 +124,14 @@ fn read_options(argument: &str, read: Option<v1::ReadOptions>) -> vectorflow::Re
     })
 }
 
+/// Where a write goes: the named partition, else the collection itself.
+fn partition_target(engine: &Engine, collection: &str, partition: &str) -> vectorflow::Result<String> {
+    match partition.trim() {
+        "" => Ok(collection.to_string()),
+        partition => engine.partition(collection, partition),
+    }
+}
+
 /// A search's answer on the wire: per query its keys, scores, output
 /// fields and (for a grouping search on `group_field`) group values.
 fn search_response(
@@ -295,28 +303,65 @@ impl Vectorflow for VectorflowService {
     }
 
     async fn insert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
-        let (collection, body) = (request.get_ref().collection.clone(), request.get_ref().clone());
-        let write = self.run(&request, move |engine, _| engine.insert(&collection, &write_batch(body)?)).await?;
+        let body = request.get_ref().clone();
+        let write = self
+            .run(&request, move |engine, _| {
+                let target = partition_target(engine, &body.collection, &body.partition)?;
+                engine.insert(&target, &write_batch(body)?)
+            })
+            .await?;
         Ok(Response::new(write_response(write)))
     }
 
     async fn upsert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
-        let (collection, body) = (request.get_ref().collection.clone(), request.get_ref().clone());
-        let write = self.run(&request, move |engine, _| engine.upsert(&collection, &write_batch(body)?)).await?;
+        let body = request.get_ref().clone();
+        let write = self
+            .run(&request, move |engine, _| {
+                let target = partition_target(engine, &body.collection, &body.partition)?;
+                engine.upsert(&target, &write_batch(body)?)
+            })
+            .await?;
         Ok(Response::new(write_response(write)))
+    }
+
+    async fn create_partition(&self, request: Request<v1::PartitionRequest>) -> Result<Response<v1::Empty>, Status> {
+        let v1::PartitionRequest { collection, partition } = request.get_ref().clone();
+        self.run(&request, move |engine, _| engine.create_partition(&collection, &partition)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn drop_partition(
+        &self,
+        request: Request<v1::PartitionRequest>,
+    ) -> Result<Response<v1::DropPartitionResponse>, Status> {
+        let v1::PartitionRequest { collection, partition } = request.get_ref().clone();
+        let ts = self.run(&request, move |engine, _| engine.drop_partition(&collection, &partition)).await?;
+        Ok(Response::new(v1::DropPartitionResponse { ts }))
+    }
+
+    async fn list_partitions(
+        &self,
+        request: Request<v1::CollectionRef>,
+    ) -> Result<Response<v1::ListPartitionsResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let names = self.run(&request, move |engine, _| engine.list_partitions(&name)).await?;
+        Ok(Response::new(v1::ListPartitionsResponse { names }))
     }
 
     async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         let body = request.get_ref().clone();
         let write = self
-            .run(&request, move |engine, _| match body.target {
-                Some(v1::delete_request::Target::Keys(keys)) => {
-                    engine.delete(&body.collection, &wire::pks_from_proto(Some(keys))?)
+            .run(&request, move |engine, _| {
+                let target = partition_target(engine, &body.collection, &body.partition)?;
+                match body.target {
+                    Some(v1::delete_request::Target::Keys(keys)) => {
+                        engine.delete(&target, &wire::pks_from_proto(Some(keys))?)
+                    }
+                    Some(v1::delete_request::Target::Filter(filter)) if !filter.trim().is_empty() => {
+                        engine.delete_by_filter(&target, &filter)
+                    }
+                    _ => Err(Error::argument("target", "give keys or a non-empty filter")),
                 }
-                Some(v1::delete_request::Target::Filter(filter)) if !filter.trim().is_empty() => {
-                    engine.delete_by_filter(&body.collection, &filter)
-                }
-                _ => Err(Error::argument("target", "give keys or a non-empty filter")),
             })
             .await?;
         Ok(Response::new(write_response(write)))
@@ -342,6 +387,7 @@ impl Vectorflow for VectorflowService {
                         size: (g.size as usize).max(1),
                         strict: g.strict,
                     }),
+                    partitions: body.partitions.clone(),
                     consistency: read.consistency,
                     as_of: read.as_of,
                     guarantee_ts: read.guarantee_ts,
@@ -395,6 +441,7 @@ impl Vectorflow for VectorflowService {
                     k: body.k as usize,
                     ranker,
                     output_fields: body.output_fields.clone(),
+                    partitions: body.partitions.clone(),
                     consistency: read.consistency,
                     as_of: read.as_of,
                     guarantee_ts: read.guarantee_ts,
@@ -418,6 +465,7 @@ impl Vectorflow for VectorflowService {
                     output_fields: body.output_fields.clone(),
                     limit: (body.limit != 0).then_some(body.limit as usize),
                     offset: body.offset as usize,
+                    partitions: body.partitions.clone(),
                     consistency: read.consistency,
                     as_of: read.as_of,
                     guarantee_ts: read.guarantee_ts,
@@ -442,6 +490,7 @@ impl Vectorflow for VectorflowService {
                 let read = read_options("read.consistency", body.read)?;
                 let options = GetOptions {
                     output_fields: body.output_fields.clone(),
+                    partitions: body.partitions.clone(),
                     consistency: read.consistency,
                     as_of: read.as_of,
                     guarantee_ts: read.guarantee_ts,

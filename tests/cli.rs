@@ -319,6 +319,22 @@ fn inserted_rows_are_found_by_search_query_and_sql() {
         "1,2",
     ]);
     assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("ranker.weights"), "{err}");
+    // Partitions: a row written to one is found there and with the
+    // collection, and is gone once the partition is dropped.
+    server.ok(&["partition", "create", "recent", "-c", "docs"]);
+    let names = lines(&server.ok(&["partition", "list", "-c", "docs", "--json"]));
+    assert_eq!(names, vec![json!({"partition": "_default"}), json!({"partition": "recent"})]);
+    let recent = write(dir.path(), "recent.jsonl", "{\"id\": 50, \"v\": [0.75, 0.0, 0.0]}\n");
+    server.ok(&["insert", "-c", "docs", "--file", s(&recent), "--partition", "recent"]);
+    let near = ["search", "-c", "docs", "--vector", "[0.75, 0, 0]", "--k", "1", "--json"];
+    assert_eq!(ints(&lines(&server.ok(&near)), "id"), vec![50]);
+    let only_default = [&near[..], &["--partitions", "_default"]].concat();
+    assert_eq!(ints(&lines(&server.ok(&only_default)), "id"), vec![2]);
+    let out = server.ok(&["partition", "drop", "recent", "-c", "docs"]);
+    assert!(out.starts_with("dropped partition `recent` of `docs` at ts "), "{out}");
+    assert_eq!(ints(&lines(&server.ok(&near)), "id"), vec![2]);
+    let err = server.fails(&["search", "-c", "docs", "--vector", "[0, 0, 0]", "--partitions", "recent"]);
+    assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("partition `recent` not found"), "{err}");
     let err = server.fails(&["search", "-c", "docs", "--vector", "[0, 0, 0]", "--radius", "1", "--range-filter", "2"]);
     assert!(err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("range_filter"), "{err}");
     // Query vectors from a file; a table by default.

@@ -153,7 +153,7 @@ fn write_request(rows: &[(i64, i64)]) -> v1::WriteRequest {
             v1::FieldData { name: "v".into(), nulls: vec![], values: Some(Values::Vectors(pack_vectors(&vectors))) },
             v1::FieldData { name: "val".into(), nulls: vec![], values: ints(rows.iter().map(|r| r.1).collect()) },
         ],
-        arrow_ipc: vec![],
+        ..Default::default()
     }
 }
 
@@ -172,7 +172,7 @@ async fn send(client: &mut Client, op: &Op) -> Result<u64, tonic::Status> {
         Op::Upsert(rows) => client.upsert(write_request(rows)).await?,
         Op::Delete(keys) => {
             let target = Some(v1::delete_request::Target::Keys(int_keys(keys)));
-            client.delete(v1::DeleteRequest { collection: COLLECTION.into(), target }).await?
+            client.delete(v1::DeleteRequest { collection: COLLECTION.into(), target, ..Default::default() }).await?
         }
     };
     Ok(response.into_inner().ts)
@@ -216,6 +216,7 @@ async fn get(client: &mut Client, keys: &[i64]) -> BTreeMap<i64, i64> {
         keys: Some(int_keys(keys)),
         output_fields: vec!["val".into()],
         read: read_at(0),
+        ..Default::default()
     };
     let answer = client.get(request).await.expect("a Strong get").into_inner();
     unique(&key_vals(&answer.columns), "get")

@@ -170,7 +170,7 @@ async fn write_until_killed(
             Op::Insert(keys) => client.insert(insert_request(index, keys)).await,
             Op::Delete(key) => {
                 let target = Some(v1::delete_request::Target::Keys(keys_proto(&[*key])));
-                client.delete(v1::DeleteRequest { collection: COLLECTION.into(), target }).await
+                client.delete(v1::DeleteRequest { collection: COLLECTION.into(), target, ..Default::default() }).await
             }
         };
         match result {

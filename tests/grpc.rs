@@ -59,7 +59,7 @@ fn rows(ids: &[i64], tag: &str) -> v1::WriteRequest {
                 values: Some(Values::Strings(v1::StringValues { values: vec![tag.to_string(); ids.len()] })),
             },
         ],
-        arrow_ipc: vec![],
+        ..Default::default()
     }
 }
 
@@ -121,6 +121,7 @@ fn the_whole_lifecycle_through_grpc() {
             collection: "docs".into(),
             columns: vec![],
             arrow_ipc: vectorflow_proto::batch_to_ipc(&batch).unwrap(),
+            ..Default::default()
         };
         client.insert(ipc).await.unwrap();
         let counted = client.query(v1::QueryRequest { count_only: true, ..query("") }).await.unwrap().into_inner();
@@ -146,6 +147,7 @@ fn the_whole_lifecycle_through_grpc() {
                 keys: Some(pks_to_proto(&[vectorflow::Pk::Int(101), vectorflow::Pk::Int(999)])),
                 output_fields: vec!["tag".into(), "v".into()],
                 read: None,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -163,6 +165,7 @@ fn the_whole_lifecycle_through_grpc() {
             .delete(v1::DeleteRequest {
                 collection: "docs".into(),
                 target: Some(v1::delete_request::Target::Keys(pks_to_proto(&[vectorflow::Pk::Int(0)]))),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -172,6 +175,7 @@ fn the_whole_lifecycle_through_grpc() {
             .delete(v1::DeleteRequest {
                 collection: "docs".into(),
                 target: Some(v1::delete_request::Target::Filter("id >= 30 and id < 40".into())),
+                ..Default::default()
             })
             .await
             .unwrap()

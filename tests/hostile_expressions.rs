@@ -99,6 +99,7 @@ fn hostile_requests_are_refused_and_the_server_keeps_serving() {
             let delete = v1::DeleteRequest {
                 collection: "docs".into(),
                 target: Some(v1::delete_request::Target::Filter(filter.to_string())),
+                ..Default::default()
             };
             assert_refused("delete", client.delete(delete).await, Code::InvalidArgument, "max_expression_terms");
             still_serving(&mut client).await;

@@ -60,7 +60,7 @@ fn vectors(vectors: &[Vec<f32>]) -> v1::FieldData {
 }
 
 fn write(columns: Vec<v1::FieldData>) -> v1::WriteRequest {
-    v1::WriteRequest { collection: "docs".into(), columns, arrow_ipc: vec![] }
+    v1::WriteRequest { collection: "docs".into(), columns, ..Default::default() }
 }
 
 fn search(vector: Vec<f32>) -> v1::SearchRequest {
@@ -171,7 +171,7 @@ fn hostile_requests_are_refused_and_the_server_keeps_serving() {
         // Row 7: 16 bytes declaring 2 GiB of IPC metadata.
         let mut hostile = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
         hostile.extend([0; 8]);
-        let ipc = v1::WriteRequest { collection: "docs".into(), columns: vec![], arrow_ipc: hostile };
+        let ipc = v1::WriteRequest { collection: "docs".into(), arrow_ipc: hostile, ..Default::default() };
         assert_refused("2 GiB of IPC metadata", client.insert(ipc).await, &["arrow_ipc", "2147483647 bytes"]);
         still_serving(&mut client).await;
 
@@ -238,7 +238,8 @@ fn hostile_requests_are_refused_and_the_server_keeps_serving() {
             .await;
         assert_refused("string keys on an int64 key", got, &["`id`", "int64"]);
         let target = Some(v1::delete_request::Target::Keys(string_keys));
-        let deleted = client.delete(v1::DeleteRequest { collection: "docs".into(), target }).await;
+        let deleted =
+            client.delete(v1::DeleteRequest { collection: "docs".into(), target, ..Default::default() }).await;
         assert_refused("deleting string keys on an int64 key", deleted, &["`id`", "int64"]);
         let huge = client.insert(write(vec![ids(&[7]), vectors(&[vec![3e38, 0.0]])])).await;
         assert_refused("a vector whose score overflows", huge, &["`v`", "overflow f32"]);

@@ -498,6 +498,7 @@ mod sigkill {
                 },
                 field("n", v1::DataType::Int64),
             ],
+            ..Default::default()
         }
     }
 

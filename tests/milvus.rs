@@ -148,7 +148,7 @@ fn milvus_wire_errors_are_in_band_and_unknown_methods_unimplemented() {
         // A method of Milvus we do not serve: UNIMPLEMENTED, which pymilvus does not retry.
         let unknown = milvus_call::<mp::GetVersionRequest, mp::GetVersionResponse>(
             channel.clone(),
-            "CreatePartition",
+            "CreateDatabase",
             tonic::Request::new(mp::GetVersionRequest {}),
         )
         .await

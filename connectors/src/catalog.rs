@@ -14,12 +14,43 @@ use vectorflow_core::{CollectionId, CollectionSchema, Error, Result, Timestamp};
 use crate::manifest::newest_complete_version;
 use crate::store::{ObjectStorage, version_path, versions};
 
-/// One collection as the catalog holds it.
+/// One collection as the catalog holds it, or one partition of a
+/// collection: a partition is an entry of its own (its own id, shards,
+/// segments, merges and manifests), so a read of some partitions never
+/// touches the others'.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CatalogEntry {
     pub id: CollectionId,
     pub schema: CollectionSchema,
     pub created_ts: Timestamp,
+    /// Set for a partition (absent in documents written before partitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<PartitionOf>,
+}
+
+/// What a partition's entry belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionOf {
+    pub collection: String,
+    pub partition: String,
+    /// When it was dropped: reads at or after it leave it out, reads
+    /// before it (time travel) still see its rows.
+    #[serde(default)]
+    pub dropped_ts: Option<Timestamp>,
+}
+
+impl CatalogEntry {
+    /// Whether this is a partition of `collection` that reads at `ts` cover.
+    pub fn is_partition_at(&self, collection: &str, ts: Timestamp) -> bool {
+        self.partition_of.as_ref().is_some_and(|of| {
+            of.collection == collection && self.created_ts <= ts && of.dropped_ts.is_none_or(|dropped| ts < dropped)
+        })
+    }
+
+    /// Whether this is a partition of `collection` not dropped.
+    pub fn is_live_partition(&self, collection: &str) -> bool {
+        self.partition_of.as_ref().is_some_and(|of| of.collection == collection && of.dropped_ts.is_none())
+    }
 }
 
 /// One version of the catalog document.
@@ -68,6 +99,16 @@ impl CatalogStore {
     /// Adds a collection under a fresh id; fails if the name is taken (by
     /// a collection or an alias).
     pub fn create(&self, schema: CollectionSchema, created_ts: Timestamp) -> Result<CatalogEntry> {
+        self.create_entry(schema, created_ts, None)
+    }
+
+    /// Adds a collection, or (with `partition_of`) a partition's entry.
+    pub fn create_entry(
+        &self,
+        schema: CollectionSchema,
+        created_ts: Timestamp,
+        partition_of: Option<PartitionOf>,
+    ) -> Result<CatalogEntry> {
         let mut entry = None;
         self.change(|document| {
             if document.collections.iter().any(|c| c.schema.name == schema.name) {
@@ -82,7 +123,7 @@ impl CatalogStore {
             let id = document.next_collection_id;
             document.next_collection_id =
                 id.checked_add(1).ok_or_else(|| Error::storage("catalog: collection ids exhausted"))?;
-            let created = CatalogEntry { id, schema: schema.clone(), created_ts };
+            let created = CatalogEntry { id, schema: schema.clone(), created_ts, partition_of: partition_of.clone() };
             document.collections.push(created.clone());
             entry = Some(created);
             Ok(())
@@ -109,6 +150,25 @@ impl CatalogStore {
             }
             Ok(())
         })
+    }
+
+    /// Marks the partition entry `name` dropped at `ts`; its entry stays
+    /// (reads before `ts` still see its rows) until its collection goes.
+    pub fn drop_partition(&self, name: &str, ts: Timestamp) -> Result<CatalogEntry> {
+        let mut dropped = None;
+        self.change(|document| {
+            let entry = document
+                .collections
+                .iter_mut()
+                .find(|c| c.schema.name == name && c.partition_of.as_ref().is_some_and(|of| of.dropped_ts.is_none()))
+                .ok_or_else(|| Error::CollectionNotFound(name.to_string()))?;
+            if let Some(of) = entry.partition_of.as_mut() {
+                of.dropped_ts = Some(ts);
+            }
+            dropped = Some(entry.clone());
+            Ok(())
+        })?;
+        dropped.ok_or_else(|| Error::storage("catalog: the dropped partition was not recorded"))
     }
 
     /// Points `alias` at `collection`: a new alias (`replace` false) or an

@@ -9,6 +9,9 @@ pub mod value;
 
 pub use batch::{IpcBatch, Row, WriteBatch};
 pub use error::{Error, Result};
-pub use schema::{CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric, check_alias};
+pub use schema::{
+    CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric, check_alias,
+    check_partition_name,
+};
 pub use time::{Timestamp, Tso};
 pub use value::{Pk, Value, VersionId, quote, quote_at_most, string_literal};

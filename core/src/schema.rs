@@ -120,6 +120,11 @@ pub struct FieldSchema {
     pub is_dynamic: bool,
     #[serde(default)]
     pub description: String,
+    /// The collection's partition key (Milvus's `is_partition_key`): rows
+    /// go to one of `num_partitions` partitions by the hash of this field's
+    /// value, and a filter that pins the value reads only its partition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_partition_key: bool,
 }
 
 /// The name of a collection's dynamic field, as Milvus names it.
@@ -136,7 +141,13 @@ impl FieldSchema {
             auto_id: false,
             is_dynamic: false,
             description: String::new(),
+            is_partition_key: false,
         }
+    }
+
+    /// This field as the collection's partition key.
+    pub fn partition_key(self) -> Self {
+        FieldSchema { is_partition_key: true, ..self }
     }
 
     /// The dynamic field: a nullable JSON field named [`DYNAMIC_FIELD_NAME`].
@@ -180,11 +191,32 @@ pub struct CollectionSchema {
     /// the API that set them (Milvus's `consistency_level`, for one).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// With a partition key: how many partitions its values hash to
+    /// (default [`DEFAULT_KEY_PARTITIONS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_partitions: Option<usize>,
 }
+
+/// Partitions of a partition-key collection when the schema names none (as in Milvus).
+pub const DEFAULT_KEY_PARTITIONS: usize = 16;
+/// Partitions a partition-key collection may have at most (as in Milvus).
+pub const MAX_KEY_PARTITIONS: usize = 1024;
 
 impl CollectionSchema {
     pub fn new(name: impl Into<String>, fields: Vec<FieldSchema>) -> Self {
-        CollectionSchema { name: name.into(), description: String::new(), fields, properties: Default::default() }
+        CollectionSchema {
+            name: name.into(),
+            description: String::new(),
+            fields,
+            properties: Default::default(),
+            num_partitions: None,
+        }
+    }
+
+    /// The partition key's field index and how many partitions it hashes to.
+    pub fn partition_key(&self) -> Option<(usize, usize)> {
+        let field = self.fields.iter().position(|f| f.is_partition_key)?;
+        Some((field, self.num_partitions.unwrap_or(DEFAULT_KEY_PARTITIONS)))
     }
 
     /// Checks the schema is one the engine can hold; the error names the field.
@@ -256,6 +288,30 @@ impl CollectionSchema {
         }
         if !self.fields.iter().any(|f| f.data_type.is_vector()) {
             return Err(Error::InvalidSchema("a collection needs at least one float_vector field".into()));
+        }
+        let keys: Vec<&FieldSchema> = self.fields.iter().filter(|f| f.is_partition_key).collect();
+        match keys.as_slice() {
+            [] if self.num_partitions.is_some() => {
+                return Err(Error::InvalidSchema("num_partitions needs a partition key field".into()));
+            }
+            [] => {}
+            [key] => {
+                if key.is_primary
+                    || key.nullable
+                    || !(key.data_type == DataType::Int64 || matches!(key.data_type, DataType::VarChar { .. }))
+                {
+                    return Err(Error::InvalidSchema(format!(
+                        "partition key `{}` must be a non-nullable int64 or varchar field other than the primary key",
+                        key.name
+                    )));
+                }
+                if let Some(n) = self.num_partitions
+                    && !(1..=MAX_KEY_PARTITIONS).contains(&n)
+                {
+                    return Err(Error::InvalidSchema(format!("num_partitions {n} outside 1..={MAX_KEY_PARTITIONS}")));
+                }
+            }
+            _ => return Err(Error::InvalidSchema("more than one partition key field".into())),
         }
         if self.properties.len() > MAX_PROPERTIES
             || self.properties.iter().any(|(k, v)| k.len() > MAX_NAME_LEN || v.len() > MAX_PROPERTY_BYTES)
@@ -383,6 +439,14 @@ impl CollectionSchema {
 pub fn check_alias(alias: &str) -> Result<()> {
     check_name("alias", alias).map_err(|e| match e {
         Error::InvalidSchema(problem) => Error::argument("alias", problem),
+        other => other,
+    })
+}
+
+/// Checks a partition name: the rules of collection names.
+pub fn check_partition_name(name: &str) -> Result<()> {
+    check_name("partition name", name).map_err(|e| match e {
+        Error::InvalidSchema(problem) => Error::argument("partition_name", problem),
         other => other,
     })
 }

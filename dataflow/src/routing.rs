@@ -60,6 +60,12 @@ pub fn partition_of(collection: CollectionId, pk: &Pk, partitions: u32) -> u32 {
     (key_hash(collection, pk) % u64::from(partitions.max(1))) as u32
 }
 
+/// The partition among `partitions` a partition-key value's rows go to
+/// (the key hashed as a key of no collection, so every collection agrees).
+pub fn key_partition_of(value: &Pk, partitions: usize) -> usize {
+    (key_hash(0, value) % partitions.max(1) as u64) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,12 +15,14 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{Array, AsArray};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::DFSchema;
+use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::logical_expr::ExprSchemable;
+use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_expr::expressions::BinaryExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, InListExpr, Literal, TryCastExpr};
 use datafusion::prelude::SessionContext;
-use vectorflow_core::{CollectionSchema, DataType, Error, Result, quote, quote_at_most};
+use vectorflow_core::{CollectionSchema, DataType, Error, Pk, Result, quote, quote_at_most};
 
 use crate::json;
 
@@ -654,6 +656,15 @@ impl Filter {
         &self.text
     }
 
+    /// The values of `field` every passing row has, when the filter pins
+    /// them: `field == v`, `field in [..]`, an `or` of such, or an `and`
+    /// with one of them. `None` when rows with other values may pass.
+    /// Partition-key pruning reads it: only the pinned values' partitions
+    /// can hold passing rows.
+    pub fn pinned_values(&self, field: &str) -> Option<Vec<Pk>> {
+        pinned(&self.expr, field)
+    }
+
     /// Which rows of `batch` (in the collection's canonical layout) pass; null counts as false.
     pub fn evaluate(&self, batch: &RecordBatch) -> Result<Vec<bool>> {
         let value = self.expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())).map_err(|e| {
@@ -662,6 +673,54 @@ impl Filter {
         let passed = value.as_boolean_opt().ok_or_else(|| expression(0, "the filter did not yield booleans"))?;
         Ok((0..passed.len()).map(|i| passed.is_valid(i) && passed.value(i)).collect())
     }
+}
+
+/// See [`Filter::pinned_values`].
+fn pinned(expr: &Arc<dyn PhysicalExpr>, field: &str) -> Option<Vec<Pk>> {
+    let is_field = |e: &Arc<dyn PhysicalExpr>| {
+        let mut e = e;
+        // A cast of the column (to the literal's type) keeps its values.
+        loop {
+            if let Some(cast) = e.downcast_ref::<CastExpr>() {
+                e = cast.expr();
+            } else if let Some(cast) = e.downcast_ref::<TryCastExpr>() {
+                e = cast.expr();
+            } else {
+                break;
+            }
+        }
+        e.downcast_ref::<Column>().is_some_and(|c| c.name() == field)
+    };
+    let literal = |e: &Arc<dyn PhysicalExpr>| match e.downcast_ref::<Literal>()?.value() {
+        ScalarValue::Int8(Some(v)) => Some(Pk::Int(i64::from(*v))),
+        ScalarValue::Int16(Some(v)) => Some(Pk::Int(i64::from(*v))),
+        ScalarValue::Int32(Some(v)) => Some(Pk::Int(i64::from(*v))),
+        ScalarValue::Int64(Some(v)) => Some(Pk::Int(*v)),
+        ScalarValue::Utf8(Some(v)) | ScalarValue::LargeUtf8(Some(v)) | ScalarValue::Utf8View(Some(v)) => {
+            Some(Pk::Str(v.clone()))
+        }
+        _ => None,
+    };
+    if let Some(binary) = expr.downcast_ref::<BinaryExpr>() {
+        return match binary.op() {
+            Operator::And => pinned(binary.left(), field).or_else(|| pinned(binary.right(), field)),
+            Operator::Or => {
+                let mut values = pinned(binary.left(), field)?;
+                values.extend(pinned(binary.right(), field)?);
+                Some(values)
+            }
+            Operator::Eq if is_field(binary.left()) => literal(binary.right()).map(|v| vec![v]),
+            Operator::Eq if is_field(binary.right()) => literal(binary.left()).map(|v| vec![v]),
+            _ => None,
+        };
+    }
+    if let Some(list) = expr.downcast_ref::<InListExpr>()
+        && !list.negated()
+        && is_field(list.expr())
+    {
+        return list.list().iter().map(literal).collect();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -712,6 +771,21 @@ mod tests {
     fn passing(text: &str) -> Vec<i64> {
         let filter = Filter::compile(&schema(), text).unwrap_or_else(|e| panic!("{text}: {e}"));
         filter.evaluate(&batch()).unwrap().iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i as i64 + 1).collect()
+    }
+
+    #[test]
+    fn pinned_values_are_the_only_values_a_filter_passes() {
+        let pinned = |text: &str, field: &str| Filter::compile(&schema(), text).unwrap().pinned_values(field);
+        let ints = |v: &[i64]| Some(v.iter().map(|&x| Pk::Int(x)).collect::<Vec<_>>());
+        assert_eq!(pinned("year == 2001", "year"), ints(&[2001]));
+        assert_eq!(pinned("year in [1, 2]", "year"), ints(&[1, 2]));
+        assert_eq!(pinned("year = 1 OR year = 2", "year"), ints(&[1, 2]));
+        assert_eq!(pinned(r#"color == "red" and year > 5"#, "color"), Some(vec![Pk::Str("red".into())]));
+        assert_eq!(pinned(r#"color == "red" and year > 5"#, "year"), None);
+        assert_eq!(pinned("year > 5", "year"), None);
+        assert_eq!(pinned("not (year == 1)", "year"), None);
+        assert_eq!(pinned(r#"year == 1 or color == "x""#, "year"), None);
+        assert_eq!(pinned("year not in [1, 2]", "year"), None);
     }
 
     #[test]

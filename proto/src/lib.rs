@@ -35,6 +35,7 @@ pub fn schema_to_proto(schema: &CollectionSchema) -> v1::CollectionSchema {
         name: schema.name.clone(),
         description: schema.description.clone(),
         fields: schema.fields.iter().map(field_to_proto).collect(),
+        num_partitions: schema.num_partitions.map_or(0, |n| n as u32),
     }
 }
 
@@ -70,6 +71,7 @@ fn field_to_proto(field: &FieldSchema) -> v1::FieldSchema {
         default_json: field.default_value.as_ref().map(|v| default_json(&field.data_type, v)).unwrap_or_default(),
         is_dynamic: field.is_dynamic,
         description: field.description.clone(),
+        is_partition_key: field.is_partition_key,
     }
 }
 
@@ -84,7 +86,13 @@ fn default_json(data_type: &DataType, value: &Value) -> String {
 
 pub fn schema_from_proto(schema: v1::CollectionSchema) -> Result<CollectionSchema> {
     let fields = schema.fields.into_iter().map(field_from_proto).collect::<Result<Vec<_>>>()?;
-    Ok(CollectionSchema { name: schema.name, description: schema.description, fields, properties: Default::default() })
+    Ok(CollectionSchema {
+        name: schema.name,
+        description: schema.description,
+        fields,
+        properties: Default::default(),
+        num_partitions: (schema.num_partitions != 0).then_some(schema.num_partitions as usize),
+    })
 }
 
 fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
@@ -135,6 +143,7 @@ fn field_from_proto(field: v1::FieldSchema) -> Result<FieldSchema> {
         auto_id: field.auto_id,
         is_dynamic: field.is_dynamic,
         description: field.description,
+        is_partition_key: field.is_partition_key,
     })
 }
 
@@ -540,7 +549,7 @@ mod tests {
             data_type in -2i32..12, metric in -1i32..5, dim in 0u32..5, default_json in ".{0,6}"
         ) {
             let field = v1::FieldSchema { name: "f".into(), data_type, metric, dim, default_json, ..Default::default() };
-            let schema = v1::CollectionSchema { name: "c".into(), description: String::new(), fields: vec![field] };
+            let schema = v1::CollectionSchema { name: "c".into(), fields: vec![field], ..Default::default() };
             if let Ok(schema) = schema_from_proto(schema) {
                 let back = schema_from_proto(schema_to_proto(&schema));
                 prop_assert_eq!(back.ok(), Some(schema));

@@ -10,12 +10,19 @@ use vectorflow_proto::milvus::{request, schema, status};
 use super::{Answer, Call, CollectionState, IndexRecord, Refusal};
 
 pub(super) fn create_collection(call: &Call, body: pb::CreateCollectionRequest) -> Answer<common::Status> {
-    let wanted =
-        schema::schema_from_milvus(&body.collection_name, &body.schema, body.consistency_level, &body.properties)?;
+    let wanted = schema::schema_from_milvus(
+        &body.collection_name,
+        &body.schema,
+        body.consistency_level,
+        &body.properties,
+        body.num_partitions,
+    )?;
     match call.engine.create_collection(wanted.clone()) {
         Ok(created) => {
             // Milvus: no index until CreateIndex, not served until LoadCollection.
-            call.state.update(created.id, |c| *c = CollectionState { indexes: Some(Vec::new()), loaded: false });
+            call.state.update(created.id, |c| {
+                *c = CollectionState { indexes: Some(Vec::new()), loaded: false, ..Default::default() }
+            });
             Ok(status::ok())
         }
         // Milvus creates idempotently: the same schema again is a success.
@@ -38,6 +45,96 @@ pub(super) fn drop_collection(call: &Call, body: pb::DropCollectionRequest) -> A
     call.engine.drop_collection(&body.collection_name)?;
     call.state.forget(info.id);
     Ok(status::ok())
+}
+
+pub(super) fn create_partition(call: &Call, body: pb::CreatePartitionRequest) -> Answer<common::Status> {
+    call.engine.create_partition(&body.collection_name, &body.partition_name)?;
+    Ok(status::ok())
+}
+
+/// As in Milvus, a loaded partition must be released before it is dropped.
+pub(super) fn drop_partition(call: &Call, body: pb::DropPartitionRequest) -> Answer<common::Status> {
+    let info = collection(call, &body.collection_name)?;
+    let state = call.state.get(info.id);
+    if call.engine.has_partition(&body.collection_name, &body.partition_name)?
+        && state.loaded
+        && !state.released.contains(&body.partition_name)
+    {
+        return Err(Refusal(status::invalid(
+            "partition_name",
+            format!("partition `{}` is loaded: release it before dropping it", body.partition_name),
+        )));
+    }
+    call.engine.drop_partition(&body.collection_name, &body.partition_name)?;
+    call.state.update(info.id, |c| {
+        c.released.remove(&body.partition_name);
+    });
+    Ok(status::ok())
+}
+
+pub(super) fn has_partition(call: &Call, body: pb::HasPartitionRequest) -> Answer<pb::BoolResponse> {
+    let value = call.engine.has_partition(&body.collection_name, &body.partition_name)?;
+    Ok(pb::BoolResponse { status: Some(status::ok()), value })
+}
+
+pub(super) fn show_partitions(call: &Call, body: pb::ShowPartitionsRequest) -> Answer<pb::ShowPartitionsResponse> {
+    let info = collection(call, &body.collection_name)?;
+    let state = call.state.get(info.id);
+    let names = call.engine.list_partitions(&body.collection_name)?;
+    let loaded = |name: &String| state.loaded && !state.released.contains(name);
+    Ok(pb::ShowPartitionsResponse {
+        status: Some(status::ok()),
+        partition_i_ds: (1..=names.len() as i64).collect(),
+        created_timestamps: vec![info.created_ts; names.len()],
+        created_utc_timestamps: vec![physical_ms(info.created_ts); names.len()],
+        in_memory_percentages: names.iter().map(|n| if loaded(n) { 100 } else { 0 }).collect(),
+        partition_names: names,
+    })
+}
+
+/// Loads partitions: the collection is served, with these partitions in it.
+pub(super) fn load_partitions(call: &Call, body: pb::LoadPartitionsRequest) -> Answer<common::Status> {
+    for name in &body.partition_names {
+        if !call.engine.has_partition(&body.collection_name, name)? {
+            return Err(Refusal(status::invalid("partition_names", format!("partition `{name}` not found"))));
+        }
+    }
+    let loaded = load_collection(
+        call,
+        pb::LoadCollectionRequest { collection_name: body.collection_name.clone(), ..Default::default() },
+    )?;
+    let info = collection(call, &body.collection_name)?;
+    call.state.update(info.id, |c| body.partition_names.iter().for_each(|n| _ = c.released.remove(n)));
+    Ok(loaded)
+}
+
+pub(super) fn release_partitions(call: &Call, body: pb::ReleasePartitionsRequest) -> Answer<common::Status> {
+    let info = collection(call, &body.collection_name)?;
+    for name in &body.partition_names {
+        if !call.engine.has_partition(&body.collection_name, name)? {
+            return Err(Refusal(status::invalid("partition_names", format!("partition `{name}` not found"))));
+        }
+    }
+    call.state.update(info.id, |c| c.released.extend(body.partition_names.iter().cloned()));
+    Ok(status::ok())
+}
+
+pub(super) fn get_partition_statistics(
+    call: &Call,
+    body: pb::GetPartitionStatisticsRequest,
+) -> Answer<pb::GetPartitionStatisticsResponse> {
+    if !call.engine.has_partition(&body.collection_name, &body.partition_name)? {
+        return Err(Refusal(status::invalid(
+            "partition_name",
+            format!("partition `{}` not found", body.partition_name),
+        )));
+    }
+    let options = vectorflow::QueryOptions { partitions: vec![body.partition_name.clone()], ..Default::default() };
+    let rows = call.engine.count(&body.collection_name, &options)?;
+    Ok(pb::GetPartitionStatisticsResponse {
+        status: Some(status::ok()),
+        stats: vec![common::KeyValuePair { key: "row_count".into(), value: rows.to_string() }],
+    })
 }
 
 pub(super) fn create_alias(call: &Call, body: pb::CreateAliasRequest) -> Answer<common::Status> {
@@ -108,7 +205,7 @@ pub(super) fn describe_collection(
         aliases: info.aliases.clone(),
         properties: schema::user_properties(&info.schema),
         db_name: super::DEFAULT_DATABASE.into(),
-        num_partitions: 1,
+        num_partitions: call.engine.list_partitions(&info.schema.name).map_or(1, |p| p.len() as i64),
         ..Default::default()
     })
 }

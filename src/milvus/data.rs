@@ -38,15 +38,53 @@ fn mutation(write: &WriteResult) -> pb::MutationResult {
     }
 }
 
+/// Where a write goes: the named partition, else the collection's `_default`.
+fn write_target(call: &Call, collection: &str, partition: &str) -> Answer<String> {
+    Ok(match partition.trim() {
+        "" => collection.to_string(),
+        partition => call.engine.partition(collection, partition)?,
+    })
+}
+
+/// The partitions a read covers: those it names (none of them released),
+/// or, when it names none, every partition not released.
+fn read_partitions(call: &Call, info: &vectorflow::CollectionInfo, named: &[String]) -> Answer<Vec<String>> {
+    let released = call.state.get(info.id).released;
+    let named: Vec<String> = named.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    if let Some(name) = named.iter().find(|n| released.contains(*n)) {
+        return Err(Refusal(status::failure(
+            status::code::COLLECTION_NOT_LOADED,
+            ErrorCode::UnexpectedError,
+            format!("partition not loaded[partition={name}]: call load_partitions first"),
+        )));
+    }
+    if !named.is_empty() || released.is_empty() {
+        return Ok(named);
+    }
+    let loaded: Vec<String> =
+        call.engine.list_partitions(&info.schema.name)?.into_iter().filter(|n| !released.contains(n)).collect();
+    if loaded.is_empty() {
+        return Err(Refusal(status::failure(
+            status::code::COLLECTION_NOT_LOADED,
+            ErrorCode::UnexpectedError,
+            "every partition of the collection is released: call load_partitions first",
+        )));
+    }
+    Ok(loaded)
+}
+
 pub(super) fn write(
     call: &Call,
     collection: &str,
+    partition: &str,
     columns_data: Vec<schema_pb::FieldData>,
     num_rows: u32,
     upsert: bool,
 ) -> Answer<pb::MutationResult> {
     let _no_recreate_meanwhile = call.state.writes.read().map_err(|_| Error::Shutdown)?;
     let schema = call.engine.describe_collection(collection)?.schema;
+    let collection = write_target(call, collection, partition)?;
+    let collection = collection.as_str();
     let batch = columns::columns_to_batch(&schema, columns_data, num_rows)?;
     // Milvus counts the rows sent (a key given twice is written once, the last wins).
     let sent = i64::from(num_rows);
@@ -68,7 +106,8 @@ pub(super) fn delete(call: &Call, body: pb::DeleteRequest) -> Answer<pb::Mutatio
         );
     }
     let _no_recreate_meanwhile = call.state.writes.read().map_err(|_| Error::Shutdown)?;
-    let written = call.engine.delete_by_filter(&body.collection_name, &expr)?;
+    let target = write_target(call, &body.collection_name, &body.partition_name)?;
+    let written = call.engine.delete_by_filter(&target, &expr)?;
     // Milvus (2.3.2 on) answers a delete with its count only: pymilvus
     // returns the keys instead when they are there.
     Ok(pb::MutationResult {
@@ -156,6 +195,7 @@ pub(super) fn search(call: &Call, body: pb::SearchRequest) -> Answer<pb::SearchR
         radius: params.radius,
         range_filter: params.range_filter,
         group_by: params.group_by.as_ref().map(|g| GroupBy { field: g.field.clone(), size: g.size, strict: g.strict }),
+        partitions: read_partitions(call, &info, &body.partition_names)?,
         consistency: read.consistency,
         as_of: read.as_of,
         guarantee_ts: read.guarantee_ts,
@@ -217,6 +257,7 @@ pub(super) fn hybrid_search(call: &Call, body: pb::HybridSearchRequest) -> Answe
         k: rank.limit + rank.offset,
         ranker,
         output_fields: fields.clone(),
+        partitions: read_partitions(call, &info, &body.partition_names)?,
         consistency: read.consistency,
         as_of: read.as_of,
         guarantee_ts: read.guarantee_ts,
@@ -359,6 +400,7 @@ pub(super) fn query(call: &Call, body: pb::QueryRequest) -> Answer<pb::QueryResu
         output_fields: Vec::new(),
         limit,
         offset,
+        partitions: read_partitions(call, &info, &body.partition_names)?,
         consistency: read.consistency,
         as_of: read.as_of,
         guarantee_ts: read.guarantee_ts,

@@ -51,11 +51,14 @@ struct CollectionState {
     /// `vectorflow.v1`, or any after a restart).
     indexes: Option<Vec<IndexRecord>>,
     loaded: bool,
+    /// Partitions released while the collection stays loaded: reads leave
+    /// them out, and a read naming one is refused.
+    released: std::collections::BTreeSet<String>,
 }
 
 impl Default for CollectionState {
     fn default() -> Self {
-        CollectionState { indexes: None, loaded: true }
+        CollectionState { indexes: None, loaded: true, released: Default::default() }
     }
 }
 
@@ -122,6 +125,8 @@ macro_rules! failed_in_status_field {
 }
 
 failed_in_status_field!(
+    pb::ShowPartitionsResponse,
+    pb::GetPartitionStatisticsResponse,
     pb::ConnectResponse,
     pb::GetVersionResponse,
     pb::CheckHealthResponse,
@@ -289,6 +294,55 @@ impl MilvusService for MilvusServiceImpl {
         self.answer(request, |r| &r.db_name, collections::drop_collection).await
     }
 
+    async fn create_partition(
+        &self,
+        request: Request<pb::CreatePartitionRequest>,
+    ) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::create_partition).await
+    }
+
+    async fn drop_partition(
+        &self,
+        request: Request<pb::DropPartitionRequest>,
+    ) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::drop_partition).await
+    }
+
+    async fn has_partition(
+        &self,
+        request: Request<pb::HasPartitionRequest>,
+    ) -> Result<Response<pb::BoolResponse>, Status> {
+        self.answer(request, |r| &r.db_name, collections::has_partition).await
+    }
+
+    async fn show_partitions(
+        &self,
+        request: Request<pb::ShowPartitionsRequest>,
+    ) -> Result<Response<pb::ShowPartitionsResponse>, Status> {
+        self.answer(request, |r| &r.db_name, collections::show_partitions).await
+    }
+
+    async fn load_partitions(
+        &self,
+        request: Request<pb::LoadPartitionsRequest>,
+    ) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::load_partitions).await
+    }
+
+    async fn release_partitions(
+        &self,
+        request: Request<pb::ReleasePartitionsRequest>,
+    ) -> Result<Response<common::Status>, Status> {
+        self.answer(request, |r| &r.db_name, collections::release_partitions).await
+    }
+
+    async fn get_partition_statistics(
+        &self,
+        request: Request<pb::GetPartitionStatisticsRequest>,
+    ) -> Result<Response<pb::GetPartitionStatisticsResponse>, Status> {
+        self.answer(request, |r| &r.db_name, collections::get_partition_statistics).await
+    }
+
     async fn create_alias(&self, request: Request<pb::CreateAliasRequest>) -> Result<Response<common::Status>, Status> {
         self.answer(request, |r| &r.db_name, collections::create_alias).await
     }
@@ -430,7 +484,9 @@ impl MilvusService for MilvusServiceImpl {
         self.answer(
             request,
             |r| &r.db_name,
-            |call, body| data::write(call, &body.collection_name, body.fields_data, body.num_rows, false),
+            |call, body| {
+                data::write(call, &body.collection_name, &body.partition_name, body.fields_data, body.num_rows, false)
+            },
         )
         .await
     }
@@ -443,7 +499,7 @@ impl MilvusService for MilvusServiceImpl {
                 if body.partial_update {
                     return Err(Refusal(status::invalid("partial_update", "partial updates are not supported yet")));
                 }
-                data::write(call, &body.collection_name, body.fields_data, body.num_rows, true)
+                data::write(call, &body.collection_name, &body.partition_name, body.fields_data, body.num_rows, true)
             },
         )
         .await

@@ -179,7 +179,7 @@ pub mod wire {
             v1::FieldSchema { dim, metric: v1::Metric::L2 as i32, ..field("v", v1::DataType::FloatVector) },
         ];
         fields.extend(extra);
-        v1::CollectionSchema { name: name.into(), description: String::new(), fields }
+        v1::CollectionSchema { name: name.into(), fields, ..Default::default() }
     }
 
     pub fn ints(name: &str, values: Vec<i64>) -> v1::FieldData {
@@ -196,6 +196,6 @@ pub mod wire {
 
     /// A write of `columns` to `collection`.
     pub fn write(collection: &str, columns: Vec<v1::FieldData>) -> v1::WriteRequest {
-        v1::WriteRequest { collection: collection.into(), columns, arrow_ipc: vec![] }
+        v1::WriteRequest { collection: collection.into(), columns, ..Default::default() }
     }
 }

@@ -82,6 +82,7 @@ INDEXED_LATER = "index_later"
 STRONG = "strong"
 SCRATCH = "scratch"
 HYBRID = "hybrid"
+PARTS = "parts"
 MISSING = "no_such_collection"
 
 
@@ -1178,6 +1179,81 @@ class T065HybridSearch(Base):
         self.assertIn("weights", str(error))
 
 
+# ---- partitions and partition keys ----
+
+
+class T066Partitions(Base):
+    """`create_partition`, writes and reads by `partition_name(s)`, release and
+    drop; a collection with a partition key."""
+
+    @classmethod
+    def setUpClass(cls):
+        check_budget()
+        c = client()
+        cls.name = name(PARTS)
+        c.drop_collection(cls.name, timeout=T)
+        c.create_collection(cls.name, dimension=DIM, metric_type="L2", timeout=T)
+        c.create_partition(cls.name, "p1", timeout=T)
+        rnd = random.Random(SEED + 21)
+        cls.rows = {i: {"id": i, "vector": random_vector(rnd)} for i in list(range(50)) + list(range(100, 150))}
+        c.insert(cls.name, [r for i, r in cls.rows.items() if i < 100], timeout=T)
+        c.insert(cls.name, [r for i, r in cls.rows.items() if i >= 100], partition_name="p1", timeout=T)
+        cls.rnd = random.Random(SEED + 22)
+
+    def test_01_list_and_has(self):
+        c = client()
+        self.assertEqual(sorted(c.list_partitions(self.name, timeout=T)), ["_default", "p1"])
+        self.assertTrue(c.has_partition(self.name, "p1", timeout=T))
+        self.assertFalse(c.has_partition(self.name, "p9", timeout=T))
+        self.assertEqual(c.get_partition_stats(self.name, "p1", timeout=T)["row_count"], 50)
+
+    def test_02_reads_restricted_to_partitions(self):
+        c = client()
+        q = random_vector(self.rnd)
+        p1 = {pk: r for pk, r in self.rows.items() if pk >= 100}
+        res = c.search(self.name, [q], limit=5, partition_names=["p1"], timeout=T)
+        self.check_hits("L2", p1, q, res[0], 5, label="partition p1")
+        res = c.search(self.name, [q], limit=5, timeout=T)
+        self.check_hits("L2", self.rows, q, res[0], 5, label="whole collection")
+        got = c.query(self.name, filter="id >= 0", partition_names=["_default"], output_fields=["id"], timeout=T)
+        self.assertEqual(sorted(r["id"] for r in got), list(range(50)))
+
+    def test_03_release_then_drop(self):
+        c = client()
+        error = expect_error(self, lambda: c.drop_partition(self.name, "p1", timeout=T), "drop a loaded partition")
+        self.assertIn("release", str(error))
+        c.release_partitions(self.name, ["p1"], timeout=T)
+        q = random_vector(self.rnd)
+        res = c.search(self.name, [q], limit=60, timeout=T)
+        self.assertTrue(all(h["id"] < 100 for h in res[0]), "a released partition is left out")
+        expect_error(self, lambda: c.search(self.name, [q], limit=5, partition_names=["p1"], timeout=T), "released")
+        c.drop_partition(self.name, "p1", timeout=T)
+        self.assertEqual(c.list_partitions(self.name, timeout=T), ["_default"])
+
+    def test_04_partition_key(self):
+        c = client()
+        keyed = name(PARTS + "_key")
+        c.drop_collection(keyed, timeout=T)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+        schema.add_field("tenant", DataType.INT64, is_partition_key=True)
+        index_params = c.prepare_index_params()
+        index_params.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="L2")
+        c.create_collection(keyed, schema=schema, index_params=index_params, num_partitions=8, timeout=T)
+        self.assertEqual(len(c.list_partitions(keyed, timeout=T)), 8)
+        rnd = random.Random(SEED + 23)
+        rows = {i: {"id": i, "vector": random_vector(rnd), "tenant": i % 20} for i in range(200)}
+        c.insert(keyed, list(rows.values()), timeout=T)
+        q = random_vector(self.rnd)
+        res = c.search(keyed, [q], limit=20, filter="tenant == 3", output_fields=["tenant"], timeout=T)
+        mine = {pk: r for pk, r in rows.items() if r["tenant"] == 3}
+        self.check_hits("L2", mine, q, res[0], 20, label="tenant 3")
+        self.assertTrue(all(h["entity"]["tenant"] == 3 for h in res[0]))
+        expect_error(self, lambda: c.create_partition(keyed, "extra", timeout=T), "a partition key's partitions")
+        c.drop_collection(keyed, timeout=T)
+
+
 # ---- collection lifecycle (last: it drops what the others made) ----
 
 
@@ -1247,7 +1323,7 @@ class T07Lifecycle(Base):
 
     def test_03_drop_everything(self):
         c = client()
-        for suffix in (QUICK, FULL, INDEXED_LATER, STRONG, HYBRID):
+        for suffix in (QUICK, FULL, INDEXED_LATER, STRONG, HYBRID, PARTS):
             c.drop_collection(name(suffix), timeout=T)
             self.assertFalse(c.has_collection(name(suffix), timeout=T))
         left = [n for n in c.list_collections(timeout=T) if n.startswith(PREFIX + "_")]
@@ -1262,6 +1338,7 @@ ORDER = [
     T05Errors,
     T06VectorflowV1,
     T065HybridSearch,
+    T066Partitions,
     T07Lifecycle,
 ]
 

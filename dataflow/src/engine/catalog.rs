@@ -1,6 +1,21 @@
-//! Collections (create, drop, list, describe) and their aliases.
+//! Collections (create, drop, list, describe), their partitions and their
+//! aliases.
 
 use super::*;
+use crate::routing::key_partition_of;
+use vectorflow_connectors::catalog::PartitionOf;
+
+/// The partition every collection has: the collection's own entry.
+pub const DEFAULT_PARTITION: &str = "_default";
+
+/// The name of a partition key's partition `i` (0 is `_default`).
+fn key_partition_name(i: usize) -> String {
+    if i == 0 { DEFAULT_PARTITION.to_string() } else { format!("{DEFAULT_PARTITION}_{i}") }
+}
+
+fn partition_not_found(partition: &str) -> Error {
+    Error::argument("partition_name", format!("partition `{}` not found", vectorflow_core::quote(partition)))
+}
 
 impl Engine {
     /// Creates a collection. Creates and drops run one at a time (on
@@ -10,6 +25,23 @@ impl Engine {
     pub fn create_collection(&self, schema: CollectionSchema) -> Result<CollectionInfo> {
         schema.validate()?;
         let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let entry = self.create_entry(schema, None)?;
+        // A partition key's values hash to `_default` (the collection's own
+        // entry) and `_default_1` .. `_default_{n-1}`.
+        if let Some((_, partitions)) = entry.schema.partition_key() {
+            for i in 1..partitions {
+                if let Err(e) = self.add_partition(&entry, &key_partition_name(i)) {
+                    tracing::error!(collection = entry.schema.name, "creating a key partition: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(info(&entry, Vec::new()))
+    }
+
+    /// Adds a collection's (or a partition's) entry: catalog, manifest, log
+    /// and dataflow. The caller holds `catalog_changes`.
+    fn create_entry(&self, schema: CollectionSchema, partition_of: Option<PartitionOf>) -> Result<CatalogEntry> {
         {
             let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
             if collections.contains_key(&schema.name) {
@@ -19,12 +51,15 @@ impl Engine {
             if collections.len() >= max_collections {
                 return Err(Error::exhausted(
                     "max_collections",
-                    format!("the server holds {} collections, its limit; drop one first", collections.len()),
+                    format!(
+                        "the server holds {} collections and partitions, its limit; drop one first",
+                        collections.len()
+                    ),
                 ));
             }
         }
         let created_ts = self.inner.shared.log.tso().allocate(1);
-        let entry = self.inner.catalog_store.create(schema, created_ts)?;
+        let entry = self.inner.catalog_store.create_entry(schema, created_ts, partition_of)?;
         let started = (|| {
             let manifest = initial_manifest(&entry, self.inner.shared.log.as_ref(), self.inner.config.workers)?;
             publish_manifest(&self.inner.storage, &manifest)?;
@@ -53,7 +88,226 @@ impl Engine {
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(entry.schema.name.clone(), entry.clone());
-        Ok(info(&entry, Vec::new()))
+        Ok(entry)
+    }
+
+    /// Creates partition `partition` of `collection` (Milvus's
+    /// `create_partition`): rows written to it are searched with the
+    /// collection, or alone when a read names it. `_default` always exists.
+    pub fn create_partition(&self, collection: &str, partition: &str) -> Result<()> {
+        vectorflow_core::check_partition_name(partition)?;
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let parent = self.collection_entry(collection)?;
+        if partition == DEFAULT_PARTITION || self.live_partition(&parent.schema.name, partition)?.is_some() {
+            return Err(Error::argument(
+                "partition_name",
+                format!("partition `{partition}` already exists in collection `{}`", parent.schema.name),
+            ));
+        }
+        if parent.schema.partition_key().is_some() {
+            return Err(Error::argument(
+                "partition_name",
+                format!("collection `{}` has a partition key: its rows choose their partitions", parent.schema.name),
+            ));
+        }
+        let max = self.inner.config.limits.max_partitions;
+        if self.partitions_of(&parent.schema.name)?.len() >= max {
+            return Err(Error::exhausted(
+                "max_partitions",
+                format!("collection `{}` has {max} partitions, the limit", parent.schema.name),
+            ));
+        }
+        self.add_partition(&parent, partition)?;
+        Ok(())
+    }
+
+    /// Adds partition `partition`'s entry to `parent`. A dropped
+    /// partition's entry stays for time travel, so each entry gets a name
+    /// of its own (users' names hold no dot).
+    fn add_partition(&self, parent: &CatalogEntry, partition: &str) -> Result<CatalogEntry> {
+        let mut schema = parent.schema.clone();
+        schema.name = format!("{}.{partition}.{}", parent.schema.name, self.inner.shared.log.tso().allocate(1));
+        let of =
+            PartitionOf { collection: parent.schema.name.clone(), partition: partition.to_string(), dropped_ts: None };
+        self.create_entry(schema, Some(of))
+    }
+
+    /// The ids of a partition-key collection's partitions, by key partition number.
+    pub(super) fn key_partition_ids(&self, entry: &CatalogEntry, partitions: usize) -> Result<Vec<CollectionId>> {
+        let live = self.partitions_of(&entry.schema.name)?;
+        (0..partitions)
+            .map(|i| {
+                if i == 0 {
+                    return Ok(entry.id);
+                }
+                let name = key_partition_name(i);
+                live.iter()
+                    .find(|p| p.partition_of.as_ref().is_some_and(|of| of.partition == name))
+                    .map(|p| p.id)
+                    .ok_or_else(|| {
+                        Error::storage(format!("collection `{}` lacks key partition `{name}`", entry.schema.name))
+                    })
+            })
+            .collect()
+    }
+
+    /// Drops partition `partition` at a timestamp, which it returns: reads
+    /// at or after it leave the partition out; reads `as_of` before it
+    /// still see its rows. Its storage goes with its collection.
+    pub fn drop_partition(&self, collection: &str, partition: &str) -> Result<Timestamp> {
+        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let parent = self.collection_entry(collection)?;
+        if partition == DEFAULT_PARTITION || parent.schema.partition_key().is_some() {
+            return Err(Error::argument(
+                "partition_name",
+                "the `_default` partition, and those of a partition key, cannot be dropped",
+            ));
+        }
+        let entry =
+            self.live_partition(&parent.schema.name, partition)?.ok_or_else(|| partition_not_found(partition))?;
+        let ts = self.inner.shared.log.tso().allocate(1);
+        let dropped = self.inner.catalog_store.drop_partition(&entry.schema.name, ts)?;
+        self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(dropped.schema.name.clone(), dropped);
+        Ok(ts)
+    }
+
+    /// The collection's partitions, `_default` first, then by name.
+    pub fn list_partitions(&self, collection: &str) -> Result<Vec<String>> {
+        let parent = self.collection_entry(collection)?;
+        let mut names: Vec<String> = self
+            .partitions_of(&parent.schema.name)?
+            .into_iter()
+            .filter_map(|e| e.partition_of.map(|of| of.partition))
+            .collect();
+        names.sort();
+        names.insert(0, DEFAULT_PARTITION.to_string());
+        Ok(names)
+    }
+
+    pub fn has_partition(&self, collection: &str, partition: &str) -> Result<bool> {
+        let parent = self.collection_entry(collection)?;
+        Ok(partition == DEFAULT_PARTITION || self.live_partition(&parent.schema.name, partition)?.is_some())
+    }
+
+    /// The name every write and read takes to reach one partition:
+    /// `_default` is the collection itself.
+    pub fn partition(&self, collection: &str, partition: &str) -> Result<String> {
+        let parent = self.collection_entry(collection)?;
+        if parent.schema.partition_key().is_some() {
+            return Err(Error::argument(
+                "partition_name",
+                format!("collection `{}` has a partition key: rows go to their key's partition", parent.schema.name),
+            ));
+        }
+        if partition == DEFAULT_PARTITION {
+            return Ok(parent.schema.name);
+        }
+        let entry =
+            self.live_partition(&parent.schema.name, partition)?.ok_or_else(|| partition_not_found(partition))?;
+        Ok(entry.schema.name)
+    }
+
+    /// The partitions a Strong read of `collection` with `filter` covers
+    /// now (a partition key's filter prunes the rest), by name.
+    pub fn read_partitions(&self, collection: &str, filter: Option<&str>) -> Result<Vec<String>> {
+        let entry = self.collection_entry(collection)?;
+        let filter = self.checked_filter(entry.id, &entry.schema, filter)?;
+        let ids = self.read_targets(&entry, self.inner.shared.log.tso().next_possible(), &[], filter.as_deref())?;
+        let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+        Ok(ids
+            .into_iter()
+            .map(|id| match collections.values().find(|e| e.id == id).and_then(|e| e.partition_of.as_ref()) {
+                Some(of) => of.partition.clone(),
+                None => DEFAULT_PARTITION.to_string(),
+            })
+            .collect())
+    }
+
+    /// A collection's own entry (through an alias too), not a partition's.
+    fn collection_entry(&self, name: &str) -> Result<CatalogEntry> {
+        let entry = self.entry(name)?;
+        match &entry.partition_of {
+            Some(of) => Err(Error::argument(
+                "collection_name",
+                format!("`{name}` is partition `{}` of `{}`, not a collection", of.partition, of.collection),
+            )),
+            None => Ok(entry),
+        }
+    }
+
+    /// The partitions of `collection` not dropped (`_default` aside).
+    pub(super) fn partitions_of(&self, collection: &str) -> Result<Vec<CatalogEntry>> {
+        let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+        Ok(collections.values().filter(|e| e.is_live_partition(collection)).cloned().collect())
+    }
+
+    fn live_partition(&self, collection: &str, partition: &str) -> Result<Option<CatalogEntry>> {
+        Ok(self
+            .partitions_of(collection)?
+            .into_iter()
+            .find(|e| e.partition_of.as_ref().is_some_and(|of| of.partition == partition)))
+    }
+
+    /// The ids a read of `entry` at `read_ts` covers: a partition's own; a
+    /// collection's and those of its partitions that exist at `read_ts`,
+    /// or only those `partitions` names.
+    pub(super) fn read_targets(
+        &self,
+        entry: &CatalogEntry,
+        read_ts: Timestamp,
+        partitions: &[String],
+        filter: Option<&str>,
+    ) -> Result<Vec<CollectionId>> {
+        if entry.partition_of.is_some() {
+            return Ok(vec![entry.id]);
+        }
+        if let Some((key, count)) = entry.schema.partition_key() {
+            if !partitions.is_empty() {
+                return Err(Error::argument(
+                    "partition_names",
+                    "a collection with a partition key is read by filtering on the key, not by partition names",
+                ));
+            }
+            let ids = self.key_partition_ids(entry, count)?;
+            // A filter that pins the key's values reads only their partitions.
+            let pinned = match filter {
+                Some(text) => {
+                    self.inner.filters.get(entry.id, &entry.schema, text)?.pinned_values(&entry.schema.fields[key].name)
+                }
+                None => None,
+            };
+            return Ok(match pinned {
+                Some(values) => {
+                    let mut chosen: Vec<usize> = values.iter().map(|v| key_partition_of(v, count)).collect();
+                    chosen.sort_unstable();
+                    chosen.dedup();
+                    chosen.into_iter().map(|i| ids[i]).collect()
+                }
+                None => ids,
+            });
+        }
+        let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+        let at_read: Vec<&CatalogEntry> =
+            collections.values().filter(|e| e.is_partition_at(&entry.schema.name, read_ts)).collect();
+        if partitions.is_empty() {
+            return Ok(std::iter::once(entry.id).chain(at_read.iter().map(|e| e.id)).collect());
+        }
+        let mut ids = Vec::with_capacity(partitions.len());
+        for name in partitions {
+            let id = if name == DEFAULT_PARTITION {
+                entry.id
+            } else {
+                at_read
+                    .iter()
+                    .find(|e| e.partition_of.as_ref().is_some_and(|of| &of.partition == name))
+                    .map(|e| e.id)
+                    .ok_or_else(|| partition_not_found(name))?
+            };
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 
     /// Drops a collection: it is gone from the catalog at once; its objects
@@ -67,8 +321,30 @@ impl Engine {
                 format!("`{name}` is an alias of `{target}`: drop a collection by its own name"),
             ));
         }
-        let entry = self.entry(name)?;
+        let entry = self.collection_entry(name)?;
         self.inner.catalog_store.drop_collection(name)?;
+        let partitions: Vec<CatalogEntry> = {
+            let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+            collections
+                .values()
+                .filter(|e| e.partition_of.as_ref().is_some_and(|of| of.collection == entry.schema.name))
+                .cloned()
+                .collect()
+        };
+        for partition in &partitions {
+            if let Err(e) = self.inner.catalog_store.drop_collection(&partition.schema.name) {
+                tracing::warn!(partition = partition.schema.name, "dropping a dropped collection's partition: {e}");
+            }
+        }
+        for dropped in std::iter::once(&entry).chain(&partitions) {
+            self.forget_entry(dropped)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a dropped entry from the engine and its objects from the store.
+    fn forget_entry(&self, entry: &CatalogEntry) -> Result<()> {
+        let name = entry.schema.name.as_str();
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.remove(name);
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
             schemas.remove(&entry.id);
@@ -89,9 +365,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Collections by name (their partitions are not collections).
     pub fn list_collections(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.inner.collections.read().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        let mut names: Vec<String> = self
+            .inner
+            .collections
+            .read()
+            .map(|c| c.values().filter(|e| e.partition_of.is_none()).map(|e| e.schema.name.clone()).collect())
+            .unwrap_or_default();
         names.sort();
         names
     }

@@ -18,7 +18,14 @@ impl Engine {
         let entry = self.entry(collection)?;
         // Every write acknowledged before this call has a time below this.
         let called_at = self.inner.shared.log.tso().next_possible();
-        self.checkpoint_covering(&entry, Some(called_at))
+        let mut flushed = self.checkpoint_covering(&entry, Some(called_at))?;
+        // A collection's partitions are flushed with it.
+        if entry.partition_of.is_none() {
+            for partition in self.partitions_of(&entry.schema.name)? {
+                flushed = flushed.max(self.checkpoint_covering(&partition, Some(called_at))?);
+            }
+        }
+        Ok(flushed)
     }
 
     /// A checkpoint of one collection (see [`Engine::flush`]).

@@ -55,6 +55,7 @@ impl Engine {
                 radius: search.radius,
                 range_filter: search.range_filter,
                 group_by: None,
+                partitions: options.partitions.clone(),
                 consistency: options.consistency,
                 // The searches after the first read where it read.
                 as_of: read_ts.or(options.as_of),

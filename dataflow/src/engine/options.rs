@@ -82,6 +82,8 @@ pub struct Limits {
     pub max_get_keys: usize,
     /// Collections the engine holds (each has a shard on every worker).
     pub max_collections: usize,
+    /// Partitions of one collection (besides `_default`).
+    pub max_partitions: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +94,7 @@ impl Default for Limits {
             max_query_rows: 100_000,
             max_get_keys: 100_000,
             max_collections: 4096,
+            max_partitions: 1024,
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct SearchOptions {
     pub range_filter: Option<f32>,
     /// Grouping search: `k` groups of hits by a scalar field.
     pub group_by: Option<GroupBy>,
+    /// Only these partitions (`_default` included by name); all when empty.
+    pub partitions: Vec<String>,
     pub consistency: Consistency,
     /// Time travel: answer as of this timestamp.
     pub as_of: Option<Timestamp>,
@@ -229,6 +234,8 @@ pub struct HybridOptions {
     pub k: usize,
     pub ranker: Ranker,
     pub output_fields: Vec<String>,
+    /// Only these partitions; all when empty.
+    pub partitions: Vec<String>,
     pub consistency: Consistency,
     pub as_of: Option<Timestamp>,
     pub guarantee_ts: Option<Timestamp>,
@@ -241,6 +248,7 @@ impl HybridOptions {
             k,
             ranker,
             output_fields: Vec::new(),
+            partitions: Vec::new(),
             consistency: Consistency::default(),
             as_of: None,
             guarantee_ts: None,
@@ -281,6 +289,8 @@ impl SearchOptions {
 #[derive(Debug, Clone, Default)]
 pub struct GetOptions {
     pub output_fields: Vec<String>,
+    /// Only these partitions; all when empty.
+    pub partitions: Vec<String>,
     pub consistency: Consistency,
     pub as_of: Option<Timestamp>,
     pub guarantee_ts: Option<Timestamp>,
@@ -297,6 +307,8 @@ pub struct QueryOptions {
     /// [`Limits::max_query_rows`] (more is an error asking for a limit).
     pub limit: Option<usize>,
     pub offset: usize,
+    /// Only these partitions; all when empty.
+    pub partitions: Vec<String>,
     pub consistency: Consistency,
     pub as_of: Option<Timestamp>,
     pub guarantee_ts: Option<Timestamp>,

@@ -70,7 +70,8 @@ impl Engine {
         let filter = self.checked_filter(entry.id, schema, options.filter.as_deref())?;
         let range = DistanceRange::of_scores(metric, options.radius, options.range_filter)?;
         let ef = options.ef.unwrap_or(self.inner.config.default_ef).max(options.k);
-        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(&entry, options.consistency, options.as_of, options.guarantee_ts)?;
+        let targets = self.read_targets(&entry, read_ts, &options.partitions, filter.as_deref())?;
         let to_hit = |hit: Hit, group: Option<Value>, fields: &[usize]| SearchHit {
             pk: hit.pk,
             score: score(metric, hit.distance),
@@ -87,7 +88,8 @@ impl Engine {
                 filter,
                 output_fields: output_fields.clone(),
             };
-            let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+            let answer =
+                self.request_over(&targets, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
             let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
             let hits = hits
                 .into_iter()
@@ -130,7 +132,8 @@ impl Engine {
                 output_fields: fields_read.clone(),
             };
             let timeout = deadline.saturating_duration_since(Instant::now());
-            let answer = self.request(entry.id, read_ts, kind, Some(timeout), options.consistency, options.as_of)?;
+            let answer =
+                self.request_over(&targets, read_ts, kind, Some(timeout), options.consistency, options.as_of)?;
             let Answer::Search { hits, .. } = answer else { return Err(unexpected(answer)) };
             Ok(hits
                 .into_iter()
@@ -163,17 +166,50 @@ impl Engine {
         };
         // A strict group short of hits gets its nearest rows from a search
         // restricted to it: widening the first search would have to reach
-        // every row when a group has fewer than `group_size` of them.
-        for (query, grouped) in queries.iter().zip(&mut grouped) {
-            for i in grouped.unfilled(grouping).collect::<Vec<_>>() {
-                let condition = grouped.groups[i].0.condition(&group_by.field);
-                let restricted = match &filter {
-                    Some(filter) => format!("({filter}) and ({condition})"),
-                    None => condition,
-                };
-                let members = nearest(vec![query.clone()], grouping.group_size, Some(restricted))?;
-                grouped.groups[i].1 = members.into_iter().flatten().map(|(_, hit)| hit).collect();
-            }
+        // every row when a group has fewer than `group_size` of them. The
+        // fills are independent reads at one timestamp: they run side by side.
+        let base_filter = filter.as_deref();
+        let fills: Vec<(usize, usize, String)> = grouped
+            .iter()
+            .enumerate()
+            .flat_map(|(q, grouped)| {
+                grouped.unfilled(grouping).map(move |i| {
+                    let condition = grouped.groups[i].0.condition(&group_by.field);
+                    let restricted = match base_filter {
+                        Some(filter) => format!("({filter}) and ({condition})"),
+                        None => condition,
+                    };
+                    (q, i, restricted)
+                })
+            })
+            .collect();
+        let lanes = std::thread::available_parallelism().map_or(1, |n| n.get()).min(fills.len());
+        let filled: Vec<Result<(usize, usize, Vec<Hit>)>> = std::thread::scope(|scope| {
+            let (fills, nearest, queries) = (&fills, &nearest, &queries);
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    scope.spawn(move || {
+                        fills
+                            .iter()
+                            .skip(lane)
+                            .step_by(lanes)
+                            .map(|(q, i, restricted)| {
+                                let members =
+                                    nearest(vec![queries[*q].clone()], grouping.group_size, Some(restricted.clone()))?;
+                                Ok((*q, *i, members.into_iter().flatten().map(|(_, hit)| hit).collect()))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(Error::storage("a grouping fill panicked"))]))
+                .collect()
+        });
+        for fill in filled {
+            let (q, i, members) = fill?;
+            grouped[q].groups[i].1 = members;
         }
         let hits = grouped
             .into_iter()
@@ -194,9 +230,10 @@ impl Engine {
             return Err(Error::exhausted("max_get_keys", format!("{} keys exceed the limit of {max_keys}", pks.len())));
         }
         let output_fields = self.output_fields(schema, &options.output_fields)?;
-        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(&entry, options.consistency, options.as_of, options.guarantee_ts)?;
+        let targets = self.read_targets(&entry, read_ts, &options.partitions, None)?;
         let kind = RequestKind::Get { pks: pks.to_vec(), output_fields: output_fields.clone() };
-        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let answer = self.request_over(&targets, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
         let Answer::Get(rows) = answer else { return Err(unexpected(answer)) };
         let mut by_pk: HashMap<Pk, Vec<Value>> = rows.into_iter().collect();
         let pk_name = &schema.primary().name;
@@ -299,10 +336,11 @@ impl Engine {
         output_fields: &[usize],
     ) -> Result<Vec<(Pk, Vec<Value>)>> {
         let filter = self.checked_filter(entry.id, &entry.schema, options.filter.as_deref())?;
-        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(entry, options.consistency, options.as_of, options.guarantee_ts)?;
         let limit = options.limit.map_or(usize::MAX, |l| l.saturating_add(options.offset));
+        let targets = self.read_targets(entry, read_ts, &options.partitions, filter.as_deref())?;
         let kind = RequestKind::Query { filter, output_fields: output_fields.to_vec(), limit };
-        let answer = self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
+        let answer = self.request_over(&targets, read_ts, kind, options.timeout, options.consistency, options.as_of)?;
         let Answer::Query { rows, .. } = answer else { return Err(unexpected(answer)) };
         Ok(rows.into_iter().skip(options.offset).collect())
     }
@@ -311,9 +349,10 @@ impl Engine {
     pub fn count(&self, collection: &str, options: &QueryOptions) -> Result<usize> {
         let entry = self.entry(collection)?;
         let filter = self.checked_filter(entry.id, &entry.schema, options.filter.as_deref())?;
-        let read_ts = self.read_ts(entry.id, options.consistency, options.as_of, options.guarantee_ts)?;
+        let read_ts = self.read_ts(&entry, options.consistency, options.as_of, options.guarantee_ts)?;
+        let targets = self.read_targets(&entry, read_ts, &options.partitions, filter.as_deref())?;
         let kind = RequestKind::Count { filter };
-        match self.request(entry.id, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
+        match self.request_over(&targets, read_ts, kind, options.timeout, options.consistency, options.as_of)? {
             Answer::Count(count) => Ok(count),
             other => Err(unexpected(other)),
         }
@@ -350,8 +389,10 @@ impl Engine {
         timeout: Option<Duration>,
     ) -> Result<CollectionStats> {
         let entry = self.entry(collection)?;
-        let read_ts = self.read_ts(entry.id, consistency, None, None)?;
-        match self.request(entry.id, read_ts, RequestKind::Stats, timeout, consistency, None)? {
+        let read_ts = self.read_ts(&entry, consistency, None, None)?;
+        // A collection's counts include its partitions'.
+        let targets = self.read_targets(&entry, read_ts, &[], None)?;
+        match self.request_over(&targets, read_ts, RequestKind::Stats, timeout, consistency, None)? {
             Answer::Stats(ShardStats {
                 versions,
                 live_rows,
@@ -432,7 +473,7 @@ impl Engine {
     /// The timestamp a read answers at.
     pub(super) fn read_ts(
         &self,
-        collection: CollectionId,
+        entry: &CatalogEntry,
         consistency: Consistency,
         as_of: Option<Timestamp>,
         guarantee_ts: Option<Timestamp>,
@@ -463,13 +504,41 @@ impl Engine {
                 // Acknowledged by an external log's brokers means read by
                 // the sources first; their records then have times before
                 // this read's.
-                self.inner.shared.log.sync(Some(collection), self.inner.config.request_timeout)?;
+                // A collection with partitions is read from several
+                // collections' topics: all of them are synced.
+                let partitioned = entry.partition_of.is_none() && !self.partitions_of(&entry.schema.name)?.is_empty();
+                let scope = (!partitioned).then_some(entry.id);
+                self.inner.shared.log.sync(scope, self.inner.config.request_timeout)?;
                 tso.allocate(1)
             }
             Consistency::Session => applied.max(guarantee_ts.unwrap_or(0)),
             Consistency::Bounded => applied.max(before(tso.next_possible(), self.inner.config.bounded_staleness)),
             Consistency::Eventually => applied,
         })
+    }
+
+    /// A read of several collections' rows (a collection's partitions) at
+    /// one time: their answers merged as shards' answers merge.
+    pub(super) fn request_over(
+        &self,
+        targets: &[CollectionId],
+        read_ts: Timestamp,
+        kind: RequestKind,
+        timeout: Option<Duration>,
+        consistency: Consistency,
+        as_of: Option<Timestamp>,
+    ) -> Result<Answer> {
+        let deadline = Instant::now() + timeout.unwrap_or(self.inner.config.request_timeout);
+        let mut merged: Option<Answer> = None;
+        for &target in targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = self.request(target, read_ts, kind.clone(), Some(left), consistency, as_of)?;
+            match merged.as_mut() {
+                Some(merged) => merged.merge(answer),
+                None => merged = Some(answer),
+            }
+        }
+        merged.ok_or_else(|| Error::storage("a read with no collection to read"))
     }
 
     /// Answers a request: a read from the shards off the dataflow (see

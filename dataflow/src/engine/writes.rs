@@ -4,6 +4,8 @@
 //! and [`EngineConfig::max_index_backlog_rows`]).
 
 use super::*;
+use crate::routing::key_partition_of;
+use arrow::array::{Array, AsArray};
 
 impl Engine {
     /// Inserts rows given as an Arrow batch (columns by field name). A row
@@ -29,12 +31,32 @@ impl Engine {
     }
 
     /// Deletes rows by primary key; keys that do not exist are ignored.
+    /// Through a collection's name the keys go from every partition,
+    /// through a partition's (see [`Engine::partition`]) from that one.
     pub fn delete(&self, collection: &str, pks: &[Pk]) -> Result<WriteResult> {
         let entry = self.running_entry(collection)?;
         entry.schema.check_keys(pks)?;
         self.wait_for_capacity()?;
-        let ts = self.inner.shared.log.append_deletes(entry.id, pks, self.inner.config.request_timeout)?;
+        let mut targets = vec![entry.id];
+        if entry.partition_of.is_none() {
+            targets.extend(self.partitions_of(&entry.schema.name)?.iter().map(|p| p.id));
+        }
+        let mut ts = 0;
+        for target in targets {
+            ts = ts.max(self.inner.shared.log.append_deletes(target, pks, self.inner.config.request_timeout)?);
+        }
         Ok(WriteResult { pks: pks.to_vec(), ts })
+    }
+
+    /// The other partitions of the collection `entry` is (a partition of).
+    fn sibling_partitions(&self, entry: &CatalogEntry) -> Result<Vec<CollectionId>> {
+        let collection = entry.partition_of.as_ref().map_or(&entry.schema.name, |of| &of.collection);
+        let mut ids: Vec<CollectionId> = self.partitions_of(collection)?.iter().map(|p| p.id).collect();
+        if entry.partition_of.is_some() {
+            ids.push(self.entry(collection)?.id);
+        }
+        ids.retain(|&id| id != entry.id);
+        Ok(ids)
     }
 
     pub(super) fn write_batch(
@@ -51,6 +73,18 @@ impl Engine {
             return Ok(WriteResult { pks: Vec::new(), ts: self.inner.shared.log.tso().last() });
         }
         self.wait_for_capacity()?;
+        if entry.partition_of.is_none()
+            && let Some((key, partitions)) = schema.partition_key()
+        {
+            return self.write_by_partition_key(&entry, write, kind, key, partitions);
+        }
+        // As in Milvus, an upsert replaces its keys wherever they are: the
+        // other partitions lose them first.
+        if kind == WriteKind::Upsert {
+            for sibling in self.sibling_partitions(&entry)? {
+                self.inner.shared.log.append_deletes(sibling, &write.pks, self.inner.config.request_timeout)?;
+            }
+        }
         let pk_index = schema.primary_index();
         let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
         let auto_id_field = auto_id.then_some(pk_index);
@@ -61,6 +95,75 @@ impl Engine {
 }
 
 impl Engine {
+    /// A write to a partition-key collection: each row to the partition its
+    /// key's value hashes to (one log record per partition written). An
+    /// upsert first deletes its keys from the partitions its rows do not go
+    /// to, so a key whose partition-key value changed does not stay behind.
+    fn write_by_partition_key(
+        &self,
+        entry: &CatalogEntry,
+        write: WriteBatch,
+        kind: WriteKind,
+        key: usize,
+        partitions: usize,
+    ) -> Result<WriteResult> {
+        let schema = &entry.schema;
+        let ids = self.key_partition_ids(entry, partitions)?;
+        let key_name = &schema.fields[key].name;
+        let column = write
+            .batch
+            .column_by_name(key_name)
+            .ok_or_else(|| Error::storage(format!("the write lacks partition key column `{key_name}`")))?;
+        let rows = write.batch.num_rows();
+        let value_at = |row: usize| -> Result<Pk> {
+            if column.is_null(row) {
+                return Err(Error::field(key_name, format!("row {row}: the partition key cannot be null")));
+            }
+            if let Some(ints) = column.as_primitive_opt::<arrow::datatypes::Int64Type>() {
+                return Ok(Pk::Int(ints.value(row)));
+            }
+            if let Some(text) = column.as_string_opt::<i32>() {
+                return Ok(Pk::Str(text.value(row).to_string()));
+            }
+            Err(Error::field(key_name, "the partition key column is neither int64 nor string"))
+        };
+        let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); partitions];
+        for row in 0..rows {
+            rows_of[key_partition_of(&value_at(row)?, partitions)].push(row as u32);
+        }
+        let timeout = self.inner.config.request_timeout;
+        let log = &self.inner.shared.log;
+        let mut ts = 0;
+        if kind == WriteKind::Upsert {
+            for (partition, id) in ids.iter().enumerate() {
+                let elsewhere: Vec<Pk> = (0..partitions)
+                    .filter(|&p| p != partition)
+                    .flat_map(|p| rows_of[p].iter().map(|&row| write.pks[row as usize].clone()))
+                    .collect();
+                if !elsewhere.is_empty() {
+                    ts = ts.max(log.append_deletes(*id, &elsewhere, timeout)?);
+                }
+            }
+        }
+        let auto_id = schema.primary().auto_id && matches!(kind, WriteKind::Insert { .. });
+        let auto_id_field = auto_id.then_some(schema.primary_index());
+        let mut pks: Vec<Pk> = write.pks.clone();
+        for (partition, chosen) in rows_of.iter().enumerate() {
+            if chosen.is_empty() {
+                continue;
+            }
+            let indices = arrow::array::UInt32Array::from(chosen.clone());
+            let batch = arrow::compute::take_record_batch(&write.batch, &indices)?;
+            let part = WriteBatch { batch, pks: chosen.iter().map(|&row| write.pks[row as usize].clone()).collect() };
+            let (written, at) = log.append_rows(ids[partition], part, auto_id_field, timeout)?;
+            for (&row, pk) in chosen.iter().zip(written) {
+                pks[row as usize] = pk;
+            }
+            ts = ts.max(at);
+        }
+        Ok(WriteResult { pks, ts })
+    }
+
     /// Backpressure: waits while the applied frontier is more than
     /// `max_apply_lag` behind the clock (writers fill the log faster than
     /// the dataflow applies it; the gap is what a Strong read waits for),

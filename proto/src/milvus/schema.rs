@@ -71,6 +71,7 @@ pub fn schema_from_milvus(
     schema_bytes: &[u8],
     consistency: i32,
     properties: &[KeyValuePair],
+    num_partitions: i64,
 ) -> Result<CollectionSchema> {
     let milvus = pb::CollectionSchema::decode(schema_bytes)
         .map_err(|e| Error::argument("schema", format!("not a serialized CollectionSchema: {e}")))?;
@@ -100,15 +101,16 @@ pub fn schema_from_milvus(
         schema.properties.insert(pair.key.clone(), pair.value.clone());
     }
     schema.properties.insert(CONSISTENCY_PROPERTY.into(), level.as_str_name().into());
+    // Milvus reads `num_partitions` only for a partition key.
+    if schema.fields.iter().any(|f| f.is_partition_key) && num_partitions > 0 {
+        schema.num_partitions = Some(usize::try_from(num_partitions).unwrap_or(usize::MAX));
+    }
     schema.validate()?;
     Ok(schema)
 }
 
 fn field_from_milvus(field: pb::FieldSchema) -> Result<FieldSchema> {
     let name = quote(&field.name).into_owned();
-    if field.is_partition_key {
-        return Err(Error::field(&name, "partition keys are not supported yet"));
-    }
     let data_type = match pb::DataType::try_from(field.data_type) {
         Ok(pb::DataType::Bool) => DataType::Bool,
         Ok(pb::DataType::Int8) => DataType::Int8,
@@ -143,6 +145,7 @@ fn field_from_milvus(field: pb::FieldSchema) -> Result<FieldSchema> {
         auto_id: field.auto_id,
         is_dynamic: false,
         description: field.description,
+        is_partition_key: field.is_partition_key,
     })
 }
 
@@ -200,6 +203,7 @@ pub fn field_to_milvus(index: usize, field: &FieldSchema) -> pb::FieldSchema {
         default_value: field.default_value.as_ref().and_then(|v| default_to_milvus(v, &field.data_type)),
         is_dynamic: field.is_dynamic,
         nullable: field.nullable,
+        is_partition_key: field.is_partition_key,
         ..Default::default()
     }
 }
@@ -292,7 +296,7 @@ mod tests {
     #[test]
     fn a_quick_schema_converts_both_ways() {
         let bytes = quick_schema().encode_to_vec();
-        let ours = schema_from_milvus("qs", &bytes, ConsistencyLevel::Strong as i32, &[]).unwrap();
+        let ours = schema_from_milvus("qs", &bytes, ConsistencyLevel::Strong as i32, &[], 0).unwrap();
         assert_eq!(ours.fields.len(), 5);
         assert_eq!(ours.fields[1].data_type, DataType::FloatVector { dim: 8, metric: DEFAULT_METRIC });
         assert!(ours.fields[4].is_dynamic);
@@ -313,13 +317,13 @@ mod tests {
     fn unsupported_fields_are_named() {
         let mut schema = quick_schema();
         schema.fields[2].data_type = pb::DataType::BinaryVector as i32;
-        let error = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[]).unwrap_err().to_string();
+        let error = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[], 0).unwrap_err().to_string();
         assert!(error.contains("title") && error.contains("BinaryVector"), "{error}");
         let mut schema = quick_schema();
         schema.fields[1].type_params.clear();
-        let error = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[]).unwrap_err().to_string();
+        let error = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[], 0).unwrap_err().to_string();
         assert!(error.contains("vector") && error.contains("dim"), "{error}");
-        let error = schema_from_milvus("qs", b"\xff\xff", 0, &[]).unwrap_err().to_string();
+        let error = schema_from_milvus("qs", b"\xff\xff", 0, &[], 0).unwrap_err().to_string();
         assert!(error.contains("schema"), "{error}");
     }
 
@@ -327,7 +331,7 @@ mod tests {
     fn a_metric_in_index_params_is_kept() {
         let mut schema = quick_schema();
         schema.fields[1].index_params = vec![kv("metric_type", "L2")];
-        let ours = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[]).unwrap();
+        let ours = schema_from_milvus("qs", &schema.encode_to_vec(), 0, &[], 0).unwrap();
         assert_eq!(ours.fields[1].data_type, DataType::FloatVector { dim: 8, metric: Metric::L2 });
         let ip = with_metric(&ours, "vector", Metric::IP).unwrap();
         assert_eq!(ip.fields[1].data_type, DataType::FloatVector { dim: 8, metric: Metric::IP });
@@ -337,7 +341,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_bytes_convert_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = schema_from_milvus("c", &bytes, 0, &[]);
+            let _ = schema_from_milvus("c", &bytes, 0, &[], 0);
         }
     }
 }
