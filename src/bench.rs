@@ -177,6 +177,14 @@ struct Ratio<'a> {
     vs_exact: Option<f64>,
 }
 
+/// QPS, p50 and p99 (ms) of sequential searches that took `latencies_ms`
+/// over `elapsed_s` seconds.
+pub fn latency_summary(mut latencies_ms: Vec<f64>, elapsed_s: f64) -> (f64, f64, f64) {
+    latencies_ms.sort_by(f64::total_cmp);
+    let qps = latencies_ms.len() as f64 / elapsed_s.max(f64::MIN_POSITIVE);
+    (qps, percentile(&latencies_ms, 0.5), percentile(&latencies_ms, 0.99))
+}
+
 pub fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
     if sorted_ms.is_empty() {
         return 0.0;

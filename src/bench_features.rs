@@ -18,7 +18,7 @@ use vectorflow::crates::connectors::npy::Matrix;
 use vectorflow::crates::operators::distance::{distance, normalize, score};
 use vectorflow::{Consistency, Engine, GroupBy, Metric, Pk, SearchHit, SearchOptions};
 
-use crate::bench::percentile;
+use crate::bench::latency_summary;
 
 /// Exact rows kept per query: enough for 10 full groups on the datasets
 /// here (checked per query: a query whose groups these rows do not fill is
@@ -194,15 +194,14 @@ pub fn measure_features(
                     }
                 }
             }
-            let elapsed = run.elapsed().as_secs_f64();
-            latencies.sort_by(f64::total_cmp);
+            let (qps, p50_ms, p99_ms) = latency_summary(latencies, run.elapsed().as_secs_f64());
             let point = FeaturePoint {
                 kind,
                 ef,
-                qps: queries.len() as f64 / elapsed,
+                qps,
                 recall: found as f64 / expected.max(1) as f64,
-                p50_ms: percentile(&latencies, 0.5),
-                p99_ms: percentile(&latencies, 0.99),
+                p50_ms,
+                p99_ms,
                 hits: hits as f64 / queries.len() as f64,
             };
             println!(

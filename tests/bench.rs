@@ -14,7 +14,7 @@ fn bench_writes_results_with_every_key_and_an_exact_baseline_at_recall_one() {
         .arg("--out")
         .arg(out.path())
         .args(["--ef", "32,64", "--clients", "1,2", "--queries", "100", "--exact-queries", "50", "--seal-rows", "4000"])
-        .args(["--features", "month"])
+        .args(["--features", "month", "--tenants", "50"])
         .status()
         .expect("the vectorflow binary runs");
     assert!(status.success(), "bench exited with {status}");
@@ -57,5 +57,13 @@ fn bench_writes_results_with_every_key_and_an_exact_baseline_at_recall_one() {
         assert!((0.5..=1.0).contains(&recall), "{point}: recall against the exact answer");
         assert!(point["qps"].as_f64().unwrap() > 0.0 && point["hits_per_query"].as_f64().unwrap() > 0.0, "{point}");
     }
+    // A tenant's search with `tenant` a partition key and a plain field.
+    let tenants = results["tenants"].as_array().expect("tenants is a list");
+    assert_eq!(tenants.len(), 4, "two layouts at two ef: {tenants:?}");
+    for point in tenants {
+        assert!(point["recall"].as_f64().unwrap() >= 0.9, "{point}");
+        assert_eq!(point["partitions_read"].as_u64(), Some(1), "{point}");
+    }
+    assert!(tenants.iter().any(|p| p["partitions"].as_u64() == Some(16)), "the keyed layout has 16 partitions");
     assert!(out.path().join("recall_qps.png").exists(), "the plot is written");
 }

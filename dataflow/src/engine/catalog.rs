@@ -279,6 +279,11 @@ impl Engine {
             return Ok(match pinned {
                 Some(values) => {
                     let mut chosen: Vec<usize> = values.iter().map(|v| key_partition_of(v, count)).collect();
+                    // Records produced straight to the collection's topic
+                    // land in `_default` whatever their key: it is read too.
+                    if self.inner.shared.log.takes_outside_records() {
+                        chosen.push(0);
+                    }
                     chosen.sort_unstable();
                     chosen.dedup();
                     chosen.into_iter().map(|i| ids[i]).collect()

@@ -13,6 +13,10 @@ use super::{CheckpointPositions, Log, with_auto_ids};
 use crate::engine::IngestStats;
 
 impl Log for Arc<KafkaLog> {
+    fn takes_outside_records(&self) -> bool {
+        true
+    }
+
     fn tso(&self) -> &Tso {
         KafkaLog::tso(self)
     }

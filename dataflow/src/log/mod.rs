@@ -113,6 +113,13 @@ pub(crate) trait Log: Send + Sync {
     fn ingest_stats(&self, _collection: CollectionId, _name: &str) -> Result<Option<IngestStats>> {
         Ok(None)
     }
+
+    /// Whether records may reach a collection without passing through the
+    /// engine's writes (producers writing to an external log's topic):
+    /// such rows are not routed by a partition key.
+    fn takes_outside_records(&self) -> bool {
+        false
+    }
 }
 
 /// Replaces placeholder auto ids with `first..`, ids from the write's reserved timestamps.
