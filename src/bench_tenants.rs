@@ -81,6 +81,8 @@ pub fn measure_tenants(
         }
         engine.wait_for_indexes(name, Duration::from_secs(3600))?;
         engine.wait_for_merges(name, Duration::from_secs(3600))?;
+        // Persisted now, so no checkpoint writes segments while searches are timed.
+        engine.flush(name)?;
     }
     println!(
         "tenants: {} rows of {tenants} tenants in `{KEYED}` (partition key, {KEY_PARTITIONS} partitions) and \
