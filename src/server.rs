@@ -124,6 +124,13 @@ fn read_options(argument: &str, read: Option<v1::ReadOptions>) -> vectorflow::Re
     })
 }
 
+/// An insert (or upsert) of a request's rows into its partition.
+fn write_rows(engine: &Engine, body: v1::WriteRequest, upsert: bool) -> vectorflow::Result<vectorflow::WriteResult> {
+    let target = partition_target(engine, &body.collection, &body.partition)?;
+    let batch = write_batch(body)?;
+    if upsert { engine.upsert(&target, &batch) } else { engine.insert(&target, &batch) }
+}
+
 /// Where a write goes: the named partition, else the collection itself.
 fn partition_target(engine: &Engine, collection: &str, partition: &str) -> vectorflow::Result<String> {
     match partition.trim() {
@@ -304,23 +311,13 @@ impl Vectorflow for VectorflowService {
 
     async fn insert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         let body = request.get_ref().clone();
-        let write = self
-            .run(&request, move |engine, _| {
-                let target = partition_target(engine, &body.collection, &body.partition)?;
-                engine.insert(&target, &write_batch(body)?)
-            })
-            .await?;
+        let write = self.run(&request, move |engine, _| write_rows(engine, body, false)).await?;
         Ok(Response::new(write_response(write)))
     }
 
     async fn upsert(&self, request: Request<v1::WriteRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         let body = request.get_ref().clone();
-        let write = self
-            .run(&request, move |engine, _| {
-                let target = partition_target(engine, &body.collection, &body.partition)?;
-                engine.upsert(&target, &write_batch(body)?)
-            })
-            .await?;
+        let write = self.run(&request, move |engine, _| write_rows(engine, body, true)).await?;
         Ok(Response::new(write_response(write)))
     }
 

@@ -8,6 +8,16 @@ use vectorflow_connectors::catalog::PartitionOf;
 /// The partition every collection has: the collection's own entry.
 pub const DEFAULT_PARTITION: &str = "_default";
 
+/// The entries named `{collection}.…`: its partitions' (dropped ones too),
+/// found as one range of the ordered name map rather than by a scan.
+fn partition_entries<'a>(
+    collections: &'a BTreeMap<String, CatalogEntry>,
+    collection: &str,
+) -> impl Iterator<Item = &'a CatalogEntry> {
+    let prefix = format!("{collection}.");
+    collections.range(prefix.clone()..).take_while(move |(name, _)| name.starts_with(&prefix)).map(|(_, e)| e)
+}
+
 /// The name of a partition key's partition `i` (0 is `_default`).
 fn key_partition_name(i: usize) -> String {
     if i == 0 { DEFAULT_PARTITION.to_string() } else { format!("{DEFAULT_PARTITION}_{i}") }
@@ -238,7 +248,7 @@ impl Engine {
     /// The partitions of `collection` not dropped (`_default` aside).
     pub(super) fn partitions_of(&self, collection: &str) -> Result<Vec<CatalogEntry>> {
         let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
-        Ok(collections.values().filter(|e| e.is_live_partition(collection)).cloned().collect())
+        Ok(partition_entries(&collections, collection).filter(|e| e.is_live_partition(collection)).cloned().collect())
     }
 
     fn live_partition(&self, collection: &str, partition: &str) -> Result<Option<CatalogEntry>> {
@@ -292,8 +302,9 @@ impl Engine {
             });
         }
         let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
-        let at_read: Vec<&CatalogEntry> =
-            collections.values().filter(|e| e.is_partition_at(&entry.schema.name, read_ts)).collect();
+        let at_read: Vec<&CatalogEntry> = partition_entries(&collections, &entry.schema.name)
+            .filter(|e| e.is_partition_at(&entry.schema.name, read_ts))
+            .collect();
         if partitions.is_empty() {
             return Ok(std::iter::once(entry.id).chain(at_read.iter().map(|e| e.id)).collect());
         }
@@ -330,8 +341,7 @@ impl Engine {
         self.inner.catalog_store.drop_collection(name)?;
         let partitions: Vec<CatalogEntry> = {
             let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
-            collections
-                .values()
+            partition_entries(&collections, &entry.schema.name)
                 .filter(|e| e.partition_of.as_ref().is_some_and(|of| of.collection == entry.schema.name))
                 .cloned()
                 .collect()

@@ -52,7 +52,9 @@ struct Inner {
     config: EngineConfig,
     shared: Arc<Shared>,
     catalog_store: CatalogStore,
-    collections: RwLock<HashMap<String, CatalogEntry>>,
+    /// By name; ordered, so a collection's partitions (named
+    /// `{collection}.{partition}.{ts}`) are one range of it.
+    collections: RwLock<BTreeMap<String, CatalogEntry>>,
     /// Alias → collection name; every read and write resolves through it.
     aliases: RwLock<HashMap<String, String>>,
     /// Serialises creates and drops (never held by reads or writes).
