@@ -139,6 +139,11 @@ pub struct BenchArgs {
     /// against engine at 100k) does not need it.
     #[arg(long)]
     pub no_raw: bool,
+    /// Keep sealed segments' `f32` vectors in mapped files
+    /// (`vectors_on_disk`): memory then counts the vectors' pages mapped
+    /// in, which the page cache holds.
+    #[arg(long)]
+    pub vectors_on_disk: bool,
     /// Also measure range search and grouping search (by this integer
     /// attribute, e.g. `month`) next to plain top-k: unfiltered, 1 client,
     /// each `--ef`, against exact answers.
@@ -161,13 +166,45 @@ struct Point {
     recall: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU seconds this process spent per second of the point: how many of
+    /// the machine's cores the searches kept busy.
+    cores: f64,
 }
 
 impl Point {
+    fn new(filter: &str, ef: usize, clients: usize, measured: Measured) -> Point {
+        let Measured { qps, recall, p50_ms, p99_ms, cores } = measured;
+        Point { filter: filter.to_string(), ef, clients, qps, recall, p50_ms, p99_ms, cores }
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.qps,
-               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms})
+               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "cores_busy": self.cores})
     }
+}
+
+/// What [`measure`] found.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    qps: f64,
+    recall: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cores: f64,
+}
+
+/// CPU time (user and system, all threads) this process has used.
+pub fn process_cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `rusage` through the pointer, which is
+    // valid and large enough; on failure it writes nothing and the zeroed
+    // value (no time) stands.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// An engine point's QPS against the baselines at the same filter, ef and clients.
@@ -205,8 +242,9 @@ fn measure(
     truth: &GroundTruth,
     judge: &RecallJudge,
     search: &SearchFn,
-) -> anyhow::Result<(f64, f64, f64, f64)> {
+) -> anyhow::Result<Measured> {
     let started = Instant::now();
+    let cpu_before = process_cpu_time();
     let per_client: Vec<anyhow::Result<Vec<(usize, f64, f64)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
@@ -226,6 +264,7 @@ fn measure(
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))).collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
+    let cores = (process_cpu_time() - cpu_before).as_secs_f64() / elapsed.max(f64::MIN_POSITIVE);
     let mut latencies = Vec::new();
     let mut recall = 0.0;
     for result in per_client {
@@ -234,9 +273,9 @@ fn measure(
             recall += r;
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    let n = latencies.len().max(1) as f64;
-    Ok((latencies.len() as f64 / elapsed, recall / n, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+    let searches = latencies.len();
+    let (qps, p50_ms, p99_ms) = latency_summary(latencies, elapsed);
+    Ok(Measured { qps, recall: recall / searches.max(1) as f64, p50_ms, p99_ms, cores })
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -246,6 +285,51 @@ fn peak_rss() -> u64 {
 
 fn current_rss() -> u64 {
     read_status("VmRSS:")
+}
+
+/// Where this process's resident memory is, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Resident {
+    /// Anonymous pages: the heap and thread stacks.
+    anonymous: u64,
+    /// Pages of mapped files (vectors kept on disk, the binary).
+    file: u64,
+    /// Heap bytes handed out by the allocator (glibc's count, all arenas);
+    /// the rest of `anonymous` is freed heap not yet given back, and stacks.
+    heap_in_use: u64,
+}
+
+impl Resident {
+    fn now() -> Resident {
+        Resident { anonymous: read_status("RssAnon:"), file: read_status("RssFile:"), heap_in_use: heap_in_use() }
+    }
+
+    /// Growth since `before` (zero where a count shrank).
+    fn since(self, before: Resident) -> Resident {
+        Resident {
+            anonymous: self.anonymous.saturating_sub(before.anonymous),
+            file: self.file.saturating_sub(before.file),
+            heap_in_use: self.heap_in_use.saturating_sub(before.heap_in_use),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({"anonymous_bytes": self.anonymous, "file_bytes": self.file, "heap_in_use_bytes": self.heap_in_use})
+    }
+}
+
+/// Heap bytes the allocator has handed out (0 where it cannot tell).
+fn heap_in_use() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        0
+    }
 }
 
 fn read_status(key: &str) -> u64 {
@@ -328,11 +412,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         seal_rows: args.data.seal_rows,
         checkpoint_interval: None,
         compaction_interval: None,
+        vectors_on_disk: args.vectors_on_disk,
         ..EngineConfig::new(data_dir.path())
     })?;
     let schema = dataset.collection_schema("bench", &attributes)?;
     engine.create_collection(schema.clone())?;
     let rss_before = current_rss();
+    let resident_before = Resident::now();
     let progress = indicatif::ProgressBar::new(n as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("ingest {bar:40} {pos}/{len} rows {per_sec} eta {eta}")
@@ -363,7 +449,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Searches are measured on the segments the merge policy settles on.
     let settled = engine.wait_for_merges("bench", Duration::from_secs(3600))?;
     let merge_wait_s = index_started.elapsed().as_secs_f64() - index_wait_s;
+    // Every segment written to the object store before anything is timed:
+    // at a million rows the persister was still encoding merged segments
+    // while the searches ran.
+    engine.flush("bench")?;
     let rss_engine = current_rss().saturating_sub(rss_before);
+    let resident_engine = Resident::now().since(resident_before);
+    // What of it is freed heap the allocator still holds: the engine trims
+    // after each build and merge, so this should be little.
+    vectorflow::crates::operators::host::release_freed_memory();
+    let resident_trimmed = Resident::now().since(resident_before);
     let workers = args.data.workers.max(1);
     let segments = json!({
         "sealed": settled.sealed_segments,
@@ -441,13 +536,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let result = engine.search("bench", &[q.to_vec()], &options)?;
                     Ok(ids(&result.hits[0]))
                 };
-                let (qps, recall, p50_ms, p99_ms) = measure(&queries, clients, k, truth, &judge, &search)?;
+                let point = Point::new(name, ef, clients, measure(&queries, clients, k, truth, &judge, &search)?);
                 // Printed now too: at scale the measurements take long.
                 println!(
-                    "engine {name} ef {ef} clients {clients}: {qps:.0} QPS, recall {recall:.3}, p50 {p50_ms:.3} ms, \
-                     p99 {p99_ms:.3} ms"
+                    "engine {name} ef {ef} clients {clients}: {:.0} QPS, recall {:.3}, p50 {:.3} ms, p99 {:.3} ms, \
+                     {:.2} cores busy",
+                    point.qps, point.recall, point.p50_ms, point.p99_ms, point.cores
                 );
-                engine_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+                engine_points.push(point);
 
                 let Some(raw) = &raw else { continue };
                 let raw_search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
@@ -458,16 +554,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     rows.sort_by(|a, b| rank(metric, a.1, b.1));
                     Ok(rows)
                 };
-                let (qps, recall, p50_ms, p99_ms) = measure(&prepared, clients, k, truth, &judge, &raw_search)?;
-                hnsw_points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+                hnsw_points.push(Point::new(
+                    name,
+                    ef,
+                    clients,
+                    measure(&prepared, clients, k, truth, &judge, &raw_search)?,
+                ));
             }
         }
         for &clients in &args.clients {
             let search = |q: &[f32]| -> anyhow::Result<Vec<(i64, f32)>> {
                 Ok(exact_search(metric, &vectors, q, k, &passing_rows))
             };
-            let (qps, recall, p50_ms, p99_ms) = measure(exact_queries, clients, k, truth, &judge, &search)?;
-            exact_points.push(Point { filter: name.clone(), ef: 0, clients, qps, recall, p50_ms, p99_ms });
+            exact_points.push(Point::new(
+                name,
+                0,
+                clients,
+                measure(exact_queries, clients, k, truth, &judge, &search)?,
+            ));
         }
     }
     drop(raw);
@@ -515,11 +619,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // (keys, versions, timestamps, allocator slack) from the RSS growth.
     let index_bytes = settled.index_bytes as f64 / n as f64;
     let scalar_bytes = attributes.get_array_memory_size() as f64 / n as f64;
+    // On disk, a vector's resident bytes are its share of the mapped pages.
+    let vector_bytes = if args.vectors_on_disk { resident_engine.file as f64 / n as f64 } else { raw_bytes };
+    let other_bytes = bytes_per_vector - vector_bytes - index_bytes - scalar_bytes;
     let breakdown = json!({
-        "vectors": raw_bytes,
+        "vectors": vector_bytes,
+        "vectors_on_disk": args.vectors_on_disk,
         "index": index_bytes,
         "scalars": scalar_bytes,
-        "other": bytes_per_vector - raw_bytes - index_bytes - scalar_bytes,
+        "other": other_bytes,
     });
 
     // ---- the same through gRPC, against a running server ----
@@ -559,7 +667,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     println!();
     println!(
-        "{:<12} {:<11} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}{}",
+        "{:<12} {:<11} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9}{}",
         "system",
         "filter",
         "ef",
@@ -568,6 +676,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "recall",
         "p50 ms",
         "p99 ms",
+        "cores",
         "vs hnsw",
         "vs exact",
         if grpc.is_some() { format!(" {:>9}", "vs engine") } else { String::new() }
@@ -575,7 +684,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ratio = |r: Option<f64>| r.map_or(String::from("-"), |r| format!("{r:.2}"));
     let print_with = |name: &str, p: &Point, vs_hnsw: Option<f64>, vs_exact: Option<f64>, tail: &str| {
         println!(
-            "{name:<12} {:<11} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9}{tail}",
+            "{name:<12} {:<11} {:>5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>6.2} {:>9} {:>9}{tail}",
             p.filter,
             p.ef,
             p.clients,
@@ -583,6 +692,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             p.recall,
             p.p50_ms,
             p.p99_ms,
+            p.cores,
             ratio(vs_hnsw),
             ratio(vs_exact)
         );
@@ -628,12 +738,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         travel.0, travel.1
     );
     println!(
-        "memory: peak RSS {:.0} MiB; engine {:.0} bytes/vector vs {raw_bytes:.0} raw ({:.2}x): vectors \
-         {raw_bytes:.0}, index (graph + SQ8 codes) {index_bytes:.0}, scalars {scalar_bytes:.0}, other {:.0}",
+        "memory: peak RSS {:.0} MiB; engine {:.0} bytes/vector vs {raw_bytes:.0} raw ({:.2}x, {:.2}x of raw + \
+         scalars): vectors {vector_bytes:.0}{}, index (graph + SQ8 codes) {index_bytes:.0}, scalars \
+         {scalar_bytes:.0}, other {other_bytes:.0}",
         peak as f64 / (1 << 20) as f64,
         bytes_per_vector,
         bytes_per_vector / raw_bytes,
-        bytes_per_vector - raw_bytes - index_bytes - scalar_bytes
+        bytes_per_vector / (raw_bytes + scalar_bytes),
+        if args.vectors_on_disk { " (on disk: their pages mapped in)" } else { "" }
+    );
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    println!(
+        "memory growth after the indexes: {:.0} MiB anonymous ({:.0} MiB of it heap in use; {:.0} MiB after a \
+         trim), {:.0} MiB file-backed",
+        mib(resident_engine.anonymous),
+        mib(resident_engine.heap_in_use),
+        mib(resident_trimmed.anonymous),
+        mib(resident_engine.file)
     );
     if let Some(grpc) = &grpc {
         println!(
@@ -672,7 +793,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "features": features.iter().map(crate::bench_features::FeaturePoint::json).collect::<Vec<_>>(),
         "tenants": tenants.iter().map(crate::bench_tenants::TenantPoint::json).collect::<Vec<_>>(),
         "memory": {"peak_rss_bytes": peak, "bytes_per_vector": bytes_per_vector, "raw_bytes_per_vector": raw_bytes,
-                   "per_vector": breakdown},
+                   "per_vector": breakdown, "resident_growth": resident_engine.json(),
+                   "resident_growth_after_trim": resident_trimmed.json()},
     });
     if let Some(grpc) = &grpc {
         results["grpc"] = grpc
@@ -1058,8 +1180,12 @@ mod grpc {
                             .map(|(key, score)| (if let Pk::Int(id) = key { *id } else { -1 }, score))
                             .collect())
                     };
-                    let (qps, recall, p50_ms, p99_ms) = measure(data.queries, clients, k, truth, data.judge, &search)?;
-                    points.push(Point { filter: name.clone(), ef, clients, qps, recall, p50_ms, p99_ms });
+                    points.push(Point::new(
+                        name,
+                        ef,
+                        clients,
+                        measure(data.queries, clients, k, truth, data.judge, &search)?,
+                    ));
                 }
             }
         }

@@ -66,6 +66,10 @@ pub struct ServerConfig {
     pub seal_rows: usize,
     /// Merges never make a segment of more rows than this.
     pub max_segment_rows: usize,
+    /// Sealed segments keep their `f32` vectors in mapped files under
+    /// `data_dir` instead of on the heap (searches walk SQ8 codes in memory
+    /// and read the `f32` values to re-rank).
+    pub vectors_on_disk: bool,
     /// History kept for time travel, in seconds.
     pub retention_secs: u64,
     /// Staleness bound of Bounded consistency, in milliseconds.
@@ -363,6 +367,7 @@ impl Default for ServerConfig {
             workers: engine.workers,
             seal_rows: engine.seal_rows,
             max_segment_rows: engine.max_segment_rows,
+            vectors_on_disk: engine.vectors_on_disk,
             retention_secs: engine.retention.as_secs(),
             bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
             request_timeout_secs: engine.request_timeout.as_secs(),
@@ -512,6 +517,7 @@ impl ServerConfig {
             workers: self.workers,
             seal_rows: self.seal_rows,
             max_segment_rows: self.max_segment_rows,
+            vectors_on_disk: self.vectors_on_disk,
             retention: Duration::from_secs(self.retention_secs),
             bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
             request_timeout: Duration::from_secs(self.request_timeout_secs),

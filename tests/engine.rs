@@ -567,3 +567,71 @@ fn writes_wait_while_the_dataflow_lags_and_are_refused_untaken_past_the_timeout(
     assert_eq!(found, vec![1, 2, 4]);
     engine.shutdown();
 }
+
+#[test]
+fn with_vectors_on_disk_the_engine_answers_as_in_memory_across_a_restart_and_keeps_no_stale_file() {
+    let dataset = Dataset::open(dataset_dir("pypi-20k")).expect("pypi-20k dataset");
+    let vectors = dataset.base_vectors().unwrap();
+    let queries = dataset.query_vectors().unwrap();
+    let attributes = dataset.base_attributes().unwrap();
+    let rows = 6000;
+    let exact = vectorflow::SearchPlan { exact_below_rows: usize::MAX, ..vectorflow::SearchPlan::default() };
+    let open = |dir: &std::path::Path, on_disk: bool| {
+        let config = EngineConfig {
+            workers: 2,
+            seal_rows: 1000,
+            search_plan: exact,
+            vectors_on_disk: on_disk,
+            ..EngineConfig::new(dir)
+        };
+        Engine::open(config).unwrap()
+    };
+    let files_in = |dir: &std::path::Path| match std::fs::read_dir(dir.join("vectors")) {
+        Ok(entries) => entries.count(),
+        Err(_) => 0,
+    };
+    let (memory_dir, disk_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (in_memory, on_disk) = (open(memory_dir.path(), false), open(disk_dir.path(), true));
+    let schema = dataset.collection_schema("pypi", &attributes).unwrap();
+    for engine in [&in_memory, &on_disk] {
+        engine.create_collection(schema.clone()).unwrap();
+        for start in (0..rows).step_by(1500) {
+            let batch = dataset.base_batch(&schema, &vectors, &attributes, start..start + 1500).unwrap();
+            engine.insert("pypi", &batch).unwrap();
+        }
+        engine.delete("pypi", &[Pk::Int(3), Pk::Int(1234), Pk::Int(4321)]).unwrap();
+        engine.wait_for_indexes("pypi", Duration::from_secs(600)).unwrap();
+    }
+    assert_eq!(files_in(memory_dir.path()), 0);
+    let sealed = on_disk.stats("pypi", Consistency::Strong).unwrap().sealed_segments;
+    assert!(sealed >= 4 && files_in(disk_dir.path()) >= sealed, "a file per sealed segment");
+
+    let query_list: Vec<Vec<f32>> = (0..20).map(|q| queries.row(q).to_vec()).collect();
+    let options = SearchOptions { output_fields: vec!["month".into(), "embedding".into()], ..SearchOptions::new(10) };
+    let keys: Vec<Pk> = [0, 1, 2, 999, 1000, 5999].into_iter().map(Pk::Int).collect();
+    let get = GetOptions { output_fields: vec!["embedding".into()], ..Default::default() };
+    let answers = |engine: &Engine| {
+        let hits = engine.search("pypi", &query_list, &options).unwrap().hits;
+        (hits, engine.get("pypi", &keys, &get).unwrap())
+    };
+    let expected = answers(&in_memory);
+    assert_eq!(answers(&on_disk), expected, "searches and their vectors as in memory");
+
+    // Stored and restarted: the segments load again and map new files.
+    on_disk.flush("pypi").unwrap();
+    on_disk.shutdown();
+    drop(on_disk);
+    let reopened = open(disk_dir.path(), true);
+    reopened.wait_for_indexes("pypi", Duration::from_secs(600)).unwrap();
+    assert_eq!(answers(&reopened), expected, "the same after a restart");
+    assert!(files_in(disk_dir.path()) >= sealed);
+
+    reopened.drop_collection("pypi").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while files_in(disk_dir.path()) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the dropped collection's files stay");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reopened.shutdown();
+    in_memory.shutdown();
+}

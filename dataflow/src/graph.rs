@@ -661,7 +661,7 @@ fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending
             // Stopped: nothing more is applied until a restart replays it.
             continue;
         }
-        let make = || shared.schema(collection).map(|schema| Shard::new(schema, shared.shard_config));
+        let make = || shared.schema(collection).map(|schema| Shard::new(schema, shared.shard_config.clone()));
         let Some(shard) = shards.get_or_make(collection, make) else { continue };
         let applied = match crate::shards::write(&shard) {
             Ok(mut shard) => shard.apply(ts, batches, &added, &retired).map_err(|e| e.to_string()),

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use vectorflow_connectors::manifest::collection_prefix;
 use vectorflow_connectors::{IndexFiles, ObjectRef, ObjectStorage, SegmentFiles, parquet_io};
 use vectorflow_core::{CollectionId, CollectionSchema, Error, Result, Timestamp};
-use vectorflow_operators::{FrozenGraph, IndexParams, Restored, Segment, SegmentSnapshot};
+use vectorflow_operators::{FrozenGraph, Restored, SealParams, Segment, SegmentSnapshot};
 
 /// The file name suffix of a vector field's frozen graph.
 pub const GRAPH_SUFFIX: &str = "graph.vf";
@@ -160,6 +160,8 @@ impl Persister {
             let uid = snapshot.uid.clone();
             let started = Instant::now();
             let outcome = write_segment(&self.storage, collection, &snapshot);
+            // Encoding read every vector of a segment kept on disk.
+            snapshot.release_resident();
             match &outcome {
                 Ok(files) => {
                     tracing::debug!(collection, uid, rows = files.rows, elapsed = ?started.elapsed(), "segment written")
@@ -288,7 +290,7 @@ pub struct RecoveryReport {
 pub fn load_segments(
     storage: &ObjectStorage,
     jobs: &[LoadJob<'_>],
-    params: IndexParams,
+    params: &SealParams,
     threads: usize,
 ) -> Result<Vec<Loaded>> {
     let next = AtomicUsize::new(0);
@@ -329,7 +331,7 @@ pub fn load_segments(
     Ok(all)
 }
 
-fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: IndexParams) -> Result<Vec<Loaded>> {
+fn load_segment(storage: &ObjectStorage, job: &LoadJob<'_>, params: &SealParams) -> Result<Vec<Loaded>> {
     let files = job.files;
     let location = |path: &str| format!("{}/{path}", storage.description());
     let data_bytes = storage.get_checked(&files.data)?;
@@ -410,7 +412,7 @@ fn reshard(
     deletes: &[(u32, Timestamp)],
     shards: usize,
     bytes: u64,
-    params: IndexParams,
+    params: &SealParams,
 ) -> Result<Vec<Loaded>> {
     let pks = vectorflow_core::value::pks_from_array(data.column(job.schema.primary_index()).as_ref())?;
     let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); shards];

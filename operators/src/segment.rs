@@ -24,6 +24,15 @@ use crate::filter::Filter;
 use crate::frozen::FrozenGraph;
 use crate::index::{GrowingIndex, HnswIndex, IndexParams, IndexSlot, SealedIndex};
 use crate::topk::{Candidate, DistanceRange, SearchBounds, TopK};
+use crate::vector_file::{MappedVectors, VectorFiles};
+
+/// How a segment seals: its graphs' build parameters, and where its
+/// vectors go (the heap, or files of `vector_files`, see [`crate::vector_file`]).
+#[derive(Debug, Clone, Default)]
+pub struct SealParams {
+    pub index: IndexParams,
+    pub vector_files: Option<Arc<VectorFiles>>,
+}
 
 /// `delete_ts` of a version nothing has retired yet.
 pub const ALIVE: Timestamp = Timestamp::MAX;
@@ -70,6 +79,8 @@ struct VectorColumn {
     metric: Metric,
     /// One contiguous buffer per chunk.
     chunks: Vec<ScalarBuffer<f32>>,
+    /// The sealed chunk's file, when the vectors are kept on disk.
+    mapped: Option<MappedVectors>,
     index: Option<Arc<IndexSlot>>,
     /// A growing segment's graph, built while it grows (see [`Segment::grow_graph`]).
     growing: Option<Arc<GrowingIndex>>,
@@ -149,9 +160,15 @@ impl Segment {
             .iter()
             .enumerate()
             .filter_map(|(field, f)| match f.data_type {
-                DataType::FloatVector { dim, metric } => {
-                    Some(VectorColumn { field, dim, metric, chunks: Vec::new(), index: None, growing: None })
-                }
+                DataType::FloatVector { dim, metric } => Some(VectorColumn {
+                    field,
+                    dim,
+                    metric,
+                    chunks: Vec::new(),
+                    mapped: None,
+                    index: None,
+                    growing: None,
+                }),
                 _ => None,
             })
             .collect();
@@ -272,7 +289,8 @@ impl Segment {
         };
         let indexes =
             self.vectors.iter().filter_map(|v| v.index.clone().map(|slot| (v.field, v.metric, slot))).collect();
-        Ok(SegmentSnapshot { uid: self.uid.clone(), data: self.with_system_columns(chunk)?, indexes })
+        let mapped = self.vectors.iter().filter_map(|v| v.mapped.clone()).collect();
+        Ok(SegmentSnapshot { uid: self.uid.clone(), data: self.with_system_columns(chunk)?, indexes, mapped })
     }
 
     /// What persistence needs of the growing segment's rows so far, under
@@ -283,7 +301,7 @@ impl Segment {
             return Err(Error::storage("an empty growing segment has nothing to store"));
         };
         let rows = arrow::compute::concat_batches(&first.schema(), &self.chunks)?;
-        Ok(SegmentSnapshot { uid, data: self.with_system_columns(&rows)?, indexes: Vec::new() })
+        Ok(SegmentSnapshot { uid, data: self.with_system_columns(&rows)?, indexes: Vec::new(), mapped: Vec::new() })
     }
 
     /// `rows` (all of this segment's, in order) followed by the system columns.
@@ -311,7 +329,7 @@ impl Segment {
         deletes: &[(u32, Timestamp)],
         restored: Restored,
         as_of: Timestamp,
-        params: IndexParams,
+        params: &SealParams,
     ) -> Result<Segment> {
         let corrupt = |problem: String| Error::Corrupt { location: format!("segment {uid}"), problem };
         let user_columns = schema.fields.len();
@@ -374,7 +392,7 @@ impl Segment {
                 for (column, buffer) in segment.vectors.iter_mut().zip(buffers) {
                     column.chunks = vec![buffer];
                 }
-                segment.grow_graph(params);
+                segment.grow_graph(params.index);
             }
         }
         Ok(segment)
@@ -382,7 +400,7 @@ impl Segment {
 
     /// Gives each vector field of the sealed single chunk its contiguous
     /// buffer and its index: the one in `ready`, else one built in the background.
-    fn attach_indexes(&mut self, ready: HashMap<usize, FrozenGraph>, params: IndexParams, lane: BuildLane) {
+    fn attach_indexes(&mut self, ready: HashMap<usize, FrozenGraph>, params: &SealParams, lane: BuildLane) {
         self.attach_or_repair_indexes(ready, HashMap::new(), params, lane);
     }
 
@@ -392,9 +410,12 @@ impl Segment {
         &mut self,
         mut ready: HashMap<usize, FrozenGraph>,
         mut repairs: HashMap<usize, GraphRepair>,
-        params: IndexParams,
+        params: &SealParams,
         lane: BuildLane,
     ) {
+        if let Some(files) = &params.vector_files {
+            self.move_vectors_to(files);
+        }
         let Some(batch) = self.chunks.first() else { return };
         for column in &mut self.vectors {
             let buffer = vector_buffer(batch, column.field, column.dim);
@@ -403,6 +424,10 @@ impl Segment {
             match ready.remove(&column.field) {
                 Some(graph) => {
                     let _ = slot.set(Some(SealedIndex::new(graph, &buffer, column.dim, column.metric)));
+                    // Quantising read every vector.
+                    if let Some(mapped) = &column.mapped {
+                        mapped.release_resident();
+                    }
                 }
                 None => {
                     let source = match (repairs.remove(&column.field), column.growing.take()) {
@@ -410,13 +435,41 @@ impl Segment {
                         (None, Some(graph)) => GraphSource::Grown(graph),
                         (None, None) => GraphSource::Build,
                     };
-                    let build =
-                        IndexBuild { slot: slot.clone(), vectors: buffer, dim: column.dim, metric: column.metric };
-                    spawn_index_build(build, source, params, &self.uid, lane)
+                    let build = IndexBuild {
+                        slot: slot.clone(),
+                        vectors: buffer,
+                        mapped: column.mapped.clone(),
+                        dim: column.dim,
+                        metric: column.metric,
+                    };
+                    spawn_index_build(build, source, params.index, &self.uid, lane)
                 }
             }
             column.index = Some(slot);
         }
+    }
+
+    /// Writes the sealed chunk's vectors to files of `files` and maps them
+    /// in place of the heap buffers (see [`crate::vector_file`]). A field
+    /// whose file cannot be written keeps its vectors on the heap.
+    fn move_vectors_to(&mut self, files: &VectorFiles) {
+        let [batch] = self.chunks.as_slice() else { return };
+        let mut batch = batch.clone();
+        for column in &mut self.vectors {
+            let values = vector_buffer(&batch, column.field, column.dim);
+            let moved = files.store(&values).and_then(|mapped| {
+                let batch = with_vector_values(&batch, column.field, column.dim, mapped.buffer())?;
+                Ok((batch, mapped))
+            });
+            match moved {
+                Ok((moved, mapped)) => {
+                    batch = moved;
+                    column.mapped = Some(mapped);
+                }
+                Err(e) => tracing::warn!(segment = self.uid, field = column.field, "vectors stay in memory: {e}"),
+            }
+        }
+        self.chunks = vec![batch];
     }
 
     /// Whether `hidden` rows (see [`Segment::restore`]) are never visible.
@@ -433,7 +486,7 @@ impl Segment {
         uid: String,
         schema: &CollectionSchema,
         horizon: Timestamp,
-        params: IndexParams,
+        params: &SealParams,
     ) -> Result<(Segment, Vec<(usize, u32)>)> {
         let mut output = Segment::new(schema);
         output.uid = uid;
@@ -566,20 +619,16 @@ impl Segment {
 
     /// Seals the segment under `uid`: one chunk, and an HNSW index per
     /// vector field built off the calling thread.
-    pub fn seal_as(&mut self, uid: String, params: IndexParams) -> Result<()> {
+    pub fn seal_as(&mut self, uid: String, params: &SealParams) -> Result<()> {
         self.uid = uid;
-        self.seal(params, BuildLane::Seal)
-    }
-
-    fn seal(&mut self, params: IndexParams, lane: BuildLane) -> Result<()> {
-        self.seal_repairing(HashMap::new(), params, lane)
+        self.seal_repairing(HashMap::new(), params, BuildLane::Seal)
     }
 
     /// [`Segment::seal`], repairing the graphs of the fields in `repairs`.
     fn seal_repairing(
         &mut self,
         repairs: HashMap<usize, GraphRepair>,
-        params: IndexParams,
+        params: &SealParams,
         lane: BuildLane,
     ) -> Result<()> {
         if self.sealed {
@@ -853,6 +902,8 @@ struct IndexBuild {
     slot: Arc<IndexSlot>,
     /// The sealed segment's vectors of the field, row-major.
     vectors: ScalarBuffer<f32>,
+    /// Their file, when they are kept on disk: the build reads them all.
+    mapped: Option<MappedVectors>,
     dim: usize,
     metric: Metric,
 }
@@ -862,7 +913,7 @@ struct IndexBuild {
 /// if the build fails; the segment then keeps answering exactly.
 fn spawn_index_build(build: IndexBuild, source: GraphSource, params: IndexParams, uid: &str, lane: BuildLane) {
     let segment = uid.to_string();
-    let IndexBuild { slot, vectors, dim, metric } = build;
+    let IndexBuild { slot, vectors, mapped, dim, metric } = build;
     build_pool::submit(lane, move || {
         let started = std::time::Instant::now();
         // `hnsw_rs`'s structure (its own copy of the vectors, pointer-linked
@@ -896,6 +947,9 @@ fn spawn_index_build(build: IndexBuild, source: GraphSource, params: IndexParams
                 tracing::error!(segment, "the index build panicked; the segment answers exactly");
                 let _ = slot.set(None);
             }
+        }
+        if let Some(mapped) = &mapped {
+            mapped.release_resident();
         }
     });
 }
@@ -966,6 +1020,16 @@ pub struct SegmentSnapshot {
     pub data: RecordBatch,
     /// `(field, metric, slot)` per vector field.
     pub indexes: Vec<(usize, Metric, Arc<IndexSlot>)>,
+    /// The vector files of the segment, when its vectors are kept on disk.
+    mapped: Vec<MappedVectors>,
+}
+
+impl SegmentSnapshot {
+    /// Takes the pages of the segment's vector files that writing it read
+    /// out of the resident set again (see [`MappedVectors::release_resident`]).
+    pub fn release_resident(&self) {
+        self.mapped.iter().for_each(MappedVectors::release_resident);
+    }
 }
 
 /// Columns stored after the user's: insert time and version id.
@@ -974,6 +1038,19 @@ pub const SYSTEM_COLUMNS: [&str; 4] = ["__insert_ts", "__version_ts", "__version
 fn system_fields() -> Vec<Field> {
     let types = [ArrowType::UInt64, ArrowType::UInt64, ArrowType::UInt32, ArrowType::UInt32];
     SYSTEM_COLUMNS.iter().zip(types).map(|(name, t)| Field::new(*name, t, false)).collect()
+}
+
+/// `batch` with the `FixedSizeList<Float32>` column `field` over `values`
+/// (the same vectors, held elsewhere).
+fn with_vector_values(batch: &RecordBatch, field: usize, dim: usize, values: ScalarBuffer<f32>) -> Result<RecordBatch> {
+    let list = batch.column(field).as_fixed_size_list();
+    let (item, _, _, nulls) = list.clone().into_parts();
+    let values = Arc::new(arrow::array::Float32Array::new(values, None));
+    let size = i32::try_from(dim).map_err(|_| Error::Internal(format!("dimension {dim} out of range")))?;
+    let array = arrow::array::FixedSizeListArray::try_new(item, size, values, nulls)?;
+    let mut columns = batch.columns().to_vec();
+    columns[field] = Arc::new(array);
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// The contiguous values of a `FixedSizeList<Float32>` column.
@@ -1046,7 +1123,7 @@ mod tests {
         let (batch, versions) = rows_of(&schema, 0, &values, 10);
         let mut segment = Segment::new(&schema);
         segment.append(batch, versions, 10).unwrap();
-        segment.seal_as("s".into(), IndexParams::default()).unwrap();
+        segment.seal_as("s".into(), &SealParams::default()).unwrap();
         while !segment.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -1113,7 +1190,7 @@ mod tests {
         );
 
         // Sealed, it freezes the graph it grew (with the last row inserted).
-        segment.seal_as("s".into(), params).unwrap();
+        segment.seal_as("s".into(), &SealParams { index: params, ..SealParams::default() }).unwrap();
         assert!(segment.vectors[0].growing.is_none());
         while !segment.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -1169,7 +1246,7 @@ mod tests {
         }
         assert_eq!(segment.dead_rows(30), visible_at(10) - visible_at(20));
         let (mut output, sources) =
-            Segment::compacted(&[&segment], "r".into(), &schema, 30, IndexParams::default()).unwrap();
+            Segment::compacted(&[&segment], "r".into(), &schema, 30, &SealParams::default()).unwrap();
         assert_eq!(segment.graph_repairs(&sources).len(), 1, "two thirds kept: the graph is repaired, not rebuilt");
         while !output.is_indexed() {
             std::thread::sleep(std::time::Duration::from_millis(5));

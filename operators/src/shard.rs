@@ -6,22 +6,22 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
-use smallvec::SmallVec;
 use vectorflow_core::{CollectionSchema, Error, Pk, Result, Timestamp, Value, VersionId};
 
 use crate::filter::Filter;
-use crate::index::IndexParams;
+use crate::key_index::KeyIndex;
 use crate::merge_policy::{MergePolicy, SegmentSize};
 pub use crate::segment::SearchPlan;
-use crate::segment::{RowSet, Segment, SegmentSnapshot};
+use crate::segment::{RowSet, SealParams, Segment, SegmentSnapshot};
 use crate::topk::{Candidate, SearchBounds, TopK};
 
 /// Shard tuning, the same for every shard of an engine.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ShardConfig {
     /// A growing segment seals when it holds this many rows.
     pub seal_rows: usize,
-    pub index: IndexParams,
+    /// The graphs' parameters and where sealed vectors go.
+    pub seal: SealParams,
     pub plan: SearchPlan,
     /// Which sealed segments merge (and which are rewritten for their dead rows).
     pub merge: MergePolicy,
@@ -31,7 +31,7 @@ impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
             seal_rows: 16_384,
-            index: IndexParams::default(),
+            seal: SealParams::default(),
             plan: SearchPlan::default(),
             merge: MergePolicy::default(),
         }
@@ -79,9 +79,6 @@ impl std::ops::AddAssign for ShardStats {
     }
 }
 
-/// Where a row version lives: its segment's position and its row there.
-type RowAddress = (u32, u32);
-
 #[derive(Debug)]
 pub struct Shard {
     schema: Arc<CollectionSchema>,
@@ -93,8 +90,7 @@ pub struct Shard {
     segments: Vec<Arc<Segment>>,
     /// Every version of a key still held: a retired version is found among
     /// its key's (no map by version: that cost about 40 bytes a row).
-    /// Most keys have one version held: inline, not a heap block per key.
-    versions_by_pk: HashMap<Pk, SmallVec<[RowAddress; 1]>>,
+    versions_by_pk: KeyIndex,
     /// Segments sealed since persistence last took them.
     newly_sealed: Vec<SegmentSnapshot>,
     /// The uid the last checkpoint stored the growing rows under.
@@ -316,7 +312,7 @@ impl Shard {
         // One growing segment per shard; more only if files were moved by hand.
         while growing.len() > 1 {
             if let Some(mut extra) = growing.pop() {
-                match extra.seal_as(new_uid(), config.index) {
+                match extra.seal_as(new_uid(), &config.seal) {
                     Ok(()) => segments.push(extra),
                     Err(e) => tracing::error!("sealing an extra growing segment: {e}"),
                 }
@@ -327,7 +323,7 @@ impl Shard {
             schema,
             config,
             segments: segments.into_iter().map(Arc::new).collect(),
-            versions_by_pk: HashMap::new(),
+            versions_by_pk: KeyIndex::default(),
             newly_sealed: Vec::new(),
             stored_growing: None,
             compacting: None,
@@ -349,8 +345,7 @@ impl Shard {
                 if segment.is_hidden(row) {
                     continue;
                 }
-                let address = (position as u32, row);
-                self.versions_by_pk.entry(segment.pk(row).clone()).or_default().push(address);
+                self.versions_by_pk.insert(segment.pk(row), (position as u32, row));
             }
         }
     }
@@ -440,7 +435,7 @@ impl Shard {
             return Ok(0);
         }
         let inputs: Vec<&Segment> = chosen.iter().map(|&p| &*self.segments[p]).collect();
-        let (output, sources) = Segment::compacted(&inputs, new_uid(), &self.schema, horizon, self.config.index)?;
+        let (output, sources) = Segment::compacted(&inputs, new_uid(), &self.schema, horizon, &self.config.seal)?;
         let count = inputs.len();
         tracing::debug!(inputs = count, rows = output.len(), "compaction started");
         self.compacting = Some(PendingCompaction {
@@ -587,12 +582,11 @@ impl Shard {
         retired: &[(Pk, VersionId)],
     ) -> Result<()> {
         for (pk, version) in retired {
-            let address = self.versions_by_pk.get(pk).and_then(|addresses| {
-                addresses
-                    .iter()
-                    .copied()
-                    .find(|&(segment, row)| self.segments[segment as usize].version(row) == *version)
-            });
+            let segments = &self.segments;
+            let address = self
+                .versions_by_pk
+                .get(pk, |(segment, row)| segments[segment as usize].pk(row))
+                .find(|&(segment, row)| segments[segment as usize].version(row) == *version);
             match address {
                 Some((segment, row)) => self.segments[segment as usize].retire(row, ts),
                 None => {
@@ -623,13 +617,13 @@ impl Shard {
     fn append(&mut self, batch: RecordBatch, versions: Vec<VersionId>, ts: Timestamp) -> Result<()> {
         let rows = batch.num_rows();
         let position = (self.segments.len() - 1) as u32;
-        let params = self.config.index;
+        let params = self.config.seal.index;
         let growing = self.growing_mut()?;
         let first = growing.append(batch, versions, ts)?;
         growing.grow_graph(params);
+        let growing = &self.segments[position as usize];
         for row in first..first + rows as u32 {
-            let pk = self.growing().pk(row).clone();
-            self.versions_by_pk.entry(pk).or_default().push((position, row));
+            self.versions_by_pk.insert(growing.pk(row), (position, row));
         }
         if self.growing().len() >= self.config.seal_rows {
             self.seal_growing()?;
@@ -643,8 +637,8 @@ impl Shard {
         if self.growing().is_empty() {
             return Ok(());
         }
-        let params = self.config.index;
-        self.growing_mut()?.seal_as(new_uid(), params)?;
+        let params = self.config.seal.clone();
+        self.growing_mut()?.seal_as(new_uid(), &params)?;
         let snapshot = self.growing().snapshot()?;
         self.newly_sealed.push(snapshot);
         self.segments.push(Arc::new(Segment::new(&self.schema)));
@@ -680,9 +674,12 @@ impl Shard {
     pub fn get(&self, pks: &[Pk], ts: Timestamp, output_fields: &[usize]) -> Vec<(Pk, Vec<Value>)> {
         pks.iter()
             .filter_map(|pk| {
-                let addresses = self.versions_by_pk.get(pk)?;
-                let &(segment, row) =
-                    addresses.iter().rev().find(|(s, r)| self.segments[*s as usize].visible(*r as usize, ts))?;
+                let segments = &self.segments;
+                let (segment, row) = self
+                    .versions_by_pk
+                    .get(pk, |(segment, row)| segments[segment as usize].pk(row))
+                    .rev()
+                    .find(|&(s, r)| segments[s as usize].visible(r as usize, ts))?;
                 let segment = &self.segments[segment as usize];
                 Some((pk.clone(), output_fields.iter().map(|&f| segment.value(f, row)).collect()))
             })
@@ -842,11 +839,28 @@ mod tests {
 
     #[test]
     fn a_sealed_view_answers_as_of_its_reads_time_while_the_shard_applies_and_merges_on() {
+        sealed_view_answers_through_a_merge(SealParams::default());
+    }
+
+    #[test]
+    fn with_vectors_on_disk_a_shard_answers_the_same_and_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::VectorFiles::open(dir.path().join("vectors")).unwrap();
+        let files_held = || std::fs::read_dir(files.dir()).unwrap().count();
+        sealed_view_answers_through_a_merge(SealParams { vector_files: Some(files.clone()), ..SealParams::default() });
+        assert_eq!(files_held(), 0, "every segment's file goes with the segment");
+    }
+
+    /// A shard sealing with `seal` answers as of every time the same
+    /// before and after a merge, and so does a view taken before it.
+    fn sealed_view_answers_through_a_merge(seal: SealParams) {
+        let on_disk = seal.vector_files.clone();
+        let files_held = || on_disk.as_ref().map_or(0, |files| std::fs::read_dir(files.dir()).unwrap().count());
         let schema = schema();
         let plan = SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() };
         // Quiet at once: the two sealed segments merge when asked.
         let merge = MergePolicy { quiet_after: std::time::Duration::ZERO, ..small_merge_policy() };
-        let config = ShardConfig { seal_rows: 10, plan, merge, ..ShardConfig::default() };
+        let config = ShardConfig { seal_rows: 10, plan, merge, seal };
         let mut shard = Shard::new(schema.clone(), config);
         let mut all = Vec::new();
         // Batches of 6 rows sealing at 10: two sealed segments and 6 growing rows.
@@ -859,6 +873,9 @@ mod tests {
         }
         shard.apply(55, vec![], &HashSet::new(), &retiring(&all, &[2, 20, 27])).unwrap();
         assert_eq!((shard.stats().growing_rows, shard.stats().sealed_segments), (6, 2));
+        if on_disk.is_some() {
+            assert_eq!(files_held(), 2, "a file per sealed segment");
+        }
         let times: Vec<Timestamp> = (0..=60).collect();
         let whole: Vec<Answers> = answers(&shard, &times);
         let view = shard.sealed_view();
@@ -892,6 +909,12 @@ mod tests {
             assert_eq!(merged, whole[i].0);
         }
         assert_eq!(answers(&shard, &times), whole, "the shard itself answers those times as before");
+        if on_disk.is_some() {
+            assert_eq!(files_held(), 3, "the view holds the merged segments' files, the shard the merge's");
+            drop(view);
+            drop(shard.take_newly_sealed());
+            assert_eq!(files_held(), 1);
+        }
     }
 
     #[test]

@@ -18,7 +18,9 @@ use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
 use vectorflow_core::{CollectionId, CollectionSchema, Error, Metric, Pk, Result, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
-use vectorflow_operators::{IndexParams, MergePolicy, SearchPlan, Shard, ShardConfig, ShardStats, Stop};
+use vectorflow_operators::{
+    IndexParams, MergePolicy, SealParams, SearchPlan, Shard, ShardConfig, ShardStats, Stop, VectorFiles,
+};
 
 use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
 use crate::log::{CheckpointPositions, Log};
@@ -96,6 +98,9 @@ impl CheckpointStats {
 }
 
 /// How long a checkpoint waits for a sealed segment's index build and upload.
+/// The folder of the data directory sealed vectors are kept in (with `vectors_on_disk`).
+pub const VECTOR_FILES_DIR: &str = "vectors";
+
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// What a compaction did.
@@ -165,11 +170,18 @@ impl Engine {
             merge_factor: config.merge_factor,
             ..MergePolicy::default()
         };
-        let shard_config =
-            ShardConfig { seal_rows: config.seal_rows, index: config.index, plan: config.search_plan, merge };
+        // Sealed vectors on disk (see `vectorflow_operators::vector_file`):
+        // a cache beside the data, emptied at open.
+        let vector_files = if config.vectors_on_disk {
+            Some(VectorFiles::open(config.data_dir.join(VECTOR_FILES_DIR))?)
+        } else {
+            None
+        };
+        let seal = SealParams { index: config.index, vector_files };
+        let shard_config = ShardConfig { seal_rows: config.seal_rows, seal, plan: config.search_plan, merge };
         let persister = Persister::start(storage.clone())?;
-        let recovered =
-            recover(&config, &storage, log.as_ref(), &entries, &persister, shard_config).inspect_err(|_| {
+        let recovered = recover(&config, &storage, log.as_ref(), &entries, &persister, shard_config.clone())
+            .inspect_err(|_| {
                 // Nothing will submit to it: let its thread end.
                 persister.stop();
             })?;

@@ -65,6 +65,12 @@ pub struct EngineConfig {
     /// cannot keep up with grows memory (and brute-force search work)
     /// without end. `None`: never wait.
     pub max_index_backlog_rows: Option<usize>,
+    /// Sealed segments keep their `f32` vectors in files under the data
+    /// directory, mapped, instead of on the heap: searches walk the graphs
+    /// over SQ8 codes in memory and read the `f32` values only to re-rank
+    /// (and for exact scans, merges and output fields), so the page cache
+    /// holds them while memory allows.
+    pub vectors_on_disk: bool,
 }
 
 /// Bounds on one request's answer and on the catalog, so no request can
@@ -127,6 +133,7 @@ impl EngineConfig {
             limits: Limits::default(),
             max_apply_lag: Some(Duration::from_secs(10)),
             max_index_backlog_rows: Some(131_072),
+            vectors_on_disk: false,
         }
     }
 }

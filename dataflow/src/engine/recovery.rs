@@ -151,7 +151,7 @@ pub(super) fn recover(
         })
         .collect();
     let started = Instant::now();
-    let loaded = load_segments(storage, &jobs, config.index, config.load_threads)?;
+    let loaded = load_segments(storage, &jobs, &shard_config.seal, config.load_threads)?;
     report.load = started.elapsed();
 
     let mut dirty = HashSet::new();
@@ -172,7 +172,7 @@ pub(super) fn recover(
     for ((worker, collection), segments) in per_shard {
         let Some(entry) = entries.iter().find(|e| e.id == collection) else { continue };
         let at = manifests[&collection].checkpoint.ts;
-        let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config, segments);
+        let shard = Shard::restore(Arc::new(entry.schema.clone()), shard_config.clone(), segments);
         shards.entry(worker).or_default().push((collection, at, shard));
     }
     // Each collection is read from its own checkpoint on (where the log
