@@ -283,13 +283,11 @@ fn peak_rss() -> u64 {
     read_status("VmHWM:")
 }
 
-fn current_rss() -> u64 {
-    read_status("VmRSS:")
-}
-
 /// Where this process's resident memory is, in bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Resident {
+    /// All of it (`VmRSS`).
+    total: u64,
     /// Anonymous pages: the heap and thread stacks.
     anonymous: u64,
     /// Pages of mapped files (vectors kept on disk, the binary).
@@ -301,12 +299,18 @@ struct Resident {
 
 impl Resident {
     fn now() -> Resident {
-        Resident { anonymous: read_status("RssAnon:"), file: read_status("RssFile:"), heap_in_use: heap_in_use() }
+        Resident {
+            total: read_status("VmRSS:"),
+            anonymous: read_status("RssAnon:"),
+            file: read_status("RssFile:"),
+            heap_in_use: heap_in_use(),
+        }
     }
 
     /// Growth since `before` (zero where a count shrank).
     fn since(self, before: Resident) -> Resident {
         Resident {
+            total: self.total.saturating_sub(before.total),
             anonymous: self.anonymous.saturating_sub(before.anonymous),
             file: self.file.saturating_sub(before.file),
             heap_in_use: self.heap_in_use.saturating_sub(before.heap_in_use),
@@ -314,7 +318,8 @@ impl Resident {
     }
 
     fn json(&self) -> serde_json::Value {
-        json!({"anonymous_bytes": self.anonymous, "file_bytes": self.file, "heap_in_use_bytes": self.heap_in_use})
+        json!({"total_bytes": self.total, "anonymous_bytes": self.anonymous, "file_bytes": self.file,
+               "heap_in_use_bytes": self.heap_in_use})
     }
 }
 
@@ -417,7 +422,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let schema = dataset.collection_schema("bench", &attributes)?;
     engine.create_collection(schema.clone())?;
-    let rss_before = current_rss();
     let resident_before = Resident::now();
     let progress = indicatif::ProgressBar::new(n as u64);
     progress.set_style(
@@ -453,7 +457,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // at a million rows the persister was still encoding merged segments
     // while the searches ran.
     engine.flush("bench")?;
-    let rss_engine = current_rss().saturating_sub(rss_before);
     let resident_engine = Resident::now().since(resident_before);
     // What of it is freed heap the allocator still holds: the engine trims
     // after each build and merge, so this should be little.
@@ -612,7 +615,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let travel = time_travel(&engine, &rows, &queries, k)?;
 
     let peak = peak_rss();
-    let bytes_per_vector = rss_engine as f64 / n as f64;
+    let bytes_per_vector = resident_engine.total as f64 / n as f64;
     let raw_bytes = (vectors.cols * 4) as f64;
     // Where a vector's bytes go: its f32 values (held once), its share of
     // the indexes (graphs and SQ8 codes), its scalar attributes as Arrow holds them, and the rest

@@ -141,7 +141,8 @@ impl MappedVectors {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    fn path(&self) -> &Path {
         &self.file.path
     }
 }
