@@ -169,17 +169,35 @@ struct Point {
     /// CPU seconds this process spent per second of the point: how many of
     /// the machine's cores the searches kept busy.
     cores: f64,
+    /// Page faults per search that read from disk (major) and that only
+    /// mapped a cached page (minor): vectors kept in mapped files pay here.
+    major_faults_per_search: f64,
+    minor_faults_per_search: f64,
 }
 
 impl Point {
     fn new(filter: &str, ef: usize, clients: usize, measured: Measured) -> Point {
-        let Measured { qps, recall, p50_ms, p99_ms, cores } = measured;
-        Point { filter: filter.to_string(), ef, clients, qps, recall, p50_ms, p99_ms, cores }
+        let Measured { qps, recall, p50_ms, p99_ms, cores, major_faults_per_search, minor_faults_per_search } =
+            measured;
+        Point {
+            filter: filter.to_string(),
+            ef,
+            clients,
+            qps,
+            recall,
+            p50_ms,
+            p99_ms,
+            cores,
+            major_faults_per_search,
+            minor_faults_per_search,
+        }
     }
 
     fn json(&self) -> serde_json::Value {
         json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.qps,
-               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "cores_busy": self.cores})
+               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "cores_busy": self.cores,
+               "major_faults_per_search": self.major_faults_per_search,
+               "minor_faults_per_search": self.minor_faults_per_search})
     }
 }
 
@@ -191,10 +209,23 @@ struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     cores: f64,
+    major_faults_per_search: f64,
+    minor_faults_per_search: f64,
 }
 
-/// CPU time (user and system, all threads) this process has used.
-pub fn process_cpu_time() -> Duration {
+/// What this process has used so far (all threads).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessUsage {
+    /// User and system CPU time.
+    pub cpu: Duration,
+    /// Page faults that waited for the disk.
+    pub major_faults: u64,
+    /// Page faults served without the disk (a cached page mapped in).
+    pub minor_faults: u64,
+}
+
+/// CPU time and page faults of this process so far.
+pub fn process_usage() -> ProcessUsage {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage writes one `rusage` through the pointer, which is
     // valid and large enough; on failure it writes nothing and the zeroed
@@ -204,7 +235,11 @@ pub fn process_cpu_time() -> Duration {
         usage.assume_init()
     };
     let time = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
+    ProcessUsage {
+        cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        major_faults: usage.ru_majflt.max(0) as u64,
+        minor_faults: usage.ru_minflt.max(0) as u64,
+    }
 }
 
 /// An engine point's QPS against the baselines at the same filter, ef and clients.
@@ -244,7 +279,7 @@ fn measure(
     search: &SearchFn,
 ) -> anyhow::Result<Measured> {
     let started = Instant::now();
-    let cpu_before = process_cpu_time();
+    let usage_before = process_usage();
     let per_client: Vec<anyhow::Result<Vec<(usize, f64, f64)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
@@ -264,7 +299,8 @@ fn measure(
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))).collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let cores = (process_cpu_time() - cpu_before).as_secs_f64() / elapsed.max(f64::MIN_POSITIVE);
+    let usage = process_usage();
+    let cores = (usage.cpu - usage_before.cpu).as_secs_f64() / elapsed.max(f64::MIN_POSITIVE);
     let mut latencies = Vec::new();
     let mut recall = 0.0;
     for result in per_client {
@@ -273,9 +309,17 @@ fn measure(
             recall += r;
         }
     }
-    let searches = latencies.len();
+    let searches = latencies.len().max(1) as f64;
     let (qps, p50_ms, p99_ms) = latency_summary(latencies, elapsed);
-    Ok(Measured { qps, recall: recall / searches.max(1) as f64, p50_ms, p99_ms, cores })
+    Ok(Measured {
+        qps,
+        recall: recall / searches,
+        p50_ms,
+        p99_ms,
+        cores,
+        major_faults_per_search: usage.major_faults.saturating_sub(usage_before.major_faults) as f64 / searches,
+        minor_faults_per_search: usage.minor_faults.saturating_sub(usage_before.minor_faults) as f64 / searches,
+    })
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -543,8 +587,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 // Printed now too: at scale the measurements take long.
                 println!(
                     "engine {name} ef {ef} clients {clients}: {:.0} QPS, recall {:.3}, p50 {:.3} ms, p99 {:.3} ms, \
-                     {:.2} cores busy",
-                    point.qps, point.recall, point.p50_ms, point.p99_ms, point.cores
+                     {:.2} cores busy, {:.1} major / {:.0} minor page faults per search",
+                    point.qps,
+                    point.recall,
+                    point.p50_ms,
+                    point.p99_ms,
+                    point.cores,
+                    point.major_faults_per_search,
+                    point.minor_faults_per_search
                 );
                 engine_points.push(point);
 

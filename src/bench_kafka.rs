@@ -7,6 +7,10 @@
 //! - produce-to-visible latency under Strong (one record at a time from a
 //!   plain producer, then a Strong `get`), against the produce
 //!   acknowledgement alone; and API writes through the topic;
+//! - a read replica of the engine (same topic, same object store): the time
+//!   it takes to open, API-write-to-visible on it against the primary's own
+//!   Strong write-to-visible, and search QPS on each (the two share this
+//!   machine's cores: this shows the replica's cost, not the scaling);
 //! - a sustained load above ingest capacity: the producer at full speed
 //!   while ingestion is stalled for a while (capacity zero) and then runs
 //!   again; lag and resident memory over time, then the time to drain.
@@ -27,7 +31,9 @@ use serde_json::json;
 
 use crate::bench::{DatasetArgs, insert_all, percentile};
 use vectorflow::crates::connectors::kafka_record::{RecordFormat, decode, encode_key};
-use vectorflow::{Consistency, Engine, EngineConfig, GetOptions, KafkaConfig, Pk, SearchOptions, Value};
+use vectorflow::{
+    Consistency, Engine, EngineConfig, GetOptions, KafkaConfig, Pk, Role, SearchOptions, StorageConfig, Value,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaBenchArgs {
@@ -224,9 +230,15 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         topics: [(COLLECTION.to_string(), topic.clone())].into(),
         ..KafkaConfig::default()
     };
-    let config =
-        EngineConfig { kafka: Some(kafka), ..EngineConfig { data_dir: kafka_dir.path().into(), ..base_config } };
-    let engine = Engine::open(config)?;
+    // An object store a replica can share.
+    let storage =
+        StorageConfig { url: format!("file://{}", kafka_dir.path().join("store").display()), ..Default::default() };
+    let config = EngineConfig {
+        kafka: Some(kafka),
+        storage,
+        ..EngineConfig { data_dir: kafka_dir.path().join("primary"), ..base_config }
+    };
+    let engine = Engine::open(config.clone())?;
     let started = Instant::now();
     engine.create_collection(schema.clone())?;
     loop {
@@ -295,10 +307,13 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         "produce ack {produce_ack}\nproduce to visible (Strong get) {produce_to_visible}\nAPI insert through the topic {api_write}"
     );
 
+    // ---- a read replica ----
+    let replica = measure_replica(&engine, &config, &vectors, &rows_json, &schema, key_of(args.latency_samples + 200))?;
+
     // ---- sustained load above ingest capacity ----
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
-    let first_key = n + args.latency_samples + 200;
+    let first_key = n + args.latency_samples + 400;
     let overload_records: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
         .map(|i| {
             let mut object = rows_json[i].clone();
@@ -392,6 +407,7 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
         },
         "latency": { "produce_ack": produce_ack, "produce_to_visible_strong": produce_to_visible,
                      "api_insert_through_topic": api_write },
+        "replica": replica,
         "overload": {
             "seconds": overload_s,
             "stall_s": args.stall_secs,
@@ -409,4 +425,89 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     });
     args.data.write_results("kafka.json", &results)?;
     Ok(())
+}
+
+/// Opens a read replica of `primary` (after a checkpoint, so it loads
+/// segments and follows the topic from there) and measures it against the
+/// primary: open time, write-to-visible, search QPS. Writes keys from `first_key`.
+fn measure_replica(
+    primary: &Engine,
+    primary_config: &EngineConfig,
+    vectors: &vectorflow::crates::connectors::npy::Matrix<f32>,
+    rows_json: &[serde_json::Map<String, serde_json::Value>],
+    schema: &vectorflow::CollectionSchema,
+    first_key: i64,
+) -> anyhow::Result<serde_json::Value> {
+    primary.flush(COLLECTION)?;
+    let replica_dir = tempfile::tempdir()?;
+    let config = EngineConfig { data_dir: replica_dir.path().into(), role: Role::Replica, ..primary_config.clone() };
+    let started = Instant::now();
+    let replica = Engine::open(config)?;
+    let open_s = started.elapsed().as_secs_f64();
+    let report = replica.recovery_report();
+    println!("replica opened in {open_s:.2} s ({} segments, {} rows loaded)", report.segments, report.rows);
+
+    // API write on the primary → visible on the replica (and on the primary, Strong).
+    let mut on_replica_ms = Vec::new();
+    let mut on_primary_ms = Vec::new();
+    let row_for = |i: usize, key: i64| -> vectorflow::Row {
+        rows_json[i % rows_json.len()]
+            .iter()
+            .filter_map(|(name, json)| {
+                let field = schema.field(name).ok()?.1;
+                vectorflow::crates::core::value::value_from_json(name, &field.data_type, json.clone())
+                    .ok()
+                    .map(|v| (name.clone(), v))
+            })
+            .chain([(schema.primary().name.clone(), Value::Int(key))])
+            .collect()
+    };
+    let eventually = GetOptions { consistency: Consistency::Eventually, ..GetOptions::default() };
+    for i in 0..100 {
+        let key = first_key + i as i64;
+        let started = Instant::now();
+        primary.insert_rows(COLLECTION, &[row_for(i, key)])?;
+        let acknowledged = started.elapsed();
+        primary.get(COLLECTION, &[Pk::Int(key)], &GetOptions::default())?;
+        on_primary_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        loop {
+            if !replica.get(COLLECTION, &[Pk::Int(key)], &eventually)?.is_empty() {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "write {i} never reached the replica");
+        }
+        // From the acknowledgement: what a reader of the replica waits after the writer was told.
+        on_replica_ms.push((started.elapsed() - acknowledged).as_secs_f64() * 1e3);
+    }
+    let visible_on_replica = summary(on_replica_ms);
+    let strong_on_primary = summary(on_primary_ms);
+    println!(
+        "replica: acknowledged-to-visible {visible_on_replica}; on the primary, write + Strong get {strong_on_primary}"
+    );
+
+    // Search QPS, one client, Bounded reads, the same queries on each.
+    let queries: Vec<Vec<f32>> = (0..500).map(|i| vectors.row((i * 97) % vectors.rows).to_vec()).collect();
+    let options = SearchOptions { consistency: Consistency::Bounded, ..SearchOptions::new(10) };
+    let qps = |engine: &Engine| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for query in &queries {
+            engine.search(COLLECTION, std::slice::from_ref(query), &options)?;
+        }
+        Ok(queries.len() as f64 / started.elapsed().as_secs_f64())
+    };
+    // Twice in turn, the second round counted: the first warms both up
+    // (the primary may still be indexing what the flush sealed).
+    let _warm_up = (qps(primary)?, qps(&replica)?);
+    let (primary_qps, replica_qps) = (qps(primary)?, qps(&replica)?);
+    println!("search QPS (1 client): primary {primary_qps:.0}, replica {replica_qps:.0}");
+    Ok(json!({
+        "open_s": open_s,
+        "segments_loaded": report.segments,
+        "rows_loaded": report.rows,
+        "acknowledged_to_visible_on_replica_ms": visible_on_replica,
+        "write_then_strong_get_on_primary_ms": strong_on_primary,
+        "search_qps_primary": primary_qps,
+        "search_qps_replica": replica_qps,
+        "replica_vs_primary_qps": replica_qps / primary_qps,
+    }))
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::{EngineConfig, KafkaConfig, Limits, StorageConfig};
+use vectorflow::{EngineConfig, KafkaConfig, Limits, Role, StorageConfig};
 
 use crate::auth::{Authenticator, TokenEntry, UserEntry};
 
@@ -70,6 +70,11 @@ pub struct ServerConfig {
     /// `data_dir` instead of on the heap (searches walk SQ8 codes in memory
     /// and read the `f32` values to re-rank).
     pub vectors_on_disk: bool,
+    /// `primary` (the default) or `replica`: a read replica loads the
+    /// primary's published segments from the same `[storage]`, follows the
+    /// same Kafka topics with the primary's offset bindings, never writes,
+    /// and serves reads that equal the primary's at the same timestamp.
+    pub role: Role,
     /// History kept for time travel, in seconds.
     pub retention_secs: u64,
     /// Staleness bound of Bounded consistency, in milliseconds.
@@ -368,6 +373,7 @@ impl Default for ServerConfig {
             seal_rows: engine.seal_rows,
             max_segment_rows: engine.max_segment_rows,
             vectors_on_disk: engine.vectors_on_disk,
+            role: engine.role,
             retention_secs: engine.retention.as_secs(),
             bounded_staleness_ms: engine.bounded_staleness.as_millis() as u64,
             request_timeout_secs: engine.request_timeout.as_secs(),
@@ -416,6 +422,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seal_rows: Option<usize>,
+    /// `primary` or `replica` (a read replica of the primary whose Kafka
+    /// topics and object store this server names).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
     /// History kept for time travel, in seconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -518,6 +529,7 @@ impl ServerConfig {
             seal_rows: self.seal_rows,
             max_segment_rows: self.max_segment_rows,
             vectors_on_disk: self.vectors_on_disk,
+            role: self.role,
             retention: Duration::from_secs(self.retention_secs),
             bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
@@ -583,6 +595,14 @@ mod tests {
             assert_eq!(engine_kafka.bootstrap_servers, "broker:9093");
             assert_eq!(engine_kafka.group_id, "g");
             assert_eq!(engine_kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+            assert_eq!(kafka.engine_config().role, Role::Primary);
+            jail.set_env("VECTORFLOW_ROLE", "replica");
+            assert_eq!(ServerConfig::load(&ServeArgs::default()).map_err(|e| e.to_string())?.role, Role::Replica);
+            let flagged = ServeArgs { role: Some(Role::Primary), ..Default::default() };
+            assert_eq!(ServerConfig::load(&flagged).map_err(|e| e.to_string())?.engine_config().role, Role::Primary);
+            jail.set_env("VECTORFLOW_ROLE", "follower");
+            assert!(ServerConfig::load(&ServeArgs::default()).is_err(), "an unknown role is refused");
+            jail.set_env("VECTORFLOW_ROLE", "primary");
             jail.set_env("VECTORFLOW_LOG__KIND", "embedded");
             jail.create_file("bad.toml", "listen = 5\n")?;
             let bad = ServeArgs { config: Some("bad.toml".into()), ..Default::default() };

@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use vectorflow::{
     CollectionSchema, Consistency, DataType, Engine, EngineConfig, FieldSchema, KafkaConfig, Metric, Pk, QueryOptions,
-    SearchPlan, Value, row,
+    Role, SearchOptions, SearchPlan, StorageConfig, Value, row,
 };
 
 /// A tansu broker on a free loopback port with its SQLite file in `dir`;
@@ -469,6 +469,193 @@ fn ingestion_resumes_after_a_broker_restart() {
     assert_eq!(engine.stats("steady", Consistency::Strong).unwrap().versions, 20_000);
 }
 
+/// An engine on a shared object store (`store`) with `role`.
+fn engine_with_role(dir: &Path, store: &Path, broker: &Broker, workers: usize, role: Role) -> Engine {
+    let config = EngineConfig {
+        workers,
+        seal_rows: 300,
+        search_plan: SearchPlan { exact_below_rows: usize::MAX, ..SearchPlan::default() },
+        kafka: Some(KafkaConfig { bootstrap_servers: broker.bootstrap(), ..KafkaConfig::default() }),
+        storage: StorageConfig { url: format!("file://{}", store.display()), ..StorageConfig::default() },
+        checkpoint_interval: None,
+        compaction_interval: None,
+        role,
+        ..EngineConfig::new(dir)
+    };
+    Engine::open(config).expect("engine opens on kafka")
+}
+
+/// Every row of `collection` as of `ts` (id → n), and the exact 10 nearest
+/// ids of two query vectors then.
+fn answers_at(engine: &Engine, collection: &str, ts: u64) -> (BTreeMap<i64, i64>, Vec<Vec<i64>>) {
+    let rows = by_id(
+        engine.scan(collection, &QueryOptions { as_of: Some(ts), ..everything(Consistency::Strong) }, None).unwrap(),
+    );
+    let options = SearchOptions { as_of: Some(ts), ..SearchOptions::new(10) };
+    let found = engine.search(collection, &[vector(3, 5), vector(250, 1)], &options).unwrap();
+    let ids = found.hits.iter().map(|hits| hits.iter().map(|h| common::pk_int(&h.pk)).collect()).collect();
+    (rows, ids)
+}
+
+/// A read replica (3 workers) of a primary (2 workers): it loads the
+/// primary's checkpoint, follows the topic with the primary's offset
+/// bindings while writes keep coming, and answers as the primary does at
+/// every time; it refuses changes, sees a Strong write of the primary, and
+/// follows collections the primary creates and drops.
+#[test]
+fn a_replica_answers_as_the_primary_at_every_time_while_ingestion_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // A replica follows a primary's Kafka topics: without Kafka it is refused.
+    let alone = Engine::open(EngineConfig { role: Role::Replica, ..EngineConfig::new(dir.path().join("alone")) });
+    assert!(
+        matches!(&alone, Err(vectorflow::Error::InvalidArgument { argument, .. }) if argument == "role"),
+        "{alone:?}"
+    );
+    let Some(broker) = Broker::start(dir.path()) else { return };
+    // Another deployment on the same brokers publishes bindings of its own
+    // collection 1 to the same bindings topic: nobody else takes them.
+    {
+        let config = EngineConfig {
+            kafka: Some(KafkaConfig {
+                bootstrap_servers: broker.bootstrap(),
+                topic_prefix: "stranger.".into(),
+                bindings_topic: "vectorflow._bindings".into(),
+                ..KafkaConfig::default()
+            }),
+            checkpoint_interval: None,
+            compaction_interval: None,
+            ..EngineConfig::new(dir.path().join("stranger"))
+        };
+        let stranger = Engine::open(config).unwrap();
+        stranger.create_collection(schema("docs")).unwrap();
+        // More records than the primary below writes, in several bindings.
+        for from in (0..3_000).step_by(500) {
+            let rows: Vec<_> = (from..from + 500)
+                .map(|id| row([("id", id.into()), ("v", vector(id, 9).into()), ("n", 9.into())]))
+                .collect();
+            stranger.insert_rows("docs", &rows).unwrap();
+        }
+    }
+    let store = dir.path().join("store");
+    let primary = engine_with_role(&dir.path().join("primary"), &store, &broker, 2, Role::Primary);
+    primary.create_collection(schema("docs")).unwrap();
+    let write = |ids: std::ops::Range<i64>, n: i64| {
+        let rows: Vec<_> =
+            ids.map(|id| row([("id", id.into()), ("v", vector(id, n).into()), ("n", n.into())])).collect();
+        primary.upsert_rows("docs", &rows).unwrap().ts
+    };
+    // Sealed segments in a published checkpoint, then writes only in the topic.
+    let mut times = vec![write(0..700, 0)];
+    times.push(primary.delete("docs", &(0..50).map(Pk::Int).collect::<Vec<_>>()).unwrap().ts);
+    primary.flush("docs").unwrap();
+    times.push(write(600..900, 1));
+
+    let replica = engine_with_role(&dir.path().join("replica"), &store, &broker, 3, Role::Replica);
+    assert!(replica.recovery_report().segments > 0, "the replica loads the published segments");
+    // Writes go on while the replica answers.
+    let writer = {
+        let primary = primary.clone();
+        std::thread::spawn(move || {
+            let mut times = Vec::new();
+            for round in 0..30i64 {
+                let ids = (round * 37) % 900..(round * 37) % 900 + 40;
+                let rows: Vec<_> = ids
+                    .map(|id| row([("id", id.into()), ("v", vector(id, round).into()), ("n", round.into())]))
+                    .collect();
+                times.push(primary.upsert_rows("docs", &rows).unwrap().ts);
+                let gone: Vec<Pk> = (0..3).map(|i| Pk::Int((round * 53 + i * 7) % 900)).collect();
+                times.push(primary.delete("docs", &gone).unwrap().ts);
+                if round == 15 {
+                    primary.flush("docs").unwrap();
+                }
+            }
+            times
+        })
+    };
+    let same_as_primary = |collection: &str, ts: u64| {
+        let (replica_rows, replica_hits) = answers_at(&replica, collection, ts);
+        let (primary_rows, primary_hits) = answers_at(&primary, collection, ts);
+        let differing: Vec<_> = primary_rows.iter().filter(|(id, n)| replica_rows.get(id) != Some(n)).take(5).collect();
+        assert!(
+            replica_rows == primary_rows,
+            "as of {ts}: the replica has {} rows, the primary {}; first differing: {differing:?}",
+            replica_rows.len(),
+            primary_rows.len()
+        );
+        assert_eq!(replica_hits, primary_hits, "as of {ts}");
+    };
+    for &ts in &times {
+        same_as_primary("docs", ts);
+    }
+    let during = writer.join().unwrap();
+    for &ts in &during {
+        same_as_primary("docs", ts);
+    }
+    // Strong on the replica sees what the primary acknowledged before it.
+    let last = write(5_000..5_001, 77);
+    assert_eq!(live(&replica, "docs", Consistency::Strong).get(&5_000), Some(&77));
+    assert_eq!(live(&replica, "docs", Consistency::Strong), live(&primary, "docs", Consistency::Strong));
+    same_as_primary("docs", last);
+
+    // Changes are the primary's.
+    let refused = replica.upsert_rows("docs", &[row([("id", 1.into()), ("v", vector(1, 1).into()), ("n", 1.into())])]);
+    assert!(matches!(refused, Err(vectorflow::Error::ReadOnly(_))), "{refused:?}");
+    assert!(matches!(replica.create_collection(schema("other")), Err(vectorflow::Error::ReadOnly(_))));
+    assert!(matches!(replica.flush("docs"), Err(vectorflow::Error::ReadOnly(_))));
+    assert!(matches!(replica.drop_collection("docs"), Err(vectorflow::Error::ReadOnly(_))));
+
+    // A collection the primary creates later is followed, and so is its drop.
+    primary.create_collection(schema("later")).unwrap();
+    let rows: Vec<_> =
+        (0..10).map(|id| row([("id", id.into()), ("v", vector(id, 2).into()), ("n", 2.into())])).collect();
+    let at = primary.insert_rows("later", &rows).unwrap().ts;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !replica.list_collections().contains(&"later".to_string()) {
+        assert!(Instant::now() < deadline, "the replica did not follow the new collection");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    same_as_primary("later", at);
+    primary.drop_collection("later").unwrap();
+    while replica.list_collections().contains(&"later".to_string()) {
+        assert!(Instant::now() < deadline, "the replica did not follow the drop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(replica);
+
+    // A replica opened on the newest checkpoint answers the same (also
+    // with the primary stopped, up to the primary's last published
+    // frontier) and writes nothing to the object store.
+    primary.flush("docs").unwrap();
+    let expected = answers_at(&primary, "docs", last);
+    // Frontiers past the flush are published meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    primary.shutdown();
+    drop(primary);
+    let before = store_listing(&store);
+    let again = engine_with_role(&dir.path().join("replica2"), &store, &broker, 1, Role::Replica);
+    assert_eq!(answers_at(&again, "docs", last), expected);
+    drop(again);
+    assert_eq!(store_listing(&store), before, "a replica writes nothing to the object store");
+}
+
+/// Every file under `dir` with its size.
+fn store_listing(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let metadata = entry.metadata().unwrap();
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else {
+                files.insert(entry.path(), metadata.len());
+            }
+        }
+    }
+    files
+}
+
 mod sigkill {
     //! `vectorflow serve --kafka` killed with SIGKILL while it consumes.
 
@@ -603,5 +790,62 @@ mod sigkill {
             remembered.iter().any(|(_, answer)| !answer.is_empty() && answer != &reference),
             "kills landed mid-stream"
         );
+    }
+
+    /// `serve --role replica` beside a primary on the same topics and
+    /// object store: the replica answers as the primary does at the
+    /// primary's times, also after the primary checkpointed and moved on,
+    /// and refuses writes with FAILED_PRECONDITION.
+    #[test]
+    fn a_replica_server_answers_as_the_primary_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(broker) = Broker::start(dir.path()) else { return };
+        broker.create_topic("vectorflow.crashk", 2);
+        let bootstrap = broker.bootstrap();
+        let store = format!("file://{}", dir.path().join("store").display());
+        let flags =
+            ["--kafka", &bootstrap, "--storage", &store, "--seal-rows", "200", "--checkpoint-interval-ms", "300"];
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let primary = ServerProcess::start(&dir.path().join("primary"), &flags);
+        let mut to_primary = runtime.block_on(connect(&primary));
+        runtime
+            .block_on(to_primary.create_collection(v1::CreateCollectionRequest { schema: Some(proto_schema()) }))
+            .unwrap();
+        let producer = broker.producer();
+        let batch = |from: i64| -> Vec<(String, Option<String>)> {
+            (from..from + 1_500)
+                .map(|i| {
+                    let id = (i * 7) % 1_000;
+                    (id.to_string(), if i % 5 == 4 { None } else { Some(json_row(id, i)) })
+                })
+                .collect()
+        };
+        produce(&producer, "vectorflow.crashk", &batch(0));
+        let first = runtime.block_on(strong_stats(&mut to_primary)).read_ts;
+        let expected_first = runtime.block_on(rows(&mut to_primary, first));
+
+        let replica_flags: Vec<&str> = flags.iter().copied().chain(["--role", "replica"]).collect();
+        let replica = ServerProcess::start(&dir.path().join("replica"), &replica_flags);
+        let mut to_replica = runtime.block_on(connect(&replica));
+        assert_eq!(runtime.block_on(rows(&mut to_replica, first)), expected_first);
+        produce(&producer, "vectorflow.crashk", &batch(1_500));
+        let second = runtime.block_on(strong_stats(&mut to_primary)).read_ts;
+        let expected_second = runtime.block_on(rows(&mut to_primary, second));
+        assert_ne!(expected_first, expected_second);
+        assert_eq!(runtime.block_on(rows(&mut to_replica, second)), expected_second);
+        assert_eq!(runtime.block_on(rows(&mut to_replica, 0)), runtime.block_on(rows(&mut to_primary, 0)));
+
+        let write = v1::WriteRequest {
+            collection: "crashk".into(),
+            columns: vec![
+                common::wire::ints("id", vec![1]),
+                common::wire::vectors("v", &[vector(1, 1)]),
+                common::wire::ints("n", vec![1]),
+            ],
+            ..Default::default()
+        };
+        let refused = runtime.block_on(to_replica.insert(write)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("read replica"), "{}", refused.message());
     }
 }

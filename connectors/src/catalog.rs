@@ -67,6 +67,8 @@ struct CatalogDocument {
 }
 
 const PREFIX: &str = "catalog";
+/// The object holding the deployment's id (see [`CatalogStore::deployment_id`]).
+const DEPLOYMENT: &str = "deployment";
 /// Catalog versions kept behind the newest.
 const KEPT_VERSIONS: u64 = 3;
 
@@ -82,6 +84,51 @@ impl CatalogStore {
         let (version, document) = newest_complete_version(&storage, PREFIX, "catalog version")?
             .unwrap_or((0, CatalogDocument { next_collection_id: 1, ..CatalogDocument::default() }));
         Ok(CatalogStore { storage, current: Mutex::new((version, document)) })
+    }
+
+    /// This deployment's id: a random name written once into the object
+    /// store (`create`: made if missing; else `None` when missing). Records
+    /// kept outside the store (the Kafka bindings topic) carry it, so
+    /// deployments sharing brokers, or a store wiped and started again,
+    /// never take each other's records.
+    pub fn deployment_id(storage: &ObjectStorage, create: bool) -> Result<Option<String>> {
+        let read = |bytes: Bytes| {
+            let id = String::from_utf8(bytes.to_vec())
+                .ok()
+                .filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()));
+            id.ok_or_else(|| Error::Corrupt { location: DEPLOYMENT.into(), problem: "not a deployment id".into() })
+        };
+        if let Some(bytes) = storage.get_opt(DEPLOYMENT)? {
+            return read(bytes).map(Some);
+        }
+        if !create {
+            return Ok(None);
+        }
+        let made = format!("{:016x}", rand::random::<u64>());
+        // Two primaries starting at once: one id wins, both read it back.
+        storage.put_if_absent(DEPLOYMENT, Bytes::from(made))?;
+        let bytes = storage.get_opt(DEPLOYMENT)?.ok_or_else(|| Error::storage("the deployment id vanished"))?;
+        read(bytes).map(Some)
+    }
+
+    /// Reads the newest version another process (a primary) published;
+    /// true if it is newer than the one held.
+    pub fn refresh(&self) -> Result<bool> {
+        let Some((version, document)) = newest_complete_version(&self.storage, PREFIX, "catalog version")? else {
+            return Ok(false);
+        };
+        let mut current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        if version <= current.0 {
+            return Ok(false);
+        }
+        *current = (version, document);
+        Ok(true)
+    }
+
+    /// The id the next collection gets: every id below it was given out.
+    pub fn next_id(&self) -> Result<CollectionId> {
+        let current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        Ok(current.1.next_collection_id)
     }
 
     /// Every collection.

@@ -17,6 +17,12 @@
 //! *run*); a run ends where a key repeats, so one key never changes twice at
 //! one time. A binding is `(partition, first offset, last offset) → time`.
 //!
+//! **Shared bindings.** A primary also publishes each binding, and per
+//! worker how far its bindings have come, to the bindings topic
+//! (`kafka_bindings`); a read replica ([`Role::Replica`]) binds nothing
+//! itself: it gives each record the time the primary bound it to, and its
+//! sources advance only as far as the primary's frontiers.
+//!
 //! **Exactly once.** A checkpoint stores, per partition, the first offset
 //! whose time is after the checkpoint; recovery loads the segments as of the
 //! checkpoint and seeks the consumers there. Consumer-group commits are
@@ -41,8 +47,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use vectorflow_core::batch::{Row, WriteBatch, WriteKind};
-use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Pk, Result, Timestamp, Tso, Value};
+use vectorflow_core::{CollectionId, CollectionSchema, Error, IpcBatch, Pk, Result, Role, Timestamp, Tso, Value};
 
+use crate::kafka_bindings::{
+    BindingsRecord, FRONTIER_AFTER_BINDINGS, FRONTIER_EVERY, Learned, binding_key, binding_record, frontier_record,
+};
 use crate::kafka_record::{Mutation, RecordFormat, decode, encode_key, encode_row};
 use crate::log::{LogEntry, LogOp, LogPoll, LogReader, LogRecord};
 
@@ -69,6 +78,10 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// Broker requests (metadata, admin, delivery) fail after this long, in milliseconds.
     pub timeout_ms: u64,
+    /// The compacted topic a primary publishes its offset bindings to and
+    /// read replicas follow (empty: `<topic_prefix>_bindings`). One per
+    /// deployment: a primary and its replicas name the same one.
+    pub bindings_topic: String,
 }
 
 impl Default for KafkaConfig {
@@ -84,6 +97,7 @@ impl Default for KafkaConfig {
             dead_letter_suffix: ".dlq".into(),
             properties: BTreeMap::new(),
             timeout_ms: 10_000,
+            bindings_topic: String::new(),
         }
     }
 }
@@ -92,6 +106,15 @@ impl KafkaConfig {
     /// The topic collection `name` reads.
     pub fn topic_of(&self, name: &str) -> String {
         self.topics.get(name).cloned().unwrap_or_else(|| format!("{}{name}", self.topic_prefix))
+    }
+
+    /// The topic of the offset bindings.
+    pub fn bindings_topic(&self) -> String {
+        if self.bindings_topic.is_empty() {
+            format!("{}_bindings", self.topic_prefix)
+        } else {
+            self.bindings_topic.clone()
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -117,10 +140,10 @@ impl PartitionLag {
 
 /// Offsets `first..=last` of a partition, read at time `ts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Binding {
-    first: u64,
-    last: u64,
-    ts: Timestamp,
+pub(crate) struct Binding {
+    pub first: u64,
+    pub last: u64,
+    pub ts: Timestamp,
 }
 
 /// Bindings: (collection, partition, first offset) → (last offset, time).
@@ -164,11 +187,23 @@ impl PartitionState {
         let i = self.bindings.partition_point(|b| b.last < self.next);
         self.bindings.get(i).map(|b| b.ts)
     }
+
+    /// Adds a binding learned from the bindings topic, unless it is
+    /// replayed already or known (a primary republishes after a restart).
+    fn learn(&mut self, binding: Binding) {
+        if binding.last < self.next || self.bindings.back().is_some_and(|b| b.last >= binding.first) {
+            return;
+        }
+        self.bindings.push_back(binding);
+    }
 }
 
 /// The Kafka log shared by the engine and every worker's source.
 pub struct KafkaLog {
     config: KafkaConfig,
+    role: Role,
+    /// Names this deployment's records in the bindings topic.
+    deployment: String,
     workers: usize,
     tso: Tso,
     producer: FutureProducer,
@@ -181,6 +216,14 @@ pub struct KafkaLog {
     bound: Condvar,
     /// Bumped when a feed is added or removed, so sources reassign.
     version: AtomicU64,
+    /// A replica's view of the bindings topic (frontiers, and bindings of
+    /// collections it does not follow yet). Locked after `feeds`.
+    learned: Mutex<Learned>,
+    /// A replica: the bindings topic's offset its follower has read up to.
+    learned_through: AtomicU64,
+    /// Per collection, the binding keys the last checkpoint let go: the
+    /// next checkpoint tombstones them in the bindings topic.
+    let_go: Mutex<HashMap<CollectionId, Vec<(u32, u64)>>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -191,8 +234,19 @@ impl std::fmt::Debug for KafkaLog {
 
 impl KafkaLog {
     /// Connects to the brokers (failing with a clear error when they cannot
-    /// be reached) and opens the offset bindings in `dir`.
-    pub fn open(config: KafkaConfig, workers: usize, dir: &Path) -> Result<Arc<KafkaLog>> {
+    /// be reached) and opens the offset bindings in `dir`. A replica
+    /// instead reads the bindings topic to its end before returning, and
+    /// follows it from then on.
+    ///
+    /// `deployment` (`CatalogStore::deployment_id`) names this deployment's
+    /// records in the bindings topic.
+    pub fn open(
+        config: KafkaConfig,
+        workers: usize,
+        dir: &Path,
+        role: Role,
+        deployment: String,
+    ) -> Result<Arc<KafkaLog>> {
         if config.bootstrap_servers.trim().is_empty() {
             return Err(Error::argument("log.kafka.bootstrap_servers", "must name at least one broker"));
         }
@@ -224,8 +278,10 @@ impl KafkaLog {
                 floor = floor.max(value.value().1);
             }
         }
-        Ok(Arc::new(KafkaLog {
+        let log = Arc::new(KafkaLog {
             config,
+            role,
+            deployment,
             workers: workers.max(1),
             tso: Tso::new(floor),
             producer,
@@ -235,7 +291,119 @@ impl KafkaLog {
             feeds: Mutex::new(HashMap::new()),
             bound: Condvar::new(),
             version: AtomicU64::new(0),
-        }))
+            learned: Mutex::new(Learned::default()),
+            learned_through: AtomicU64::new(0),
+            let_go: Mutex::new(HashMap::new()),
+        });
+        let topic = log.config.bindings_topic();
+        log.ensure_topic_with(&topic, 1, &[("cleanup.policy", "compact")])?;
+        if role == Role::Replica {
+            log.start_following_bindings(&topic)?;
+        }
+        Ok(log)
+    }
+
+    /// A replica: reads the bindings topic from its start on a thread of
+    /// its own, and waits until it has read what the topic holds now.
+    fn start_following_bindings(self: &Arc<Self>, topic: &str) -> Result<()> {
+        let consumer: BaseConsumer = client_config(&self.config, &consumer_settings(&self.config))
+            .create()
+            .map_err(|e| kafka_error("creating the bindings consumer", e))?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| kafka_error("assignment", e))?;
+        consumer.assign(&list).map_err(|e| kafka_error(&format!("reading `{topic}`"), e))?;
+        let (_, end) = self
+            .metadata
+            .fetch_watermarks(topic, 0, self.config.timeout())
+            .map_err(|e| kafka_error(&format!("watermarks of `{topic}`"), e))?;
+        let (log, deployment) = (Arc::downgrade(self), self.deployment.clone());
+        std::thread::Builder::new()
+            .name("kafka-bindings".into())
+            .spawn(move || crate::kafka_bindings::follow(log, consumer, deployment))
+            .map_err(|e| Error::storage(format!("starting the bindings follower: {e}")))?;
+        let end = end.max(0) as u64;
+        let timeout = self.config.timeout() * 6;
+        if !crate::kafka_bindings::wait_until(timeout, || self.learned_through.load(Ordering::Acquire) >= end) {
+            return Err(kafka_error(
+                &format!("reading the bindings topic `{topic}`"),
+                format!("not read to its end (offset {end}) within {timeout:?}"),
+            ));
+        }
+        tracing::info!(topic, records = end, "read the primary's offset bindings");
+        Ok(())
+    }
+
+    /// A replica: takes in records of the bindings topic, read through `position`.
+    pub(crate) fn learn(&self, records: Vec<BindingsRecord>, position: u64) {
+        if !records.is_empty()
+            && let Ok(mut feeds) = self.feeds()
+            && let Ok(mut learned) = self.learned.lock()
+        {
+            for record in records {
+                match record {
+                    BindingsRecord::Binding { collection, partition, binding } => {
+                        self.tso.observe(binding.ts);
+                        match feeds.get_mut(&collection) {
+                            Some(feed) => {
+                                if let Some(state) = feed.partitions.get_mut(partition as usize) {
+                                    state.learn(binding);
+                                }
+                            }
+                            None => learned.keep_unclaimed(collection, partition, binding),
+                        }
+                    }
+                    BindingsRecord::Frontier { worker, workers, ts } => {
+                        self.tso.observe(ts.saturating_sub(1));
+                        learned.frontier_of(worker, workers, ts);
+                    }
+                    // Replayed bindings go as the sources pass them.
+                    BindingsRecord::Forgotten => {}
+                }
+            }
+        }
+        self.learned_through.fetch_max(position, Ordering::AcqRel);
+        self.bound.notify_all();
+    }
+
+    /// A replica: the time before which the primary has published every
+    /// binding (0 before every primary worker has published a frontier).
+    pub fn published_frontier(&self) -> Timestamp {
+        self.learned.lock().map_or(0, |learned| learned.frontier())
+    }
+
+    /// The worker that reads partition `partition` of collection `id`.
+    fn reader_of(&self, id: CollectionId, partition: usize) -> usize {
+        (partition + id as usize) % self.workers
+    }
+
+    /// A replica: forgets the bindings kept for collections that will
+    /// never be followed (dropped: ids below `next_id` the catalog does not
+    /// list), which would hold the sources' frontier back.
+    pub fn forget_unfollowed(&self, listed: &HashSet<CollectionId>, next_id: CollectionId) {
+        if let Ok(mut learned) = self.learned.lock() {
+            learned.forget_unless(|id| listed.contains(&id) || id >= next_id);
+        }
+    }
+
+    /// Whether this log follows a primary's bindings instead of binding offsets itself.
+    pub fn is_replica(&self) -> bool {
+        self.role == Role::Replica
+    }
+
+    /// Hands records to the bindings topic (a primary); the deliveries go to `in_flight`.
+    fn publish_bindings(&self, records: Vec<(String, Option<String>)>, in_flight: &mut Vec<(String, DeliveryFuture)>) {
+        let topic = self.config.bindings_topic();
+        let deadline = Instant::now() + self.config.timeout();
+        for (key, value) in &records {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&topic).key(key.as_bytes());
+            if let Some(value) = value {
+                record = record.payload(value.as_bytes());
+            }
+            match self.enqueue(record, deadline) {
+                Ok(delivery) => in_flight.push((topic.clone(), delivery)),
+                Err(e) => tracing::error!(topic, key, "a binding could not be published (replicas wait for it): {e}"),
+            }
+        }
     }
 
     pub fn config(&self) -> &KafkaConfig {
@@ -278,10 +446,43 @@ impl KafkaLog {
                 self.tso.observe(ts);
             }
         }
+        drop(table);
+        drop(read);
         let format = self.config.formats.get(&schema.name).copied().unwrap_or_default();
-        tracing::info!(collection = schema.name, topic, partitions, ?format, "reading from kafka");
-        let feed = Feed { topic, dead_letter_topic, schema, format, partitions: states, dead_letters: 0 };
-        self.feeds()?.insert(id, feed);
+        tracing::info!(
+            collection = schema.name,
+            topic,
+            partitions,
+            ?format,
+            role = self.role.name(),
+            "reading from kafka"
+        );
+        if self.role == Role::Primary {
+            // Bindings to replay may have been made and not published before a
+            // restart: publish them again (replicas skip what they know).
+            let records = states
+                .iter()
+                .enumerate()
+                .flat_map(|(p, state)| {
+                    state.bindings.iter().map(move |b| binding_record(&self.deployment, id, p as u32, b))
+                })
+                .map(|(key, value)| (key, Some(value)))
+                .collect();
+            // Not awaited: the producer delivers them in the background
+            // (librdkafka retries; a replica waits for what is missing).
+            self.publish_bindings(records, &mut Vec::new());
+        }
+        let mut feed = Feed { topic, dead_letter_topic, schema, format, partitions: states, dead_letters: 0 };
+        let mut feeds = self.feeds()?;
+        if let Ok(mut learned) = self.learned.lock() {
+            for (partition, binding) in learned.claim(id) {
+                if let Some(state) = feed.partitions.get_mut(partition as usize) {
+                    state.learn(binding);
+                }
+            }
+        }
+        feeds.insert(id, feed);
+        drop(feeds);
         self.version.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -305,10 +506,18 @@ impl KafkaLog {
 
     /// Creates `topic` with `partitions` unless it exists; returns its partition count.
     fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<u32> {
+        self.ensure_topic_with(topic, partitions, &[])
+    }
+
+    /// [`KafkaLog::ensure_topic`] with topic settings for a topic it creates.
+    fn ensure_topic_with(&self, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<u32> {
         if let Some(count) = self.partition_count(topic)? {
             return Ok(count);
         }
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.replication_factor));
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.replication_factor));
+        for (key, value) in settings {
+            new = new.set(key, value);
+        }
         let options = AdminOptions::new().operation_timeout(Some(self.config.timeout()));
         let results = futures::executor::block_on(self.admin.create_topics([&new], &options))
             .map_err(|e| kafka_error(&format!("creating topic `{topic}`"), e))?;
@@ -379,15 +588,32 @@ impl KafkaLog {
             }
             feed.topic.clone()
         };
+        let mut let_go = Vec::new();
         let txn = self.bindings.begin_write().map_err(bindings_error)?;
         {
             let mut table = txn.open_table(BINDINGS).map_err(bindings_error)?;
             for (p, &position) in positions.iter().enumerate() {
                 let p = p as u32;
-                table.retain_in((id, p, 0)..(id, p, position), |_, v| v.0 >= position).map_err(bindings_error)?;
+                table
+                    .retain_in((id, p, 0)..(id, p, position), |key, v| {
+                        let keep = v.0 >= position;
+                        if !keep {
+                            let_go.push((p, key.2));
+                        }
+                        keep
+                    })
+                    .map_err(bindings_error)?;
             }
         }
         txn.commit().map_err(bindings_error)?;
+        // The bindings the previous checkpoint let go leave the bindings
+        // topic now: a replica that loaded the previous manifest replays
+        // from there and still finds what this checkpoint let go.
+        let previous = self.let_go.lock().ok().and_then(|mut all| all.insert(id, let_go)).unwrap_or_default();
+        let tombstones =
+            previous.into_iter().map(|(p, first)| (binding_key(&self.deployment, id, p, first), None)).collect();
+        // Not awaited: a lost tombstone only leaves a binding to compaction.
+        self.publish_bindings(tombstones, &mut Vec::new());
         let mut list = TopicPartitionList::new();
         for (p, &position) in positions.iter().enumerate() {
             list.add_partition_offset(&topic, p as i32, Offset::Offset(position as i64))
@@ -478,6 +704,9 @@ impl KafkaLog {
         deletes: &[Pk],
         timeout: Duration,
     ) -> Result<Timestamp> {
+        if self.role == Role::Replica {
+            return Err(Error::ReadOnly("a read replica does not write to the log: send writes to the primary".into()));
+        }
         let (topic, schema) = {
             let feeds = self.feeds()?;
             let feed = feeds.get(&id).ok_or_else(|| Error::storage(format!("collection {id} has no topic")))?;
@@ -557,8 +786,10 @@ impl KafkaLog {
             consumer,
             version: u64::MAX,
             assigned: HashMap::new(),
-            dead_letters_in_flight: Vec::new(),
+            deliveries_in_flight: Vec::new(),
             carry: BTreeMap::new(),
+            published_frontier: None,
+            bound_since_frontier: false,
         })
     }
 }
@@ -599,11 +830,16 @@ pub struct KafkaReader {
     version: u64,
     /// (topic, partition) → collection.
     assigned: HashMap<(String, i32), CollectionId>,
-    dead_letters_in_flight: Vec<(String, DeliveryFuture)>,
+    /// Dead letters and published bindings on their way, with their topic.
+    deliveries_in_flight: Vec<(String, DeliveryFuture)>,
     /// Records of a binding made before a restart whose last offset has not
     /// arrived yet: a binding is applied whole, as it was the first time, so
     /// its rows get the same version ids.
     carry: BTreeMap<(CollectionId, i32), Vec<Read>>,
+    /// A primary: the frontier this worker last published, and when.
+    published_frontier: Option<(Instant, Timestamp)>,
+    /// A primary: bindings were published since that frontier.
+    bound_since_frontier: bool,
 }
 
 /// Records of one partition sharing a time: (collection, partition, their
@@ -625,11 +861,10 @@ impl KafkaReader {
         if version == self.version {
             return Ok(());
         }
-        let workers = self.log.workers;
         let mut wanted: HashMap<(String, i32), (CollectionId, u64)> = HashMap::new();
         for (&id, feed) in self.log.feeds()?.iter() {
             for (p, state) in feed.partitions.iter().enumerate() {
-                if (p + id as usize) % workers == self.worker {
+                if self.log.reader_of(id, p) == self.worker {
                     wanted.insert((feed.topic.clone(), p as i32), (id, state.next));
                 }
             }
@@ -663,14 +898,14 @@ impl KafkaReader {
         Ok(())
     }
 
-    /// Counts dead letters whose delivery finished and reports failures.
-    fn settle_dead_letters(&mut self) {
+    /// Drops the deliveries that finished and reports failures.
+    fn settle_deliveries(&mut self) {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        self.dead_letters_in_flight.retain_mut(|(topic, delivery)| match Pin::new(delivery).poll(&mut cx) {
+        self.deliveries_in_flight.retain_mut(|(topic, delivery)| match Pin::new(delivery).poll(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Ok(Ok(_))) => false,
             Poll::Ready(Ok(Err((e, _)))) => {
-                tracing::error!(topic, "a dead letter could not be delivered: {e}");
+                tracing::error!(topic, "a record could not be delivered: {e}");
                 false
             }
             Poll::Ready(Err(_)) => false,
@@ -694,7 +929,7 @@ impl KafkaReader {
         }
         let deadline = Instant::now() + self.log.config.timeout();
         match self.log.enqueue(record, deadline) {
-            Ok(delivery) => self.dead_letters_in_flight.push((dead_letter_topic.to_string(), delivery)),
+            Ok(delivery) => self.deliveries_in_flight.push((dead_letter_topic.to_string(), delivery)),
             Err(e) => tracing::error!(topic = dead_letter_topic, "a dead letter could not be produced: {e}"),
         }
     }
@@ -707,7 +942,7 @@ impl LogReader for KafkaReader {
 
     fn poll(&mut self, max: usize) -> Result<LogPoll> {
         self.reassign()?;
-        self.settle_dead_letters();
+        self.settle_deliveries();
         let mut messages: Vec<OwnedMessage> = Vec::new();
         if !self.assigned.is_empty() {
             while messages.len() < max {
@@ -722,28 +957,65 @@ impl LogReader for KafkaReader {
                 }
             }
         }
-        let entries = if messages.is_empty() {
+        // A replica's carried records wait for their bindings, which arrive
+        // from the bindings topic, not with new messages.
+        let entries = if messages.is_empty() && self.carry.is_empty() {
             self.skip_control_records()?;
             Vec::new()
         } else {
             self.bind(messages)?
         };
-        let pending = {
-            let feeds = self.log.feeds()?;
-            self.assigned
-                .iter()
-                .filter_map(|((_, p), id)| feeds.get(id)?.partitions.get(*p as usize)?.pending_ts())
-                .min()
-        };
         // Later records get later oracle times, so the source may advance to
         // the oracle's next time; bindings made before a restart hold it
-        // below their times until they are replayed.
-        let next = self.log.tso.next_possible();
-        Ok(LogPoll { entries, frontier: Some(pending.map_or(next, |ts| ts.min(next))) })
+        // below their times until they are replayed. A replica's later
+        // records get the primary's bindings, none below the primary's
+        // published frontier; bindings of a collection the replica does not
+        // follow yet hold it too (all workers: any may be given its
+        // partitions). Every partition this worker owns counts, assigned
+        // yet or not, so a collection followed meanwhile cannot slip by.
+        let frontier = {
+            let (log, worker) = (&self.log, self.worker);
+            let feeds = log.feeds()?;
+            let pending = feeds
+                .iter()
+                .flat_map(|(&id, feed)| {
+                    feed.partitions.iter().enumerate().filter(move |(p, _)| log.reader_of(id, *p) == worker)
+                })
+                .filter_map(|(_, state)| state.pending_ts())
+                .min();
+            let next = match self.log.role {
+                Role::Primary => self.log.tso.next_possible(),
+                Role::Replica => {
+                    let learned = self.log.learned.lock().map_err(|_| Error::Shutdown)?;
+                    learned.frontier().min(learned.least_unclaimed().unwrap_or(Timestamp::MAX))
+                }
+            };
+            pending.map_or(next, |ts| ts.min(next))
+        };
+        if self.log.role == Role::Primary {
+            self.publish_frontier(frontier);
+        }
+        Ok(LogPoll { entries, frontier: Some(frontier) })
     }
 }
 
 impl KafkaReader {
+    /// A primary: tells replicas that this worker's later bindings have
+    /// times at or after `frontier` (every binding it made so far was
+    /// handed to the producer before this record): right after new
+    /// bindings (at most every [`FRONTIER_AFTER_BINDINGS`], so replicas
+    /// can apply them at once), else at most every [`FRONTIER_EVERY`].
+    fn publish_frontier(&mut self, frontier: Timestamp) {
+        let every = if self.bound_since_frontier { FRONTIER_AFTER_BINDINGS } else { FRONTIER_EVERY };
+        if self.published_frontier.is_some_and(|(at, ts)| ts >= frontier || at.elapsed() < every) {
+            return;
+        }
+        self.published_frontier = Some((Instant::now(), frontier));
+        self.bound_since_frontier = false;
+        let (key, value) = frontier_record(&self.log.deployment, self.worker, self.log.workers, frontier);
+        self.log.publish_bindings(vec![(key, Some(value))], &mut self.deliveries_in_flight);
+    }
+
     /// Moves each idle partition's position past offsets that hold no
     /// records (transaction markers), which the consumer skips; otherwise a
     /// Strong read would wait for them forever.
@@ -796,6 +1068,7 @@ impl KafkaReader {
         // form runs that get oracle times as they close (in offset order).
         let mut new_bindings: Vec<(CollectionId, u32, Binding)> = Vec::new();
         let mut timed: Vec<TimedRun> = Vec::new();
+        let replica = self.log.role == Role::Replica;
         {
             let feeds = self.log.feeds()?;
             for ((id, partition), reads) in by_partition {
@@ -813,9 +1086,18 @@ impl KafkaReader {
                         timed.push((id, partition, binding, reads));
                     }
                 };
-                for read in reads {
+                let mut reads = reads.into_iter();
+                while let Some(read) = reads.next() {
                     if read.offset < state.next {
                         continue; // already handed to the dataflow
+                    }
+                    if replica && state.binding_of(read.offset).is_none() {
+                        // The primary has not published this record's binding
+                        // yet: it waits, with every later one of the partition.
+                        let waiting = self.carry.entry((id, partition)).or_default();
+                        waiting.push(read);
+                        waiting.extend(reads.by_ref());
+                        break;
                     }
                     if let Some(stored) = state.binding_of(read.offset) {
                         close(&mut run, &mut timed);
@@ -851,7 +1133,8 @@ impl KafkaReader {
                     && reads.last().is_some_and(|r| r.offset < binding.last)
                     && let Some((_, _, _, reads)) = timed.pop()
                 {
-                    self.carry.insert((id, partition), reads);
+                    let waiting = self.carry.entry((id, partition)).or_default();
+                    waiting.splice(0..0, reads);
                 }
             }
         }
@@ -865,6 +1148,14 @@ impl KafkaReader {
                 }
             }
             txn.commit().map_err(bindings_error)?;
+            // Replicas give the records these times too.
+            let records = new_bindings
+                .iter()
+                .map(|(id, partition, b)| binding_record(&self.log.deployment, *id, *partition, b))
+                .map(|(key, value)| (key, Some(value)))
+                .collect();
+            self.log.publish_bindings(records, &mut self.deliveries_in_flight);
+            self.bound_since_frontier = true;
         }
 
         // Publish the bindings and the new positions, and build the entries.
@@ -884,6 +1175,12 @@ impl KafkaReader {
                     && let Some(last) = reads.last()
                 {
                     state.next = state.next.max(last.offset + 1);
+                    if replica {
+                        // A replica never checkpoints: it lets go of what it replayed.
+                        while state.bindings.front().is_some_and(|b| b.last < state.next) {
+                            state.bindings.pop_front();
+                        }
+                    }
                 }
                 let (good, bad) = run_entries(&schema, id, partition as u32, ts, reads);
                 entries.extend(good);
@@ -894,6 +1191,10 @@ impl KafkaReader {
             }
         }
         self.log.bound.notify_all();
+        if replica {
+            // The primary sends them; a replica only counts them.
+            dead.clear();
+        }
         for (topic, dead_letter_topic, partition, read, reason) in dead {
             tracing::debug!(topic, partition, offset = read.offset, reason, "dead letter");
             self.dead_letter(&topic, &dead_letter_topic, partition, &read, &reason);

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod dataset;
 pub mod kafka;
+mod kafka_bindings;
 pub mod kafka_record;
 pub mod log;
 pub mod manifest;

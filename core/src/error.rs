@@ -64,6 +64,10 @@ pub enum Error {
     /// reached now; retrying later may succeed.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A change sent to a server that only reads (a read replica): the
+    /// message says where changes go instead.
+    #[error("read-only: {0}")]
+    ReadOnly(String),
     /// Bytes on disk or on the wire that do not decode.
     #[error("corrupt data in {location}: {problem}")]
     Corrupt { location: String, problem: String },
@@ -105,6 +109,7 @@ impl Error {
             Error::Internal(message) => Error::Internal(message.clone()),
             Error::Storage(message) => Error::Storage(message.clone()),
             Error::Unavailable(message) => Error::Unavailable(message.clone()),
+            Error::ReadOnly(message) => Error::ReadOnly(message.clone()),
             Error::Corrupt { location, problem } => {
                 Error::Corrupt { location: location.clone(), problem: problem.clone() }
             }

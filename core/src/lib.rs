@@ -3,12 +3,14 @@
 
 pub mod batch;
 pub mod error;
+pub mod role;
 pub mod schema;
 pub mod time;
 pub mod value;
 
 pub use batch::{IpcBatch, Row, WriteBatch};
 pub use error::{Error, Result};
+pub use role::Role;
 pub use schema::{
     CollectionId, CollectionSchema, DYNAMIC_FIELD_NAME, DataType, FieldSchema, Metric, check_alias,
     check_partition_name,

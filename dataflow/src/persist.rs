@@ -46,6 +46,8 @@ struct State {
 /// Writes sealed segments on a thread of its own.
 pub struct Persister {
     storage: ObjectStorage,
+    /// False for a read replica's: nothing is written.
+    writes: bool,
     jobs: Mutex<Option<Sender<Job>>>,
     state: Mutex<State>,
     changed: Condvar,
@@ -62,6 +64,7 @@ impl Persister {
         let (jobs, queue) = std::sync::mpsc::channel();
         let persister = Arc::new(Persister {
             storage,
+            writes: true,
             jobs: Mutex::new(Some(jobs)),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -78,6 +81,19 @@ impl Persister {
         Ok(persister)
     }
 
+    /// A persister that writes nothing (a read replica's): submitted
+    /// segments are only let out of memory where they are kept on disk.
+    pub fn read_only(storage: ObjectStorage) -> Arc<Persister> {
+        Arc::new(Persister {
+            storage,
+            writes: false,
+            jobs: Mutex::new(None),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            thread: Mutex::new(None),
+        })
+    }
+
     pub fn storage(&self) -> &ObjectStorage {
         &self.storage
     }
@@ -85,6 +101,10 @@ impl Persister {
     /// Queues a sealed segment for writing.
     pub fn submit(&self, collection: CollectionId, snapshot: SegmentSnapshot) {
         self.track([snapshot.uid.clone()]);
+        if !self.writes {
+            snapshot.release_resident();
+            return;
+        }
         // The lock is not held while a full queue waits.
         let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
         let sent = sender.map(|sender| sender.send(Job { collection, snapshot }));

@@ -425,7 +425,7 @@ pub fn status(error: &Error) -> tonic::Status {
         Error::Shutdown => Code::Unavailable,
         Error::ResourceExhausted { .. } => Code::ResourceExhausted,
         Error::Cancelled => Code::Cancelled,
-        Error::CollectionFailed { .. } => Code::FailedPrecondition,
+        Error::CollectionFailed { .. } | Error::ReadOnly(_) => Code::FailedPrecondition,
         Error::Internal(_) | Error::Storage(_) | Error::Corrupt { .. } | Error::Arrow(_) | Error::Io(_) => {
             Code::Internal
         }

@@ -34,7 +34,7 @@ impl Engine {
     /// and Kafka admin calls in between.
     pub fn create_collection(&self, schema: CollectionSchema) -> Result<CollectionInfo> {
         schema.validate()?;
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         let entry = self.create_entry(schema, None)?;
         // A partition key's values hash to `_default` (the collection's own
         // entry) and `_default_1` .. `_default_{n-1}`.
@@ -106,7 +106,7 @@ impl Engine {
     /// collection, or alone when a read names it. `_default` always exists.
     pub fn create_partition(&self, collection: &str, partition: &str) -> Result<()> {
         vectorflow_core::check_partition_name(partition)?;
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         let parent = self.collection_entry(collection)?;
         if partition == DEFAULT_PARTITION || self.live_partition(&parent.schema.name, partition)?.is_some() {
             return Err(Error::argument(
@@ -165,7 +165,7 @@ impl Engine {
     /// at or after it leave the partition out; reads `as_of` before it
     /// still see its rows. Its storage goes with its collection.
     pub fn drop_partition(&self, collection: &str, partition: &str) -> Result<Timestamp> {
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         let parent = self.collection_entry(collection)?;
         if partition == DEFAULT_PARTITION || parent.schema.partition_key().is_some() {
             return Err(Error::argument(
@@ -330,7 +330,7 @@ impl Engine {
     /// are removed after, with no lock held. `name` must be the
     /// collection's own name, not an alias, and no alias may name it.
     pub fn drop_collection(&self, name: &str) -> Result<()> {
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         if let Some(target) = self.alias_target(name)? {
             return Err(Error::argument(
                 "collection_name",
@@ -359,6 +359,15 @@ impl Engine {
 
     /// Removes a dropped entry from the engine and its objects from the store.
     fn forget_entry(&self, entry: &CatalogEntry) -> Result<()> {
+        self.forget_locally(entry)?;
+        if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
+            tracing::warn!(collection = entry.schema.name, "removing the dropped collection's objects: {e}");
+        }
+        Ok(())
+    }
+
+    /// Removes a dropped entry from the engine (not from the store).
+    pub(super) fn forget_locally(&self, entry: &CatalogEntry) -> Result<()> {
         let name = entry.schema.name.as_str();
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.remove(name);
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
@@ -374,9 +383,6 @@ impl Engine {
             tracing::warn!(collection = name, "forgetting the dropped collection's offset bindings: {e}");
         }
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = delete_collection_objects(&self.inner.storage, entry.id) {
-            tracing::warn!(collection = name, "removing the dropped collection's objects: {e}");
-        }
         Ok(())
     }
 
@@ -414,14 +420,14 @@ impl Engine {
 
     fn set_alias(&self, alias: &str, collection: &str, replace: bool) -> Result<()> {
         vectorflow_core::check_alias(alias)?;
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         self.inner.catalog_store.set_alias(alias, collection, replace)?;
         self.inner.aliases.write().map_err(|_| Error::Shutdown)?.insert(alias.to_string(), collection.to_string());
         Ok(())
     }
 
     pub fn drop_alias(&self, alias: &str) -> Result<()> {
-        let _one_change_at_a_time = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        let _one_change_at_a_time = self.catalog_change()?;
         self.inner.catalog_store.drop_alias(alias)?;
         self.inner.aliases.write().map_err(|_| Error::Shutdown)?.remove(alias);
         Ok(())

@@ -15,6 +15,7 @@ impl Engine {
     /// covers every write acknowledged before the call, so its time is the
     /// answer and no second, tiny checkpoint is made.
     pub fn flush(&self, collection: &str) -> Result<Timestamp> {
+        self.writable("flushes")?;
         let entry = self.entry(collection)?;
         // Every write acknowledged before this call has a time below this.
         let called_at = self.inner.shared.log.tso().next_possible();
@@ -36,6 +37,7 @@ impl Engine {
     /// A checkpoint of one collection, unless the newest one already covers
     /// `covering` (then its time).
     fn checkpoint_covering(&self, entry: &CatalogEntry, covering: Option<Timestamp>) -> Result<Timestamp> {
+        self.writable("checkpoints")?;
         let inner = &self.inner;
         let _one_at_a_time = inner.checkpointing.lock().map_err(|_| Error::Shutdown)?;
         let previous = inner
@@ -150,6 +152,7 @@ impl Engine {
     /// can see) are rewritten, small ones merged; waits for the new indexes,
     /// then publishes a checkpoint (which removes the replaced objects).
     pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
+        self.writable("compactions")?;
         let entry = self.entry(collection)?;
         let (replaced_segments, horizon) = self.start_compaction(&entry)?;
         let deadline = Instant::now() + PERSIST_TIMEOUT;
@@ -196,15 +199,19 @@ impl Engine {
             .spawn(move || watch_frontier(weak, report_after))
             .map_err(|e| Error::storage(format!("starting the frontier watchdog: {e}")))?;
         let config = &self.inner.config;
-        if config.checkpoint_interval.is_none() && config.compaction_interval.is_none() {
-            return Ok(());
-        }
         let weak = Arc::downgrade(&self.inner);
-        let (checkpoint_every, compact_every) = (config.checkpoint_interval, config.compaction_interval);
-        let thread = std::thread::Builder::new()
-            .name("maintenance".into())
-            .spawn(move || maintain(weak, checkpoint_every, compact_every))
-            .map_err(|e| Error::storage(format!("starting the maintenance thread: {e}")))?;
+        let thread = if self.is_replica() {
+            std::thread::Builder::new().name("follow-primary".into()).spawn(move || replica::follow_primary(weak))
+        } else {
+            if config.checkpoint_interval.is_none() && config.compaction_interval.is_none() {
+                return Ok(());
+            }
+            let (checkpoint_every, compact_every) = (config.checkpoint_interval, config.compaction_interval);
+            std::thread::Builder::new()
+                .name("maintenance".into())
+                .spawn(move || maintain(weak, checkpoint_every, compact_every))
+        }
+        .map_err(|e| Error::storage(format!("starting the maintenance thread: {e}")))?;
         if let Ok(mut slot) = self.inner.maintenance.lock() {
             *slot = Some(thread);
         }

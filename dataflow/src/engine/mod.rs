@@ -16,7 +16,7 @@ use vectorflow_connectors::{
 };
 use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
-use vectorflow_core::{CollectionId, CollectionSchema, Error, Metric, Pk, Result, Row, Timestamp, Value};
+use vectorflow_core::{CollectionId, CollectionSchema, Error, Metric, Pk, Result, Role, Row, Timestamp, Value};
 use vectorflow_operators::distance::{normalize, score};
 use vectorflow_operators::{
     IndexParams, MergePolicy, SealParams, SearchPlan, Shard, ShardConfig, ShardStats, Stop, VectorFiles,
@@ -35,6 +35,7 @@ mod hybrid;
 mod options;
 mod reads;
 mod recovery;
+mod replica;
 mod writes;
 
 use recovery::*;
@@ -147,9 +148,25 @@ impl Engine {
         }
         let started = Instant::now();
         let partitions = config.log_partitions.unwrap_or(config.workers as u32);
-        let log: Box<dyn Log> = match &config.kafka {
-            Some(kafka) => Box::new(KafkaLog::open(kafka.clone(), config.workers, &config.data_dir.join("kafka"))?),
-            None => Box::new(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
+        let log: Box<dyn Log> = match (&config.kafka, config.role) {
+            (Some(kafka), role) => {
+                let deployment = CatalogStore::deployment_id(&storage, role == Role::Primary)?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "no primary has started on the object store {} yet: a read replica follows one",
+                        storage.description()
+                    ))
+                })?;
+                let kafka_dir = config.data_dir.join("kafka");
+                Box::new(KafkaLog::open(kafka.clone(), config.workers, &kafka_dir, role, deployment)?)
+            }
+            (None, Role::Primary) => Box::new(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
+            (None, Role::Replica) => {
+                return Err(Error::argument(
+                    "role",
+                    "a read replica follows its primary's Kafka topics: configure the primary's `log.kafka` \
+                     and its object store",
+                ));
+            }
         };
         let catalog_store = CatalogStore::open(storage.clone())?;
         let entries = catalog_store.load()?;
@@ -179,7 +196,11 @@ impl Engine {
         };
         let seal = SealParams { index: config.index, vector_files };
         let shard_config = ShardConfig { seal_rows: config.seal_rows, seal, plan: config.search_plan, merge };
-        let persister = Persister::start(storage.clone())?;
+        let persister = match config.role {
+            Role::Primary => Persister::start(storage.clone())?,
+            // The primary writes the segments; a replica's own stay in memory.
+            Role::Replica => Persister::read_only(storage.clone()),
+        };
         let recovered = recover(&config, &storage, log.as_ref(), &entries, &persister, shard_config.clone())
             .inspect_err(|_| {
                 // Nothing will submit to it: let its thread end.
@@ -257,6 +278,11 @@ impl Engine {
                 maintenance: Mutex::new(None),
             }),
         };
+        if engine.is_replica() {
+            // Bindings of collections dropped before this replica opened
+            // would hold its sources back.
+            engine.take_in_catalog()?;
+        }
         engine.wait_for_replay(started)?;
         engine.start_maintenance()?;
         let report = engine.recovery_report();

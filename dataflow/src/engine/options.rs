@@ -71,6 +71,9 @@ pub struct EngineConfig {
     /// (and for exact scans, merges and output fields), so the page cache
     /// holds them while memory allows.
     pub vectors_on_disk: bool,
+    /// A primary (writes, checkpoints, publishes) or a read replica of
+    /// one (needs `kafka` and the primary's object store; see [`Role`]).
+    pub role: Role,
 }
 
 /// Bounds on one request's answer and on the catalog, so no request can
@@ -134,6 +137,7 @@ impl EngineConfig {
             max_apply_lag: Some(Duration::from_secs(10)),
             max_index_backlog_rows: Some(131_072),
             vectors_on_disk: false,
+            role: Role::Primary,
         }
     }
 }

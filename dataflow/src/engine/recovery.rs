@@ -10,9 +10,17 @@ impl Engine {
     /// the replay stands, rather than waiting silently for ever.
     pub(super) fn wait_for_replay(&self, started: Instant) -> Result<()> {
         let shared = &self.inner.shared;
-        // Everything an external log holds now is the "log at open".
-        shared.log.sync(None, self.inner.config.request_timeout.max(Duration::from_secs(600)))?;
-        let target = shared.log.tso().next_possible();
+        let record_total = || {
+            if let Ok(mut report) = self.inner.recovery.lock() {
+                report.total = started.elapsed();
+                report.replayed_rows = shared.ingested.rows.load(Ordering::Relaxed);
+            }
+        };
+        let Some(target) = shared.log.replay_target(self.inner.config.request_timeout.max(Duration::from_secs(600)))?
+        else {
+            record_total();
+            return Ok(());
+        };
         let to_replay = shared.log.records_to_replay(&shared.replay_from);
         let stall_timeout = self.inner.config.replay_stall_timeout;
         let mut logged = Instant::now();
@@ -38,10 +46,7 @@ impl Engine {
                 logged = Instant::now();
             }
         }
-        if let Ok(mut report) = self.inner.recovery.lock() {
-            report.total = started.elapsed();
-            report.replayed_rows = shared.ingested.rows.load(Ordering::Relaxed);
-        }
+        record_total();
         Ok(())
     }
 
@@ -126,7 +131,9 @@ pub(super) fn recover(
             // Created, then a crash before its first manifest: no write to it was acknowledged.
             None => {
                 let manifest = initial_manifest(entry, log, config.workers)?;
-                publish_manifest(storage, &manifest)?;
+                if config.role == Role::Primary {
+                    publish_manifest(storage, &manifest)?;
+                }
                 manifest
             }
         };

@@ -2,6 +2,7 @@
 //! own checkpoint, commits move with its checkpoints, and writes wait for
 //! the brokers and then for the sources to read them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,20 @@ impl Log for Arc<KafkaLog> {
 
     fn unfollow(&self, collection: CollectionId) -> Result<()> {
         self.unregister(collection)
+    }
+
+    /// A replica replays what its primary had bound when it opened (the
+    /// primary may be down: nothing later can be read then).
+    fn replay_target(&self, timeout: Duration) -> Result<Option<Timestamp>> {
+        if self.is_replica() {
+            return Ok(self.published_frontier().checked_sub(1));
+        }
+        self.sync(None, timeout)?;
+        Ok(Some(self.tso().next_possible()))
+    }
+
+    fn catalog_listed(&self, listed: &HashSet<CollectionId>, next_id: CollectionId) {
+        self.forget_unfollowed(listed, next_id);
     }
 
     /// The oracle's time: the sources bind records to it.

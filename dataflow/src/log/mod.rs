@@ -8,7 +8,7 @@
 mod embedded;
 mod kafka;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,10 @@ pub(crate) trait Log: Send + Sync {
         Ok(())
     }
 
+    /// The catalog lists `listed` and has given out every id below
+    /// `next_id`: what the log kept for other collections can go.
+    fn catalog_listed(&self, _listed: &HashSet<CollectionId>, _next_id: CollectionId) {}
+
     /// Where the readers' replay starts after recovery, per partition, for
     /// a log whose readers read every collection.
     fn replay_start(&self, _checkpoints: &CheckpointPositions) -> Vec<u64> {
@@ -101,6 +105,15 @@ pub(crate) trait Log: Send + Sync {
     /// checkpoint moves past the records they came from.
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The time the replay at open must pass: that of the log's end now
+    /// (after waiting up to `timeout` for the readers to reach it), or
+    /// `None` when there is nothing to wait for.
+    fn replay_target(&self, timeout: Duration) -> Result<Option<Timestamp>> {
+        // Everything an external log holds now is the "log at open".
+        self.sync(None, timeout)?;
+        Ok(Some(self.tso().next_possible()))
     }
 
     /// Waits until the readers have read every record acknowledged so far

@@ -63,6 +63,8 @@ pub fn from_error(error: &Error) -> Status {
         }
         Error::ResourceExhausted { .. } => (code::PARAMETER_INVALID, ErrorCode::IllegalArgument),
         Error::Unavailable(_) | Error::Shutdown => (code::SERVICE_UNAVAILABLE, ErrorCode::NotReadyServe),
+        // Not retried: a replica stays one, the message names the primary's role.
+        Error::ReadOnly(_) => (code::PARAMETER_INVALID, ErrorCode::IllegalArgument),
         Error::CollectionFailed { .. }
         | Error::Internal(_)
         | Error::Storage(_)
