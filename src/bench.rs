@@ -162,42 +162,19 @@ struct Point {
     filter: String,
     ef: usize,
     clients: usize,
-    qps: f64,
-    recall: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// CPU seconds this process spent per second of the point: how many of
-    /// the machine's cores the searches kept busy.
-    cores: f64,
-    /// Page faults per search that read from disk (major) and that only
-    /// mapped a cached page (minor): vectors kept in mapped files pay here.
-    major_faults_per_search: f64,
-    minor_faults_per_search: f64,
+    measured: Measured,
 }
 
 impl Point {
     fn new(filter: &str, ef: usize, clients: usize, measured: Measured) -> Point {
-        let Measured { qps, recall, p50_ms, p99_ms, cores, major_faults_per_search, minor_faults_per_search } =
-            measured;
-        Point {
-            filter: filter.to_string(),
-            ef,
-            clients,
-            qps,
-            recall,
-            p50_ms,
-            p99_ms,
-            cores,
-            major_faults_per_search,
-            minor_faults_per_search,
-        }
+        Point { filter: filter.to_string(), ef, clients, measured }
     }
 
     fn json(&self) -> serde_json::Value {
-        json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.qps,
-               "recall_at_k": self.recall, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "cores_busy": self.cores,
-               "major_faults_per_search": self.major_faults_per_search,
-               "minor_faults_per_search": self.minor_faults_per_search})
+        json!({"filter": self.filter, "ef": self.ef, "clients": self.clients, "qps": self.measured.qps,
+               "recall_at_k": self.measured.recall, "p50_ms": self.measured.p50_ms, "p99_ms": self.measured.p99_ms, "cores_busy": self.measured.cores,
+               "major_faults_per_search": self.measured.major_faults_per_search,
+               "minor_faults_per_search": self.measured.minor_faults_per_search})
     }
 }
 
@@ -208,7 +185,11 @@ struct Measured {
     recall: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU seconds this process spent per second of the point: how many of
+    /// the machine's cores the searches kept busy.
     cores: f64,
+    /// Page faults per search that read from disk (major) and that only
+    /// mapped a cached page (minor): vectors kept in mapped files pay here.
     major_faults_per_search: f64,
     minor_faults_per_search: f64,
 }
@@ -588,13 +569,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 println!(
                     "engine {name} ef {ef} clients {clients}: {:.0} QPS, recall {:.3}, p50 {:.3} ms, p99 {:.3} ms, \
                      {:.2} cores busy, {:.1} major / {:.0} minor page faults per search",
-                    point.qps,
-                    point.recall,
-                    point.p50_ms,
-                    point.p99_ms,
-                    point.cores,
-                    point.major_faults_per_search,
-                    point.minor_faults_per_search
+                    point.measured.qps,
+                    point.measured.recall,
+                    point.measured.p50_ms,
+                    point.measured.p99_ms,
+                    point.measured.cores,
+                    point.measured.major_faults_per_search,
+                    point.measured.minor_faults_per_search
                 );
                 engine_points.push(point);
 
@@ -702,7 +683,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         engine_points
             .iter()
             .find(|e| e.filter == g.filter && e.ef == g.ef && e.clients == g.clients)
-            .map(|e| g.qps / e.qps)
+            .map(|e| g.measured.qps / e.measured.qps)
     };
 
     // ---- report ----
@@ -713,8 +694,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let same = |b: &&Point| b.filter == p.filter && b.clients == p.clients;
             Ratio {
                 point: p,
-                vs_hnsw: hnsw_points.iter().filter(same).find(|b| b.ef == p.ef).map(|b| p.qps / b.qps),
-                vs_exact: exact_points.iter().find(same).map(|b| p.qps / b.qps),
+                vs_hnsw: hnsw_points
+                    .iter()
+                    .filter(same)
+                    .find(|b| b.ef == p.ef)
+                    .map(|b| p.measured.qps / b.measured.qps),
+                vs_exact: exact_points.iter().find(same).map(|b| p.measured.qps / b.measured.qps),
             }
         })
         .collect();
@@ -741,11 +726,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             p.filter,
             p.ef,
             p.clients,
-            p.qps,
-            p.recall,
-            p.p50_ms,
-            p.p99_ms,
-            p.cores,
+            p.measured.qps,
+            p.measured.recall,
+            p.measured.p50_ms,
+            p.measured.p99_ms,
+            p.measured.cores,
             ratio(vs_hnsw),
             ratio(vs_exact)
         );
@@ -875,7 +860,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         points: points
             .iter()
             .filter(|p| p.clients == one_client && p.filter == filter)
-            .map(|p| (p.recall, p.qps))
+            .map(|p| (p.measured.recall, p.measured.qps))
             .collect(),
     };
     let panels: Vec<(String, Vec<crate::plot::Series>)> = truths
@@ -894,7 +879,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         .points
                         .iter()
                         .filter(|p| p.clients == clients && p.filter == *name)
-                        .map(|p| (p.recall, p.qps))
+                        .map(|p| (p.measured.recall, p.measured.qps))
                         .collect(),
                 });
             }

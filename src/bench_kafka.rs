@@ -286,16 +286,7 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let mut api_ms = Vec::new();
     for i in 0..args.latency_samples.min(200) {
         let j = args.latency_samples + i;
-        let row: vectorflow::Row = rows_json[j % n]
-            .iter()
-            .filter_map(|(name, json)| {
-                let field = schema.field(name).ok()?.1;
-                vectorflow::crates::core::value::value_from_json(name, &field.data_type, json.clone())
-                    .ok()
-                    .map(|v| (name.clone(), v))
-            })
-            .chain([(schema.primary().name.clone(), Value::Int(key_of(j)))])
-            .collect();
+        let row = api_row(&schema, &rows_json[j % n], key_of(j));
         let started = Instant::now();
         engine.insert_rows(COLLECTION, &[row])?;
         api_ms.push(started.elapsed().as_secs_f64() * 1e3);
@@ -450,23 +441,11 @@ fn measure_replica(
     // API write on the primary → visible on the replica (and on the primary, Strong).
     let mut on_replica_ms = Vec::new();
     let mut on_primary_ms = Vec::new();
-    let row_for = |i: usize, key: i64| -> vectorflow::Row {
-        rows_json[i % rows_json.len()]
-            .iter()
-            .filter_map(|(name, json)| {
-                let field = schema.field(name).ok()?.1;
-                vectorflow::crates::core::value::value_from_json(name, &field.data_type, json.clone())
-                    .ok()
-                    .map(|v| (name.clone(), v))
-            })
-            .chain([(schema.primary().name.clone(), Value::Int(key))])
-            .collect()
-    };
     let eventually = GetOptions { consistency: Consistency::Eventually, ..GetOptions::default() };
     for i in 0..100 {
         let key = first_key + i as i64;
         let started = Instant::now();
-        primary.insert_rows(COLLECTION, &[row_for(i, key)])?;
+        primary.insert_rows(COLLECTION, &[api_row(schema, &rows_json[i % rows_json.len()], key)])?;
         let acknowledged = started.elapsed();
         primary.get(COLLECTION, &[Pk::Int(key)], &GetOptions::default())?;
         on_primary_ms.push(started.elapsed().as_secs_f64() * 1e3);
@@ -510,4 +489,22 @@ fn measure_replica(
         "search_qps_replica": replica_qps,
         "replica_vs_primary_qps": replica_qps / primary_qps,
     }))
+}
+
+/// A dataset row (as JSON) for an API write, under primary key `key`.
+fn api_row(
+    schema: &vectorflow::CollectionSchema,
+    json_row: &serde_json::Map<String, serde_json::Value>,
+    key: i64,
+) -> vectorflow::Row {
+    json_row
+        .iter()
+        .filter_map(|(name, json)| {
+            let field = schema.field(name).ok()?.1;
+            vectorflow::crates::core::value::value_from_json(name, &field.data_type, json.clone())
+                .ok()
+                .map(|v| (name.clone(), v))
+        })
+        .chain([(schema.primary().name.clone(), Value::Int(key))])
+        .collect()
 }
