@@ -61,7 +61,7 @@ pub struct KafkaBenchArgs {
 const COLLECTION: &str = "bench";
 const WAIT: Duration = Duration::from_secs(3600);
 
-fn producer(bootstrap: &str, acks_all: bool) -> anyhow::Result<FutureProducer> {
+pub(crate) fn producer(bootstrap: &str, acks_all: bool) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", if acks_all { "true" } else { "false" })
@@ -73,7 +73,11 @@ fn producer(bootstrap: &str, acks_all: bool) -> anyhow::Result<FutureProducer> {
 
 /// Sends every record (waiting while the producer's queue is full) and
 /// waits for every acknowledgement.
-fn produce_all(producer: &FutureProducer, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) -> anyhow::Result<()> {
+pub(crate) fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[(Vec<u8>, Vec<u8>)],
+) -> anyhow::Result<()> {
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, value) in records {
         deliveries.push(send(producer, topic, key, value)?);
@@ -103,7 +107,40 @@ fn send(
     }
 }
 
-fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+/// A JSON record and its row as a JSON object.
+pub(crate) type JsonRecords = (Vec<(Vec<u8>, Vec<u8>)>, Vec<serde_json::Map<String, serde_json::Value>>);
+
+/// The dataset's rows as Kafka records (key: the encoded primary key,
+/// value: the row as JSON with vectors as number arrays), and each row's object.
+pub(crate) fn json_records(
+    dataset: &vectorflow::Dataset,
+    schema: &vectorflow::CollectionSchema,
+    vectors: &vectorflow::crates::connectors::npy::Matrix<f32>,
+    attributes: &arrow::record_batch::RecordBatch,
+) -> anyhow::Result<JsonRecords> {
+    let n = vectors.rows;
+    let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(n);
+    let mut rows_json: Vec<serde_json::Map<String, serde_json::Value>> = Vec::with_capacity(n);
+    for start in (0..n).step_by(1000) {
+        let batch = dataset.base_batch(schema, vectors, attributes, start..(start + 1000).min(n))?;
+        for row in 0..batch.num_rows() {
+            let mut object = serde_json::Map::new();
+            for (field, column) in schema.fields.iter().zip(batch.columns()) {
+                let value = Value::from_array(column.as_ref(), row);
+                if value != Value::Null {
+                    object.insert(field.name.clone(), value.to_json());
+                }
+            }
+            let pk =
+                vectorflow::crates::core::value::pk_from_array(batch.column(schema.primary_index()).as_ref(), row)?;
+            records.push((encode_key(&pk), serde_json::Value::Object(object.clone()).to_string().into_bytes()));
+            rows_json.push(object);
+        }
+    }
+    Ok((records, rows_json))
+}
+
+pub(crate) fn summary(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     json!({ "samples": ms.len(), "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99),
             "max_ms": ms.last().copied().unwrap_or(0.0) })
@@ -132,24 +169,7 @@ pub fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
 
     // ---- the rows as JSON records (vectors as number arrays), keyed by id ----
     let started = Instant::now();
-    let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(n);
-    let mut rows_json: Vec<serde_json::Map<String, serde_json::Value>> = Vec::with_capacity(n);
-    for start in (0..n).step_by(1000) {
-        let batch = dataset.base_batch(&schema, &vectors, &attributes, start..(start + 1000).min(n))?;
-        for row in 0..batch.num_rows() {
-            let mut object = serde_json::Map::new();
-            for (field, column) in schema.fields.iter().zip(batch.columns()) {
-                let value = Value::from_array(column.as_ref(), row);
-                if value != Value::Null {
-                    object.insert(field.name.clone(), value.to_json());
-                }
-            }
-            let pk =
-                vectorflow::crates::core::value::pk_from_array(batch.column(schema.primary_index()).as_ref(), row)?;
-            records.push((encode_key(&pk), serde_json::Value::Object(object.clone()).to_string().into_bytes()));
-            rows_json.push(object);
-        }
-    }
+    let (records, rows_json) = json_records(&dataset, &schema, &vectors, &attributes)?;
     let json_bytes: usize = records.iter().map(|(_, v)| v.len()).sum();
     println!(
         "encoded {n} records ({:.0} bytes each) in {:.1} s",
@@ -492,7 +512,7 @@ fn measure_replica(
 }
 
 /// A dataset row (as JSON) for an API write, under primary key `key`.
-fn api_row(
+pub(crate) fn api_row(
     schema: &vectorflow::CollectionSchema,
     json_row: &serde_json::Map<String, serde_json::Value>,
     key: i64,

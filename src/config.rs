@@ -9,7 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vectorflow::{EngineConfig, KafkaConfig, Limits, Role, StorageConfig};
+use vectorflow::{ClusterConfig, EngineConfig, KafkaConfig, Limits, Role, StorageConfig};
 
 use crate::auth::{Authenticator, TokenEntry, UserEntry};
 
@@ -104,6 +104,8 @@ pub struct ServerConfig {
     pub limits: LimitSettings,
     /// `[auth]`: users, tokens and roles.
     pub auth: AuthSettings,
+    /// `[cluster]`: several processes as one dataflow (see examples/cluster).
+    pub cluster: ClusterConfig,
     /// `[tls]`: serve gRPC over TLS (and optionally require client certificates).
     pub tls: TlsSettings,
     /// Serve on a non-loopback address without authentication. Off, such a
@@ -387,6 +389,7 @@ impl Default for ServerConfig {
             replay_stall_timeout_secs: engine.replay_stall_timeout.as_secs(),
             limits: LimitSettings::default(),
             auth: AuthSettings::default(),
+            cluster: ClusterConfig::default(),
             tls: TlsSettings::default(),
             insecure: false,
         }
@@ -468,6 +471,15 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub tls_client_ca: Option<PathBuf>,
+    /// Run as one process of a cluster: a TOML file with the `[cluster]`
+    /// settings (`processes`, `private_network`) at its top level; sets `cluster`.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub cluster: Option<PathBuf>,
+    /// This process's index in the cluster's `processes` (sets `cluster.process`).
+    #[arg(long, value_name = "I")]
+    #[serde(skip)]
+    pub process: Option<usize>,
 }
 
 impl ServerConfig {
@@ -475,6 +487,12 @@ impl ServerConfig {
         let mut figment = Figment::from(Serialized::defaults(ServerConfig::default()));
         if let Some(path) = &args.config {
             figment = figment.merge(Toml::file_exact(path));
+        }
+        if let Some(path) = &args.cluster {
+            // The file holds the `[cluster]` table's keys; the environment
+            // (`VECTORFLOW_CLUSTER__PROCESS`) and `--process` still override them.
+            let cluster: ClusterConfig = Figment::from(Toml::file_exact(path)).extract().map_err(Box::new)?;
+            figment = figment.merge(Serialized::default("cluster", cluster));
         }
         let mut config: ServerConfig = figment
             // The client's credentials (`vectorflow search --user ...`) share the
@@ -486,6 +504,9 @@ impl ServerConfig {
             .map_err(Box::new)?;
         if let Some(url) = &args.storage {
             config.storage.url = url.clone();
+        }
+        if let Some(process) = args.process {
+            config.cluster.process = process;
         }
         if let Some(bootstrap) = &args.kafka {
             config.log.kind = LogKind::Kafka;
@@ -530,6 +551,7 @@ impl ServerConfig {
             max_segment_rows: self.max_segment_rows,
             vectors_on_disk: self.vectors_on_disk,
             role: self.role,
+            cluster: self.cluster.clone(),
             retention: Duration::from_secs(self.retention_secs),
             bounded_staleness: Duration::from_millis(self.bounded_staleness_ms),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
@@ -604,6 +626,14 @@ mod tests {
             assert!(ServerConfig::load(&ServeArgs::default()).is_err(), "an unknown role is refused");
             jail.set_env("VECTORFLOW_ROLE", "primary");
             jail.set_env("VECTORFLOW_LOG__KIND", "embedded");
+            // A cluster file names the processes; the environment, then `--process`, pick this one.
+            jail.create_file("cluster.toml", "processes = [\"127.0.0.1:2101\", \"127.0.0.1:2102\"]\n")?;
+            jail.set_env("VECTORFLOW_CLUSTER__PROCESS", "1");
+            let clustered = ServeArgs { cluster: Some("cluster.toml".into()), ..Default::default() };
+            let cluster = ServerConfig::load(&clustered).map_err(|e| e.to_string())?.engine_config().cluster;
+            assert_eq!((cluster.processes.len(), cluster.process), (2, 1));
+            let flagged = ServeArgs { process: Some(0), ..clustered };
+            assert_eq!(ServerConfig::load(&flagged).map_err(|e| e.to_string())?.cluster.process, 0);
             jail.create_file("bad.toml", "listen = 5\n")?;
             let bad = ServeArgs { config: Some("bad.toml".into()), ..Default::default() };
             let error = ServerConfig::load(&bad).err().map(|e| e.to_string()).unwrap_or_default();

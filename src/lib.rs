@@ -24,7 +24,8 @@
 pub use vectorflow_connectors::Dataset;
 pub use vectorflow_connectors::{KafkaConfig, PartitionLag, RecordFormat, StorageConfig};
 pub use vectorflow_core::{
-    CollectionId, CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Role, Row, Timestamp, Value,
+    ClusterConfig, CollectionId, CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Role, Row,
+    Timestamp, Value,
 };
 pub use vectorflow_dataflow::RecoveryReport;
 pub use vectorflow_dataflow::engine::CompactionReport;

@@ -9,12 +9,14 @@ use vectorflow::crates::connectors::synth::{self, SynthSpec};
 mod admission;
 mod auth;
 mod bench;
+mod bench_cluster;
 mod bench_features;
 mod bench_kafka;
 mod bench_recovery;
 mod bench_soak;
 mod bench_tenants;
 mod client;
+mod cluster_local;
 mod config;
 mod metrics;
 mod milvus;
@@ -54,8 +56,14 @@ enum Command {
     BenchRecovery(bench_recovery::RecoveryArgs),
     /// Kafka ingestion against a running broker: rows/s to searchable, produce-to-visible latency, overload.
     BenchKafka(bench_kafka::KafkaBenchArgs),
+    /// Clusters of 1, 2 and 3 processes on loopback against a running broker: ingest rows/s,
+    /// search QPS and recall, cross-process write-to-visible, and the time a cluster takes to recover.
+    BenchCluster(bench_cluster::ClusterBenchArgs),
     /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
     Serve(config::ServeArgs),
+    /// Run several servers as one cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// List the collections in a data directory.
     Collections {
         #[arg(long)]
@@ -105,6 +113,13 @@ enum Command {
     HybridSearch(client::HybridSearchArgs),
     /// Query rows of a collection on a server by filter (or count them).
     Query(client::QueryArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Start a cluster of `serve` processes on loopback (development and
+    /// tests) and restart it whenever one of them exits; SIGINT/SIGTERM stops it.
+    Local(cluster_local::LocalClusterArgs),
 }
 
 #[derive(Subcommand)]
@@ -174,10 +189,12 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(bench::BenchCommand { search, .. }) => bench::run(search)?,
         Command::BenchRecovery(args) => bench_recovery::run(args)?,
         Command::BenchKafka(args) => bench_kafka::run(args)?,
+        Command::BenchCluster(args) => bench_cluster::run(args)?,
         Command::Serve(_) => {
             let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;
         }
+        Command::Cluster(ClusterCommand::Local(args)) => cluster_local::run(args)?,
         Command::Collections { data_dir } => {
             let engine = vectorflow::Engine::open(vectorflow::EngineConfig::new(data_dir))?;
             for name in engine.list_collections() {

@@ -654,6 +654,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         })?;
     }
     let engine = Engine::open(config.engine_config())?;
+    exit_when_the_dataflow_stops(engine.clone());
     let listener = TcpListener::bind(&config.listen).await?;
     let address: SocketAddr = listener.local_addr()?;
     let service = VectorflowService::new(engine.clone(), config.max_message_bytes, config.limits.sql_policy())?;
@@ -732,9 +733,13 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .add_service(milvus)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await;
-    tracing::info!("stopped accepting; flushing");
+    let in_cluster = engine.in_cluster();
+    tracing::info!(in_cluster, "stopped accepting; flushing");
     let flushed = tokio::task::spawn_blocking(move || {
-        for name in engine.list_collections() {
+        // A cluster's checkpoint needs every process, which stop at once:
+        // it restarts from its last checkpoint and the topics instead.
+        let flushing = if in_cluster { Vec::new() } else { engine.list_collections() };
+        for name in flushing {
             if let Err(e) = engine.flush(&name) {
                 tracing::warn!(collection = name, "flush at shutdown: {e}");
             }
@@ -746,6 +751,28 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     flushed?;
     tracing::info!("vectorflow stopped");
     Ok(())
+}
+
+/// Exit code of a server whose dataflow stopped (EX_SOFTWARE): a supervisor restarts it.
+pub const DATAFLOW_STOPPED_EXIT: i32 = 70;
+
+/// Ends the process when the engine's dataflow stops (a worker died; in a
+/// cluster, another process did and took the shared dataflow with it):
+/// timely cannot continue without it, so the server exits and its
+/// supervisor restarts it, which recovers from the checkpoint and the log.
+/// Requests meanwhile fail with `UNAVAILABLE`.
+fn exit_when_the_dataflow_stops(engine: Engine) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            if let Some(cause) = engine.health().stopped {
+                tracing::error!("exiting for a restart: {cause}");
+                eprintln!("vectorflow: the dataflow stopped ({cause}); exiting for a restart");
+                std::process::exit(DATAFLOW_STOPPED_EXIT);
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

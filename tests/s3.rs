@@ -7,81 +7,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use common::s3::{s3_config, start_s3};
 
 use bytes::Bytes;
 use vectorflow::crates::connectors::ObjectStorage;
-use vectorflow::{Engine, EngineConfig, Pk, QueryOptions, SearchOptions, StorageConfig};
-
-/// moto's S3 server on a free loopback port; killed when dropped.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn server_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("VF_TEST_S3_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/vectorflow-s3/venv/bin/moto_server"));
-    path.exists().then_some(path)
-}
-
-fn start_s3() -> Option<S3Server> {
-    let Some(binary) = server_binary() else {
-        assert!(
-            std::env::var_os("VF_TEST_REQUIRE_S3").is_none(),
-            "VF_TEST_REQUIRE_S3 is set but no S3 server: install moto (see .ci/run) or set VF_TEST_S3_SERVER"
-        );
-        eprintln!("no S3-compatible server found (see .ci/run); the S3 test does not run here");
-        return None;
-    };
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(binary)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server starts");
-    let server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not listen within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The bucket (object_store does not create buckets).
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "PUT /vectorflow HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "creating the bucket: {response}");
-    Some(server)
-}
-
-fn s3_config(endpoint: &str) -> StorageConfig {
-    StorageConfig {
-        url: "s3://vectorflow/tests/engine".into(),
-        endpoint: Some(endpoint.into()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        allow_http: true,
-    }
-}
+use vectorflow::{Engine, EngineConfig, Pk, QueryOptions, SearchOptions};
 
 /// The keys of the 5 nearest rows to `query`, as of `as_of` (now when `None`).
 fn top5(engine: &Engine, query: &[f32], as_of: Option<u64>) -> Vec<Pk> {
@@ -95,7 +25,7 @@ fn segments_manifests_and_the_catalog_live_in_s3_and_recovery_reads_them_back() 
     let dir = tempfile::tempdir().unwrap();
 
     // The conditional put the manifests rely on: the second create of a path fails.
-    let storage = ObjectStorage::open(&s3_config(&s3.endpoint), dir.path()).unwrap();
+    let storage = ObjectStorage::open(&s3_config(&s3.endpoint, "tests/engine"), dir.path()).unwrap();
     assert!(storage.put_if_absent("probe/v1.json", Bytes::from_static(b"1")).unwrap());
     assert!(!storage.put_if_absent("probe/v1.json", Bytes::from_static(b"2")).unwrap());
     assert_eq!(storage.get_opt("probe/v1.json").unwrap().unwrap(), Bytes::from_static(b"1"));
@@ -104,7 +34,7 @@ fn segments_manifests_and_the_catalog_live_in_s3_and_recovery_reads_them_back() 
         seal_rows: 200,
         checkpoint_interval: None,
         compaction_interval: None,
-        storage: s3_config(&s3.endpoint),
+        storage: s3_config(&s3.endpoint, "tests/engine"),
         ..EngineConfig::new(dir.path())
     };
     let query = vec![0.5f32, 0.5];

@@ -125,6 +125,11 @@ impl CatalogStore {
         Ok(true)
     }
 
+    /// The version of the catalog this store holds.
+    pub fn version(&self) -> u64 {
+        self.current.lock().map_or(0, |current| current.0)
+    }
+
     /// The id the next collection gets: every id below it was given out.
     pub fn next_id(&self) -> Result<CollectionId> {
         let current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;

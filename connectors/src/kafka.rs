@@ -29,6 +29,7 @@
 //! made after each checkpoint for monitoring only.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,6 +197,14 @@ impl PartitionState {
         }
         self.bindings.push_back(binding);
     }
+
+    /// A partition another process of the cluster reads: its binding is
+    /// learned, and its offsets count as read (writes and Strong reads
+    /// here wait for exactly that).
+    fn learn_read_elsewhere(&mut self, binding: Binding) {
+        self.learn(binding);
+        self.next = self.next.max(binding.last + 1);
+    }
 }
 
 /// The Kafka log shared by the engine and every worker's source.
@@ -204,7 +213,12 @@ pub struct KafkaLog {
     role: Role,
     /// Names this deployment's records in the bindings topic.
     deployment: String,
+    /// Every worker of the dataflow (of every process, in a cluster):
+    /// partitions are assigned over all of them.
     workers: usize,
+    /// The workers of this process; the others' partitions are read by
+    /// other processes of the cluster, whose bindings this one learns.
+    local: Range<usize>,
     tso: Tso,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
@@ -216,10 +230,11 @@ pub struct KafkaLog {
     bound: Condvar,
     /// Bumped when a feed is added or removed, so sources reassign.
     version: AtomicU64,
-    /// A replica's view of the bindings topic (frontiers, and bindings of
+    /// What a replica or a cluster process learned from the bindings
+    /// topic that it cannot use yet (frontiers, and bindings of
     /// collections it does not follow yet). Locked after `feeds`.
     learned: Mutex<Learned>,
-    /// A replica: the bindings topic's offset its follower has read up to.
+    /// The bindings topic's offset the follower has read up to.
     learned_through: AtomicU64,
     /// Per collection, the binding keys the last checkpoint let go: the
     /// next checkpoint tombstones them in the bindings topic.
@@ -234,15 +249,18 @@ impl std::fmt::Debug for KafkaLog {
 
 impl KafkaLog {
     /// Connects to the brokers (failing with a clear error when they cannot
-    /// be reached) and opens the offset bindings in `dir`. A replica
-    /// instead reads the bindings topic to its end before returning, and
-    /// follows it from then on.
+    /// be reached) and opens the offset bindings in `dir`. A replica, and
+    /// a process of a cluster, also read the bindings topic to its end
+    /// before returning, and follow it from then on.
     ///
-    /// `deployment` (`CatalogStore::deployment_id`) names this deployment's
-    /// records in the bindings topic.
+    /// `workers` counts every worker of the dataflow, `local` those of
+    /// this process (all of them, but in a cluster). `deployment`
+    /// (`CatalogStore::deployment_id`) names this deployment's records in
+    /// the bindings topic.
     pub fn open(
         config: KafkaConfig,
         workers: usize,
+        local: Range<usize>,
         dir: &Path,
         role: Role,
         deployment: String,
@@ -283,6 +301,7 @@ impl KafkaLog {
             role,
             deployment,
             workers: workers.max(1),
+            local,
             tso: Tso::new(floor),
             producer,
             admin,
@@ -297,13 +316,23 @@ impl KafkaLog {
         });
         let topic = log.config.bindings_topic();
         log.ensure_topic_with(&topic, 1, &[("cleanup.policy", "compact")])?;
-        if role == Role::Replica {
+        if role == Role::Replica || log.in_cluster() {
             log.start_following_bindings(&topic)?;
         }
         Ok(log)
     }
 
-    /// A replica: reads the bindings topic from its start on a thread of
+    /// Whether other processes read some of the partitions (a cluster).
+    pub fn in_cluster(&self) -> bool {
+        self.local != (0..self.workers)
+    }
+
+    /// Whether another process of the cluster reads partition `partition` of `id`.
+    fn read_elsewhere(&self, id: CollectionId, partition: usize) -> bool {
+        self.role == Role::Primary && !self.local.contains(&self.reader_of(id, partition))
+    }
+
+    /// A replica or a cluster process: reads the bindings topic from its start on a thread of
     /// its own, and waits until it has read what the topic holds now.
     fn start_following_bindings(self: &Arc<Self>, topic: &str) -> Result<()> {
         let consumer: BaseConsumer = client_config(&self.config, &consumer_settings(&self.config))
@@ -333,7 +362,9 @@ impl KafkaLog {
         Ok(())
     }
 
-    /// A replica: takes in records of the bindings topic, read through `position`.
+    /// Takes in records of the bindings topic, read through `position`: a
+    /// replica every binding, a cluster process those of partitions other
+    /// processes read (its own it makes).
     pub(crate) fn learn(&self, records: Vec<BindingsRecord>, position: u64) {
         if !records.is_empty()
             && let Ok(mut feeds) = self.feeds()
@@ -343,10 +374,17 @@ impl KafkaLog {
                 match record {
                     BindingsRecord::Binding { collection, partition, binding } => {
                         self.tso.observe(binding.ts);
+                        let p = partition as usize;
+                        if self.role == Role::Primary && !self.read_elsewhere(collection, p) {
+                            continue;
+                        }
                         match feeds.get_mut(&collection) {
                             Some(feed) => {
-                                if let Some(state) = feed.partitions.get_mut(partition as usize) {
-                                    state.learn(binding);
+                                if let Some(state) = feed.partitions.get_mut(p) {
+                                    match self.role {
+                                        Role::Replica => state.learn(binding),
+                                        Role::Primary => state.learn_read_elsewhere(binding),
+                                    }
                                 }
                             }
                             None => learned.keep_unclaimed(collection, partition, binding),
@@ -477,7 +515,10 @@ impl KafkaLog {
         if let Ok(mut learned) = self.learned.lock() {
             for (partition, binding) in learned.claim(id) {
                 if let Some(state) = feed.partitions.get_mut(partition as usize) {
-                    state.learn(binding);
+                    match self.role {
+                        Role::Replica => state.learn(binding),
+                        Role::Primary => state.learn_read_elsewhere(binding),
+                    }
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! primary keys, hybrid timestamps, write batches and the one error enum.
 
 pub mod batch;
+pub mod cluster;
 pub mod error;
 pub mod role;
 pub mod schema;
@@ -9,6 +10,7 @@ pub mod time;
 pub mod value;
 
 pub use batch::{IpcBatch, Row, WriteBatch};
+pub use cluster::ClusterConfig;
 pub use error::{Error, Result};
 pub use role::Role;
 pub use schema::{

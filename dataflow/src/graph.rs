@@ -3,9 +3,8 @@
 //! the origin worker's merge.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
@@ -16,216 +15,20 @@ use timely::dataflow::operators::core::{Concat, Exchange as ExchangeOp};
 use timely::dataflow::operators::generic::operator::{Operator, source};
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::{Scope, StreamVec};
-use timely::scheduling::SyncActivator;
 use timely::worker::Worker;
 use vectorflow_connectors::{LogEntry, LogOp};
 use vectorflow_core::value::pk_from_array;
-use vectorflow_core::{CollectionId, CollectionSchema, IpcBatch, Pk, Timestamp, VersionId};
-use vectorflow_operators::{Shard, ShardConfig};
+use vectorflow_core::{CollectionId, IpcBatch, Pk, Timestamp, VersionId};
+use vectorflow_operators::Shard;
 
-use crate::log::Log;
-use crate::messages::{Answer, ChunkBody, Failure, Partial, Request, RequestKind, SegmentInput, ShardChunk};
-use crate::persist::Persister;
+use crate::messages::{
+    Answer, ChunkBody, Failure, Partial, Request, RequestKind, SegmentInput, ShardCheckpoint, ShardChunk, StoredFiles,
+    unix_millis,
+};
+use crate::persist::PERSIST_TIMEOUT;
 use crate::routing::shard_of;
 use crate::shards::{WorkerShards, empty_answer};
-
-/// State the engine and every worker share.
-pub(crate) struct Shared {
-    pub log: Box<dyn Log>,
-    pub workers: usize,
-    pub schemas: RwLock<HashMap<CollectionId, Arc<CollectionSchema>>>,
-    /// Bumped on every create/drop so workers drop state of dropped collections.
-    pub catalog_version: AtomicU64,
-    /// Requests waiting to enter the dataflow, per origin worker.
-    pub requests: Vec<Mutex<Vec<Request>>>,
-    pub request_activators: Mutex<HashMap<usize, SyncActivator>>,
-    pub source_activators: Mutex<HashMap<usize, SyncActivator>>,
-    /// Where each request's merged answer goes.
-    pub replies: Mutex<HashMap<u64, SyncSender<Answer>>>,
-    /// Per worker: every change before this time is applied to its segments.
-    pub applied: Vec<AtomicU64>,
-    /// Signalled when a worker's `applied` moves and a read waits for it.
-    pub applied_moved: (Mutex<()>, Condvar),
-    /// Reads waiting on `applied_moved` (workers signal only when some do).
-    pub applied_waiters: AtomicUsize,
-    /// Per worker: its shards, applied by the worker and read by the search pool.
-    pub shards: Vec<WorkerShards>,
-    pub shutdown: AtomicBool,
-    /// While set, sources read nothing and hold their frontier.
-    pub ingest_paused: AtomicBool,
-    pub shard_config: ShardConfig,
-    /// History kept for time travel (merges keep what reads inside it see).
-    pub retention: Duration,
-    pub tick: Duration,
-    /// Log entries one source activation reads at most.
-    pub poll_batch: usize,
-    /// A source stops reading while this many rows it emitted are not yet
-    /// applied (backpressure: Kafka keeps the rest, the lag grows).
-    pub max_in_flight_rows: usize,
-    /// Writes sealed segments to the object store.
-    pub persister: Arc<Persister>,
-    /// Shards loaded from the object store at recovery, per worker, with
-    /// their collection and checkpoint time; each worker takes its own.
-    pub recovered: Mutex<HashMap<usize, Vec<RecoveredShard>>>,
-    /// Where each log partition's replay starts (the oldest checkpoint).
-    pub replay_from: Vec<u64>,
-    /// Per collection, its checkpoint time: replayed records at or before
-    /// it are already in the loaded segments.
-    pub skip_through: HashMap<CollectionId, Timestamp>,
-    /// What the log sources have read since the engine opened.
-    pub ingested: IngestCounters,
-    /// How long the applied frontier has not moved while the log grew (0: it moves).
-    pub frontier_stalled_ms: AtomicU64,
-    /// Stalls the watchdog reported.
-    pub frontier_stalls: AtomicU64,
-    /// Reads whose deadline passed before or while a worker ran them: the
-    /// worker skipped them or stopped their work.
-    pub reads_cancelled: AtomicU64,
-    /// Per worker: rows its shards owe the index builds and merges
-    /// ([`Shard::backlog_rows`]); writes wait while the sum is over
-    /// `max_index_backlog_rows`.
-    pub index_backlog: Vec<AtomicU64>,
-    /// Writes held back by `max_apply_lag` or `max_index_backlog_rows`, and refused after waiting.
-    pub writes_held: AtomicU64,
-    pub writes_refused: AtomicU64,
-    /// Collections stopped by an error while applying a change, with the
-    /// cause: they serve nothing and are never checkpointed past it, so a
-    /// restart replays them from their last checkpoint.
-    pub failed: Mutex<HashMap<CollectionId, String>>,
-}
-
-/// Counts the log sources keep, for replay progress and the stall watchdog.
-#[derive(Debug, Default)]
-pub(crate) struct IngestCounters {
-    /// Log records read.
-    pub records: AtomicU64,
-    /// Rows (upserted or deleted keys) in them.
-    pub rows: AtomicU64,
-    /// Per worker: rows its source emitted that are not applied yet.
-    pub in_flight_rows: Vec<AtomicU64>,
-}
-
-impl IngestCounters {
-    pub fn new(workers: usize) -> IngestCounters {
-        IngestCounters { in_flight_rows: (0..workers).map(|_| AtomicU64::new(0)).collect(), ..Default::default() }
-    }
-
-    pub fn in_flight(&self) -> u64 {
-        self.in_flight_rows.iter().map(|rows| rows.load(Ordering::Relaxed)).sum()
-    }
-}
-
-impl Shared {
-    /// Reads before this time are outside the retention window.
-    pub fn retention_horizon(&self) -> Timestamp {
-        vectorflow_core::time::before(self.log.tso().next_possible(), self.retention)
-    }
-
-    pub(crate) fn schema(&self, collection: CollectionId) -> Option<Arc<CollectionSchema>> {
-        self.schemas.read().ok()?.get(&collection).cloned()
-    }
-
-    /// Wakes `worker`'s request source.
-    pub fn wake_requests(&self, worker: usize) {
-        if let Ok(activators) = self.request_activators.lock()
-            && let Some(activator) = activators.get(&worker)
-        {
-            let _ = activator.activate();
-        }
-    }
-
-    /// Tells every worker to stop and wakes the operators that hold capabilities.
-    pub fn stop(&self) {
-        self.shutdown.store(true, Ordering::Release);
-        if let Ok(activators) = self.request_activators.lock() {
-            activators.values().for_each(|a| {
-                let _ = a.activate();
-            });
-        }
-        self.wake_sources();
-        let _guard = self.applied_moved.0.lock();
-        self.applied_moved.1.notify_all();
-    }
-
-    /// Wakes every log source, so frontiers move now rather than at the next tick.
-    pub fn wake_sources(&self) {
-        if let Ok(activators) = self.source_activators.lock() {
-            activators.values().for_each(|a| {
-                let _ = a.activate();
-            });
-        }
-    }
-
-    /// Stops `collection` (fail-stop): the first cause is kept.
-    pub fn fail(&self, collection: CollectionId, cause: String) {
-        tracing::error!(collection, "collection stopped: {cause}");
-        if let Ok(mut failed) = self.failed.lock() {
-            failed.entry(collection).or_insert(cause);
-        }
-    }
-
-    /// Why `collection` is stopped, if it is.
-    pub fn failure(&self, collection: CollectionId) -> Option<String> {
-        self.failed.lock().ok()?.get(&collection).cloned()
-    }
-
-    /// The failure a stopped collection answers with.
-    pub fn stopped(&self, collection: CollectionId) -> Option<Failure> {
-        let cause = self.failure(collection)?;
-        let collection = self.schema(collection).map_or_else(|| collection.to_string(), |s| s.name.clone());
-        Some(Failure::Stopped { collection, cause })
-    }
-
-    /// Rows every worker's shards owe the index builds and merges.
-    pub fn index_backlog_rows(&self) -> u64 {
-        self.index_backlog.iter().map(|rows| rows.load(Ordering::Acquire)).sum()
-    }
-
-    /// Publishes that `worker` has applied every change before `frontier`,
-    /// waking the reads waiting for it.
-    fn publish_applied(&self, worker: usize, frontier: Timestamp) {
-        // SeqCst on both sides: a read that registers as a waiter after
-        // this load sees the new frontier in its own check.
-        let before = self.applied[worker].swap(frontier, Ordering::SeqCst);
-        if before != frontier && self.applied_waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.applied_moved.0.lock();
-            self.applied_moved.1.notify_all();
-        }
-    }
-
-    /// Waits until each of `workers` has applied every change at or before
-    /// `ts`; false if `deadline` or shutdown comes first.
-    pub fn wait_applied(&self, workers: &[usize], ts: Timestamp, deadline: Instant) -> bool {
-        let applied = || workers.iter().all(|&w| self.applied[w].load(Ordering::SeqCst) > ts);
-        if applied() {
-            return true;
-        }
-        let Ok(mut guard) = self.applied_moved.0.lock() else { return false };
-        self.applied_waiters.fetch_add(1, Ordering::SeqCst);
-        let reached = loop {
-            if applied() {
-                break true;
-            }
-            let now = Instant::now();
-            if now >= deadline || self.shutdown.load(Ordering::Acquire) {
-                break false;
-            }
-            // Bounded so a shutdown is noticed even without a signal.
-            let wait = (deadline - now).min(Duration::from_millis(100));
-            guard = match self.applied_moved.1.wait_timeout(guard, wait) {
-                Ok((guard, _)) => guard,
-                Err(_) => break false,
-            };
-        };
-        self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
-        reached
-    }
-
-    /// The time before which every worker has applied every change.
-    pub fn applied_frontier(&self) -> Timestamp {
-        self.applied.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(0)
-    }
-}
+use crate::shared::Shared;
 
 /// A shard recovery loaded: its collection, checkpoint time and segments.
 pub(crate) type RecoveredShard = (CollectionId, Timestamp, Shard);
@@ -237,6 +40,21 @@ type UpsertEvent = (Key, Option<VersionId>, Timestamp);
 pub(crate) fn run_worker(worker: &mut Worker, shared: Arc<Shared>) {
     let index = worker.index();
     let peers = worker.peers();
+    // A worker that unwinds takes its part of every answer with it, and in
+    // a cluster that is what a dead process does to the others (timely's
+    // exchange panics on a broken connection): stop serving, loudly.
+    struct StopOnPanic(Arc<Shared>, usize);
+    impl Drop for StopOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.dataflow_stopped(format!(
+                    "worker {} ended in a panic (in a cluster: another process died or its connection broke)",
+                    self.1
+                ));
+            }
+        }
+    }
+    let _stop_on_panic = StopOnPanic(shared.clone(), index);
     worker.dataflow::<Timestamp, _, _>(|scope| build(scope, &shared, index, peers));
     while !shared.shutdown.load(Ordering::Acquire) {
         worker.step_or_park(Some(shared.tick));
@@ -515,20 +333,37 @@ struct Pending {
     retired: Vec<(CollectionId, Pk, VersionId)>,
 }
 
+impl Pending {
+    /// The collections these changes are of (with repeats).
+    fn collections(&self) -> impl Iterator<Item = CollectionId> + '_ {
+        self.chunks.iter().map(|c| c.collection).chain(self.retired.iter().map(|r| r.0))
+    }
+}
+
 /// The segment operator: applies version changes to this worker's shards
 /// in time order, publishes how far it has applied (reads wait for that
 /// and run off the dataflow, see [`crate::shards`]), runs each shard's
-/// maintenance, and answers control requests: checkpoint barriers once
-/// the data frontier has passed their time, compactions at once.
+/// maintenance, and answers requests: checkpoint barriers once the data
+/// frontier has passed their time, compactions at once, and reads another
+/// process of a cluster sends once the frontier has passed their time.
+/// Work that takes long (a read's search, a checkpoint's uploads) runs off
+/// this thread; its answer comes back through [`Shared::finish`] and
+/// leaves at the capability held for it.
 fn segments<'scope>(
     data: StreamVec<'scope, Timestamp, SegmentInput>,
     requests: StreamVec<'scope, Timestamp, Request>,
     shared: Arc<Shared>,
     index: usize,
 ) -> StreamVec<'scope, Timestamp, Partial> {
-    data.binary_frontier(requests, Pipeline, Pipeline, "Segments", move |_capability, _info| {
+    let scope = data.scope();
+    data.binary_frontier(requests, Pipeline, Pipeline, "Segments", move |_capability, info| {
+        if let Ok(mut activators) = shared.segment_activators.lock() {
+            activators.insert(index, scope.worker().sync_activator_for(info.address.to_vec()));
+        }
         let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
         let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
+        // Requests whose answer is being worked out off this thread.
+        let mut running: HashMap<u64, Capability<Timestamp>> = HashMap::new();
         let mut catalog_version = 0;
         move |(data, data_frontier), (requests, _), output| {
             let shards = &shared.shards[index];
@@ -553,6 +388,12 @@ fn segments<'scope>(
                     waiting.push((cap.clone(), request));
                 }
             });
+            let finished = shared.finished[index].lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
+            for partial in finished {
+                if let Some(cap) = running.remove(&partial.id) {
+                    output.session(&cap).give(partial);
+                }
+            }
 
             let current = shared.catalog_version.load(Ordering::Acquire);
             if current != catalog_version {
@@ -563,29 +404,38 @@ fn segments<'scope>(
             }
 
             // Everything before the frontier is complete: apply it in time
-            // order. A barrier the frontier has passed runs between the
-            // changes at or before its time and the later ones.
+            // order, up to changes of a collection this process does not
+            // know yet (`reached` stops there until the catalog is read). A
+            // barrier the frontier has passed runs between the changes at or
+            // before its time and the later ones.
             let frontier = data_frontier.frontier().iter().copied().min().unwrap_or(Timestamp::MAX);
+            let mut reached = frontier;
             let (mut barriers, others): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
                 .into_iter()
                 .partition(|(_, request)| request.kind.is_barrier() && request.read_ts < frontier);
             waiting = others;
             barriers.sort_by_key(|(_, request)| request.read_ts);
-            for (cap, request) in barriers {
-                apply_through(&shared, shards, &mut stash, request.read_ts);
-                let mut answer = answer_control(&shared, shards, &request);
-                if let Answer::Checkpoint(parts) = &mut answer {
-                    parts.iter_mut().for_each(|part| part.0 = index);
+            let mut barriers = barriers.into_iter();
+            while let Some((cap, request)) = barriers.next() {
+                if let Err(held) = apply_through(&shared, shards, &mut stash, request.read_ts) {
+                    reached = held;
+                    waiting.push((cap, request));
+                    waiting.extend(barriers);
+                    break;
                 }
-                output.session(&cap).give(Partial {
-                    id: request.id,
-                    origin: request.origin,
-                    parts: request.targets.len(),
-                    answer,
-                });
+                match answer_control(&shared, shards, &request, index) {
+                    Some(answer) => output.session(&cap).give(partial(&request, answer)),
+                    None => {
+                        running.insert(request.id, cap);
+                    }
+                }
             }
-            apply_through(&shared, shards, &mut stash, frontier.saturating_sub(1));
-            shared.publish_applied(index, frontier);
+            if reached == frontier
+                && let Err(held) = apply_through(&shared, shards, &mut stash, frontier.saturating_sub(1))
+            {
+                reached = held;
+            }
+            shared.publish_applied(index, reached);
 
             let horizon = shared.retention_horizon();
             let mut backlog = 0;
@@ -609,40 +459,91 @@ fn segments<'scope>(
             shared.index_backlog[index].store(backlog as u64, Ordering::Release);
 
             waiting.retain(|(cap, request)| {
-                if !request.expired() && request.read_ts >= frontier {
-                    return true;
+                let expired = request.expired();
+                if !expired {
+                    match &request.kind {
+                        RequestKind::CatalogSync { version }
+                            if shared.catalog_taken.load(Ordering::Acquire) < *version =>
+                        {
+                            shared.catalog_wanted.store(true, Ordering::Release);
+                            return true;
+                        }
+                        kind if kind.is_read() => {
+                            if request.read_ts >= reached {
+                                return true;
+                            }
+                            running.insert(request.id, cap.clone());
+                            read_off_thread(&shared, index, request.clone());
+                            return false;
+                        }
+                        kind if kind.is_barrier() => return true,
+                        _ => {}
+                    }
                 }
-                let answer = if request.expired() {
+                let answer = if expired {
                     // Nobody waits for it: answer at once so the merge
                     // completes and nothing stays queued behind the frontier.
                     shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
-                    Answer::Failed(Failure::Cancelled)
+                    Some(Answer::Failed(Failure::Cancelled))
                 } else {
-                    answer_control(&shared, shards, request)
+                    answer_control(&shared, shards, request, index)
                 };
-                output.session(cap).give(Partial {
-                    id: request.id,
-                    origin: request.origin,
-                    parts: request.targets.len(),
-                    answer,
-                });
+                match answer {
+                    Some(answer) => output.session(cap).give(partial(request, answer)),
+                    None => {
+                        running.insert(request.id, cap.clone());
+                    }
+                }
                 false
             });
         }
     })
 }
 
-/// Applies every stashed time at or before `through`, in time order.
-fn apply_through(shared: &Shared, shards: &WorkerShards, stash: &mut BTreeMap<Timestamp, Pending>, through: Timestamp) {
+/// This worker's answer to `request`, for the origin's merge.
+fn partial(request: &Request, answer: Answer) -> Partial {
+    Partial { id: request.id, origin: request.origin, parts: request.targets.len(), answer }
+}
+
+/// Answers a read another process sent on the search pool, as a read made
+/// here runs (see [`crate::shards`]); the answer goes back through
+/// [`Shared::finish`].
+fn read_off_thread(shared: &Arc<Shared>, index: usize, request: Request) {
+    let shared_for_read = shared.clone();
+    shared.search_pool.spawn(move || {
+        let shared = shared_for_read;
+        let left = request
+            .deadline_ms
+            .map_or(Duration::from_secs(3600), |ms| Duration::from_millis(ms.saturating_sub(unix_millis())));
+        let answer =
+            shared.answer_read_on(index, request.collection, &request.kind, request.read_ts, Instant::now() + left);
+        shared.finish(index, partial(&request, answer));
+    });
+}
+
+/// Applies every stashed time at or before `through`, in time order; stops
+/// (`Err` with its time) at changes of a collection the process's catalog
+/// does not hold yet (created by another process of a cluster), and asks
+/// for the catalog to be read.
+fn apply_through(
+    shared: &Shared,
+    shards: &WorkerShards,
+    stash: &mut BTreeMap<Timestamp, Pending>,
+    through: Timestamp,
+) -> Result<(), Timestamp> {
     while let Some(entry) = stash.first_entry() {
         if *entry.key() > through {
             break;
         }
         let ts = *entry.key();
+        if entry.get().collections().any(|collection| shared.unknown_collection(collection)) {
+            shared.catalog_wanted.store(true, Ordering::Release);
+            return Err(ts);
+        }
         apply(shared, shards, ts, entry.remove());
     }
+    Ok(())
 }
-
 fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending) {
     let Pending { chunks, added, retired } = pending;
     // Per collection: the upserted chunks, and the retired versions with their keys.
@@ -674,19 +575,24 @@ fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending
     }
 }
 
-/// A control request's answer from this worker's shard of its collection.
-fn answer_control(shared: &Shared, shards: &WorkerShards, request: &Request) -> Answer {
+/// A control request's answer from this worker's shard of its collection;
+/// `None` when it is finished off this thread (a checkpoint waits for its
+/// segments' uploads there) and comes back through [`Shared::finish`].
+fn answer_control(shared: &Arc<Shared>, shards: &WorkerShards, request: &Request, index: usize) -> Option<Answer> {
     if let Some(stopped) = shared.stopped(request.collection) {
-        return Answer::Failed(stopped);
+        return Some(Answer::Failed(stopped));
     }
-    let Some(shard) = shards.get(request.collection) else { return empty_answer(&request.kind) };
+    if let RequestKind::CatalogSync { .. } = request.kind {
+        return Some(Answer::Done);
+    }
+    let Some(shard) = shards.get(request.collection) else { return Some(empty_answer(&request.kind)) };
     let mut shard = match crate::shards::write(&shard) {
         Ok(shard) => shard,
-        Err(failure) => return Answer::Failed(failure),
+        Err(failure) => return Some(Answer::Failed(failure)),
     };
     let result = match &request.kind {
-        RequestKind::Checkpoint { known } => {
-            shard.checkpoint(known).map(|checkpoint| {
+        RequestKind::Checkpoint { known } => match shard.checkpoint(known) {
+            Ok(checkpoint) => {
                 if let Some(superseded) = checkpoint.superseded {
                     // The previous checkpoint (published: checkpoints run one at
                     // a time) lists them until this one replaces it.
@@ -695,14 +601,59 @@ fn answer_control(shared: &Shared, shards: &WorkerShards, request: &Request) -> 
                 if let Some(growing) = checkpoint.growing {
                     shared.persister.submit(request.collection, growing);
                 }
-                Answer::Checkpoint(vec![(usize::MAX, checkpoint.states)])
-            })
-        }
+                drop(shard);
+                let to_wait: Vec<_> =
+                    checkpoint.states.into_iter().map(|state| (!known.contains_key(&state.uid), state)).collect();
+                wait_for_uploads(shared, index, request.clone(), to_wait);
+                return None;
+            }
+            Err(e) => Err(e),
+        },
         RequestKind::Compact { horizon } => shard.start_compaction(*horizon).map(Answer::Count),
         // Reads run off the dataflow (see `crate::shards`).
-        _ => return Answer::Failed(Failure::Internal("a read reached the dataflow's control path".into())),
+        _ => return Some(Answer::Failed(Failure::Internal("a read reached the dataflow's control path".into()))),
     };
-    result.unwrap_or_else(|e| Answer::Failed(e.into()))
+    Some(result.unwrap_or_else(|e| Answer::Failed(e.into())))
+}
+
+/// A checkpoint's part of this worker: once this process has written the
+/// segments the newest manifest does not list (`true` beside them), their
+/// files go with their states to the checkpoint's origin.
+fn wait_for_uploads(
+    shared: &Arc<Shared>,
+    index: usize,
+    request: Request,
+    segments: Vec<(bool, vectorflow_operators::SegmentState)>,
+) {
+    let spawned = std::thread::Builder::new().name("checkpoint-part".into()).spawn({
+        let shared = shared.clone();
+        let request = request.clone();
+        move || {
+            let mut listed = Vec::with_capacity(segments.len());
+            let mut failed = None;
+            for (new, state) in segments {
+                let files = if new {
+                    match shared.persister.wait(&state.uid, PERSIST_TIMEOUT) {
+                        Ok(files) => Some(StoredFiles(files)),
+                        Err(e) => {
+                            failed = Some(Answer::Failed(e.into()));
+                            break;
+                        }
+                    }
+                } else {
+                    None
+                };
+                listed.push((state, files));
+            }
+            let answer =
+                failed.unwrap_or_else(|| Answer::Checkpoint(vec![ShardCheckpoint { shard: index, segments: listed }]));
+            shared.finish(index, partial(&request, answer));
+        }
+    });
+    if let Err(e) = spawned {
+        let failure = Failure::Internal(format!("starting a checkpoint's upload wait: {e}"));
+        shared.finish(index, partial(&request, Answer::Failed(failure)));
+    }
 }
 
 /// Collects every answering worker's part of an answer on the origin worker and

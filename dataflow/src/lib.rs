@@ -29,6 +29,7 @@ mod messages;
 pub mod persist;
 pub mod routing;
 mod shards;
+mod shared;
 
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,

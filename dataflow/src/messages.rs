@@ -4,6 +4,7 @@
 use itertools::Itertools;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use vectorflow_connectors::SegmentFiles;
 use vectorflow_core::{CollectionId, Error, IpcBatch, Pk, Timestamp, Value, VersionId};
 
 use vectorflow_operators::{DistanceRange, Hit, SegmentState, ShardStats};
@@ -193,6 +194,12 @@ pub enum RequestKind {
         horizon: Timestamp,
     },
     Stats,
+    /// Answered once the worker's process has taken in catalog version
+    /// `version` (or a later one): a cluster's catalog change returns when
+    /// every process knows it.
+    CatalogSync {
+        version: u64,
+    },
 }
 
 impl RequestKind {
@@ -239,6 +246,35 @@ pub struct Partial {
     pub answer: Answer,
 }
 
+/// One shard's part of a checkpoint: its segments, each with its files
+/// in the object store once its worker's process has written them
+/// (`None`: the newest manifest lists it already).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardCheckpoint {
+    pub shard: usize,
+    pub segments: Vec<(SegmentState, Option<StoredFiles>)>,
+}
+
+/// A segment's files as the manifest lists them, crossing processes as
+/// their manifest JSON: the manifest leaves empty fields out, which a
+/// format without field names (the exchange's) cannot read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredFiles(pub SegmentFiles);
+
+impl Serialize for StoredFiles {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(&self.0).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredFiles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        serde_json::from_str(&text).map(StoredFiles).map_err(serde::de::Error::custom)
+    }
+}
+
 /// An answer: a worker's part, or (after the merge) the whole.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Answer {
@@ -253,8 +289,8 @@ pub enum Answer {
     },
     Count(usize),
     Stats(ShardStats),
-    /// Per shard (worker), its sealed segments.
-    Checkpoint(Vec<(usize, Vec<SegmentState>)>),
+    /// Per shard (worker), its segments.
+    Checkpoint(Vec<ShardCheckpoint>),
     Done,
     Failed(Failure),
     /// The read's time is before history this worker has compacted away.
@@ -297,6 +333,32 @@ impl Answer {
 mod tests {
     use super::*;
     use crate::routing::shard_of;
+
+    #[test]
+    fn a_checkpoint_answer_crosses_processes_with_its_files_intact() {
+        let files = SegmentFiles {
+            uid: "s1".into(),
+            rows: 3,
+            data: vectorflow_connectors::ObjectRef { path: "c/1/s1/data".into(), size: 10, crc32: 7 },
+            indexes: Vec::new(),
+            deletes: None,
+            deleted: 0,
+            growing: false,
+        };
+        let answer = Answer::Checkpoint(vec![ShardCheckpoint {
+            shard: 4,
+            segments: vec![(
+                SegmentState { uid: "s1".into(), rows: 3, retired: 0, deletes: None, growing: false },
+                Some(StoredFiles(files.clone())),
+            )],
+        }]);
+        let bytes = bincode::serialize(&answer).unwrap();
+        let Answer::Checkpoint(parts) = bincode::deserialize::<Answer>(&bytes).unwrap() else {
+            panic!("not a checkpoint")
+        };
+        assert_eq!(parts[0].shard, 4);
+        assert_eq!(parts[0].segments[0].1, Some(StoredFiles(files)));
+    }
 
     #[test]
     fn a_get_goes_only_to_the_workers_owning_its_keys_other_reads_to_every_worker() {

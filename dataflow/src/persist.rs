@@ -25,6 +25,9 @@ use vectorflow_operators::{FrozenGraph, Restored, SealParams, Segment, SegmentSn
 /// The file name suffix of a vector field's frozen graph.
 pub const GRAPH_SUFFIX: &str = "graph.vf";
 
+/// How long a checkpoint waits for a sealed segment's index build and upload.
+pub const PERSIST_TIMEOUT: Duration = Duration::from_secs(1800);
+
 /// The folder of a segment's objects.
 pub fn segment_prefix(collection: CollectionId, uid: &str) -> String {
     format!("{}/segments/{uid}", collection_prefix(collection))

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod kafka;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 
 use vectorflow::{
@@ -102,11 +105,21 @@ impl ServerProcess {
     /// Like [`ServerProcess::start`], but gives up (killing the process) if the
     /// address line does not come within `timeout`, e.g. when recovery hangs.
     pub fn start_within(data_dir: &Path, extra: &[&str], timeout: std::time::Duration) -> ServerProcess {
+        ServerProcess::launch(data_dir, extra, &[], timeout)
+    }
+
+    /// Like [`ServerProcess::start`], with environment variables set for the server.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> ServerProcess {
+        ServerProcess::launch(data_dir, extra, env, std::time::Duration::from_secs(120))
+    }
+
+    fn launch(data_dir: &Path, extra: &[&str], env: &[(&str, String)], timeout: std::time::Duration) -> ServerProcess {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vectorflow"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()

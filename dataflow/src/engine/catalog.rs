@@ -46,6 +46,7 @@ impl Engine {
                 }
             }
         }
+        self.announce_catalog();
         Ok(info(&entry, Vec::new()))
     }
 
@@ -71,7 +72,7 @@ impl Engine {
         let created_ts = self.inner.shared.log.tso().allocate(1);
         let entry = self.inner.catalog_store.create_entry(schema, created_ts, partition_of)?;
         let started = (|| {
-            let manifest = initial_manifest(&entry, self.inner.shared.log.as_ref(), self.inner.config.workers)?;
+            let manifest = initial_manifest(&entry, self.inner.shared.log.as_ref(), self.inner.shared.workers)?;
             publish_manifest(&self.inner.storage, &manifest)?;
             self.inner.shared.log.follow(
                 entry.id,
@@ -96,6 +97,7 @@ impl Engine {
         if let Ok(mut schemas) = self.inner.shared.schemas.write() {
             schemas.insert(entry.id, Arc::new(entry.schema.clone()));
         }
+        self.inner.shared.catalog_next_id.fetch_max(u64::from(entry.id) + 1, Ordering::AcqRel);
         self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(entry.schema.name.clone(), entry.clone());
         Ok(entry)
@@ -128,6 +130,7 @@ impl Engine {
             ));
         }
         self.add_partition(&parent, partition)?;
+        self.announce_catalog();
         Ok(())
     }
 
@@ -178,6 +181,7 @@ impl Engine {
         let ts = self.inner.shared.log.tso().allocate(1);
         let dropped = self.inner.catalog_store.drop_partition(&entry.schema.name, ts)?;
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(dropped.schema.name.clone(), dropped);
+        self.announce_catalog();
         Ok(ts)
     }
 
@@ -281,9 +285,12 @@ impl Engine {
             let ids = self.key_partition_ids(entry, count)?;
             // A filter that pins the key's values reads only their partitions.
             let pinned = match filter {
-                Some(text) => {
-                    self.inner.filters.get(entry.id, &entry.schema, text)?.pinned_values(&entry.schema.fields[key].name)
-                }
+                Some(text) => self
+                    .inner
+                    .shared
+                    .filters
+                    .get(entry.id, &entry.schema, text)?
+                    .pinned_values(&entry.schema.fields[key].name),
                 None => None,
             };
             return Ok(match pinned {
@@ -354,6 +361,7 @@ impl Engine {
         for dropped in std::iter::once(&entry).chain(&partitions) {
             self.forget_entry(dropped)?;
         }
+        self.announce_catalog();
         Ok(())
     }
 
@@ -423,6 +431,7 @@ impl Engine {
         let _one_change_at_a_time = self.catalog_change()?;
         self.inner.catalog_store.set_alias(alias, collection, replace)?;
         self.inner.aliases.write().map_err(|_| Error::Shutdown)?.insert(alias.to_string(), collection.to_string());
+        self.announce_catalog();
         Ok(())
     }
 
@@ -430,6 +439,7 @@ impl Engine {
         let _one_change_at_a_time = self.catalog_change()?;
         self.inner.catalog_store.drop_alias(alias)?;
         self.inner.aliases.write().map_err(|_| Error::Shutdown)?.remove(alias);
+        self.announce_catalog();
         Ok(())
     }
 

@@ -40,6 +40,10 @@ impl Engine {
         self.writable("checkpoints")?;
         let inner = &self.inner;
         let _one_at_a_time = inner.checkpointing.lock().map_err(|_| Error::Shutdown)?;
+        if self.in_cluster() {
+            // Another process may have published since.
+            self.take_newest_manifest(entry.id)?;
+        }
         let previous = inner
             .manifests
             .lock()
@@ -72,15 +76,23 @@ impl Engine {
         inner.shared.log.flush()?;
         let log_positions = inner.shared.log.positions_after(entry.id, ts)?;
         let version = previous.version + 1;
-        let mut segments = vec![Vec::new(); inner.config.workers];
-        for (shard, states) in parts {
+        let mut segments = vec![Vec::new(); inner.shared.workers];
+        for ShardCheckpoint { shard, segments: states } in parts {
             let slot = segments
                 .get_mut(shard)
                 .ok_or_else(|| Error::storage(format!("checkpoint answer from unknown shard {shard}")))?;
-            for state in states {
-                let mut files = match stored.get(state.uid.as_str()) {
-                    Some(files) => (*files).clone(),
-                    None => inner.shared.persister.wait(&state.uid, PERSIST_TIMEOUT)?,
+            for (state, written) in states {
+                // New segments come with the files their worker's process
+                // wrote; the others the previous manifest lists.
+                let mut files = match (written, stored.get(state.uid.as_str())) {
+                    (Some(StoredFiles(files)), _) => files,
+                    (None, Some(files)) => (*files).clone(),
+                    (None, None) => {
+                        return Err(Error::storage(format!(
+                            "checkpoint: segment {} of shard {shard} has neither files nor a manifest entry",
+                            state.uid
+                        )));
+                    }
                 };
                 files.growing = state.growing;
                 if let Some(deletes) = &state.deletes {
@@ -97,7 +109,7 @@ impl Engine {
         let manifest = Manifest {
             version,
             collection: entry.id,
-            shards: inner.config.workers,
+            shards: inner.shared.workers,
             placement: PLACEMENT.to_string(),
             checkpoint: Checkpoint { ts, log_positions },
             segments,
@@ -107,7 +119,7 @@ impl Engine {
         if let Ok(mut manifests) = inner.manifests.lock() {
             manifests.insert(entry.id, manifest.clone());
         }
-        if let Err(e) = self.collect_garbage(&manifest) {
+        if let Err(e) = self.collect_garbage(&manifest, &previous) {
             tracing::warn!(collection = entry.schema.name, "removing unreferenced objects: {e}");
         }
         let released = match inner.manifests.lock() {
@@ -128,10 +140,18 @@ impl Engine {
 
     /// Removes the collection's segment objects that the newest manifest
     /// does not list and no shard holds (compacted away, superseded delete
-    /// logs, or left by a crash before they were published).
-    pub(super) fn collect_garbage(&self, manifest: &Manifest) -> Result<()> {
+    /// logs, or left by a crash before they were published). In a cluster
+    /// another process's uploads in flight are unknown here: only what
+    /// `previous` listed and `manifest` does not goes.
+    pub(super) fn collect_garbage(&self, manifest: &Manifest, previous: &Manifest) -> Result<()> {
         let storage = &self.inner.storage;
         let referenced: HashSet<&str> = manifest.objects().map(|o| o.path.as_str()).collect();
+        if self.in_cluster() {
+            for object in previous.objects().filter(|o| !referenced.contains(o.path.as_str())) {
+                storage.delete(&object.path)?;
+            }
+            return Ok(());
+        }
         let listed_segments: HashSet<&str> = manifest.segments.iter().flatten().map(|f| f.uid.as_str()).collect();
         let prefix = format!("{}/segments/", collection_prefix(manifest.collection));
         for (path, _) in storage.list(prefix.trim_end_matches('/'))? {
@@ -203,10 +223,13 @@ impl Engine {
         let thread = if self.is_replica() {
             std::thread::Builder::new().name("follow-primary".into()).spawn(move || replica::follow_primary(weak))
         } else {
-            if config.checkpoint_interval.is_none() && config.compaction_interval.is_none() {
+            let (checkpoint_every, compact_every) = match self.runs_maintenance() {
+                true => (config.checkpoint_interval, config.compaction_interval),
+                false => (None, None),
+            };
+            if checkpoint_every.is_none() && compact_every.is_none() && !self.in_cluster() {
                 return Ok(());
             }
-            let (checkpoint_every, compact_every) = (config.checkpoint_interval, config.compaction_interval);
             std::thread::Builder::new()
                 .name("maintenance".into())
                 .spawn(move || maintain(weak, checkpoint_every, compact_every))
@@ -242,7 +265,8 @@ impl Engine {
 }
 
 /// The maintenance loop: checkpoints and compaction on their intervals,
-/// until the engine closes or is dropped.
+/// and in a cluster what the other processes change, until the engine
+/// closes or is dropped.
 pub(super) fn maintain(
     inner: std::sync::Weak<Inner>,
     checkpoint_every: Option<Duration>,
@@ -253,6 +277,7 @@ pub(super) fn maintain(
         let now = Instant::now();
         (checkpoint_every.map(|d| now + d), compact_every.map(|d| now + d))
     };
+    let mut next_look = Instant::now();
     loop {
         std::thread::sleep(step);
         let Some(inner) = inner.upgrade() else { return };
@@ -260,6 +285,11 @@ pub(super) fn maintain(
             return;
         }
         let engine = Engine { inner };
+        if engine.in_cluster()
+            && let Err(e) = engine.follow_cluster(&mut next_look)
+        {
+            tracing::warn!("following the other processes of the cluster: {e}");
+        }
         let now = Instant::now();
         let entries: Vec<CatalogEntry> =
             engine.inner.collections.read().map(|c| c.values().cloned().collect()).unwrap_or_default();

@@ -16,21 +16,25 @@ use vectorflow_connectors::{
 };
 use vectorflow_core::batch::{WriteBatch, WriteKind};
 use vectorflow_core::time::before;
-use vectorflow_core::{CollectionId, CollectionSchema, Error, Metric, Pk, Result, Role, Row, Timestamp, Value};
+use vectorflow_core::{
+    ClusterConfig, CollectionId, CollectionSchema, Error, Metric, Pk, Result, Role, Row, Timestamp, Value,
+};
 use vectorflow_operators::distance::{normalize, score};
 use vectorflow_operators::{
-    IndexParams, MergePolicy, SealParams, SearchPlan, Shard, ShardConfig, ShardStats, Stop, VectorFiles,
+    IndexParams, MergePolicy, SealParams, SearchPlan, Shard, ShardConfig, ShardStats, VectorFiles,
 };
 
-use crate::graph::{IngestCounters, RecoveredShard, Shared, run_worker};
+use crate::graph::{RecoveredShard, run_worker};
 use crate::log::{CheckpointPositions, Log};
-use crate::messages::{Answer, Failure, Request, RequestKind, unix_millis};
-use crate::persist::{LoadJob, Loaded, Persister, RecoveryReport, load_segments, write_deletes};
+use crate::messages::{Answer, Request, RequestKind, ShardCheckpoint, StoredFiles, unix_millis};
+use crate::persist::{LoadJob, Loaded, PERSIST_TIMEOUT, Persister, RecoveryReport, load_segments, write_deletes};
 use crate::routing::PLACEMENT;
-use crate::shards::{FilterCache, WorkerShards, answer_read, empty_answer};
+use crate::shards::{FilterCache, WorkerShards, empty_answer};
+use crate::shared::{IngestCounters, Shared};
 
 mod catalog;
 mod checkpoint;
+mod cluster;
 mod hybrid;
 mod options;
 mod reads;
@@ -63,10 +67,6 @@ struct Inner {
     /// Serialises creates and drops (never held by reads or writes).
     catalog_changes: Mutex<()>,
     next_request: AtomicU64,
-    /// Runs reads' shard searches (see [`crate::shards`]).
-    search_pool: rayon::ThreadPool,
-    /// Filters compiled for reads.
-    filters: FilterCache,
     guards: Mutex<Option<WorkerGuards<()>>>,
     closed: AtomicBool,
     storage: ObjectStorage,
@@ -98,11 +98,8 @@ impl CheckpointStats {
     }
 }
 
-/// How long a checkpoint waits for a sealed segment's index build and upload.
 /// The folder of the data directory sealed vectors are kept in (with `vectors_on_disk`).
 pub const VECTOR_FILES_DIR: &str = "vectors";
-
-const PERSIST_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// What a compaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,8 +143,13 @@ impl Engine {
         if config.seal_rows == 0 {
             return Err(Error::argument("seal_rows", "must be at least 1"));
         }
+        config.cluster.validate()?;
+        if config.cluster.is_cluster() {
+            check_cluster(&config, &storage)?;
+        }
         let started = Instant::now();
-        let partitions = config.log_partitions.unwrap_or(config.workers as u32);
+        let (workers, local) = (config.total_workers(), config.local_workers());
+        let partitions = config.log_partitions.unwrap_or(workers as u32);
         let log: Box<dyn Log> = match (&config.kafka, config.role) {
             (Some(kafka), role) => {
                 let deployment = CatalogStore::deployment_id(&storage, role == Role::Primary)?.ok_or_else(|| {
@@ -157,7 +159,7 @@ impl Engine {
                     ))
                 })?;
                 let kafka_dir = config.data_dir.join("kafka");
-                Box::new(KafkaLog::open(kafka.clone(), config.workers, &kafka_dir, role, deployment)?)
+                Box::new(KafkaLog::open(kafka.clone(), workers, local.clone(), &kafka_dir, role, deployment)?)
             }
             (None, Role::Primary) => Box::new(EmbeddedLog::open(&config.data_dir.join("wal"), partitions)?),
             (None, Role::Replica) => {
@@ -208,19 +210,39 @@ impl Engine {
             })?;
         let schemas = entries.iter().map(|e| (e.id, Arc::new(e.schema.clone()))).collect();
         let collections = entries.into_iter().map(|e| (e.schema.name.clone(), e)).collect();
+        // One search thread per core: reads are the work that should use
+        // them all. Below the workers' priority, so applying a write never
+        // waits for a core behind the searches (with 8 clients searching,
+        // write-to-visible p99 was 2.7x its idle value at equal priority).
+        let search_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name(|i| format!("vectorflow-search-{i}"))
+            .start_handler(|_| vectorflow_operators::host::lower_thread_priority(SEARCH_NICENESS))
+            .build()
+            .map_err(|e| Error::storage(format!("starting the search pool: {e}")))?;
+        let per_worker = |make: &dyn Fn() -> AtomicU64| (0..workers).map(|_| make()).collect::<Vec<_>>();
         let shared = Arc::new(Shared {
             log,
-            workers: config.workers,
+            workers,
+            local: local.clone(),
+            search_pool,
+            filters: FilterCache::default(),
+            finished: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            segment_activators: Mutex::new(HashMap::new()),
+            catalog_next_id: AtomicU64::new(u64::from(catalog_store.next_id()?)),
+            catalog_taken: AtomicU64::new(catalog_store.version()),
+            catalog_wanted: AtomicBool::new(false),
+            dataflow_failed: Mutex::new(None),
             schemas: RwLock::new(schemas),
             catalog_version: AtomicU64::new(0),
-            requests: (0..config.workers).map(|_| Mutex::new(Vec::new())).collect(),
+            requests: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             request_activators: Mutex::new(HashMap::new()),
             source_activators: Mutex::new(HashMap::new()),
             replies: Mutex::new(HashMap::new()),
-            applied: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+            applied: per_worker(&|| AtomicU64::new(0)),
             applied_moved: (Mutex::new(()), std::sync::Condvar::new()),
             applied_waiters: std::sync::atomic::AtomicUsize::new(0),
-            shards: (0..config.workers).map(|_| WorkerShards::default()).collect(),
+            shards: (0..workers).map(|_| WorkerShards::default()).collect(),
             shutdown: AtomicBool::new(false),
             ingest_paused: AtomicBool::new(false),
             shard_config,
@@ -232,27 +254,17 @@ impl Engine {
             recovered: Mutex::new(recovered.shards),
             replay_from: recovered.replay_from,
             skip_through: recovered.skip_through,
-            ingested: IngestCounters::new(config.workers),
+            ingested: IngestCounters::new(workers),
             frontier_stalled_ms: AtomicU64::new(0),
             frontier_stalls: AtomicU64::new(0),
             reads_cancelled: AtomicU64::new(0),
             writes_held: AtomicU64::new(0),
             writes_refused: AtomicU64::new(0),
-            index_backlog: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+            index_backlog: per_worker(&|| AtomicU64::new(0)),
             failed: Mutex::new(HashMap::new()),
         });
-        // One search thread per core: reads are the work that should use
-        // them all. Below the workers' priority, so applying a write never
-        // waits for a core behind the searches (with 8 clients searching,
-        // write-to-visible p99 was 2.7x its idle value at equal priority).
-        let search_pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .thread_name(|i| format!("vectorflow-search-{i}"))
-            .start_handler(|_| vectorflow_operators::host::lower_thread_priority(SEARCH_NICENESS))
-            .build()
-            .map_err(|e| Error::storage(format!("starting the search pool: {e}")))?;
         let worker_shared = shared.clone();
-        let guards = timely::execute(timely::Config::process(config.workers), move |worker| {
+        let guards = timely::execute(timely_config(&config), move |worker| {
             run_worker(worker, worker_shared.clone());
         })
         .map_err(|e| Error::storage(format!("starting the dataflow workers: {e}")))?;
@@ -265,8 +277,6 @@ impl Engine {
                 aliases: RwLock::new(aliases),
                 catalog_changes: Mutex::new(()),
                 next_request: AtomicU64::new(1),
-                search_pool,
-                filters: FilterCache::default(),
                 guards: Mutex::new(Some(guards)),
                 closed: AtomicBool::new(false),
                 storage,
@@ -324,6 +334,7 @@ impl Engine {
             writes_held: shared.writes_held.load(Ordering::Relaxed),
             writes_refused: shared.writes_refused.load(Ordering::Relaxed),
             index_backlog_rows: shared.index_backlog_rows(),
+            stopped: shared.dataflow_failure(),
         }
     }
 
@@ -400,10 +411,18 @@ impl Inner {
         self.shared.persister.stop();
         self.shared.stop();
         if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
-            for result in guards.join() {
-                if let Err(e) = result {
-                    tracing::error!("worker ended with an error: {e}");
+            // After a cluster peer died, timely's exchange threads ended in a
+            // panic, which joining them repeats: it is reported, not raised.
+            let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join()));
+            match joined {
+                Ok(results) => {
+                    for result in results {
+                        if let Err(e) = result {
+                            tracing::error!("worker ended with an error: {e}");
+                        }
+                    }
                 }
+                Err(_) => tracing::error!("the dataflow's exchange threads ended in a panic"),
             }
         }
         if let Ok(mut replies) = self.shared.replies.lock() {
@@ -416,6 +435,54 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// timely's configuration: this process's workers, and in a cluster the
+/// exchange addresses of every process.
+fn timely_config(config: &EngineConfig) -> timely::Config {
+    let ClusterConfig { processes, process, .. } = &config.cluster;
+    if processes.is_empty() {
+        return timely::Config::process(config.workers);
+    }
+    timely::Config {
+        communication: timely::CommunicationConfig::Cluster {
+            threads: config.workers,
+            process: *process,
+            addresses: processes.clone(),
+            report: false,
+            zerocopy: false,
+        },
+        worker: timely::WorkerConfig::default(),
+    }
+}
+
+/// What a cluster needs: a log and an object store every process shares.
+fn check_cluster(config: &EngineConfig, storage: &ObjectStorage) -> Result<()> {
+    if config.kafka.is_none() {
+        return Err(Error::argument(
+            "cluster",
+            "a cluster's processes share their log: configure `log.kafka` (the embedded log is one process's)",
+        ));
+    }
+    let own = format!("file://{}", config.data_dir.join("store").display());
+    if storage.description() == own {
+        return Err(Error::argument(
+            "cluster",
+            format!(
+                "a cluster's processes share one object store, and `{}` is this process's data directory: \
+                 configure `storage.url` (s3://…, or file:// on a disk every process mounts)",
+                storage.description()
+            ),
+        ));
+    }
+    if config.role == Role::Replica {
+        return Err(Error::argument(
+            "role",
+            "a read replica follows a primary on its own: run it without `cluster`, pointed at the cluster's topics \
+             and object store",
+        ));
+    }
+    Ok(())
 }
 
 /// A client session: remembers its last write so `Consistency::Session`

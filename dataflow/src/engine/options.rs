@@ -7,8 +7,10 @@ use super::*;
 pub struct EngineConfig {
     /// Holds the write-ahead log and the catalog.
     pub data_dir: PathBuf,
-    /// timely worker threads.
+    /// timely worker threads (of this process, in a cluster).
     pub workers: usize,
+    /// Several processes as one dataflow (`processes` empty: this one alone).
+    pub cluster: ClusterConfig,
     /// Log partitions, fixed when the data directory is created (default: one per worker).
     pub log_partitions: Option<u32>,
     /// A growing segment seals at this many rows.
@@ -109,10 +111,21 @@ impl Default for Limits {
 }
 
 impl EngineConfig {
+    /// Every worker of the dataflow: this process's, or the whole cluster's.
+    pub fn total_workers(&self) -> usize {
+        self.cluster.total_workers(self.workers)
+    }
+
+    /// The global indices of this process's workers.
+    pub fn local_workers(&self) -> std::ops::Range<usize> {
+        self.cluster.local_workers(self.workers)
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         EngineConfig {
             data_dir: data_dir.into(),
             workers: 2,
+            cluster: ClusterConfig::default(),
             log_partitions: None,
             seal_rows: ShardConfig::default().seal_rows,
             index: IndexParams::default(),
@@ -436,6 +449,9 @@ pub struct EngineHealth {
     pub writes_refused: u64,
     /// Rows the shards owe the index builds and merges (see `max_index_backlog_rows`).
     pub index_backlog_rows: u64,
+    /// Why the dataflow stopped (a worker died; in a cluster, usually
+    /// another process): the engine serves nothing until a restart.
+    pub stopped: Option<String>,
 }
 
 /// How a collection's Kafka topic is being read.

@@ -552,20 +552,60 @@ impl Engine {
         consistency: Consistency,
         as_of: Option<Timestamp>,
     ) -> Result<Answer> {
+        self.serving()?;
+        if consistency == Consistency::Strong || as_of.is_some() {
+            self.inner.shared.wake_sources();
+        }
+        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
+        if kind.is_read() {
+            return self.read(collection, read_ts, &kind, timeout);
+        }
+        let targets = Request::targets(collection, &kind, self.inner.shared.local.start, self.inner.shared.workers);
+        self.request_to(collection, read_ts, kind, targets, timeout)
+    }
+
+    /// Sends a request through the dataflow to the workers `targets` and waits for its merged answer.
+    pub(super) fn request_to(
+        &self,
+        collection: CollectionId,
+        read_ts: Timestamp,
+        kind: RequestKind,
+        targets: Vec<usize>,
+        timeout: Duration,
+    ) -> Result<Answer> {
+        let sent = self.send(collection, read_ts, kind, targets, timeout)?;
+        let answer = self.receive(sent)?;
+        self.answered(answer, read_ts, timeout)
+    }
+
+    /// Fails when the engine serves nothing: closed, or its dataflow stopped
+    /// (in a cluster, another process died: the cluster restarts).
+    pub(super) fn serving(&self) -> Result<()> {
+        if let Some(cause) = self.inner.shared.dataflow_failure() {
+            return Err(Error::Unavailable(format!("this server stopped serving and must be restarted: {cause}")));
+        }
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        if kind.is_read() {
-            return self.read(collection, read_ts, &kind, timeout, consistency, as_of);
-        }
+        Ok(())
+    }
+
+    /// Sends `kind` into the dataflow to the workers `targets`; their
+    /// parts merge on a worker of this process, whose answer [`Engine::receive`] waits for.
+    fn send(
+        &self,
+        collection: CollectionId,
+        read_ts: Timestamp,
+        kind: RequestKind,
+        targets: Vec<usize>,
+        timeout: Duration,
+    ) -> Result<Sent> {
         let shared = &self.inner.shared;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        let origin = (id % shared.workers as u64) as usize;
+        let origin = shared.local.start + (id % shared.local.len() as u64) as usize;
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         shared.replies.lock().map_err(|_| Error::Shutdown)?.insert(id, reply);
-        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         let deadline_ms = Some(unix_millis().saturating_add(timeout.as_millis() as u64));
-        let targets = Request::targets(collection, &kind, origin, shared.workers);
         shared.requests[origin].lock().map_err(|_| Error::Shutdown)?.push(Request {
             id,
             origin,
@@ -576,25 +616,35 @@ impl Engine {
             targets,
         });
         shared.wake_requests(origin);
-        if consistency == Consistency::Strong || as_of.is_some() {
-            shared.wake_sources();
-        }
-        match answer.recv_timeout(timeout) {
-            // A read stopped at its deadline is the caller's timeout.
-            Ok(Answer::Failed(crate::messages::Failure::Cancelled)) => Err(Error::Timeout(timeout)),
-            Ok(Answer::Failed(failure)) => Err(failure.into()),
-            Ok(Answer::Compacted { horizon }) => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
+        Ok(Sent { id, answer, deadline: Instant::now() + timeout, timeout })
+    }
+
+    /// Waits for the merged answer of a request [`Engine::send`] sent.
+    fn receive(&self, sent: Sent) -> Result<Answer> {
+        let shared = &self.inner.shared;
+        match sent.answer.recv_timeout(sent.deadline.saturating_duration_since(Instant::now())) {
             Ok(answer) => Ok(answer),
             Err(_) => {
                 if let Ok(mut replies) = shared.replies.lock() {
-                    replies.remove(&id);
+                    replies.remove(&sent.id);
                 }
-                if self.inner.closed.load(Ordering::Acquire) {
-                    Err(Error::Shutdown)
-                } else {
-                    Err(Error::Timeout(timeout))
-                }
+                self.serving()?;
+                Err(Error::Timeout(sent.timeout))
             }
+        }
+    }
+
+    /// The caller's result of a merged answer: refusals become errors.
+    fn answered(&self, answer: Answer, read_ts: Timestamp, timeout: Duration) -> Result<Answer> {
+        match answer {
+            // A read stopped at its deadline is the caller's timeout.
+            Answer::Failed(crate::messages::Failure::Cancelled) => {
+                self.inner.shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Timeout(timeout))
+            }
+            Answer::Failed(failure) => Err(failure.into()),
+            Answer::Compacted { horizon } => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
+            answer => Ok(answer),
         }
     }
 
@@ -611,78 +661,74 @@ impl Engine {
         match filter.map(str::trim) {
             None | Some("") => Ok(None),
             Some(text) => {
-                self.inner.filters.get(collection, schema, text)?;
+                self.inner.shared.filters.get(collection, schema, text)?;
                 Ok(Some(text.to_string()))
             }
         }
     }
 
-    /// Answers a read without entering the dataflow: once every worker it
-    /// needs has applied every change at or before `read_ts`, their shards
-    /// answer on the search pool under read locks, and the parts merge here.
+    /// Answers a read without entering the dataflow where it can: once each
+    /// of this process's workers it needs has applied every change at or
+    /// before `read_ts`, their shards answer on the search pool under read
+    /// locks. Another process's shards (in a cluster) answer through the
+    /// dataflow meanwhile, once their frontier passed `read_ts`; the parts
+    /// merge here.
     fn read(
         &self,
         collection: CollectionId,
         read_ts: Timestamp,
         kind: &RequestKind,
-        timeout: Option<Duration>,
-        consistency: Consistency,
-        as_of: Option<Timestamp>,
+        timeout: Duration,
     ) -> Result<Answer> {
         let shared = &self.inner.shared;
-        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         let deadline = Instant::now() + timeout;
-        let workers = Request::targets(collection, kind, 0, shared.workers);
-        if consistency == Consistency::Strong || as_of.is_some() {
-            shared.wake_sources();
-        }
-        if !shared.wait_applied(&workers, read_ts, deadline) {
-            if self.inner.closed.load(Ordering::Acquire) {
-                return Err(Error::Shutdown);
-            }
+        let workers = Request::targets(collection, kind, shared.local.start, shared.workers);
+        let (local, remote): (Vec<usize>, Vec<usize>) = workers.into_iter().partition(|w| shared.local.contains(w));
+        let sent = match remote.is_empty() {
+            true => None,
+            false => Some(self.send(collection, read_ts, kind.clone(), remote, timeout)?),
+        };
+        if !shared.wait_applied(&local, read_ts, deadline) {
+            self.serving()?;
             shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Timeout(timeout));
         }
-        let filter = match (kind.filter(), shared.schema(collection)) {
-            (Some(text), Some(schema)) => Some(self.inner.filters.get(collection, &schema, text)?),
-            _ => None,
-        };
-        let answer_from = |worker: usize| -> Answer {
-            let Some(shard) = shared.shards[worker].get(collection) else { return empty_answer(kind) };
-            let expired = move || Instant::now() >= deadline;
-            answer_read(&shard, kind, read_ts, filter.as_ref(), Stop(&expired))
-        };
+        let answer_from = |worker: usize| shared.answer_read_on(worker, collection, kind, read_ts, deadline);
         // A single shard (a get's) answers on this thread. Several answer on
         // the search pool, so at most one search per core holds a shard's
         // read lock: with every client's thread searching, a preempted
         // search held its lock for milliseconds and the worker waiting to
         // apply a write waited with it.
-        let answer = match workers.as_slice() {
-            [worker] => answer_from(*worker),
-            _ => self
-                .inner
-                .search_pool
-                .install(|| {
-                    use rayon::prelude::*;
-                    workers.par_iter().map(|&worker| answer_from(worker)).reduce_with(|mut whole, part| {
-                        whole.merge(part);
-                        whole
-                    })
+        let mut answer = match local.as_slice() {
+            [] => None,
+            [worker] => Some(answer_from(*worker)),
+            _ => shared.search_pool.install(|| {
+                use rayon::prelude::*;
+                local.par_iter().map(|&worker| answer_from(worker)).reduce_with(|mut whole, part| {
+                    whole.merge(part);
+                    whole
                 })
-                .unwrap_or_else(|| empty_answer(kind)),
+            }),
         };
+        if let Some(sent) = sent {
+            let theirs = self.receive(sent)?;
+            match answer.as_mut() {
+                Some(mine) => mine.merge(theirs),
+                None => answer = Some(theirs),
+            }
+        }
         // A collection stopped while this read ran may have lost its shards.
         if let Some(stopped) = shared.stopped(collection) {
             return Err(stopped.into());
         }
-        match answer {
-            Answer::Failed(Failure::Cancelled) => {
-                shared.reads_cancelled.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Timeout(timeout))
-            }
-            Answer::Failed(failure) => Err(failure.into()),
-            Answer::Compacted { horizon } => Err(Error::OutsideRetention { as_of: read_ts, horizon }),
-            answer => Ok(answer),
-        }
+        self.answered(answer.unwrap_or_else(|| empty_answer(kind)), read_ts, timeout)
     }
+}
+
+/// A request in the dataflow, and where its merged answer arrives.
+struct Sent {
+    id: u64,
+    answer: std::sync::mpsc::Receiver<Answer>,
+    deadline: Instant,
+    timeout: Duration,
 }

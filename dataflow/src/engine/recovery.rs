@@ -58,7 +58,7 @@ impl Engine {
             rows_read: shared.ingested.rows.load(Ordering::Relaxed),
             rows_in_flight: shared.ingested.in_flight(),
             applied_frontier: shared.applied_frontier(),
-            per_worker: shared.applied.iter().map(|a| a.load(Ordering::Acquire)).collect(),
+            per_worker: shared.applied[shared.local.clone()].iter().map(|a| a.load(Ordering::Acquire)).collect(),
             target,
         }
     }
@@ -66,15 +66,15 @@ impl Engine {
 
 /// The manifest of a collection nothing has been checkpointed for: no
 /// segments, replay from the log position at its creation.
-pub(super) fn initial_manifest(entry: &CatalogEntry, log: &dyn Log, workers: usize) -> Result<Manifest> {
+pub(super) fn initial_manifest(entry: &CatalogEntry, log: &dyn Log, shards: usize) -> Result<Manifest> {
     let log_positions = log.start_positions(entry.created_ts)?;
     Ok(Manifest {
         version: 1,
         collection: entry.id,
-        shards: workers,
+        shards,
         placement: PLACEMENT.to_string(),
         checkpoint: Checkpoint { ts: entry.created_ts, log_positions },
-        segments: vec![Vec::new(); workers],
+        segments: vec![Vec::new(); shards],
     })
 }
 
@@ -110,18 +110,20 @@ pub(super) fn recover(
     persister: &Persister,
     shard_config: ShardConfig,
 ) -> Result<Recovered> {
+    // Shards are cut for every worker of the dataflow; this process loads its own workers'.
+    let (workers, local) = (config.total_workers(), config.local_workers());
     let replayed_records = log.held_records()?;
     let mut report = RecoveryReport { collections: entries.len(), replayed_records, ..Default::default() };
     let mut manifests = HashMap::new();
     for entry in entries {
         let manifest = match load_manifest(storage, entry.id)? {
             Some(manifest) => {
-                if needs_resharding(&manifest, config.workers) {
+                if needs_resharding(&manifest, workers) {
                     tracing::warn!(
                         collection = entry.schema.name,
                         stored_shards = manifest.shards,
                         stored_placement = manifest.placement,
-                        workers = config.workers,
+                        workers,
                         placement = PLACEMENT,
                         "segments were cut for another worker count or placement: splitting them by key, indexes are rebuilt"
                     );
@@ -130,7 +132,7 @@ pub(super) fn recover(
             }
             // Created, then a crash before its first manifest: no write to it was acknowledged.
             None => {
-                let manifest = initial_manifest(entry, log, config.workers)?;
+                let manifest = initial_manifest(entry, log, workers)?;
                 if config.role == Role::Primary {
                     publish_manifest(storage, &manifest)?;
                 }
@@ -145,16 +147,26 @@ pub(super) fn recover(
         .iter()
         .flat_map(|entry| {
             let manifest = &manifests[&entry.id];
-            manifest.segments.iter().enumerate().flat_map(move |(shard, segments)| {
-                segments.iter().map(move |files| LoadJob {
-                    collection: entry.id,
-                    schema: &entry.schema,
-                    shard,
-                    files,
-                    as_of: manifest.checkpoint.ts,
-                    reshard_to: needs_resharding(manifest, config.workers).then_some(config.workers),
+            let reshard_to = needs_resharding(manifest, workers).then_some(workers);
+            let local = local.clone();
+            manifest
+                .segments
+                .iter()
+                .enumerate()
+                // Cut for these workers: each process loads its own shards.
+                // Cut otherwise: every process reads every segment and keeps
+                // its own workers' rows.
+                .filter(move |(shard, _)| reshard_to.is_some() || local.contains(shard))
+                .flat_map(move |(shard, segments)| {
+                    segments.iter().map(move |files| LoadJob {
+                        collection: entry.id,
+                        schema: &entry.schema,
+                        shard,
+                        files,
+                        as_of: manifest.checkpoint.ts,
+                        reshard_to,
+                    })
                 })
-            })
         })
         .collect();
     let started = Instant::now();
@@ -164,6 +176,9 @@ pub(super) fn recover(
     let mut dirty = HashSet::new();
     let mut per_shard: BTreeMap<(usize, CollectionId), Vec<vectorflow_operators::Segment>> = BTreeMap::new();
     for Loaded { collection, shard, segment, rebuilt, bytes } in loaded {
+        if !local.contains(&shard) {
+            continue;
+        }
         report.segments += 1;
         report.rows += segment.len();
         report.bytes += bytes;

@@ -27,14 +27,21 @@ impl Engine {
         Ok(())
     }
 
-    /// The lock catalog changes hold, one change at a time (none on a replica).
+    /// The lock catalog changes hold, one change at a time (none on a
+    /// replica). In a cluster the change starts from the newest catalog
+    /// any process wrote.
     pub(super) fn catalog_change(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         self.writable("catalog changes (collections, partitions, aliases)")?;
-        self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)
+        let guard = self.inner.catalog_changes.lock().map_err(|_| Error::Shutdown)?;
+        if self.in_cluster() {
+            self.follow_catalog()?;
+        }
+        Ok(guard)
     }
 
-    /// A replica: takes in the collections, partitions and aliases the
-    /// primary created, dropped or changed since the catalog was last read.
+    /// A replica, or a process of a cluster: takes in the collections,
+    /// partitions and aliases another server created, dropped or changed
+    /// since the catalog was last read.
     pub(super) fn follow_catalog(&self) -> Result<()> {
         if self.inner.catalog_store.refresh()? {
             self.take_in_catalog()?;
@@ -42,7 +49,8 @@ impl Engine {
         Ok(())
     }
 
-    /// A replica: makes the engine's collections those of the catalog it holds.
+    /// A replica, or a process of a cluster: makes the engine's collections
+    /// those of the catalog it holds.
     pub(super) fn take_in_catalog(&self) -> Result<()> {
         let entries = self.inner.catalog_store.load()?;
         let aliases = self.inner.catalog_store.aliases()?;
@@ -50,7 +58,7 @@ impl Engine {
             self.inner.collections.read().map_err(|_| Error::Shutdown)?.values().map(|e| (e.id, e.clone())).collect();
         let listed: HashSet<CollectionId> = entries.iter().map(|e| e.id).collect();
         for gone in known.values().filter(|e| !listed.contains(&e.id)) {
-            tracing::info!(collection = gone.schema.name, "the primary dropped a collection");
+            tracing::info!(collection = gone.schema.name, "another server dropped a collection");
             self.forget_locally(gone)?;
         }
         for entry in entries {
@@ -68,18 +76,22 @@ impl Engine {
             }
         }
         *self.inner.aliases.write().map_err(|_| Error::Shutdown)? = aliases.into_iter().collect();
-        self.inner.shared.log.catalog_listed(&listed, self.inner.catalog_store.next_id()?);
+        let next_id = self.inner.catalog_store.next_id()?;
+        self.inner.shared.log.catalog_listed(&listed, next_id);
+        let shared = &self.inner.shared;
+        shared.catalog_next_id.fetch_max(u64::from(next_id), Ordering::AcqRel);
+        shared.catalog_taken.fetch_max(self.inner.catalog_store.version(), Ordering::AcqRel);
         Ok(())
     }
 
-    /// A collection (or partition) the primary created after this replica
-    /// opened: its topic is read from the start, with the bindings the
-    /// replica has kept since it opened (every one of this collection's).
+    /// A collection (or partition) another server created after this one
+    /// opened: its topic is read from the start, with the bindings kept
+    /// since it opened (every one of this collection's).
     fn follow_new_entry(&self, entry: CatalogEntry) -> Result<()> {
-        tracing::info!(collection = entry.schema.name, "following a collection the primary created");
+        tracing::info!(collection = entry.schema.name, "following a collection another server created");
         let inner = &self.inner;
         inner.shared.log.tso().observe(entry.created_ts);
-        let manifest = initial_manifest(&entry, inner.shared.log.as_ref(), inner.config.workers)?;
+        let manifest = initial_manifest(&entry, inner.shared.log.as_ref(), inner.shared.workers)?;
         inner.shared.log.follow(entry.id, Arc::new(entry.schema.clone()), &manifest.checkpoint.log_positions)?;
         if let Ok(mut manifests) = inner.manifests.lock() {
             manifests.insert(entry.id, manifest);
