@@ -4,8 +4,9 @@
 //! process index, exchanging over loopback TCP as separate machines would
 //! (serialisation and sockets included); they share this machine's cores,
 //! so the ratios show the cost of the exchange, not scaling. Per cluster:
-//! - ingest: every row produced to the collection's topic as JSON, timed
-//!   until a Strong count at process 0 sees them all;
+//! - ingest: every row produced to the collection's topic as JSON while
+//!   ingestion is paused, then timed from the resume until a Strong count
+//!   at process 0 sees them all;
 //! - search QPS and recall@10 with queries spread over the processes;
 //! - write at one process, Strong read of it at the next;
 //! - for the largest cluster, the time to reopen every process (recovery
@@ -78,10 +79,14 @@ pub fn run(args: ClusterBenchArgs) -> anyhow::Result<()> {
         engines[0].create_collection(schema.clone())?;
         let topic = configs[0].kafka.as_ref().map(|k| k.topic_of(COLLECTION)).unwrap_or_default();
 
-        // ---- ingest: produced to the topic, until a Strong count sees every row ----
+        // ---- ingest: everything produced while ingestion is paused, then
+        // timed from the resume until a Strong count sees every row ----
+        engines.iter().for_each(Engine::pause_ingest);
         let started = Instant::now();
         produce_all(&producer(&args.bootstrap, false)?, &topic, &records)?;
         let produced_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        engines.iter().for_each(Engine::resume_ingest);
         let strong = QueryOptions { consistency: Consistency::Strong, ..QueryOptions::default() };
         loop {
             let count = engines[0].count(COLLECTION, &strong)?;

@@ -446,4 +446,21 @@ fn a_killed_process_takes_the_cluster_down_and_it_restarts_with_every_record_onc
         assert_eq!(runtime.block_on(rows(client, 0)), model, "process {process}: every record once");
     }
     assert!(remembered.iter().all(|(_, answer)| !answer.is_empty() && answer != &model), "the kill landed mid-stream");
+
+    // A process stopped cleanly (SIGTERM) takes the others with it too, and
+    // the cluster comes back with the same rows.
+    let (stopped, other) = (cluster.process_pid(1), cluster.process_pid(0));
+    Command::new("kill").args(["-TERM", &stopped.to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{other}")).exists() && !is_zombie(other) {
+        assert!(Instant::now() < deadline, "process 0 still runs 30 s after process 1 stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut clients = runtime.block_on(cluster.clients());
+    assert_eq!(runtime.block_on(rows(&mut clients[0], 0)), model);
+}
+
+/// Whether `pid` has exited and waits for its parent to reap it.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.contains(") Z "))
 }

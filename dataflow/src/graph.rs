@@ -582,8 +582,19 @@ fn answer_control(shared: &Arc<Shared>, shards: &WorkerShards, request: &Request
     if let Some(stopped) = shared.stopped(request.collection) {
         return Some(Answer::Failed(stopped));
     }
-    if let RequestKind::CatalogSync { .. } = request.kind {
-        return Some(Answer::Done);
+    match request.kind {
+        RequestKind::CatalogSync { .. } => return Some(Answer::Done),
+        RequestKind::Leave { process } => {
+            // Answered first, so the leaving process hears it before this
+            // one stops (the answer leaves with this activation's output).
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                shared.dataflow_stopped(format!("process {process} of the cluster stopped"));
+            });
+            return Some(Answer::Done);
+        }
+        _ => {}
     }
     let Some(shard) = shards.get(request.collection) else { return Some(empty_answer(&request.kind)) };
     let mut shard = match crate::shards::write(&shard) {

@@ -200,6 +200,12 @@ pub enum RequestKind {
     CatalogSync {
         version: u64,
     },
+    /// Process `process` of the cluster is stopping: the others stop too
+    /// (timely has no partial failure, and a peer that left cleanly would
+    /// otherwise leave them waiting for its progress without a word).
+    Leave {
+        process: usize,
+    },
 }
 
 impl RequestKind {

@@ -111,9 +111,10 @@ pub(crate) fn answer_read(
         }
         RequestKind::Get { pks, output_fields } => Answer::Get(shard.get(pks, ts, output_fields)),
         RequestKind::Stats => Answer::Stats(shard.stats()),
-        RequestKind::Checkpoint { .. } | RequestKind::Compact { .. } | RequestKind::CatalogSync { .. } => {
-            Answer::Failed(Failure::Internal("a control request is not a read".into()))
-        }
+        RequestKind::Checkpoint { .. }
+        | RequestKind::Compact { .. }
+        | RequestKind::CatalogSync { .. }
+        | RequestKind::Leave { .. } => Answer::Failed(Failure::Internal("a control request is not a read".into())),
     }
 }
 
@@ -151,7 +152,7 @@ pub(crate) fn empty_answer(kind: &RequestKind) -> Answer {
         RequestKind::Checkpoint { .. } => Answer::Checkpoint(Vec::new()),
         RequestKind::Compact { .. } => Answer::Count(0),
         RequestKind::Stats => Answer::Stats(Default::default()),
-        RequestKind::CatalogSync { .. } => Answer::Done,
+        RequestKind::CatalogSync { .. } | RequestKind::Leave { .. } => Answer::Done,
     }
 }
 

@@ -361,7 +361,7 @@ pub(super) fn watch_frontier(inner: std::sync::Weak<Inner>, report_after: Durati
             tracing::error!(
                 stalled_for = ?since,
                 frontier,
-                per_worker = ?shared.applied.iter().map(|a| a.load(Ordering::Acquire)).collect::<Vec<_>>(),
+                per_worker = ?shared.applied[shared.local.clone()].iter().map(|a| a.load(Ordering::Acquire)).collect::<Vec<_>>(),
                 rows_in_flight = shared.ingested.in_flight(),
                 "the applied frontier has not advanced while the log grew: writes are acknowledged but not applied"
             );

@@ -52,6 +52,28 @@ impl Engine {
         }
     }
 
+    /// A process that stops tells the others, which stop too (they would
+    /// otherwise wait for its progress for ever: a clean exit breaks no
+    /// connection). Best effort: a peer that does not hear it stops when
+    /// this process's connections close.
+    pub(super) fn leave_cluster(&self) {
+        if !self.in_cluster() || self.inner.shared.dataflow_failure().is_some() {
+            return;
+        }
+        let shared = &self.inner.shared;
+        let others: Vec<usize> = (0..shared.workers)
+            .step_by(shared.local.len().max(1))
+            .filter(|first| !shared.local.contains(first))
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let leave = RequestKind::Leave { process: self.inner.config.cluster.process };
+        if let Err(e) = self.request_to(0, 0, leave, others, Duration::from_secs(5)) {
+            tracing::warn!("telling the other processes that this one stops: {e}");
+        }
+    }
+
     /// One step of following the other processes: the catalog when a
     /// worker needs it or every second, and then the manifests.
     pub(super) fn follow_cluster(&self, next_look: &mut Instant) -> Result<()> {

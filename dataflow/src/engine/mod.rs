@@ -391,8 +391,10 @@ impl Engine {
         self.inner.shared.wake_sources();
     }
 
-    /// Stops the workers. Acknowledged writes are already durable in the log.
+    /// Stops the workers. Acknowledged writes are already durable in the
+    /// log. In a cluster every other process stops too.
     pub fn shutdown(&self) {
+        self.leave_cluster();
         self.inner.stop();
     }
 }
