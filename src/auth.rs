@@ -70,6 +70,7 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "Query", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Get", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Sql", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "Subscribe", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "ListCollections", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "DescribeCollection", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "GetStats", Access::Needs(Role::Read)),

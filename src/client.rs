@@ -365,6 +365,39 @@ pub struct SearchArgs {
     pub connect: Connect,
 }
 
+/// `vectorflow subscribe`
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    #[arg(long, short = 'c')]
+    pub collection: String,
+    /// A query vector as a JSON array; repeat for several. None: a
+    /// changefeed of the rows `--filter` passes.
+    #[arg(long = "vector")]
+    pub vectors: Vec<String>,
+    /// The vector field (needed only when the collection has several).
+    #[arg(long)]
+    pub field: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    pub k: u32,
+    /// A filter expression (Milvus syntax or an SQL predicate).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Fields to return, comma separated (`*` = every field).
+    #[arg(long, value_delimiter = ',')]
+    pub output_fields: Vec<String>,
+    /// Start at this past hybrid timestamp and replay the changes since.
+    #[arg(long)]
+    pub as_of: Option<u64>,
+    /// Events the server buffers if this client falls behind (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    pub buffer: u32,
+    /// Stop after this many events (all until interrupted when left out).
+    #[arg(long)]
+    pub events: Option<usize>,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
 /// `vectorflow hybrid-search`
 #[derive(Debug, clap::Args)]
 pub struct HybridSearchArgs {
@@ -1118,6 +1151,94 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     })?;
     let batch = hits_batch(&schema, response)?;
     print_batches(&[batch], args.connect.json, &json_fields(&schema))
+}
+
+/// Prints a subscription's events as they arrive: each as rows with its
+/// timestamp and what happened (`snapshot`, `+`, `-`, `progress`).
+pub fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let vectors = args
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, text)| parse_vector(text).map_err(|e| anyhow!("--vector #{}: {e}", i + 1)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let connect = Connect { timeout: None, ..args.connect.clone() };
+    with_client(&connect, async |client| {
+        let (_, schema) = describe(client, &args.collection).await?;
+        let request = v1::SubscribeRequest {
+            collection: args.collection.clone(),
+            field: args.field.clone().unwrap_or_default(),
+            vectors: (!vectors.is_empty()).then(|| wire::pack_vectors(&vectors)),
+            k: if vectors.is_empty() { 0 } else { args.k },
+            filter: args.filter.clone().unwrap_or_default(),
+            output_fields: output_fields(&schema, &args.output_fields)?,
+            as_of: args.as_of.unwrap_or(0),
+            buffer: args.buffer,
+        };
+        let mut stream = client.subscribe(request).await.map_err(rpc)?.into_inner();
+        let mut printed = 0;
+        while args.events.is_none_or(|most| printed < most) {
+            let Some(event) = stream.message().await.map_err(rpc)? else { break };
+            print_batches(&event_batches(&schema, event)?, args.connect.json, &json_fields(&schema))?;
+            printed += 1;
+        }
+        Ok(())
+    })
+}
+
+/// A subscription event as rows: `ts`, `change`, then the hit or row columns.
+fn event_batches(schema: &CollectionSchema, event: v1::SubscribeEvent) -> anyhow::Result<Vec<RecordBatch>> {
+    use v1::subscribe_event::Event;
+    let ts = event.ts;
+    // `batch`'s rows after `ts` and `change` columns (`None`: one row of just those).
+    let marked = |batch: Option<RecordBatch>, change: &str| -> anyhow::Result<RecordBatch> {
+        let rows = batch.as_ref().map_or(1, RecordBatch::num_rows);
+        let mut fields = vec![
+            Arc::new(Field::new("ts", ArrowType::UInt64, false)),
+            Arc::new(Field::new("change", ArrowType::Utf8, false)),
+        ];
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(UInt64Array::from(vec![ts; rows])), Arc::new(StringArray::from(vec![change; rows]))];
+        if let Some(batch) = batch {
+            fields.extend(batch.schema().fields().iter().cloned());
+            columns.extend(batch.columns().iter().cloned());
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    };
+    let keys_only = |keys: &[Pk]| -> anyhow::Result<RecordBatch> {
+        let field = Field::new(schema.primary().name.clone(), keys_array(keys).data_type().clone(), false);
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(vec![field])), vec![keys_array(keys)])?)
+    };
+    // A query's hits, numbered as that query.
+    let hits_of = |query: u32, hits: Option<v1::SearchHits>| -> anyhow::Result<RecordBatch> {
+        let mut results = vec![v1::SearchHits::default(); query as usize];
+        results.push(hits.unwrap_or_default());
+        hits_batch(schema, v1::SearchResponse { results, read_ts: ts })
+    };
+    Ok(match event.event {
+        Some(Event::Snapshot(response)) => vec![marked(Some(hits_batch(schema, response)?), "snapshot")?],
+        Some(Event::Changed(changed)) => {
+            let mut batches = Vec::new();
+            for change in changed.changes {
+                batches.push(marked(Some(hits_of(change.query, change.removed)?), "-")?);
+                batches.push(marked(Some(hits_of(change.query, change.added)?), "+")?);
+            }
+            batches.retain(|b| b.num_rows() > 0);
+            batches
+        }
+        Some(Event::Rows(rows)) => {
+            let mut batches = Vec::new();
+            if !rows.upserted.is_empty() {
+                batches.push(marked(Some(wire::columns_to_batch(rows.upserted)?), "+")?);
+            }
+            let deleted = wire::pks_from_proto(rows.deleted)?;
+            if !deleted.is_empty() {
+                batches.push(marked(Some(keys_only(&deleted)?), "-")?);
+            }
+            batches
+        }
+        Some(Event::Progress(_)) | None => vec![marked(None, "progress")?],
+    })
 }
 
 pub fn hybrid_search(args: HybridSearchArgs) -> anyhow::Result<()> {

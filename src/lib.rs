@@ -31,8 +31,8 @@ pub use vectorflow_dataflow::RecoveryReport;
 pub use vectorflow_dataflow::engine::CompactionReport;
 pub use vectorflow_dataflow::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
-    HybridOptions, IngestStats, Limits, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions, SearchResult,
-    Session, SubSearch, WriteResult, row,
+    HybridOptions, IngestStats, Limits, QueryChange, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions,
+    SearchResult, Session, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent, WriteResult, row,
 };
 pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};
 pub use vectorflow_sql::SqlSession;

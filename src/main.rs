@@ -108,6 +108,9 @@ enum Command {
     Insert(client::InsertArgs),
     /// Search a collection on a server for the nearest neighbours of query vectors.
     Search(client::SearchArgs),
+    /// Subscribe to a standing query on a server: its answer, then every change as it happens
+    /// (a search with --vector, or a changefeed of the rows --filter passes).
+    Subscribe(client::SubscribeArgs),
     /// Run several searches (one per vector field, say) at one timestamp and
     /// fuse their hits with reciprocal rank fusion or weights.
     HybridSearch(client::HybridSearchArgs),
@@ -221,6 +224,7 @@ fn main() -> anyhow::Result<()> {
         Command::Partition(command) => client::exit_on_error(client::partition(command)),
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
+        Command::Subscribe(args) => client::exit_on_error(client::subscribe(args)),
         Command::HybridSearch(args) => client::exit_on_error(client::hybrid_search(args)),
         Command::Query(args) => client::exit_on_error(client::query(args)),
         Command::HashPassword { token } => client::exit_on_error(hash_password(token)),

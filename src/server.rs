@@ -18,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use vectorflow::{
     CollectionSchema, Consistency, Engine, Error, GetOptions, GroupBy, HybridOptions, QueryOptions, Ranker,
-    SearchOptions, SearchResult, SqlSession, SubSearch, Timestamp, Value,
+    SearchOptions, SearchResult, SqlSession, SubSearch, SubscribeOptions, SubscriptionEvent, Timestamp, Value,
 };
 use vectorflow_proto::v1::vectorflow_server::{Vectorflow, VectorflowServer};
 use vectorflow_proto::{self as wire, v1};
@@ -233,6 +233,44 @@ fn rows_response(
 }
 
 type SqlStream = Pin<Box<dyn Stream<Item = Result<v1::SqlBatch, Status>> + Send>>;
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeEvent, Status>> + Send>>;
+
+/// A subscription's event on the wire.
+fn subscribe_event(
+    schema: &CollectionSchema,
+    output_fields: &[String],
+    event: SubscriptionEvent,
+) -> vectorflow::Result<v1::SubscribeEvent> {
+    use v1::subscribe_event::Event;
+    let ts = event.ts();
+    let hits = |hits: Vec<vectorflow::SearchHit>| -> vectorflow::Result<v1::SearchHits> {
+        let result = SearchResult { hits: vec![hits], read_ts: ts };
+        Ok(search_response(schema, output_fields, None, result)?.results.remove(0))
+    };
+    let event = match event {
+        SubscriptionEvent::Snapshot { hits: answer, .. } => {
+            Event::Snapshot(search_response(schema, output_fields, None, SearchResult { hits: answer, read_ts: ts })?)
+        }
+        SubscriptionEvent::Changed { changes, .. } => Event::Changed(v1::QueryChanges {
+            changes: changes
+                .into_iter()
+                .map(|change| {
+                    Ok(v1::QueryChange {
+                        query: change.query as u32,
+                        removed: Some(hits(change.removed)?),
+                        added: Some(hits(change.added)?),
+                    })
+                })
+                .collect::<vectorflow::Result<_>>()?,
+        }),
+        SubscriptionEvent::Rows { upserted, deleted, .. } => Event::Rows(v1::RowChanges {
+            upserted: rows_response(schema, output_fields, &upserted)?.columns,
+            deleted: Some(wire::pks_to_proto(&deleted)),
+        }),
+        SubscriptionEvent::Progress { .. } => Event::Progress(v1::Empty {}),
+    };
+    Ok(v1::SubscribeEvent { ts, event: Some(event) })
+}
 
 #[tonic::async_trait]
 impl Vectorflow for VectorflowService {
@@ -502,6 +540,61 @@ impl Vectorflow for VectorflowService {
     }
 
     type SqlStream = SqlStream;
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let body = request.get_ref().clone();
+        let output_fields = body.output_fields.clone();
+        let (subscription, schema) = self
+            .run(&request, move |engine, _| {
+                let queries = match &body.vectors {
+                    Some(vectors) if !vectors.data.is_empty() => wire::unpack_vectors("vectors", vectors)?,
+                    _ => Vec::new(),
+                };
+                let options = SubscribeOptions {
+                    field: non_empty(body.field),
+                    queries,
+                    k: body.k as usize,
+                    filter: non_empty(body.filter),
+                    output_fields: body.output_fields,
+                    as_of: (body.as_of != 0).then_some(body.as_of),
+                    buffer: if body.buffer == 0 { 1024 } else { body.buffer as usize },
+                    ..SubscribeOptions::changes()
+                };
+                let schema = engine.describe_collection(&body.collection)?.schema;
+                Ok((engine.subscribe(&body.collection, &options)?, schema))
+            })
+            .await?;
+        // The subscription is read on a thread of its own; a slow client
+        // leaves its events in the subscription's buffer, which ends it
+        // (RESOURCE_EXHAUSTED) when full. A client that leaves ends it too.
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        std::thread::Builder::new()
+            .name("subscription".into())
+            .spawn(move || {
+                let mut subscription = subscription;
+                loop {
+                    let item = match subscription.recv_timeout(Duration::from_millis(500)) {
+                        Ok(Some(event)) => {
+                            subscribe_event(&schema, &output_fields, event).map_err(|e| wire::status(&e))
+                        }
+                        Ok(None) if sender.is_closed() => return,
+                        Ok(None) => continue,
+                        Err(Error::Shutdown) => return,
+                        Err(e) => Err(wire::status(&e)),
+                    };
+                    let last = item.is_err();
+                    if sender.blocking_send(item).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("starting the subscription's sender: {e}")))?;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
 
     async fn sql(&self, request: Request<v1::SqlRequest>) -> Result<Response<Self::SqlStream>, Status> {
         let size = request.get_ref().encoded_len();

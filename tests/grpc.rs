@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::ServerProcess;
 use tonic::Code;
@@ -478,4 +478,98 @@ fn sigterm_during_writes_loses_no_acknowledged_write() {
         let missing: Vec<_> = expected.iter().filter(|id| present.binary_search(id).is_err()).take(5).collect();
         assert!(missing.is_empty(), "acknowledged writes missing after restart: {missing:?}");
     });
+}
+
+/// `Subscribe` through the real server: the first event is the answer,
+/// a write shows up as a change at the write's timestamp within the time a
+/// Strong read takes; a changefeed subscriber that stops reading is ended
+/// with RESOURCE_EXHAUSTED while the writes go on; `vectorflow subscribe`
+/// prints the events.
+#[test]
+fn subscriptions_stream_changes_and_a_slow_subscriber_is_ended() {
+    use v1::subscribe_event::Event;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let mut client = server.client().await;
+        client.create_collection(v1::CreateCollectionRequest { schema: Some(schema("docs")) }).await.unwrap();
+        client.insert(rows(&[1, 2, 3], "a")).await.unwrap();
+        let request = v1::SubscribeRequest {
+            collection: "docs".into(),
+            vectors: Some(pack_vectors(&[vec![10.0, 3.0]])),
+            k: 2,
+            output_fields: vec!["tag".into()],
+            ..Default::default()
+        };
+        let mut events = client.subscribe(request).await.unwrap().into_inner();
+        let first = events.message().await.unwrap().unwrap();
+        let Some(Event::Snapshot(snapshot)) = first.event else { panic!("first event: {first:?}") };
+        assert_eq!(keys(snapshot.results[0].keys.clone()), vec![3, 2]);
+
+        let started = Instant::now();
+        let write = client.insert(rows(&[10], "b")).await.unwrap().into_inner();
+        let change = loop {
+            let event =
+                tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap();
+            match event.event {
+                Some(Event::Progress(_)) => continue,
+                Some(Event::Changed(changed)) => break (event.ts, changed),
+                other => panic!("unexpected event {other:?}"),
+            }
+        };
+        let visible_after = started.elapsed();
+        assert_eq!(change.0, write.ts, "the change carries the write's timestamp");
+        let changed = &change.1.changes[0];
+        assert_eq!(keys(changed.added.clone().and_then(|h| h.keys)), vec![10]);
+        assert_eq!(keys(changed.removed.clone().and_then(|h| h.keys)), vec![2]);
+        // Within what a Strong read of it takes, with room for a loaded machine.
+        let strong_started = Instant::now();
+        client.search(search([10.0, 3.0], 1)).await.unwrap();
+        assert!(visible_after < strong_started.elapsed() + Duration::from_secs(2), "{visible_after:?}");
+
+        drop(events);
+
+        // A changefeed on a connection of its own (with small transport
+        // windows) that reads nothing while 4,000 rows are written: the
+        // windows fill, then the subscription's buffer, and the server ends
+        // it; the writes go on.
+        let small_windows = tonic::transport::Endpoint::from_shared(server.address.clone())
+            .unwrap()
+            .initial_stream_window_size(Some(4096))
+            .initial_connection_window_size(Some(4096));
+        let mut other = VectorflowClient::new(small_windows.connect().await.unwrap());
+        let feed = v1::SubscribeRequest {
+            collection: "docs".into(),
+            output_fields: vec!["v".into(), "tag".into()],
+            buffer: 2,
+            ..Default::default()
+        };
+        let mut slow = other.subscribe(feed).await.unwrap().into_inner();
+        for batch in 0..40 {
+            let ids: Vec<i64> = (0..100).map(|i| 1_000 + batch * 100 + i).collect();
+            client.insert(rows(&ids, "c")).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ended = loop {
+            assert!(Instant::now() < deadline, "the slow subscription was not ended within 60 s");
+            match tokio::time::timeout(Duration::from_secs(30), slow.message()).await.unwrap() {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the slow subscription ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+        assert!(ended.message().contains("subscription_buffer"), "{}", ended.message());
+        let count = v1::QueryRequest { count_only: true, ..query("") };
+        assert_eq!(client.query(count).await.unwrap().into_inner().count, 4_004);
+    });
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_vectorflow"))
+        .args(["subscribe", "--addr", &server.address, "-c", "docs", "--vector", "[10, 3]", "--k", "1"])
+        .args(["--events", "1", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or_default()).unwrap();
+    assert_eq!((line["change"].as_str(), line["id"].as_i64()), (Some("snapshot"), Some(10)));
 }

@@ -29,6 +29,7 @@ use crate::persist::PERSIST_TIMEOUT;
 use crate::routing::shard_of;
 use crate::shards::{WorkerShards, empty_answer};
 use crate::shared::Shared;
+use crate::watches::{Applied, WorkerWatches};
 
 /// A shard recovery loaded: its collection, checkpoint time and segments.
 pub(crate) type RecoveredShard = (CollectionId, Timestamp, Shard);
@@ -365,6 +366,7 @@ fn segments<'scope>(
         // Requests whose answer is being worked out off this thread.
         let mut running: HashMap<u64, Capability<Timestamp>> = HashMap::new();
         let mut catalog_version = 0;
+        let mut watches = WorkerWatches::default();
         move |(data, data_frontier), (requests, _), output| {
             let shards = &shared.shards[index];
             data.for_each(|_cap, items| {
@@ -417,7 +419,7 @@ fn segments<'scope>(
             barriers.sort_by_key(|(_, request)| request.read_ts);
             let mut barriers = barriers.into_iter();
             while let Some((cap, request)) = barriers.next() {
-                if let Err(held) = apply_through(&shared, shards, &mut stash, request.read_ts) {
+                if let Err(held) = apply_through(&shared, shards, &mut stash, request.read_ts, &mut watches, index) {
                     reached = held;
                     waiting.push((cap, request));
                     waiting.extend(barriers);
@@ -431,10 +433,12 @@ fn segments<'scope>(
                 }
             }
             if reached == frontier
-                && let Err(held) = apply_through(&shared, shards, &mut stash, frontier.saturating_sub(1))
+                && let Err(held) =
+                    apply_through(&shared, shards, &mut stash, frontier.saturating_sub(1), &mut watches, index)
             {
                 reached = held;
             }
+            watches.refresh(&shared.watches, &|collection| shards.get(collection), index, reached.saturating_sub(1));
             shared.publish_applied(index, reached);
 
             let horizon = shared.retention_horizon();
@@ -530,6 +534,8 @@ fn apply_through(
     shards: &WorkerShards,
     stash: &mut BTreeMap<Timestamp, Pending>,
     through: Timestamp,
+    watches: &mut WorkerWatches,
+    index: usize,
 ) -> Result<(), Timestamp> {
     while let Some(entry) = stash.first_entry() {
         if *entry.key() > through {
@@ -540,11 +546,18 @@ fn apply_through(
             shared.catalog_wanted.store(true, Ordering::Release);
             return Err(ts);
         }
-        apply(shared, shards, ts, entry.remove());
+        apply(shared, shards, ts, entry.remove(), watches, index);
     }
     Ok(())
 }
-fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending) {
+fn apply(
+    shared: &Shared,
+    shards: &WorkerShards,
+    ts: Timestamp,
+    pending: Pending,
+    watches: &mut WorkerWatches,
+    index: usize,
+) {
     let Pending { chunks, added, retired } = pending;
     // Per collection: the upserted chunks, and the retired versions with their keys.
     type Changes = (Vec<(arrow::record_batch::RecordBatch, Vec<VersionId>)>, Vec<(Pk, VersionId)>);
@@ -564,8 +577,15 @@ fn apply(shared: &Shared, shards: &WorkerShards, ts: Timestamp, pending: Pending
         }
         let make = || shared.schema(collection).map(|schema| Shard::new(schema, shared.shard_config.clone()));
         let Some(shard) = shards.get_or_make(collection, make) else { continue };
+        // Standing queries of the collection see the same changes.
+        let watched = watches.follows(collection).then(|| batches.clone());
         let applied = match crate::shards::write(&shard) {
-            Ok(mut shard) => shard.apply(ts, batches, &added, &retired).map_err(|e| e.to_string()),
+            Ok(mut shard) => shard.apply(ts, batches, &added, &retired).map_err(|e| e.to_string()).map(|()| {
+                if let Some(batches) = &watched {
+                    let changes = Applied { ts, batches, added: &added, retired: &retired };
+                    watches.applied(&shard, collection, &changes, index);
+                }
+            }),
             Err(failure) => Err(format!("{failure:?}")),
         };
         if let Err(e) = applied {

@@ -30,10 +30,11 @@ pub mod persist;
 pub mod routing;
 mod shards;
 mod shared;
+mod watches;
 
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
-    HybridOptions, IngestStats, Limits, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions, SearchResult,
-    Session, SubSearch, WriteResult, row,
+    HybridOptions, IngestStats, Limits, QueryChange, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions,
+    SearchResult, Session, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent, WriteResult, row,
 };
 pub use persist::RecoveryReport;

@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     /// Why the dataflow stopped (a worker ended in a panic; in a cluster,
     /// usually because another process died): nothing is served after it.
     pub dataflow_failed: Mutex<Option<String>>,
+    /// Standing queries the workers keep current (see [`crate::watches`]).
+    pub watches: crate::watches::Watches,
     pub schemas: RwLock<HashMap<CollectionId, Arc<CollectionSchema>>>,
     /// Bumped on every create/drop so workers drop state of dropped collections.
     pub catalog_version: AtomicU64,
@@ -237,6 +239,14 @@ impl Shared {
         };
         self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
         reached
+    }
+
+    /// Waits until some worker's applied frontier moves, or `timeout`.
+    pub fn wait_for_progress(&self, timeout: Duration) {
+        let Ok(guard) = self.applied_moved.0.lock() else { return };
+        self.applied_waiters.fetch_add(1, Ordering::SeqCst);
+        let _ = self.applied_moved.1.wait_timeout(guard, timeout);
+        self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The time before which every worker has applied every change.

@@ -26,6 +26,6 @@ pub use index::IndexParams;
 pub use index::SealedIndex;
 pub use merge_policy::MergePolicy;
 pub use segment::{Restored, SealParams, Segment, SegmentSnapshot};
-pub use shard::{Hit, SearchPlan, SegmentState, Shard, ShardCheckpoint, ShardConfig, ShardStats, Stop};
+pub use shard::{Hit, RowChanges, SearchPlan, SegmentState, Shard, ShardCheckpoint, ShardConfig, ShardStats, Stop};
 pub use topk::{DistanceRange, SearchBounds};
 pub use vector_file::VectorFiles;

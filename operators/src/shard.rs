@@ -46,6 +46,9 @@ pub struct Hit {
     pub fields: Vec<Value>,
 }
 
+/// Row changes by time: the rows inserted (key and fields) and the keys retired.
+pub type RowChanges = std::collections::BTreeMap<Timestamp, (Vec<(Pk, Vec<Value>)>, Vec<Pk>)>;
+
 /// Counts a shard reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardStats {
@@ -188,6 +191,46 @@ pub struct SegmentReader<'a> {
 }
 
 impl SegmentReader<'_> {
+    /// The same segments read by exact scans only (no graph walk): answers
+    /// that must equal an exact search, such as a standing query's.
+    pub fn exact(self) -> Self {
+        SegmentReader { plan: SearchPlan { exact_below_rows: usize::MAX, ..self.plan }, ..self }
+    }
+
+    /// The changes of rows passing `filter` at times in `(after, through]`,
+    /// by time: the rows inserted then (key and `output_fields`) and the
+    /// keys whose row was retired then. The history a standing query
+    /// replays when it starts before what its worker has applied.
+    pub fn changes_between(
+        &self,
+        after: Timestamp,
+        through: Timestamp,
+        filter: Option<&Filter>,
+        output_fields: &[usize],
+        stop: Stop<'_>,
+    ) -> Result<RowChanges> {
+        let allowed = self.allowed(filter, stop)?;
+        let mut changes = RowChanges::new();
+        let within = |ts: Timestamp| after < ts && ts <= through;
+        for (position, (segment, allowed)) in self.segments.iter().zip(&allowed).enumerate() {
+            stop.check()?;
+            let passes = |row: u32| allowed.as_ref().is_none_or(|set| set.contains(row as usize));
+            for row in 0..segment.len() as u32 {
+                let inserted = segment.insert_ts(row);
+                if within(inserted) && passes(row) {
+                    let hit = self.hit(position as u64, row, 0.0, output_fields);
+                    changes.entry(inserted).or_default().0.push((hit.pk, hit.fields));
+                }
+            }
+            for (row, retired) in segment.deletes() {
+                if within(retired) && passes(row) {
+                    changes.entry(retired).or_default().1.push(segment.pk(row).clone());
+                }
+            }
+        }
+        Ok(changes)
+    }
+
     /// Which rows of each segment pass `filter` (`None` without a filter).
     fn allowed(&self, filter: Option<&Filter>, stop: Stop<'_>) -> Result<Vec<Option<Arc<RowSet>>>> {
         self.segments

@@ -61,6 +61,11 @@ impl Engine {
             return;
         }
         let shared = &self.inner.shared;
+        if shared.local.len() == shared.workers {
+            // A cluster of one: nobody to tell.
+            self.inner.left_cluster.store(true, Ordering::Release);
+            return;
+        }
         let others: Vec<usize> = (0..shared.workers)
             .step_by(shared.local.len().max(1))
             .filter(|first| !shared.local.contains(first))
@@ -69,8 +74,9 @@ impl Engine {
             return;
         }
         let leave = RequestKind::Leave { process: self.inner.config.cluster.process };
-        if let Err(e) = self.request_to(0, 0, leave, others, Duration::from_secs(5)) {
-            tracing::warn!("telling the other processes that this one stops: {e}");
+        match self.request_to(0, 0, leave, others, Duration::from_secs(5)) {
+            Ok(_) => self.inner.left_cluster.store(true, Ordering::Release),
+            Err(e) => tracing::warn!("telling the other processes that this one stops: {e}"),
         }
     }
 

@@ -40,6 +40,7 @@ mod options;
 mod reads;
 mod recovery;
 mod replica;
+mod subscribe;
 mod writes;
 
 use recovery::*;
@@ -54,6 +55,7 @@ const SEARCH_NICENESS: i32 = 5;
 const MAX_EF: usize = 32_768;
 
 pub use options::*;
+pub use subscribe::{QueryChange, SubscribeOptions, Subscription, SubscriptionEvent};
 
 struct Inner {
     config: EngineConfig,
@@ -79,6 +81,11 @@ struct Inner {
     recovery: Mutex<RecoveryReport>,
     checkpoint_stats: CheckpointStats,
     maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Subscriptions' delivery state, by id, and the thread that delivers them.
+    subscribers: Mutex<HashMap<u64, subscribe::Subscriber>>,
+    delivery: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// In a cluster: the other processes were told this one stops.
+    left_cluster: AtomicBool,
 }
 
 /// Checkpoints published and the time they took (for metrics).
@@ -233,6 +240,7 @@ impl Engine {
             catalog_taken: AtomicU64::new(catalog_store.version()),
             catalog_wanted: AtomicBool::new(false),
             dataflow_failed: Mutex::new(None),
+            watches: Default::default(),
             schemas: RwLock::new(schemas),
             catalog_version: AtomicU64::new(0),
             requests: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
@@ -286,6 +294,9 @@ impl Engine {
                 recovery: Mutex::new(recovered.report),
                 checkpoint_stats: CheckpointStats::default(),
                 maintenance: Mutex::new(None),
+                subscribers: Mutex::new(HashMap::new()),
+                delivery: Mutex::new(None),
+                left_cluster: AtomicBool::new(false),
             }),
         };
         if engine.is_replica() {
@@ -412,7 +423,19 @@ impl Inner {
         }
         self.shared.persister.stop();
         self.shared.stop();
-        if let Some(guards) = self.guards.lock().ok().and_then(|mut g| g.take()) {
+        let mut guards = self.guards.lock().ok().and_then(|mut g| g.take());
+        let peers_run_on = self.config.cluster.is_cluster()
+            && !self.left_cluster.load(Ordering::Acquire)
+            && self.shared.dataflow_failure().is_none();
+        if peers_run_on && let Some(guards) = guards.take() {
+            // The exchange threads end when the other processes' connections
+            // close, which they do only when those stop: joining would wait
+            // for them. An engine dropped without `shutdown` (which tells
+            // them) leaves its threads to the process's exit.
+            tracing::warn!("a cluster process stopped without telling the others: they stop when it exits");
+            std::mem::forget(guards);
+        }
+        if let Some(guards) = guards {
             // After a cluster peer died, timely's exchange threads ended in a
             // panic, which joining them repeats: it is reported, not raised.
             let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join()));

@@ -18,53 +18,11 @@ impl Engine {
     pub fn search(&self, collection: &str, queries: &[Vec<f32>], options: &SearchOptions) -> Result<SearchResult> {
         let entry = self.entry(collection)?;
         let schema = &entry.schema;
-        let (field, dim, metric) = schema.vector_field(options.field.as_deref())?;
-        if options.k == 0 {
-            return Err(Error::argument("k", "must be at least 1"));
-        }
-        if options.k > 16_384 {
-            return Err(Error::argument("k", format!("{} exceeds the limit of 16384", options.k)));
-        }
-        if queries.is_empty() {
-            return Err(Error::argument("vectors", "no query vectors"));
-        }
-        let limits = self.inner.config.limits;
-        if queries.len() > limits.max_search_vectors {
-            return Err(Error::exhausted(
-                "max_search_vectors",
-                format!("{} query vectors exceed the limit of {}", queries.len(), limits.max_search_vectors),
-            ));
-        }
-        if queries.len().saturating_mul(options.k) > limits.max_search_hits {
-            return Err(Error::exhausted(
-                "max_search_hits",
-                format!(
-                    "{} query vectors × k {} = {} hits exceed the limit of {}; search in smaller batches",
-                    queries.len(),
-                    options.k,
-                    queries.len().saturating_mul(options.k),
-                    limits.max_search_hits
-                ),
-            ));
-        }
+        let (field, metric, queries) = self.checked_queries(schema, options.field.as_deref(), queries, options.k)?;
         if let Some(ef) = options.ef
             && !(1..=MAX_EF).contains(&ef)
         {
             return Err(Error::argument("ef", format!("{ef} outside 1..={MAX_EF}")));
-        }
-        let field_name = &schema.fields[field].name;
-        let mut queries = queries.to_vec();
-        for (i, query) in queries.iter_mut().enumerate() {
-            if query.len() != dim {
-                return Err(Error::field(
-                    field_name,
-                    format!("query {i}: dimension {} does not match dim {dim}", query.len()),
-                ));
-            }
-            vectorflow_core::batch::check_vector(field_name, &format!("query {i}"), query)?;
-            if metric == Metric::COSINE {
-                normalize(query);
-            }
         }
         let output_fields = self.output_fields(schema, &options.output_fields)?;
         let filter = self.checked_filter(entry.id, schema, options.filter.as_deref())?;
@@ -149,6 +107,7 @@ impl Engine {
         };
         // Rank the groups over the nearest rows, more of them until `k`
         // groups appear (or every row was read).
+        let limits = self.inner.config.limits;
         let most = (limits.max_search_hits / queries.len()).clamp(options.k, MAX_GROUPING_CANDIDATES);
         let mut candidates = options.k.saturating_mul(group_by.size).saturating_mul(2).clamp(options.k, most);
         let mut grouped: Vec<Grouped> = loop {
@@ -468,6 +427,62 @@ impl Engine {
 
     pub(super) fn output_fields(&self, schema: &CollectionSchema, names: &[String]) -> Result<Vec<usize>> {
         names.iter().map(|name| schema.field(name).map(|(i, _)| i)).collect()
+    }
+
+    /// Checks a search's query vectors against `field` (the only vector
+    /// field when `None`) and the limits for `k` hits each; returns the
+    /// field, its metric and the vectors (normalised for COSINE).
+    pub(super) fn checked_queries(
+        &self,
+        schema: &CollectionSchema,
+        field: Option<&str>,
+        queries: &[Vec<f32>],
+        k: usize,
+    ) -> Result<(usize, Metric, Vec<Vec<f32>>)> {
+        let (field_index, dim, metric) = schema.vector_field(field)?;
+        if k == 0 {
+            return Err(Error::argument("k", "must be at least 1"));
+        }
+        if k > 16_384 {
+            return Err(Error::argument("k", format!("{} exceeds the limit of 16384", k)));
+        }
+        if queries.is_empty() {
+            return Err(Error::argument("vectors", "no query vectors"));
+        }
+        let limits = self.inner.config.limits;
+        if queries.len() > limits.max_search_vectors {
+            return Err(Error::exhausted(
+                "max_search_vectors",
+                format!("{} query vectors exceed the limit of {}", queries.len(), limits.max_search_vectors),
+            ));
+        }
+        if queries.len().saturating_mul(k) > limits.max_search_hits {
+            return Err(Error::exhausted(
+                "max_search_hits",
+                format!(
+                    "{} query vectors × k {} = {} hits exceed the limit of {}; search in smaller batches",
+                    queries.len(),
+                    k,
+                    queries.len().saturating_mul(k),
+                    limits.max_search_hits
+                ),
+            ));
+        }
+        let field_name = &schema.fields[field_index].name;
+        let mut queries = queries.to_vec();
+        for (i, query) in queries.iter_mut().enumerate() {
+            if query.len() != dim {
+                return Err(Error::field(
+                    field_name,
+                    format!("query {i}: dimension {} does not match dim {dim}", query.len()),
+                ));
+            }
+            vectorflow_core::batch::check_vector(field_name, &format!("query {i}"), query)?;
+            if metric == Metric::COSINE {
+                normalize(query);
+            }
+        }
+        Ok((field_index, metric, queries))
     }
 
     /// The timestamp a read answers at.
