@@ -97,8 +97,10 @@ pub fn run(args: ClusterBenchArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let ingest_s = started.elapsed().as_secs_f64();
+        eprintln!("{processes} process(es): ingested in {ingest_s:.2} s; flushing");
         engines[0].flush(COLLECTION)?;
         engines[0].wait_for_indexes(COLLECTION, WAIT)?;
+        eprintln!("{processes} process(es): flushed; searching");
 
         // ---- search, each query at the next process ----
         let options =

@@ -14,6 +14,7 @@ mod bench_features;
 mod bench_kafka;
 mod bench_recovery;
 mod bench_soak;
+mod bench_subscribe;
 mod bench_tenants;
 mod client;
 mod cluster_local;
@@ -59,6 +60,9 @@ enum Command {
     /// Clusters of 1, 2 and 3 processes on loopback against a running broker: ingest rows/s,
     /// search QPS and recall, cross-process write-to-visible, and the time a cluster takes to recover.
     BenchCluster(bench_cluster::ClusterBenchArgs),
+    /// Standing queries under a steady write load: write-to-subscriber latency, and the CPU and
+    /// ingest rate with and without the subscriptions.
+    BenchSubscribe(bench_subscribe::SubscribeBenchArgs),
     /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
     Serve(config::ServeArgs),
     /// Run several servers as one cluster.
@@ -193,6 +197,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchRecovery(args) => bench_recovery::run(args)?,
         Command::BenchKafka(args) => bench_kafka::run(args)?,
         Command::BenchCluster(args) => bench_cluster::run(args)?,
+        Command::BenchSubscribe(args) => bench_subscribe::run(args)?,
         Command::Serve(_) => {
             let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;

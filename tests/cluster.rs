@@ -375,6 +375,23 @@ fn three_processes_answer_as_one_engine_fed_the_same_topic() {
             assert_eq!(&runtime.block_on(rows(client, *ts)), answer, "process {process} as of {ts}");
         }
     }
+    // Concurrent reads entering at every process: each process numbers its
+    // requests from 1, and their parts meet on the same workers.
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for client in clients.iter() {
+            let mut client = client.clone();
+            let query = queries[0].clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    nearest(&mut client, &query).await;
+                }
+            }));
+        }
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(120), task).await.expect("concurrent reads answered").unwrap();
+        }
+    });
     let replica = replica.expect("the replica started");
     let mut to_replica = runtime.block_on(async {
         let endpoint = Endpoint::from_shared(format!("http://{}", replica.address)).unwrap();

@@ -178,7 +178,11 @@ impl Learned {
 pub(crate) fn follow(log: Weak<KafkaLog>, consumer: BaseConsumer, deployment: String) {
     let mut batch = Vec::new();
     loop {
-        let Some(strong) = log.upgrade() else { return };
+        // Not held while polling: the log closes (its bindings database
+        // with it) as soon as its engine is gone, so it can open again.
+        if log.strong_count() == 0 {
+            return;
+        }
         let first = consumer.poll(Duration::from_millis(20));
         for message in first.into_iter().chain(std::iter::from_fn(|| consumer.poll(Duration::ZERO))).take(4096) {
             match message {
@@ -195,6 +199,7 @@ pub(crate) fn follow(log: Weak<KafkaLog>, consumer: BaseConsumer, deployment: St
             .ok()
             .and_then(|list| list.elements().first().and_then(|e| e.offset().to_raw()))
             .unwrap_or(0);
+        let Some(strong) = log.upgrade() else { return };
         strong.learn(std::mem::take(&mut batch), position.max(0) as u64);
     }
 }

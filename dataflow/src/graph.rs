@@ -363,8 +363,9 @@ fn segments<'scope>(
         }
         let mut stash: BTreeMap<Timestamp, Pending> = BTreeMap::new();
         let mut waiting: Vec<(Capability<Timestamp>, Request)> = Vec::new();
-        // Requests whose answer is being worked out off this thread.
-        let mut running: HashMap<u64, Capability<Timestamp>> = HashMap::new();
+        // Requests whose answer is being worked out off this thread, by
+        // origin worker and id (each process numbers its own requests).
+        let mut running: HashMap<(usize, u64), Capability<Timestamp>> = HashMap::new();
         let mut catalog_version = 0;
         let mut watches = WorkerWatches::default();
         move |(data, data_frontier), (requests, _), output| {
@@ -392,7 +393,7 @@ fn segments<'scope>(
             });
             let finished = shared.finished[index].lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
             for partial in finished {
-                if let Some(cap) = running.remove(&partial.id) {
+                if let Some(cap) = running.remove(&(partial.origin, partial.id)) {
                     output.session(&cap).give(partial);
                 }
             }
@@ -428,7 +429,7 @@ fn segments<'scope>(
                 match answer_control(&shared, shards, &request, index) {
                     Some(answer) => output.session(&cap).give(partial(&request, answer)),
                     None => {
-                        running.insert(request.id, cap);
+                        running.insert((request.origin, request.id), cap);
                     }
                 }
             }
@@ -476,7 +477,7 @@ fn segments<'scope>(
                             if request.read_ts >= reached {
                                 return true;
                             }
-                            running.insert(request.id, cap.clone());
+                            running.insert((request.origin, request.id), cap.clone());
                             read_off_thread(&shared, index, request.clone());
                             return false;
                         }
@@ -495,7 +496,7 @@ fn segments<'scope>(
                 match answer {
                     Some(answer) => output.session(cap).give(partial(request, answer)),
                     None => {
-                        running.insert(request.id, cap.clone());
+                        running.insert((request.origin, request.id), cap.clone());
                     }
                 }
                 false

@@ -64,7 +64,9 @@ impl Engine {
         }
         let started = Instant::now();
         let ts = inner.shared.log.tso().allocate(1);
-        let answer = self.request(entry.id, ts, RequestKind::Checkpoint { known }, None, Consistency::Strong, None)?;
+        // Every worker answers once its process has written its new segments.
+        let kind = RequestKind::Checkpoint { known };
+        let answer = self.request(entry.id, ts, kind, Some(PERSIST_TIMEOUT), Consistency::Strong, None)?;
         let Answer::Checkpoint(parts) = answer else { return Err(unexpected(answer)) };
         // A collection stopped by an apply error is never checkpointed past
         // it: the log keeps what a restart must replay.
