@@ -561,8 +561,12 @@ impl Vectorflow for VectorflowService {
                     filter: non_empty(body.filter),
                     output_fields: body.output_fields,
                     as_of: (body.as_of != 0).then_some(body.as_of),
-                    buffer: if body.buffer == 0 { 1024 } else { body.buffer as usize },
                     ..SubscribeOptions::changes()
+                };
+                // 0: the engine's default buffer.
+                let options = match body.buffer {
+                    0 => options,
+                    buffer => SubscribeOptions { buffer: buffer as usize, ..options },
                 };
                 let schema = engine.describe_collection(&body.collection)?.schema;
                 Ok((engine.subscribe(&body.collection, &options)?, schema))
