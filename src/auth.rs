@@ -71,6 +71,10 @@ pub const METHOD_ACCESS: &[(&str, &str, Access)] = &[
     ("vectorflow.v1.Vectorflow", "Get", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Sql", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "Subscribe", Access::Needs(Role::Read)),
+    ("vectorflow.v1.Vectorflow", "ListSinks", Access::Needs(Role::Read)),
+    // A sink writes to the server's brokers until it is dropped.
+    ("vectorflow.v1.Vectorflow", "CreateSink", Access::Needs(Role::Admin)),
+    ("vectorflow.v1.Vectorflow", "DropSink", Access::Needs(Role::Admin)),
     ("vectorflow.v1.Vectorflow", "ListCollections", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "DescribeCollection", Access::Needs(Role::Read)),
     ("vectorflow.v1.Vectorflow", "GetStats", Access::Needs(Role::Read)),

@@ -254,6 +254,41 @@ pub enum AliasCommand {
     },
 }
 
+/// `vectorflow sink`
+#[derive(Debug, clap::Subcommand)]
+pub enum SinkCommand {
+    /// Write a standing query's changes to a Kafka topic of the server's brokers, exactly once,
+    /// from now (or --as-of) on, across restarts, until the sink is dropped.
+    Create(SinkCreateArgs),
+    /// List the sinks, where each stands and how far it has written.
+    List {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Stop a sink and forget it (its records stay in the topic).
+    Drop {
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+/// `vectorflow sink create`
+#[derive(Debug, clap::Args)]
+pub struct SinkCreateArgs {
+    pub name: String,
+    /// The topic (created with one partition when missing).
+    #[arg(long)]
+    pub topic: String,
+    #[command(flatten)]
+    pub query: StandingQueryArgs,
+    /// A progress record after this many milliseconds without a change.
+    #[arg(long, default_value_t = 1000)]
+    pub progress_every_ms: u32,
+    #[command(flatten)]
+    pub connect: Connect,
+}
+
 /// `vectorflow partition`
 #[derive(Debug, clap::Subcommand)]
 pub enum PartitionCommand {
@@ -365,9 +400,9 @@ pub struct SearchArgs {
     pub connect: Connect,
 }
 
-/// `vectorflow subscribe`
+/// The standing query of `vectorflow subscribe` and `vectorflow sink create`.
 #[derive(Debug, clap::Args)]
-pub struct SubscribeArgs {
+pub struct StandingQueryArgs {
     #[arg(long, short = 'c')]
     pub collection: String,
     /// A query vector as a JSON array; repeat for several. None: a
@@ -388,6 +423,37 @@ pub struct SubscribeArgs {
     /// Start at this past hybrid timestamp and replay the changes since.
     #[arg(long)]
     pub as_of: Option<u64>,
+}
+
+impl StandingQueryArgs {
+    /// The request's query, and the collection's schema (the events' columns).
+    async fn request(&self, client: &mut Client) -> anyhow::Result<(v1::SubscribeRequest, CollectionSchema)> {
+        let vectors = self
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(i, text)| parse_vector(text).map_err(|e| anyhow!("--vector #{}: {e}", i + 1)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (_, schema) = describe(client, &self.collection).await?;
+        let request = v1::SubscribeRequest {
+            collection: self.collection.clone(),
+            field: self.field.clone().unwrap_or_default(),
+            vectors: (!vectors.is_empty()).then(|| wire::pack_vectors(&vectors)),
+            k: if vectors.is_empty() { 0 } else { self.k },
+            filter: self.filter.clone().unwrap_or_default(),
+            output_fields: output_fields(&schema, &self.output_fields)?,
+            as_of: self.as_of.unwrap_or(0),
+            buffer: 0,
+        };
+        Ok((request, schema))
+    }
+}
+
+/// `vectorflow subscribe`
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    #[command(flatten)]
+    pub query: StandingQueryArgs,
     /// Events the server buffers if this client falls behind (0: the server's default).
     #[arg(long, default_value_t = 0)]
     pub buffer: u32,
@@ -711,6 +777,65 @@ pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+pub fn sink(command: SinkCommand) -> anyhow::Result<()> {
+    match command {
+        SinkCommand::Create(args) => {
+            let connect = args.connect.clone();
+            let info = with_client(&connect, async |client| {
+                let (query, _) = args.query.request(client).await?;
+                let request = v1::CreateSinkRequest {
+                    name: args.name.clone(),
+                    topic: args.topic.clone(),
+                    query: Some(query),
+                    progress_every_ms: args.progress_every_ms,
+                };
+                Ok(client.create_sink(request).await.map_err(rpc)?.into_inner())
+            })?;
+            print_sinks(&[info], connect.json);
+        }
+        SinkCommand::List { connect } => {
+            let sinks = with_client(&connect, async |client| {
+                Ok(client.list_sinks(v1::Empty {}).await.map_err(rpc)?.into_inner().sinks)
+            })?;
+            print_sinks(&sinks, connect.json);
+        }
+        SinkCommand::Drop { name, connect } => {
+            let request = v1::SinkRef { name: name.clone() };
+            with_client(&connect, async |client| Ok(client.drop_sink(request).await.map_err(rpc)?.into_inner()))?;
+            if connect.json {
+                println!("{}", serde_json::json!({ "dropped_sink": name }));
+            } else {
+                println!("dropped sink `{name}`");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_sinks(sinks: &[v1::SinkInfo], json: bool) {
+    for sink in sinks {
+        if json {
+            let line = serde_json::json!({
+                "name": sink.name,
+                "collection": sink.collection,
+                "topic": sink.topic,
+                "partition": sink.partition,
+                "start_ts": sink.start_ts,
+                "incarnation": sink.incarnation,
+                "state": sink.state,
+                "written_through": sink.written_through,
+                "records": sink.records,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{}\tcollection={}\ttopic={}[{}]\tstate={}\twritten_through={}\trecords={}",
+                sink.name, sink.collection, sink.topic, sink.partition, sink.state, sink.written_through, sink.records
+            );
+        }
+    }
 }
 
 pub fn partition(command: PartitionCommand) -> anyhow::Result<()> {
@@ -1156,25 +1281,10 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
 /// Prints a subscription's events as they arrive: each as rows with its
 /// timestamp and what happened (`snapshot`, `+`, `-`, `progress`).
 pub fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
-    let vectors = args
-        .vectors
-        .iter()
-        .enumerate()
-        .map(|(i, text)| parse_vector(text).map_err(|e| anyhow!("--vector #{}: {e}", i + 1)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let connect = Connect { timeout: None, ..args.connect.clone() };
     with_client(&connect, async |client| {
-        let (_, schema) = describe(client, &args.collection).await?;
-        let request = v1::SubscribeRequest {
-            collection: args.collection.clone(),
-            field: args.field.clone().unwrap_or_default(),
-            vectors: (!vectors.is_empty()).then(|| wire::pack_vectors(&vectors)),
-            k: if vectors.is_empty() { 0 } else { args.k },
-            filter: args.filter.clone().unwrap_or_default(),
-            output_fields: output_fields(&schema, &args.output_fields)?,
-            as_of: args.as_of.unwrap_or(0),
-            buffer: args.buffer,
-        };
+        let (query, schema) = args.query.request(client).await?;
+        let request = v1::SubscribeRequest { buffer: args.buffer, ..query };
         let mut stream = client.subscribe(request).await.map_err(rpc)?.into_inner();
         let mut printed = 0;
         while args.events.is_none_or(|most| printed < most) {

@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 
-pub use vectorflow_connectors::Dataset;
+pub use vectorflow_connectors::{Dataset, SinkDefinition};
 pub use vectorflow_connectors::{KafkaConfig, PartitionLag, RecordFormat, StorageConfig};
 pub use vectorflow_core::{
     ClusterConfig, CollectionId, CollectionSchema, DataType, Error, FieldSchema, Metric, Pk, Result, Role, Row,
@@ -32,7 +32,8 @@ pub use vectorflow_dataflow::engine::CompactionReport;
 pub use vectorflow_dataflow::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
     HybridOptions, IngestStats, Limits, QueryChange, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions,
-    SearchResult, Session, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent, WriteResult, row,
+    SearchResult, Session, SinkState, SinkStatus, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent,
+    WriteResult, row,
 };
 pub use vectorflow_operators::{Filter, IndexParams, SearchPlan};
 pub use vectorflow_sql::SqlSession;

@@ -115,6 +115,10 @@ enum Command {
     /// Subscribe to a standing query on a server: its answer, then every change as it happens
     /// (a search with --vector, or a changefeed of the rows --filter passes).
     Subscribe(client::SubscribeArgs),
+    /// Create, list or drop Kafka sinks on a server: standing queries whose changes the server
+    /// writes to a topic, exactly once, also across restarts.
+    #[command(subcommand)]
+    Sink(client::SinkCommand),
     /// Run several searches (one per vector field, say) at one timestamp and
     /// fuse their hits with reciprocal rank fusion or weights.
     HybridSearch(client::HybridSearchArgs),
@@ -230,6 +234,7 @@ fn main() -> anyhow::Result<()> {
         Command::Insert(args) => client::exit_on_error(client::insert(args)),
         Command::Search(args) => client::exit_on_error(client::search(args)),
         Command::Subscribe(args) => client::exit_on_error(client::subscribe(args)),
+        Command::Sink(command) => client::exit_on_error(client::sink(command)),
         Command::HybridSearch(args) => client::exit_on_error(client::hybrid_search(args)),
         Command::Query(args) => client::exit_on_error(client::query(args)),
         Command::HashPassword { token } => client::exit_on_error(hash_password(token)),

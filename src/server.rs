@@ -18,7 +18,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use vectorflow::{
     CollectionSchema, Consistency, Engine, Error, GetOptions, GroupBy, HybridOptions, QueryOptions, Ranker,
-    SearchOptions, SearchResult, SqlSession, SubSearch, SubscribeOptions, SubscriptionEvent, Timestamp, Value,
+    SearchOptions, SearchResult, SinkStatus, SqlSession, SubSearch, SubscribeOptions, SubscriptionEvent, Timestamp,
+    Value,
 };
 use vectorflow_proto::v1::vectorflow_server::{Vectorflow, VectorflowServer};
 use vectorflow_proto::{self as wire, v1};
@@ -236,6 +237,43 @@ type SqlStream = Pin<Box<dyn Stream<Item = Result<v1::SqlBatch, Status>> + Send>
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeEvent, Status>> + Send>>;
 
 /// A subscription's event on the wire.
+/// A subscription's options from its request (shared by Subscribe and CreateSink).
+fn subscribe_options(body: &v1::SubscribeRequest) -> vectorflow::Result<SubscribeOptions> {
+    let queries = match &body.vectors {
+        Some(vectors) if !vectors.data.is_empty() => wire::unpack_vectors("vectors", vectors)?,
+        _ => Vec::new(),
+    };
+    let options = SubscribeOptions {
+        field: non_empty(body.field.clone()),
+        queries,
+        k: body.k as usize,
+        filter: non_empty(body.filter.clone()),
+        output_fields: body.output_fields.clone(),
+        as_of: (body.as_of != 0).then_some(body.as_of),
+        ..SubscribeOptions::changes()
+    };
+    // 0: the engine's default buffer.
+    Ok(match body.buffer {
+        0 => options,
+        buffer => SubscribeOptions { buffer: buffer as usize, ..options },
+    })
+}
+
+fn sink_info(status: SinkStatus) -> v1::SinkInfo {
+    let definition = status.definition;
+    v1::SinkInfo {
+        name: definition.name,
+        collection: definition.collection,
+        topic: definition.topic,
+        partition: definition.partition,
+        start_ts: definition.start_ts,
+        incarnation: definition.incarnation,
+        state: status.state.to_string(),
+        written_through: status.written_through,
+        records: status.records,
+    }
+}
+
 fn subscribe_event(
     schema: &CollectionSchema,
     output_fields: &[String],
@@ -550,24 +588,7 @@ impl Vectorflow for VectorflowService {
         let output_fields = body.output_fields.clone();
         let (subscription, schema) = self
             .run(&request, move |engine, _| {
-                let queries = match &body.vectors {
-                    Some(vectors) if !vectors.data.is_empty() => wire::unpack_vectors("vectors", vectors)?,
-                    _ => Vec::new(),
-                };
-                let options = SubscribeOptions {
-                    field: non_empty(body.field),
-                    queries,
-                    k: body.k as usize,
-                    filter: non_empty(body.filter),
-                    output_fields: body.output_fields,
-                    as_of: (body.as_of != 0).then_some(body.as_of),
-                    ..SubscribeOptions::changes()
-                };
-                // 0: the engine's default buffer.
-                let options = match body.buffer {
-                    0 => options,
-                    buffer => SubscribeOptions { buffer: buffer as usize, ..options },
-                };
+                let options = subscribe_options(&body)?;
                 let schema = engine.describe_collection(&body.collection)?.schema;
                 Ok((engine.subscribe(&body.collection, &options)?, schema))
             })
@@ -598,6 +619,33 @@ impl Vectorflow for VectorflowService {
             })
             .map_err(|e| Status::internal(format!("starting the subscription's sender: {e}")))?;
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+
+    async fn create_sink(&self, request: Request<v1::CreateSinkRequest>) -> Result<Response<v1::SinkInfo>, Status> {
+        let body = request.get_ref().clone();
+        let status = self
+            .run(&request, move |engine, _| {
+                let query = body.query.ok_or_else(|| Error::argument("query", "missing: the sink's standing query"))?;
+                let mut options = subscribe_options(&query)?;
+                options.progress_every = Duration::from_millis(match body.progress_every_ms {
+                    0 => 1000,
+                    ms => u64::from(ms),
+                });
+                engine.create_sink(&body.name, &query.collection, &body.topic, &options)
+            })
+            .await?;
+        Ok(Response::new(sink_info(status)))
+    }
+
+    async fn drop_sink(&self, request: Request<v1::SinkRef>) -> Result<Response<v1::Empty>, Status> {
+        let name = request.get_ref().name.clone();
+        self.run(&request, move |engine, _| engine.drop_sink(&name)).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_sinks(&self, request: Request<v1::Empty>) -> Result<Response<v1::ListSinksResponse>, Status> {
+        let sinks = self.run(&request, move |engine, _| engine.sinks()).await?;
+        Ok(Response::new(v1::ListSinksResponse { sinks: sinks.into_iter().map(sink_info).collect() }))
     }
 
     async fn sql(&self, request: Request<v1::SqlRequest>) -> Result<Response<Self::SqlStream>, Status> {

@@ -64,6 +64,59 @@ struct CatalogDocument {
     /// documents written before aliases existed).
     #[serde(default)]
     aliases: BTreeMap<String, String>,
+    /// Kafka sinks by name (absent in documents written before sinks).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    sinks: BTreeMap<String, SinkDefinition>,
+}
+
+/// A standing query whose changes a server writes to a Kafka topic, kept
+/// in the catalog so it resumes after a restart (see the engine's
+/// `sinks` module for the records and how a sink resumes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SinkDefinition {
+    pub name: String,
+    /// The collection's name (an alias is resolved when the sink is made).
+    pub collection: String,
+    pub topic: String,
+    /// The topic's partition the sink writes every record to, so they
+    /// keep their order.
+    pub partition: i32,
+    /// The vector field searched (`None`: the collection's only one).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// Query vectors; none: a changefeed of the rows `filter` passes.
+    #[serde(default)]
+    pub queries: Vec<Vec<f32>>,
+    #[serde(default)]
+    pub k: usize,
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub output_fields: Vec<String>,
+    /// The time of the sink's first answer.
+    pub start_ts: Timestamp,
+    /// A progress record is written after this long without a change.
+    pub progress_every_ms: u64,
+    /// Names this definition in the records it writes (its start time and a
+    /// checksum of the query), so a sink made again under the same name
+    /// never takes a former one's records for its own.
+    pub incarnation: String,
+}
+
+impl SinkDefinition {
+    /// The incarnation of a sink with this query and start.
+    pub fn compute_incarnation(&self) -> String {
+        let query = serde_json::json!([
+            self.collection,
+            self.field,
+            self.queries,
+            self.k,
+            self.filter,
+            self.output_fields,
+            self.start_ts
+        ]);
+        format!("{:x}-{:08x}", self.start_ts, crc32fast::hash(query.to_string().as_bytes()))
+    }
 }
 
 const PREFIX: &str = "catalog";
@@ -195,6 +248,14 @@ impl CatalogStore {
                     format!("collection `{name}` has aliases {aliases:?}: drop or alter them first"),
                 ));
             }
+            let sinks: Vec<&str> =
+                document.sinks.values().filter(|sink| sink.collection == name).map(|s| s.name.as_str()).collect();
+            if !sinks.is_empty() {
+                return Err(Error::argument(
+                    "collection_name",
+                    format!("collection `{name}` has Kafka sinks {sinks:?}: drop them first"),
+                ));
+            }
             let before = document.collections.len();
             document.collections.retain(|c| c.schema.name != name);
             if document.collections.len() == before {
@@ -250,6 +311,38 @@ impl CatalogStore {
             Some(_) => Ok(()),
             None => Err(Error::AliasNotFound(alias.to_string())),
         })
+    }
+
+    /// Every Kafka sink.
+    pub fn sinks(&self) -> Result<Vec<SinkDefinition>> {
+        let current = self.current.lock().map_err(|_| Error::storage("catalog lock poisoned"))?;
+        Ok(current.1.sinks.values().cloned().collect())
+    }
+
+    /// Adds a Kafka sink; fails if the name is taken or its collection is not in the catalog.
+    pub fn create_sink(&self, sink: SinkDefinition) -> Result<()> {
+        self.change(|document| {
+            if document.sinks.contains_key(&sink.name) {
+                return Err(Error::argument("name", format!("a sink named `{}` exists", sink.name)));
+            }
+            if !document.collections.iter().any(|c| c.schema.name == sink.collection) {
+                return Err(Error::CollectionNotFound(sink.collection.clone()));
+            }
+            document.sinks.insert(sink.name.clone(), sink);
+            Ok(())
+        })
+    }
+
+    pub fn drop_sink(&self, name: &str) -> Result<SinkDefinition> {
+        let mut dropped = None;
+        self.change(|document| {
+            dropped = document.sinks.remove(name);
+            match dropped {
+                Some(_) => Ok(()),
+                None => Err(Error::argument("name", format!("no sink named `{name}`"))),
+            }
+        })?;
+        dropped.ok_or_else(|| Error::storage("catalog: the dropped sink was not recorded"))
     }
 
     /// Applies `edit` to a copy of the newest version and publishes it as the next.

@@ -118,7 +118,8 @@ impl KafkaConfig {
         }
     }
 
-    fn timeout(&self) -> Duration {
+    /// How long a broker request may take.
+    pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.max(1))
     }
 }
@@ -150,7 +151,7 @@ pub(crate) struct Binding {
 /// Bindings: (collection, partition, first offset) → (last offset, time).
 const BINDINGS: TableDefinition<(u32, u32, u64), (u64, u64)> = TableDefinition::new("bindings");
 
-fn kafka_error(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn kafka_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("kafka: {what}: {e}"))
 }
 
@@ -552,46 +553,7 @@ impl KafkaLog {
 
     /// [`KafkaLog::ensure_topic`] with topic settings for a topic it creates.
     fn ensure_topic_with(&self, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<u32> {
-        if let Some(count) = self.partition_count(topic)? {
-            return Ok(count);
-        }
-        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.replication_factor));
-        for (key, value) in settings {
-            new = new.set(key, value);
-        }
-        let options = AdminOptions::new().operation_timeout(Some(self.config.timeout()));
-        let results = futures::executor::block_on(self.admin.create_topics([&new], &options))
-            .map_err(|e| kafka_error(&format!("creating topic `{topic}`"), e))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => return Err(kafka_error(&format!("creating topic `{name}`"), code)),
-            }
-        }
-        // Metadata lags creation briefly.
-        let deadline = Instant::now() + self.config.timeout();
-        loop {
-            if let Some(count) = self.partition_count(topic)? {
-                tracing::info!(topic, partitions = count, "created topic");
-                return Ok(count);
-            }
-            if Instant::now() >= deadline {
-                return Err(kafka_error(&format!("topic `{topic}`"), "created, but not in the metadata"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
-        let metadata = self
-            .metadata
-            .fetch_metadata(Some(topic), self.config.timeout())
-            .map_err(|e| kafka_error(&format!("metadata of topic `{topic}`"), e))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len() as u32))
+        ensure_topic(&self.admin, &self.metadata, &self.config, topic, partitions, settings)
     }
 
     /// Per partition of `id`'s topic, the first offset whose time is after
@@ -849,7 +811,59 @@ fn consumer_settings(config: &KafkaConfig) -> Vec<(&'static str, &str)> {
     ]
 }
 
-fn client_config(config: &KafkaConfig, settings: &[(&str, &str)]) -> ClientConfig {
+/// Creates `topic` with `partitions` and `settings` unless it exists;
+/// returns its partition count.
+pub(crate) fn ensure_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    metadata: &BaseConsumer,
+    config: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    settings: &[(&str, &str)],
+) -> Result<u32> {
+    if let Some(count) = partition_count(metadata, config, topic)? {
+        return Ok(count);
+    }
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(config.replication_factor));
+    for (key, value) in settings {
+        new = new.set(key, value);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(config.timeout()));
+    let results = futures::executor::block_on(admin.create_topics([&new], &options))
+        .map_err(|e| kafka_error(&format!("creating topic `{topic}`"), e))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(kafka_error(&format!("creating topic `{name}`"), code)),
+        }
+    }
+    // Metadata lags creation briefly.
+    let deadline = Instant::now() + config.timeout();
+    loop {
+        if let Some(count) = partition_count(metadata, config, topic)? {
+            tracing::info!(topic, partitions = count, "created topic");
+            return Ok(count);
+        }
+        if Instant::now() >= deadline {
+            return Err(kafka_error(&format!("topic `{topic}`"), "created, but not in the metadata"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The partitions of `topic`, `None` when it does not exist.
+pub(crate) fn partition_count(metadata: &BaseConsumer, config: &KafkaConfig, topic: &str) -> Result<Option<u32>> {
+    let metadata = metadata
+        .fetch_metadata(Some(topic), config.timeout())
+        .map_err(|e| kafka_error(&format!("metadata of topic `{topic}`"), e))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as u32))
+}
+
+pub(crate) fn client_config(config: &KafkaConfig, settings: &[(&str, &str)]) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.bootstrap_servers);
     for (key, value) in settings {

@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod kafka;
 mod kafka_bindings;
 pub mod kafka_record;
+pub mod kafka_sink;
 pub mod log;
 pub mod manifest;
 pub mod npy;
@@ -15,7 +16,7 @@ pub mod power_cut;
 pub mod store;
 pub mod synth;
 
-pub use catalog::{CatalogEntry, CatalogStore};
+pub use catalog::{CatalogEntry, CatalogStore, SinkDefinition};
 pub use dataset::Dataset;
 pub use kafka::{KafkaConfig, KafkaLog, KafkaReader, PartitionLag};
 pub use kafka_record::RecordFormat;

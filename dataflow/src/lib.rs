@@ -35,6 +35,7 @@ mod watches;
 pub use engine::{
     CollectionInfo, CollectionStats, Consistency, Engine, EngineConfig, EngineHealth, GetOptions, GroupBy,
     HybridOptions, IngestStats, Limits, QueryChange, QueryOptions, Ranker, ReplayProgress, SearchHit, SearchOptions,
-    SearchResult, Session, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent, WriteResult, row,
+    SearchResult, Session, SinkState, SinkStatus, SubSearch, SubscribeOptions, Subscription, SubscriptionEvent,
+    WriteResult, row,
 };
 pub use persist::RecoveryReport;

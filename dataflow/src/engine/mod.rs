@@ -40,6 +40,7 @@ mod options;
 mod reads;
 mod recovery;
 mod replica;
+mod sinks;
 mod subscribe;
 mod writes;
 
@@ -55,6 +56,7 @@ const SEARCH_NICENESS: i32 = 5;
 const MAX_EF: usize = 32_768;
 
 pub use options::*;
+pub use sinks::{SinkState, SinkStatus};
 pub use subscribe::{QueryChange, SubscribeOptions, Subscription, SubscriptionEvent};
 
 struct Inner {
@@ -84,6 +86,8 @@ struct Inner {
     /// Subscriptions' delivery state, by id, and the thread that delivers them.
     subscribers: Mutex<HashMap<u64, subscribe::Subscriber>>,
     delivery: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Kafka sinks running, by name (each on a thread of its own).
+    sinks: Mutex<HashMap<String, Arc<sinks::SinkRunner>>>,
     /// In a cluster: the other processes were told this one stops.
     left_cluster: AtomicBool,
 }
@@ -296,6 +300,7 @@ impl Engine {
                 maintenance: Mutex::new(None),
                 subscribers: Mutex::new(HashMap::new()),
                 delivery: Mutex::new(None),
+                sinks: Mutex::new(HashMap::new()),
                 left_cluster: AtomicBool::new(false),
             }),
         };
@@ -306,6 +311,7 @@ impl Engine {
         }
         engine.wait_for_replay(started)?;
         engine.start_maintenance()?;
+        engine.start_sinks()?;
         let report = engine.recovery_report();
         let config = &engine.inner.config;
         tracing::info!(
@@ -415,6 +421,11 @@ impl Inner {
     fn stop(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
+        }
+        // Their threads see it within a poll and end (their records on the
+        // way are flushed, or written again at the next start).
+        if let Ok(sinks) = self.sinks.lock() {
+            sinks.values().for_each(|sink| sink.stop());
         }
         if let Some(thread) = self.maintenance.lock().ok().and_then(|mut m| m.take())
             && thread.thread().id() != std::thread::current().id()

@@ -94,8 +94,9 @@ pub struct QueryChange {
 }
 
 /// A live subscription: iterate it for its events. Dropping it ends it.
+/// It does not keep the engine open: when the engine closes, its events end.
 pub struct Subscription {
-    engine: Engine,
+    engine: std::sync::Weak<Inner>,
     id: u64,
     events: Receiver<SubscriptionEvent>,
     ended: Arc<Mutex<Option<Error>>>,
@@ -148,11 +149,22 @@ impl Iterator for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.engine.inner.shared.watches.remove(self.id);
-        if let Ok(mut subscribers) = self.engine.inner.subscribers.lock() {
+        let Some(inner) = self.engine.upgrade() else { return };
+        inner.shared.watches.remove(self.id);
+        if let Ok(mut subscribers) = inner.subscribers.lock() {
             subscribers.remove(&self.id);
         }
     }
+}
+
+/// A subscription's query, checked against its collection, before it starts.
+pub(super) struct PlannedWatch {
+    pub entry: CatalogEntry,
+    query: WatchQuery,
+    filter: Option<vectorflow_operators::Filter>,
+    output_fields: Vec<usize>,
+    /// The time of the first answer.
+    pub from: Timestamp,
 }
 
 /// The delivery side of one subscription.
@@ -177,6 +189,12 @@ impl Engine {
     /// Subscribes to a standing query on `collection`: its answer as of a
     /// time, then every change, as it happens (see [`SubscriptionEvent`]).
     pub fn subscribe(&self, collection: &str, options: &SubscribeOptions) -> Result<Subscription> {
+        let planned = self.plan_watch(collection, options)?;
+        self.start_watch(planned, options)
+    }
+
+    /// Checks a standing query and picks the time of its first answer.
+    pub(super) fn plan_watch(&self, collection: &str, options: &SubscribeOptions) -> Result<PlannedWatch> {
         self.serving()?;
         if self.in_cluster() {
             return Err(Error::argument(
@@ -214,6 +232,13 @@ impl Engine {
             None => None,
         };
         let from = self.read_ts(&entry, Consistency::Strong, options.as_of, None)?;
+        Ok(PlannedWatch { entry, query, filter, output_fields, from })
+    }
+
+    /// Registers a planned watch with the workers and its subscriber.
+    pub(super) fn start_watch(&self, planned: PlannedWatch, options: &SubscribeOptions) -> Result<Subscription> {
+        let PlannedWatch { entry, query, filter, output_fields, from } = planned;
+        let schema = &entry.schema;
         let shared = &self.inner.shared;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let watch = Arc::new(Watch::new(id, entry.id, query, filter, output_fields, from, shared.workers));
@@ -246,7 +271,7 @@ impl Engine {
         shared.watches.add(watch);
         self.start_delivery()?;
         shared.wake_segments(None);
-        Ok(Subscription { engine: self.clone(), id, events, ended, finished: false })
+        Ok(Subscription { engine: Arc::downgrade(&self.inner), id, events, ended, finished: false })
     }
 
     /// Starts the thread that delivers subscriptions' events, once.
