@@ -5,13 +5,14 @@
 //! dataset's query vectors, every tenth with the `filter10` filter) are
 //! opened and the writer runs again. Reported: the time from a write's
 //! acknowledgement to a change it caused reaching the subscriber (p50/p99,
-//! at the steady rate), the time the subscriptions took to open (each
-//! starts from an exact scan of every shard), the process's CPU (cores busy) with and without the
+//! at the steady rate, once every subscription has its first answer), the
+//! time until every subscription had its first answer (each starts from an
+//! exact scan of every shard), the process's CPU (cores busy) with and without the
 //! subscriptions, and the ingest rate the writer reached, throttled and
 //! at full speed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,7 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = (process_usage().cpu - usage.cpu).as_secs_f64();
         Ok(Phase {
+            started,
             rows_per_s: rows as f64 / elapsed,
             cores: cpu / elapsed,
             acks: acks.into_inner().unwrap_or_default(),
@@ -126,14 +128,15 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
             engine.subscribe(COLLECTION, &options)
         })
         .collect::<Result<_, _>>()?;
-    let open_s = opened.elapsed().as_secs_f64();
+    let subscribed_s = opened.elapsed().as_secs_f64();
     let receiving = AtomicBool::new(true);
+    let first_answers = AtomicUsize::new(0);
     let received: Mutex<Vec<(u64, Instant)>> = Mutex::new(Vec::new());
-    let (loud, loud_burst, snapshots) = std::thread::scope(|scope| -> anyhow::Result<_> {
+    let (loud, loud_burst, snapshots, open_s) = std::thread::scope(|scope| -> anyhow::Result<_> {
         let consumers: Vec<_> = subscriptions
             .chunks_mut(args.subscriptions.div_ceil(2).max(1))
             .map(|mine| {
-                let (receiving, received) = (&receiving, &received);
+                let (receiving, received, first_answers) = (&receiving, &received, &first_answers);
                 scope.spawn(move || -> anyhow::Result<usize> {
                     let mut snapshots = 0;
                     let mut seen = Vec::new();
@@ -143,7 +146,10 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
                             while let Some(event) = subscription.recv_timeout(Duration::ZERO)? {
                                 any = true;
                                 match event {
-                                    SubscriptionEvent::Snapshot { .. } => snapshots += 1,
+                                    SubscriptionEvent::Snapshot { .. } => {
+                                        snapshots += 1;
+                                        first_answers.fetch_add(1, Ordering::AcqRel);
+                                    }
                                     SubscriptionEvent::Changed { ts, .. } => seen.push((ts, Instant::now())),
                                     _ => {}
                                 }
@@ -158,6 +164,13 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        // Open means answering: each subscription starts with an exact
+        // scan of every shard, on the workers, which ingestion waits behind.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while first_answers.load(Ordering::Acquire) < args.subscriptions && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let open_s = opened.elapsed().as_secs_f64();
         let loud = write(&engine, Some(args.rate), args.seconds);
         let loud_burst = write(&engine, None, args.burst_seconds);
         // The changes of the last writes arrive after a Strong read's time.
@@ -168,22 +181,32 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
         for consumer in consumers {
             snapshots += consumer.join().map_err(|_| anyhow::anyhow!("a consumer panicked"))??;
         }
-        Ok((loud?, loud_burst?, snapshots))
+        Ok((loud?, loud_burst?, snapshots, open_s))
     })?;
     anyhow::ensure!(snapshots == args.subscriptions, "{snapshots} of {} subscriptions answered", args.subscriptions);
     // Latency at the steady rate only: at full speed the writes outrun
     // the workers and what is measured is how far they fell behind.
     let acks = &loud.acks;
-    let mut latencies: Vec<f64> = received
+    // (latency ms, seconds into the phase the write was acknowledged)
+    let mut timed: Vec<(f64, f64)> = received
         .into_inner()
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|(ts, at)| acks.get(&ts).map(|ack| at.saturating_duration_since(*ack).as_secs_f64() * 1e3))
+        .filter_map(|(ts, at)| {
+            acks.get(&ts).map(|ack| {
+                let latency = at.saturating_duration_since(*ack).as_secs_f64() * 1e3;
+                (latency, ack.saturating_duration_since(loud.started).as_secs_f64())
+            })
+        })
         .collect();
-    latencies.sort_by(f64::total_cmp);
+    timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let latencies: Vec<f64> = timed.iter().map(|(latency, _)| *latency).collect();
+    let worst: Vec<String> =
+        timed.iter().rev().take(5).map(|(latency, at)| format!("{latency:.0} ms at {at:.1} s")).collect();
+    println!("slowest changes (latency, when the write was acknowledged in the phase): {}", worst.join(", "));
     let changed_writes = latencies.len();
     println!(
-        "with {} subscriptions (opened in {open_s:.2} s): {:.0} rows/s at {:.2} cores; full speed {:.0} rows/s; \
+        "with {} subscriptions (subscribed in {subscribed_s:.2} s, every first answer in {open_s:.2} s): {:.0} rows/s at {:.2} cores; full speed {:.0} rows/s; \
          {changed_writes} changes delivered, acknowledgement → subscriber p50 {:.2} ms, p99 {:.2} ms",
         args.subscriptions,
         loud.rows_per_s,
@@ -198,9 +221,11 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
         "writer_rows_per_s": args.rate, "seconds": args.seconds,
         "without": { "rows_per_s": quiet.rows_per_s, "cores": quiet.cores, "full_speed_rows_per_s": quiet_burst.rows_per_s },
         "with": { "rows_per_s": loud.rows_per_s, "cores": loud.cores, "full_speed_rows_per_s": loud_burst.rows_per_s,
-                  "open_s": open_s, "changes_delivered": changed_writes,
+                  "subscribe_calls_s": subscribed_s, "open_s": open_s, "changes_delivered": changed_writes,
                   "ack_to_subscriber_p50_ms": percentile(&latencies, 0.5),
-                  "ack_to_subscriber_p99_ms": percentile(&latencies, 0.99) },
+                  "ack_to_subscriber_p90_ms": percentile(&latencies, 0.9),
+                  "ack_to_subscriber_p99_ms": percentile(&latencies, 0.99),
+                  "slowest": worst },
         "subscription_cores": loud.cores - quiet.cores,
         "full_speed_ratio": loud_burst.rows_per_s / quiet_burst.rows_per_s,
     });
@@ -212,6 +237,7 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
 
 /// One writer phase: the rate reached, the CPU the process used, and each write's acknowledgement.
 struct Phase {
+    started: Instant,
     rows_per_s: f64,
     cores: f64,
     acks: HashMap<u64, Instant>,

@@ -15,9 +15,25 @@ use vectorflow::{
 
 #[derive(Debug, Clone)]
 enum Op {
-    Upsert { id: i64, v: [f32; 2], tagged: bool },
-    Delete { id: i64 },
+    Upsert {
+        id: i64,
+        v: [f32; 2],
+        tagged: bool,
+    },
+    Delete {
+        id: i64,
+    },
     Flush,
+    /// An upsert into partition `p{partition}` (0: `_default`); skipped
+    /// when the partition does not exist.
+    UpsertInto {
+        partition: u8,
+        id: i64,
+        v: [f32; 2],
+        tagged: bool,
+    },
+    CreatePartition(u8),
+    DropPartition(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,6 +42,17 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(id, x, y, tagged)| Op::Upsert { id, v: [x, y], tagged }),
         2 => (0i64..30).prop_map(|id| Op::Delete { id }),
         1 => Just(Op::Flush),
+    ]
+}
+
+/// Writes to a collection with partitions, which come and go.
+fn partitioned_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..3, 0i64..30, -10.0f32..10.0, -10.0f32..10.0, any::<bool>())
+            .prop_map(|(partition, id, x, y, tagged)| Op::UpsertInto { partition, id, v: [x, y], tagged }),
+        2 => (0i64..30).prop_map(|id| Op::Delete { id }),
+        1 => (1u8..3).prop_map(Op::CreatePartition),
+        1 => (1u8..3).prop_map(Op::DropPartition),
     ]
 }
 
@@ -39,12 +66,22 @@ struct SearchSpec {
 }
 
 fn apply(engine: &Engine, op: &Op) -> Option<u64> {
+    let row = |id: i64, v: &[f32; 2], tagged: bool| {
+        let tag: Value = if tagged { "a".into() } else { "b".into() };
+        vectorflow::row([("id", id.into()), ("v", v.to_vec().into()), ("tag", tag)])
+    };
+    let partition = |p: u8| if p == 0 { "_default".to_string() } else { format!("p{p}") };
     match op {
-        Op::Upsert { id, v, tagged } => {
-            let tag: Value = if *tagged { "a".into() } else { "b".into() };
-            let row = vectorflow::row([("id", (*id).into()), ("v", v.to_vec().into()), ("tag", tag)]);
-            Some(engine.upsert_rows("docs", &[row]).unwrap().ts)
+        Op::Upsert { id, v, tagged } => Some(engine.upsert_rows("docs", &[row(*id, v, *tagged)]).unwrap().ts),
+        Op::UpsertInto { partition: p, id, v, tagged } => {
+            let target = engine.partition("docs", &partition(*p)).ok()?;
+            Some(engine.upsert_rows(&target, &[row(*id, v, *tagged)]).unwrap().ts)
         }
+        Op::CreatePartition(p) => {
+            engine.create_partition("docs", &partition(*p)).ok()?;
+            None
+        }
+        Op::DropPartition(p) => engine.drop_partition("docs", &partition(*p)).ok(),
         Op::Delete { id } => Some(engine.delete("docs", &[Pk::Int(*id)]).unwrap().ts),
         Op::Flush => {
             engine.flush("docs").unwrap();
@@ -110,6 +147,9 @@ fn check(workers: usize, ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let engine = common::exact_engine(dir.path(), workers, 8);
     engine.create_collection(common::small_schema("docs")).unwrap();
+    if ops.iter().any(|op| matches!(op, Op::UpsertInto { .. })) {
+        engine.create_partition("docs", "p1").unwrap();
+    }
     let (before, after) = ops.split_at(ops.len() / 3);
     let mut writes: Vec<u64> = before.iter().filter_map(|op| apply(&engine, op)).collect();
     let specs = [
@@ -207,6 +247,13 @@ proptest! {
     #[test]
     fn subscriptions_replay_to_the_exact_answer_with_four_workers(ops in prop::collection::vec(op(), 6..40)) {
         check(4, &ops)?;
+    }
+
+    /// Partitions made and dropped while the subscriptions run: a drop
+    /// takes its rows out of the answer (and out of the changefeed) at its time.
+    #[test]
+    fn subscriptions_follow_partitions_as_they_come_and_go(ops in prop::collection::vec(partitioned_op(), 6..40)) {
+        check(2, &ops)?;
     }
 }
 

@@ -10,7 +10,7 @@ pub const DEFAULT_PARTITION: &str = "_default";
 
 /// The entries named `{collection}.…`: its partitions' (dropped ones too),
 /// found as one range of the ordered name map rather than by a scan.
-fn partition_entries<'a>(
+pub(super) fn partition_entries<'a>(
     collections: &'a BTreeMap<String, CatalogEntry>,
     collection: &str,
 ) -> impl Iterator<Item = &'a CatalogEntry> {
@@ -178,9 +178,15 @@ impl Engine {
         }
         let entry =
             self.live_partition(&parent.schema.name, partition)?.ok_or_else(|| partition_not_found(partition))?;
-        let ts = self.inner.shared.log.tso().allocate(1);
-        let dropped = self.inner.catalog_store.drop_partition(&entry.schema.name, ts)?;
-        self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(dropped.schema.name.clone(), dropped);
+        let ts = {
+            // Subscriptions deliver nothing from before the drop's time is
+            // taken until the catalog shows the drop.
+            let _under_way = PartitionDropUnderWay::start(&self.inner.partition_drops);
+            let ts = self.inner.shared.log.tso().allocate(1);
+            let dropped = self.inner.catalog_store.drop_partition(&entry.schema.name, ts)?;
+            self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(dropped.schema.name.clone(), dropped);
+            ts
+        };
         self.announce_catalog();
         Ok(ts)
     }
@@ -503,5 +509,21 @@ impl Engine {
             None => self.alias_target(name)?.and_then(|target| collections.get(&target)),
         };
         found.cloned().ok_or_else(|| Error::CollectionNotFound(vectorflow_core::quote(name).into_owned()))
+    }
+}
+
+/// Counts a partition drop as under way while it lives.
+struct PartitionDropUnderWay<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> PartitionDropUnderWay<'a> {
+    fn start(drops: &'a std::sync::atomic::AtomicUsize) -> Self {
+        drops.fetch_add(1, Ordering::AcqRel);
+        PartitionDropUnderWay(drops)
+    }
+}
+
+impl Drop for PartitionDropUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

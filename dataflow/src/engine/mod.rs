@@ -86,6 +86,9 @@ struct Inner {
     /// Subscriptions' delivery state, by id, and the thread that delivers them.
     subscribers: Mutex<HashMap<u64, subscribe::Subscriber>>,
     delivery: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Partition drops under way: a drop's time is taken before the
+    /// catalog shows it, and subscriptions wait for it meanwhile.
+    partition_drops: std::sync::atomic::AtomicUsize,
     /// Kafka sinks running, by name (each on a thread of its own).
     sinks: Mutex<HashMap<String, Arc<sinks::SinkRunner>>>,
     /// In a cluster: the other processes were told this one stops.
@@ -300,6 +303,7 @@ impl Engine {
                 maintenance: Mutex::new(None),
                 subscribers: Mutex::new(HashMap::new()),
                 delivery: Mutex::new(None),
+                partition_drops: std::sync::atomic::AtomicUsize::new(0),
                 sinks: Mutex::new(HashMap::new()),
                 left_cluster: AtomicBool::new(false),
             }),

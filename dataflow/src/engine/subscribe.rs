@@ -150,9 +150,9 @@ impl Iterator for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let Some(inner) = self.engine.upgrade() else { return };
-        inner.shared.watches.remove(self.id);
-        if let Ok(mut subscribers) = inner.subscribers.lock() {
-            subscribers.remove(&self.id);
+        let left = inner.subscribers.lock().ok().and_then(|mut subscribers| subscribers.remove(&self.id));
+        if let Some(subscriber) = left {
+            subscriber.forget(&inner);
         }
     }
 }
@@ -161,23 +161,46 @@ impl Drop for Subscription {
 pub(super) struct PlannedWatch {
     pub entry: CatalogEntry,
     query: WatchQuery,
-    filter: Option<vectorflow_operators::Filter>,
+    /// The filter's text (each member compiles it for its own entry).
+    filter: Option<String>,
     output_fields: Vec<usize>,
     /// The time of the first answer.
     pub from: Timestamp,
+    /// Whether the subscription follows the collection's partitions (its
+    /// `_default` is the collection's own entry).
+    partitioned: bool,
+}
+
+/// A part, with the index of the member whose watch handed it over.
+type MemberPart = (usize, Part);
+
+/// One catalog entry a subscription follows: the collection's own, or one
+/// of its partitions', each with a watch of its own.
+struct Member {
+    watch: Arc<Watch>,
+    /// Each worker's newest part (a search's).
+    parts: HashMap<usize, Vec<Vec<Hit>>>,
+    /// A dropped partition: from this time on its rows are out of the answer.
+    dropped_at: Option<Timestamp>,
 }
 
 /// The delivery side of one subscription.
 pub(super) struct Subscriber {
-    watch: Arc<Watch>,
+    /// The collection's own entry (the first member's).
+    entry: CatalogEntry,
+    query: WatchQuery,
+    filter: Option<String>,
+    output_fields: Vec<usize>,
+    /// The time of the first answer.
+    from: Timestamp,
+    partitioned: bool,
+    members: Vec<Member>,
     schema: Arc<CollectionSchema>,
     sender: SyncSender<SubscriptionEvent>,
     ended: Arc<Mutex<Option<Error>>>,
     /// Events the subscriber may leave unread.
     buffer: usize,
     progress_every: Duration,
-    /// Each worker's newest part (a search's).
-    parts: HashMap<usize, Vec<Vec<Hit>>>,
     /// The answer last sent (a search's), per query.
     sent: Option<Vec<Vec<Hit>>>,
     /// Every change through this time has been sent.
@@ -203,10 +226,16 @@ impl Engine {
             ));
         }
         let entry = self.entry(collection)?;
-        if entry.partition_of.is_none() && !self.partitions_of(&entry.schema.name)?.is_empty() {
+        let partitioned = entry.partition_of.is_none();
+        if partitioned && self.is_replica() && !self.partitions_of(&entry.schema.name)?.is_empty() {
+            // A replica learns a partition's drop up to a second late,
+            // and the answer would keep its rows meanwhile.
             return Err(Error::argument(
                 "collection",
-                format!("`{collection}` has partitions: standing queries follow collections without partitions"),
+                format!(
+                    "`{collection}` has partitions: on a read replica a standing query follows one partition \
+                     (name `{collection}.<partition>` with Engine::partition) or a collection without partitions"
+                ),
             ));
         }
         let schema = &entry.schema;
@@ -227,50 +256,61 @@ impl Engine {
         if matches!(query, WatchQuery::Changes) && !output_fields.contains(&schema.primary_index()) {
             output_fields.insert(0, schema.primary_index());
         }
-        let filter = match self.checked_filter(entry.id, schema, options.filter.as_deref())? {
-            Some(text) => Some(self.inner.shared.filters.get(entry.id, schema, &text)?),
-            None => None,
-        };
+        let filter = self.checked_filter(entry.id, schema, options.filter.as_deref())?;
         let from = self.read_ts(&entry, Consistency::Strong, options.as_of, None)?;
-        Ok(PlannedWatch { entry, query, filter, output_fields, from })
+        Ok(PlannedWatch { entry, query, filter, output_fields, from, partitioned })
     }
 
     /// Registers a planned watch with the workers and its subscriber.
     pub(super) fn start_watch(&self, planned: PlannedWatch, options: &SubscribeOptions) -> Result<Subscription> {
-        let PlannedWatch { entry, query, filter, output_fields, from } = planned;
-        let schema = &entry.schema;
-        let shared = &self.inner.shared;
+        let PlannedWatch { entry, query, filter, output_fields, from, partitioned } = planned;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        let watch = Arc::new(Watch::new(id, entry.id, query, filter, output_fields, from, shared.workers));
         let (sender, events) = std::sync::mpsc::sync_channel(options.buffer);
         let ended = Arc::new(Mutex::new(None));
+        let mut subscriber = Subscriber {
+            schema: Arc::new(entry.schema.clone()),
+            entry,
+            query,
+            filter,
+            output_fields,
+            from,
+            partitioned,
+            members: Vec::new(),
+            sender,
+            ended: ended.clone(),
+            buffer: options.buffer,
+            progress_every: options.progress_every,
+            sent: None,
+            sent_through: 0,
+            last_event: Instant::now(),
+        };
+        // The partitions that exist at the start; those made later join
+        // at the first delivery (see `Subscriber::follow_partitions`).
+        subscriber.add_member(&self.inner, subscriber.entry.clone(), from)?;
+        if partitioned {
+            let collections = self.inner.collections.read().map_err(|_| Error::Shutdown)?;
+            let at_start: Vec<CatalogEntry> = catalog::partition_entries(&collections, &subscriber.entry.schema.name)
+                .filter(|e| e.is_partition_at(&subscriber.entry.schema.name, from))
+                .cloned()
+                .collect();
+            drop(collections);
+            for partition in at_start {
+                subscriber.add_member(&self.inner, partition, from)?;
+            }
+        }
         {
             let mut subscribers = self.inner.subscribers.lock().map_err(|_| Error::Shutdown)?;
             if subscribers.len() >= MAX_SUBSCRIPTIONS {
+                subscriber.forget(&self.inner);
                 return Err(Error::exhausted(
                     "max_subscriptions",
                     format!("the server holds {MAX_SUBSCRIPTIONS} subscriptions, its limit"),
                 ));
             }
-            subscribers.insert(
-                id,
-                Subscriber {
-                    watch: watch.clone(),
-                    schema: Arc::new(schema.clone()),
-                    sender,
-                    ended: ended.clone(),
-                    buffer: options.buffer,
-                    progress_every: options.progress_every,
-                    parts: HashMap::new(),
-                    sent: None,
-                    sent_through: 0,
-                    last_event: Instant::now(),
-                },
-            );
+            subscribers.insert(id, subscriber);
         }
-        shared.watches.add(watch);
         self.start_delivery()?;
-        shared.wake_segments(None);
+        self.inner.shared.wake_segments(None);
         Ok(Subscription { engine: Arc::downgrade(&self.inner), id, events, ended, finished: false })
     }
 
@@ -303,8 +343,8 @@ fn deliver(inner: std::sync::Weak<Inner>) {
         let local = inner.shared.local.clone();
         let mut gone = Vec::new();
         for (id, subscriber) in subscribers.iter_mut() {
-            if let Err(end) = subscriber.deliver(local.clone()) {
-                inner.shared.watches.remove(*id);
+            if let Err(end) = subscriber.deliver(&inner, local.clone()) {
+                subscriber.forget(&inner);
                 if let Some(error) = end
                     && let Ok(mut ended) = subscriber.ended.lock()
                 {
@@ -322,59 +362,143 @@ fn deliver(inner: std::sync::Weak<Inner>) {
 }
 
 impl Subscriber {
+    /// Follows `entry` (the collection, or one of its partitions) from `from` on.
+    fn add_member(&mut self, inner: &Inner, entry: CatalogEntry, from: Timestamp) -> Result<()> {
+        let filter = match &self.filter {
+            Some(text) => Some(inner.shared.filters.get(entry.id, &entry.schema, text)?),
+            None => None,
+        };
+        let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let watch = Arc::new(Watch::new(
+            id,
+            entry.id,
+            self.query.clone(),
+            filter,
+            self.output_fields.clone(),
+            from,
+            inner.shared.workers,
+        ));
+        let dropped_at = entry.partition_of.as_ref().and_then(|of| of.dropped_ts);
+        inner.shared.watches.add(watch.clone());
+        self.members.push(Member { watch, parts: HashMap::new(), dropped_at });
+        Ok(())
+    }
+
+    /// Takes its watches away from the workers.
+    fn forget(&self, inner: &Inner) {
+        for member in &self.members {
+            inner.shared.watches.remove(member.watch.id);
+        }
+    }
+
+    /// Follows the partitions made, and notes those dropped, since the
+    /// last call. Called after the workers' progress was read: a partition
+    /// not in the catalog yet gets rows only at later times, and a drop's
+    /// time is known before the workers pass it, or the drop is under way
+    /// (then this round delivers nothing: `Ok(false)`).
+    fn follow_partitions(&mut self, inner: &Inner) -> Result<bool> {
+        if inner.partition_drops.load(Ordering::Acquire) > 0 {
+            return Ok(false);
+        }
+        let collections = inner.collections.read().map_err(|_| Error::Shutdown)?;
+        let name = &self.entry.schema.name;
+        let partitions: Vec<CatalogEntry> = catalog::partition_entries(&collections, name)
+            .filter(|e| e.partition_of.as_ref().is_some_and(|of| &of.collection == name))
+            .cloned()
+            .collect();
+        drop(collections);
+        let joined = self.from.max(self.sent_through);
+        for partition in partitions {
+            let dropped = partition.partition_of.as_ref().and_then(|of| of.dropped_ts);
+            match self.members.iter().position(|m| m.watch.collection == partition.id) {
+                Some(member) => self.members[member].dropped_at = self.members[member].dropped_at.or(dropped),
+                None if dropped.is_none_or(|at| at > joined) => self.add_member(inner, partition, joined)?,
+                None => {}
+            }
+        }
+        Ok(true)
+    }
+
     /// Sends what every worker has accounted for since the last call.
     /// `Err(Some(_))`: ended with that error; `Err(None)`: the subscriber left.
-    fn deliver(&mut self, workers: std::ops::Range<usize>) -> std::result::Result<(), Option<Error>> {
-        let watch = self.watch.clone();
-        let through = workers.map(|w| watch.through[w].load(Ordering::Acquire)).min().unwrap_or(0);
-        if through < watch.from {
+    fn deliver(&mut self, inner: &Inner, workers: std::ops::Range<usize>) -> std::result::Result<(), Option<Error>> {
+        let accounted = |members: &[Member]| {
+            members
+                .iter()
+                .flat_map(|m| workers.clone().map(|w| m.watch.through[w].load(Ordering::Acquire)))
+                .min()
+                .unwrap_or(0)
+        };
+        let through = accounted(&self.members);
+        if through < self.from || self.members.iter().any(|m| through < m.watch.from) {
             return Ok(());
         }
-        let mut parts: Vec<Part> = {
-            let Ok(mut inbox) = watch.inbox.lock() else { return Err(None) };
+        if self.partitioned {
+            let members = self.members.len();
+            match self.follow_partitions(inner) {
+                Ok(true) if self.members.len() == members => {}
+                // A partition joined: it must start before this goes on.
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(Some(e)),
+            }
+        }
+        let mut parts: Vec<MemberPart> = Vec::new();
+        for (index, member) in self.members.iter().enumerate() {
+            let Ok(mut inbox) = member.watch.inbox.lock() else { return Err(None) };
             let (ready, later): (Vec<Part>, Vec<Part>) = inbox.drain(..).partition(|part| part.at <= through);
             *inbox = later;
-            ready
-        };
-        parts.sort_by_key(|part| part.at);
+            parts.extend(ready.into_iter().map(|part| (index, part)));
+        }
+        parts.sort_by_key(|(_, part)| part.at);
         let mut sent_any = false;
         if self.sent.is_none() {
             // The first event: the answer at the start.
-            let (start, rest): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(|p| p.at <= watch.from);
+            let (start, rest): (Vec<MemberPart>, Vec<MemberPart>) =
+                parts.into_iter().partition(|(_, p)| p.at <= self.from);
             parts = rest;
-            for part in start {
+            for (index, part) in start {
                 if let PartBody::Top(top) = part.body {
-                    self.parts.insert(part.worker, top);
+                    self.members[index].parts.insert(part.worker, top);
                 }
             }
             let answer = self.merged();
             let hits = answer.iter().map(|hits| hits.iter().map(|h| self.search_hit(h)).collect()).collect();
-            self.send(SubscriptionEvent::Snapshot { ts: watch.from, hits })?;
+            self.send(SubscriptionEvent::Snapshot { ts: self.from, hits })?;
             self.sent = Some(answer);
-            self.sent_through = watch.from;
+            self.sent_through = self.from;
             sent_any = true;
         }
-        let mut i = 0;
-        while i < parts.len() {
-            let at = parts[i].at;
+        // The times with changes: the parts', and the drops' of partitions.
+        let mut times: Vec<Timestamp> = parts.iter().map(|(_, p)| p.at).collect();
+        times.extend(
+            self.members.iter().filter_map(|m| m.dropped_at).filter(|&at| self.sent_through < at && at <= through),
+        );
+        times.sort_unstable();
+        times.dedup();
+        let mut parts = parts.into_iter().peekable();
+        for at in times {
             let mut rows: (Vec<BTreeMap<String, Value>>, Vec<Pk>) = (Vec::new(), Vec::new());
-            while i < parts.len() && parts[i].at == at {
-                let part = std::mem::replace(&mut parts[i].body, PartBody::Top(Vec::new()));
-                match part {
+            for member in self.members.iter_mut().filter(|m| m.dropped_at == Some(at)) {
+                // Its rows leave the answer; a changefeed's are deleted.
+                member.parts.clear();
+                if matches!(self.query, WatchQuery::Changes) {
+                    rows.1.extend(dropped_keys(inner, member, at).map_err(Some)?);
+                }
+            }
+            while let Some((index, part)) = parts.next_if(|(_, part)| part.at == at) {
+                match part.body {
                     PartBody::Top(top) => {
-                        self.parts.insert(parts[i].worker, top);
+                        self.members[index].parts.insert(part.worker, top);
                     }
                     PartBody::Rows { upserted, retired } => {
-                        rows.0.extend(
-                            upserted.into_iter().map(|(_, fields)| named(&self.schema, &watch.output_fields, fields)),
-                        );
+                        let fields = &self.output_fields;
+                        rows.0.extend(upserted.into_iter().map(|(_, row)| named(&self.schema, fields, row)));
                         rows.1.extend(retired);
                     }
                 }
-                i += 1;
             }
             let event =
-                match &watch.query {
+                match &self.query {
                     WatchQuery::Search { .. } => {
                         let answer = self.merged();
                         let changes = self.changes(&answer);
@@ -388,6 +512,13 @@ impl Subscriber {
                 self.send(event)?;
                 sent_any = true;
             }
+        }
+        // A dropped partition whose drop was sent has nothing more to say.
+        let (gone, kept): (Vec<Member>, Vec<Member>) =
+            std::mem::take(&mut self.members).into_iter().partition(|m| m.dropped_at.is_some_and(|at| at <= through));
+        self.members = kept;
+        for member in gone {
+            inner.shared.watches.remove(member.watch.id);
         }
         if !sent_any && through > self.sent_through && self.last_event.elapsed() >= self.progress_every {
             self.send(SubscriptionEvent::Progress { ts: through })?;
@@ -418,10 +549,16 @@ impl Subscriber {
 
     /// The answer now: the `k` nearest over every worker's part, per query.
     fn merged(&self) -> Vec<Vec<Hit>> {
-        let WatchQuery::Search { queries, k, .. } = &self.watch.query else { return Vec::new() };
+        let WatchQuery::Search { queries, k, .. } = &self.query else { return Vec::new() };
         (0..queries.len())
             .map(|q| {
-                let mut all: Vec<&Hit> = self.parts.values().filter_map(|part| part.get(q)).flatten().collect();
+                let mut all: Vec<&Hit> = self
+                    .members
+                    .iter()
+                    .flat_map(|member| member.parts.values())
+                    .filter_map(|part| part.get(q))
+                    .flatten()
+                    .collect();
                 all.sort_by(|a, b| {
                     a.distance.total_cmp(&b.distance).then_with(|| a.pk.order_key().cmp(&b.pk.order_key()))
                 });
@@ -449,15 +586,31 @@ impl Subscriber {
     }
 
     fn search_hit(&self, hit: &Hit) -> SearchHit {
-        let metric = match &self.watch.query {
+        let metric = match &self.query {
             WatchQuery::Search { metric, .. } => *metric,
             WatchQuery::Changes => Metric::L2,
         };
         SearchHit {
             pk: hit.pk.clone(),
             score: score(metric, hit.distance),
-            fields: named(&self.schema, &self.watch.output_fields, hit.fields.clone()),
+            fields: named(&self.schema, &self.output_fields, hit.fields.clone()),
             group: None,
         }
     }
+}
+
+/// The keys of a dropped partition's rows that passed the filter just
+/// before its drop at `at`.
+fn dropped_keys(inner: &Inner, member: &Member, at: Timestamp) -> Result<Vec<Pk>> {
+    let filter = member.watch.filter.as_ref();
+    let mut keys = Vec::new();
+    for worker in inner.shared.local.clone() {
+        let Some(handle) = inner.shared.shards[worker].get(member.watch.collection) else { continue };
+        let shard = handle.read().map_err(|_| Error::Internal("a shard's lock is poisoned".into()))?;
+        let never = || false;
+        let rows = shard.reader().query(filter, at - 1, &[], usize::MAX, vectorflow_operators::Stop(&never))?;
+        keys.extend(rows.into_iter().map(|(pk, _)| pk));
+    }
+    keys.sort_by_key(Pk::order_key);
+    Ok(keys)
 }
