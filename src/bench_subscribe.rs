@@ -42,7 +42,7 @@ pub struct SubscribeBenchArgs {
     pub burst_seconds: u64,
 }
 
-const COLLECTION: &str = "bench";
+pub(crate) const COLLECTION: &str = "bench";
 const K: usize = 10;
 /// Rows per write.
 const WRITE_ROWS: usize = 10;
@@ -68,44 +68,8 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
     engine.flush(COLLECTION)?;
     engine.wait_for_indexes(COLLECTION, Duration::from_secs(3600))?;
     println!("dataset {}: {n} x {} loaded; writer {} rows/s", dataset.name(), vectors.cols, args.rate);
-    // The rows written again, under new keys.
-    let batches: Vec<RecordBatch> = (0..n.min(20_000))
-        .step_by(WRITE_ROWS)
-        .map(|start| dataset.base_batch(&schema, &vectors, &attributes, start..(start + WRITE_ROWS).min(n)))
-        .collect::<Result<_, _>>()?;
-    let pk = schema.primary_index();
-    let mut next_key = 1_000_000_000i64;
-    let mut write = |engine: &Engine, rate: Option<usize>, seconds: u64| -> anyhow::Result<Phase> {
-        let acks = Mutex::new(HashMap::new());
-        let started = Instant::now();
-        let usage = process_usage();
-        let mut rows = 0;
-        let mut i = 0;
-        while started.elapsed() < Duration::from_secs(seconds) {
-            let mut batch = batches[i % batches.len()].clone();
-            i += 1;
-            let keys: ArrayRef = Arc::new(Int64Array::from_iter_values(next_key..next_key + batch.num_rows() as i64));
-            next_key += batch.num_rows() as i64;
-            let mut columns = batch.columns().to_vec();
-            columns[pk] = keys;
-            batch = RecordBatch::try_new(batch.schema(), columns)?;
-            let written = engine.insert(COLLECTION, &batch)?;
-            acks.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(written.ts, Instant::now());
-            rows += batch.num_rows();
-            if let Some(rate) = rate {
-                let due = started + Duration::from_secs_f64(rows as f64 / rate as f64);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            }
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let cpu = (process_usage().cpu - usage.cpu).as_secs_f64();
-        Ok(Phase {
-            started,
-            rows_per_s: rows as f64 / elapsed,
-            cores: cpu / elapsed,
-            acks: acks.into_inner().unwrap_or_default(),
-        })
-    };
+    let mut writer = Writer::new(&dataset, &schema, &vectors, &attributes)?;
+    let mut write = |engine: &Engine, rate: Option<usize>, seconds: u64| writer.run(engine, rate, seconds);
 
     // ---- without subscriptions ----
     let quiet = write(&engine, Some(args.rate), args.seconds)?;
@@ -236,9 +200,62 @@ pub fn run(args: SubscribeBenchArgs) -> anyhow::Result<()> {
 }
 
 /// One writer phase: the rate reached, the CPU the process used, and each write's acknowledgement.
-struct Phase {
-    started: Instant,
-    rows_per_s: f64,
-    cores: f64,
-    acks: HashMap<u64, Instant>,
+pub(crate) struct Phase {
+    pub started: Instant,
+    pub rows_per_s: f64,
+    pub cores: f64,
+    pub acks: HashMap<u64, Instant>,
+}
+
+/// Writes a dataset's first rows again under new keys, in inserts of
+/// [`WRITE_ROWS`], at a steady rate or as fast as they are acknowledged.
+pub(crate) struct Writer {
+    batches: Vec<RecordBatch>,
+    pk: usize,
+    next_key: i64,
+}
+
+impl Writer {
+    pub fn new(
+        dataset: &vectorflow::Dataset,
+        schema: &vectorflow::CollectionSchema,
+        vectors: &vectorflow::crates::connectors::npy::Matrix<f32>,
+        attributes: &RecordBatch,
+    ) -> anyhow::Result<Writer> {
+        let n = vectors.rows;
+        let batches: Vec<RecordBatch> = (0..n.min(20_000))
+            .step_by(WRITE_ROWS)
+            .map(|start| dataset.base_batch(schema, vectors, attributes, start..(start + WRITE_ROWS).min(n)))
+            .collect::<Result<_, _>>()?;
+        Ok(Writer { batches, pk: schema.primary_index(), next_key: 1_000_000_000 })
+    }
+
+    /// Writes for `seconds`, at `rate` rows/s (`None`: full speed).
+    pub fn run(&mut self, engine: &Engine, rate: Option<usize>, seconds: u64) -> anyhow::Result<Phase> {
+        let mut acks = HashMap::new();
+        let started = Instant::now();
+        let usage = process_usage();
+        let mut rows = 0;
+        let mut i = 0;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let mut batch = self.batches[i % self.batches.len()].clone();
+            i += 1;
+            let keys: ArrayRef =
+                Arc::new(Int64Array::from_iter_values(self.next_key..self.next_key + batch.num_rows() as i64));
+            self.next_key += batch.num_rows() as i64;
+            let mut columns = batch.columns().to_vec();
+            columns[self.pk] = keys;
+            batch = RecordBatch::try_new(batch.schema(), columns)?;
+            let written = engine.insert(COLLECTION, &batch)?;
+            acks.insert(written.ts, Instant::now());
+            rows += batch.num_rows();
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64(rows as f64 / rate as f64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = (process_usage().cpu - usage.cpu).as_secs_f64();
+        Ok(Phase { started, rows_per_s: rows as f64 / elapsed, cores: cpu / elapsed, acks })
+    }
 }

@@ -13,6 +13,7 @@ mod bench_cluster;
 mod bench_features;
 mod bench_kafka;
 mod bench_recovery;
+mod bench_sink;
 mod bench_soak;
 mod bench_subscribe;
 mod bench_tenants;
@@ -63,6 +64,9 @@ enum Command {
     /// Standing queries under a steady write load: write-to-subscriber latency, and the CPU and
     /// ingest rate with and without the subscriptions.
     BenchSubscribe(bench_subscribe::SubscribeBenchArgs),
+    /// Kafka sinks under a steady write load on a running broker: write-to-topic latency, the sink's
+    /// records/s, and the ingest rate and CPU with and without them.
+    BenchSink(bench_sink::SinkBenchArgs),
     /// Run the gRPC server (embedded engine, data in --data-dir; 127.0.0.1:19530 by default).
     Serve(config::ServeArgs),
     /// Run several servers as one cluster.
@@ -202,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchKafka(args) => bench_kafka::run(args)?,
         Command::BenchCluster(args) => bench_cluster::run(args)?,
         Command::BenchSubscribe(args) => bench_subscribe::run(args)?,
+        Command::BenchSink(args) => bench_sink::run(args)?,
         Command::Serve(_) => {
             let config = server_config.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(config))?;

@@ -439,7 +439,21 @@ fn segments<'scope>(
             {
                 reached = held;
             }
-            watches.refresh(&shared.watches, &|collection| shards.get(collection), index, reached.saturating_sub(1));
+            // Starts run on the search pool: ingestion does not wait behind their scans.
+            let spawn = |job: crate::watches::StartJob| {
+                let woken = shared.clone();
+                shared.search_pool.spawn(move || {
+                    job();
+                    woken.wake_segments(Some(index));
+                });
+            };
+            watches.refresh(
+                &shared.watches,
+                &|collection| shards.get(collection),
+                &spawn,
+                index,
+                reached.saturating_sub(1),
+            );
             shared.publish_applied(index, reached);
 
             let horizon = shared.retention_horizon();

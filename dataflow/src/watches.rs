@@ -30,7 +30,10 @@ use arrow::record_batch::RecordBatch;
 use vectorflow_core::value::pk_from_array;
 use vectorflow_core::{CollectionId, Error, Metric, Pk, Result, Timestamp, Value, VersionId};
 use vectorflow_operators::distance::distance;
+use vectorflow_operators::shard::SegmentReader;
 use vectorflow_operators::{DistanceRange, Filter, Hit, SearchBounds, Shard, Stop};
+
+use crate::messages::Answer;
 
 /// What a watch keeps current.
 #[derive(Debug, Clone)]
@@ -149,6 +152,30 @@ pub(crate) struct WorkerWatches {
     /// Some watch starts later than what this worker has applied.
     waiting: bool,
     parts: HashMap<u64, (Arc<Watch>, Local)>,
+    /// Watches whose start is being computed off this thread.
+    starting: HashMap<u64, Starting>,
+}
+
+/// A job for the search pool (the worker is woken when it is done).
+pub(crate) type StartJob = Box<dyn FnOnce() + Send>;
+
+/// A watch whose part at its start is computed on the search pool, so the
+/// worker goes on applying changes meanwhile; they are kept and applied
+/// to the part, in order, once it is there.
+struct Starting {
+    watch: Arc<Watch>,
+    /// Filled by the search pool.
+    done: Arc<Mutex<Option<Result<Local>>>>,
+    /// Changes applied since the start was taken, in time order.
+    pending: Vec<OwnedApplied>,
+}
+
+/// [`Applied`], kept (the batches are shared, not copied).
+struct OwnedApplied {
+    ts: Timestamp,
+    batches: Vec<(RecordBatch, Vec<VersionId>)>,
+    added: HashSet<VersionId>,
+    retired: Vec<(Pk, VersionId)>,
 }
 
 /// A worker's state of one watch.
@@ -171,12 +198,14 @@ pub(crate) struct Applied<'a> {
 impl WorkerWatches {
     /// Takes in watches added or cancelled since the last call, starts
     /// those whose start this worker has applied (from the shard's
-    /// history), and records that every watch has accounted for every
-    /// change at or before `through` on this worker.
+    /// history, on the search pool through `spawn`), takes in the starts
+    /// that are done, and records that every started watch has accounted
+    /// for every change at or before `through` on this worker.
     pub fn refresh(
         &mut self,
         watches: &Watches,
         shard_of: &dyn Fn(CollectionId) -> Option<ShardRef>,
+        spawn: &dyn Fn(StartJob),
         worker: usize,
         through: Timestamp,
     ) {
@@ -185,8 +214,9 @@ impl WorkerWatches {
             self.version = version;
             self.waiting = false;
             self.parts.retain(|_, (watch, _)| !watch.cancelled.load(Ordering::Acquire));
+            self.starting.retain(|_, starting| !starting.watch.cancelled.load(Ordering::Acquire));
             for watch in watches.all() {
-                if self.parts.contains_key(&watch.id) {
+                if self.parts.contains_key(&watch.id) || self.starting.contains_key(&watch.id) {
                     continue;
                 }
                 if watch.from > through {
@@ -194,34 +224,84 @@ impl WorkerWatches {
                     self.waiting = true;
                     continue;
                 }
-                let local = match shard_of(watch.collection) {
-                    Some(shard) => match shard.read() {
-                        Ok(shard) => start(&watch, &shard, worker, through),
-                        Err(_) => Err(Error::Internal("a shard's lock is poisoned".into())),
-                    },
-                    None => Ok(empty(&watch)),
+                let Some(shard) = shard_of(watch.collection) else {
+                    self.parts.insert(watch.id, (watch.clone(), empty(&watch)));
+                    continue;
                 };
-                match local {
-                    Ok(local) => {
-                        self.parts.insert(watch.id, (watch.clone(), local));
+                let done = Arc::new(Mutex::new(None));
+                let (job_watch, job_done) = (watch.clone(), done.clone());
+                spawn(Box::new(move || {
+                    let local = start(&job_watch, &shard, worker, through);
+                    if let Ok(mut done) = job_done.lock() {
+                        *done = Some(local);
                     }
-                    Err(e) => tracing::error!(watch = watch.id, "starting a standing query: {e}"),
-                }
+                }));
+                self.starting.insert(watch.id, Starting { watch, done, pending: Vec::new() });
             }
         }
+        self.take_started(shard_of, worker);
         for (watch, _) in self.parts.values() {
             watch.accounted(worker, through);
+        }
+    }
+
+    /// Moves the watches whose start is computed to the started ones,
+    /// after applying the changes kept meanwhile to their parts.
+    fn take_started(&mut self, shard_of: &dyn Fn(CollectionId) -> Option<ShardRef>, worker: usize) {
+        let done: Vec<u64> = self
+            .starting
+            .iter()
+            .filter(|(_, starting)| starting.done.lock().is_ok_and(|done| done.is_some()))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            let Some(Starting { watch, done, pending }) = self.starting.remove(&id) else { continue };
+            let result = done.lock().ok().and_then(|mut done| done.take());
+            let caught_up = result.unwrap_or_else(|| Err(Error::Internal("a start without its result".into())));
+            let caught_up = caught_up.and_then(|mut local| {
+                if pending.is_empty() {
+                    return Ok(local);
+                }
+                let shard = shard_of(watch.collection)
+                    .ok_or_else(|| Error::Internal("the shard of a starting standing query is gone".into()))?;
+                let shard = shard.read().map_err(|_| Error::Internal("a shard's lock is poisoned".into()))?;
+                for kept in &pending {
+                    let applied =
+                        Applied { ts: kept.ts, batches: &kept.batches, added: &kept.added, retired: &kept.retired };
+                    if let Some(body) = step(&watch, &mut local, &shard, &applied)? {
+                        watch.hand_over(Part { worker, at: kept.ts, body });
+                    }
+                }
+                Ok(local)
+            });
+            match caught_up {
+                Ok(local) => {
+                    self.parts.insert(id, (watch, local));
+                }
+                Err(e) => tracing::error!(watch = watch.id, "starting a standing query: {e}"),
+            }
         }
     }
 
     /// Whether any watch follows `collection` on this worker.
     pub fn follows(&self, collection: CollectionId) -> bool {
         self.parts.values().any(|(watch, _)| watch.collection == collection)
+            || self.starting.values().any(|starting| starting.watch.collection == collection)
     }
 
     /// Updates the watches of `collection` with the changes applied at
     /// `applied.ts` to `shard` (which holds them now).
     pub fn applied(&mut self, shard: &Shard, collection: CollectionId, applied: &Applied<'_>, worker: usize) {
+        for starting in self.starting.values_mut().filter(|s| s.watch.collection == collection) {
+            let versions: HashSet<VersionId> =
+                applied.batches.iter().flat_map(|(_, versions)| versions.iter().copied()).collect();
+            starting.pending.push(OwnedApplied {
+                ts: applied.ts,
+                batches: applied.batches.to_vec(),
+                added: applied.added.intersection(&versions).copied().collect(),
+                retired: applied.retired.to_vec(),
+            });
+        }
         for (watch, local) in self.parts.values_mut() {
             if watch.collection != collection || watch.cancelled.load(Ordering::Acquire) {
                 continue;
@@ -248,33 +328,59 @@ fn empty(watch: &Watch) -> Local {
 
 /// The exact `k` nearest of the shard at `ts`, per query vector.
 fn exact_top(watch: &Watch, shard: &Shard, ts: Timestamp) -> Result<Vec<Vec<Hit>>> {
+    exact_top_of(watch, shard.reader(), ts)
+}
+
+/// The exact `k` nearest among `segments` at `ts`, per query vector.
+fn exact_top_of(watch: &Watch, segments: SegmentReader<'_>, ts: Timestamp) -> Result<Vec<Vec<Hit>>> {
     let WatchQuery::Search { field, queries, k, .. } = &watch.query else { return Ok(Vec::new()) };
     let bounds = SearchBounds { k: *k, ef: *k, range: DistanceRange::ALL };
     let never = || false;
-    shard.reader().exact().search(
-        *field,
-        queries,
-        bounds,
-        ts,
-        watch.filter.as_ref(),
-        &watch.output_fields,
-        Stop(&never),
-    )
+    segments.exact().search(*field, queries, bounds, ts, watch.filter.as_ref(), &watch.output_fields, Stop(&never))
 }
 
 /// A watch's part at its start on this worker, with the history since
 /// (through `through`) handed over.
-fn start(watch: &Watch, shard: &Shard, worker: usize, through: Timestamp) -> Result<Local> {
+fn start(watch: &Watch, handle: &ShardRef, worker: usize, through: Timestamp) -> Result<Local> {
     let never = || false;
     let stop = Stop(&never);
+    let shard = handle.read().map_err(|_| Error::Internal("a shard's lock is poisoned".into()))?;
     let history =
         shard.reader().changes_between(watch.from, through, watch.filter.as_ref(), &watch.output_fields, stop)?;
+    if history.is_empty() {
+        // Only the answer at the start: the growing segment under the
+        // shard's lock, the sealed ones after it is released (as reads
+        // do), so the worker applies changes meanwhile.
+        let sealed = shard.sealed_view();
+        return match &watch.query {
+            WatchQuery::Search { k, .. } => {
+                let growing = exact_top_of(watch, shard.growing_reader(), watch.from)?;
+                drop(shard);
+                let mut top = Answer::Search { k: *k, hits: growing };
+                top.merge(Answer::Search { k: *k, hits: exact_top_of(watch, sealed.reader(), watch.from)? });
+                let Answer::Search { hits, .. } = top else {
+                    return Err(Error::Internal("a merged search is not a search".into()));
+                };
+                watch.hand_over(Part { worker, at: watch.from, body: PartBody::Top(hits.clone()) });
+                Ok(Local::Top(hits))
+            }
+            WatchQuery::Changes => {
+                let filter = watch.filter.as_ref();
+                let growing = shard.growing_reader().query(filter, watch.from, &[], usize::MAX, stop)?;
+                drop(shard);
+                let mut matching: HashSet<Pk> = growing.into_iter().map(|(pk, _)| pk).collect();
+                let sealed = sealed.reader().query(filter, watch.from, &[], usize::MAX, stop)?;
+                matching.extend(sealed.into_iter().map(|(pk, _)| pk));
+                Ok(Local::Matching(matching))
+            }
+        };
+    }
     match &watch.query {
         WatchQuery::Search { .. } => {
-            let mut top = exact_top(watch, shard, watch.from)?;
+            let mut top = exact_top(watch, &shard, watch.from)?;
             watch.hand_over(Part { worker, at: watch.from, body: PartBody::Top(top.clone()) });
             for &at in history.keys() {
-                let now = exact_top(watch, shard, at)?;
+                let now = exact_top(watch, &shard, at)?;
                 if now != top {
                     top = now;
                     watch.hand_over(Part { worker, at, body: PartBody::Top(top.clone()) });

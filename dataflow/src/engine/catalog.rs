@@ -98,8 +98,10 @@ impl Engine {
             schemas.insert(entry.id, Arc::new(entry.schema.clone()));
         }
         self.inner.shared.catalog_next_id.fetch_max(u64::from(entry.id) + 1, Ordering::AcqRel);
-        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(entry.schema.name.clone(), entry.clone());
+        // After the entry is in: a subscription that sees the version read
+        // the catalog with it (see `Subscriber::follow_partitions`).
+        self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
         Ok(entry)
     }
 
@@ -185,6 +187,7 @@ impl Engine {
             let ts = self.inner.shared.log.tso().allocate(1);
             let dropped = self.inner.catalog_store.drop_partition(&entry.schema.name, ts)?;
             self.inner.collections.write().map_err(|_| Error::Shutdown)?.insert(dropped.schema.name.clone(), dropped);
+            self.inner.shared.catalog_version.fetch_add(1, Ordering::AcqRel);
             ts
         };
         self.announce_catalog();

@@ -195,6 +195,8 @@ pub(super) struct Subscriber {
     from: Timestamp,
     partitioned: bool,
     members: Vec<Member>,
+    /// The catalog version its partitions were last followed at.
+    catalog_seen: u64,
     schema: Arc<CollectionSchema>,
     sender: SyncSender<SubscriptionEvent>,
     ended: Arc<Mutex<Option<Error>>>,
@@ -276,6 +278,7 @@ impl Engine {
             from,
             partitioned,
             members: Vec::new(),
+            catalog_seen: u64::MAX,
             sender,
             ended: ended.clone(),
             buffer: options.buffer,
@@ -400,6 +403,12 @@ impl Subscriber {
         if inner.partition_drops.load(Ordering::Acquire) > 0 {
             return Ok(false);
         }
+        // Bumped after each change is in the catalog: unchanged, the
+        // catalog holds nothing this has not followed.
+        let version = inner.shared.catalog_version.load(Ordering::Acquire);
+        if version == self.catalog_seen {
+            return Ok(true);
+        }
         let collections = inner.collections.read().map_err(|_| Error::Shutdown)?;
         let name = &self.entry.schema.name;
         let partitions: Vec<CatalogEntry> = catalog::partition_entries(&collections, name)
@@ -407,6 +416,7 @@ impl Subscriber {
             .cloned()
             .collect();
         drop(collections);
+        self.catalog_seen = version;
         let joined = self.from.max(self.sent_through);
         for partition in partitions {
             let dropped = partition.partition_of.as_ref().and_then(|of| of.dropped_ts);
