@@ -769,11 +769,7 @@ pub fn alias(command: AliasCommand) -> anyhow::Result<()> {
         AliasCommand::Drop { alias, connect } => {
             let request = v1::AliasRef { alias: alias.clone() };
             with_client(&connect, async |client| Ok(client.drop_alias(request).await.map_err(rpc)?.into_inner()))?;
-            if connect.json {
-                println!("{}", serde_json::json!({ "dropped_alias": alias }));
-            } else {
-                println!("dropped alias `{alias}`");
-            }
+            report_dropped(connect.json, "alias", &alias);
         }
     }
     Ok(())
@@ -804,14 +800,21 @@ pub fn sink(command: SinkCommand) -> anyhow::Result<()> {
         SinkCommand::Drop { name, connect } => {
             let request = v1::SinkRef { name: name.clone() };
             with_client(&connect, async |client| Ok(client.drop_sink(request).await.map_err(rpc)?.into_inner()))?;
-            if connect.json {
-                println!("{}", serde_json::json!({ "dropped_sink": name }));
-            } else {
-                println!("dropped sink `{name}`");
-            }
+            report_dropped(connect.json, "sink", &name);
         }
     }
     Ok(())
+}
+
+/// `{"dropped_<what>": name}`, or `dropped <what> `name``.
+fn report_dropped(json: bool, what: &str, name: &str) {
+    if json {
+        let mut line = serde_json::Map::new();
+        line.insert(format!("dropped_{what}"), name.into());
+        println!("{}", serde_json::Value::Object(line));
+    } else {
+        println!("dropped {what} `{name}`");
+    }
 }
 
 fn print_sinks(sinks: &[v1::SinkInfo], json: bool) {
