@@ -797,7 +797,7 @@ impl KafkaLog {
     }
 }
 
-fn consumer_settings(config: &KafkaConfig) -> Vec<(&'static str, &str)> {
+pub(crate) fn consumer_settings(config: &KafkaConfig) -> Vec<(&'static str, &str)> {
     vec![
         ("group.id", config.group_id.as_str()),
         ("enable.auto.commit", "false"),

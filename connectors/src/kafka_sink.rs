@@ -22,7 +22,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use vectorflow_core::Result;
 
-use crate::kafka::{KafkaConfig, client_config, ensure_topic, kafka_error, partition_count};
+use crate::kafka::{KafkaConfig, client_config, consumer_settings, ensure_topic, kafka_error, partition_count};
 
 /// Records read back per step when looking for a sink's last record; each
 /// further step reads four times as many.
@@ -205,18 +205,9 @@ impl SinkTopic {
     }
 }
 
+/// A consumer with the log's settings (librdkafka reads committed records by default).
 fn metadata_consumer(config: &KafkaConfig) -> Result<BaseConsumer> {
-    client_config(
-        config,
-        &[
-            ("group.id", config.group_id.as_str()),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "false"),
-            ("isolation.level", "read_committed"),
-        ],
-    )
-    .create()
-    .map_err(|e| kafka_error("creating the sink's reader", e))
+    client_config(config, &consumer_settings(config)).create().map_err(|e| kafka_error("creating the sink's reader", e))
 }
 
 impl std::fmt::Debug for SinkTopic {

@@ -113,35 +113,34 @@ struct RecordPlace {
     count: u32,
 }
 
-/// One record of a sink, as written.
-#[derive(Debug, Clone, Serialize)]
+/// One record of a sink, as written: its place, then what it says.
+#[derive(Serialize)]
 struct SinkRecord<'a> {
     sink: &'a str,
     incarnation: &'a str,
     ts: Timestamp,
     seq: u32,
     count: u32,
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    op: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    query: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pk: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    score: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fields: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(flatten)]
+    body: &'a Unplaced,
 }
 
 /// A record before its place in its time is known.
+#[derive(Serialize)]
 struct Unplaced {
+    /// The Kafka key, not part of the value.
+    #[serde(skip)]
     key: String,
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     op: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     query: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pk: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     fields: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -174,10 +173,7 @@ fn resume_after(definition: &SinkDefinition, last: Option<&RecordPlace>) -> Resu
 }
 
 fn pk_json(pk: &Pk) -> serde_json::Value {
-    match pk {
-        Pk::Int(v) => serde_json::Value::from(*v),
-        Pk::Str(v) => serde_json::Value::from(v.as_str()),
-    }
+    Value::from(pk.clone()).to_json()
 }
 
 fn pk_text(pk: &serde_json::Value) -> String {
@@ -519,12 +515,7 @@ fn write_sink(inner: &Weak<Inner>, runner: &SinkRunner) -> SinkEnd {
                 ts,
                 seq: seq as u32,
                 count,
-                kind: record.kind,
-                op: record.op,
-                query: record.query,
-                pk: record.pk,
-                score: record.score,
-                fields: record.fields,
+                body: &record,
             };
             let written = serde_json::to_vec(&value)
                 .map_err(|e| Error::Internal(format!("encoding a sink record: {e}")))

@@ -492,7 +492,7 @@ impl Subscriber {
                 // Its rows leave the answer; a changefeed's are deleted.
                 member.parts.clear();
                 if matches!(self.query, WatchQuery::Changes) {
-                    rows.1.extend(dropped_keys(inner, member, at).map_err(Some)?);
+                    rows.1.extend(dropped_keys(inner, member, self.filter.as_ref(), at).map_err(Some)?);
                 }
             }
             while let Some((index, part)) = parts.next_if(|(_, part)| part.at == at) {
@@ -610,16 +610,17 @@ impl Subscriber {
 }
 
 /// The keys of a dropped partition's rows that passed the filter just
-/// before its drop at `at`.
-fn dropped_keys(inner: &Inner, member: &Member, at: Timestamp) -> Result<Vec<Pk>> {
-    let filter = member.watch.filter.as_ref();
+/// before its drop at `at`, read as any query of this process's shards is.
+fn dropped_keys(inner: &Inner, member: &Member, filter: Option<&String>, at: Timestamp) -> Result<Vec<Pk>> {
+    let kind = RequestKind::Query { filter: filter.cloned(), output_fields: Vec::new(), limit: usize::MAX };
+    let deadline = Instant::now() + inner.config.request_timeout;
     let mut keys = Vec::new();
     for worker in inner.shared.local.clone() {
-        let Some(handle) = inner.shared.shards[worker].get(member.watch.collection) else { continue };
-        let shard = handle.read().map_err(|_| Error::Internal("a shard's lock is poisoned".into()))?;
-        let never = || false;
-        let rows = shard.reader().query(filter, at - 1, &[], usize::MAX, vectorflow_operators::Stop(&never))?;
-        keys.extend(rows.into_iter().map(|(pk, _)| pk));
+        match inner.shared.answer_read_on(worker, member.watch.collection, &kind, at - 1, deadline) {
+            Answer::Query { rows, .. } => keys.extend(rows.into_iter().map(|(pk, _)| pk)),
+            Answer::Failed(failure) => return Err(failure.into()),
+            _ => return Err(Error::Internal("a query answered with something else".into())),
+        }
     }
     keys.sort_by_key(Pk::order_key);
     Ok(keys)
