@@ -25,8 +25,17 @@ fn synth(out: &Path, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn synth_writes_a_dataset_with_unit_vectors_filters_and_exact_ground_truths() {
+    writes_a_checked_dataset(&[]);
+}
+
+#[test]
+fn synth_with_a_latent_dimension_writes_the_same_kind_of_dataset() {
+    writes_a_checked_dataset(&["--latent-dim", "4"]);
+}
+
+fn writes_a_checked_dataset(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let output = synth(dir.path(), &[]);
+    let output = synth(dir.path(), extra);
     assert!(output.status.success(), "synth failed: {}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("filter10"), "the summary lists the filters");
 
@@ -117,16 +126,30 @@ fn synth_is_deterministic_and_refuses_bad_arguments() {
     }
     let bad = tempfile::tempdir().unwrap();
     let good = [("--rows", "100"), ("--dim", "4"), ("--queries", "2"), ("--k", "5"), ("--clusters", "3")];
-    for (argument, value) in [("--rows", "0"), ("--dim", "0"), ("--queries", "0"), ("--k", "0"), ("--k", "101")] {
-        let args = good.iter().map(|&(a, v)| if a == argument { (a, value) } else { (a, v) });
+    let refused = [
+        ("--rows", "0"),
+        ("--dim", "0"),
+        ("--queries", "0"),
+        ("--k", "0"),
+        ("--k", "101"),
+        ("--latent-dim", "0"),
+        ("--latent-dim", "5"),
+    ];
+    for (argument, value) in refused {
+        let mut args: Vec<(&str, &str)> =
+            good.iter().map(|&(a, v)| if a == argument { (a, value) } else { (a, v) }).collect();
+        if !good.iter().any(|&(a, _)| a == argument) {
+            args.push((argument, value));
+        }
         let output = Command::new(env!("CARGO_BIN_EXE_vectorflow"))
             .args(["dataset", "synth", "--out"])
             .arg(bad.path())
-            .args(args.flat_map(|(a, v)| [a, v]))
+            .args(args.into_iter().flat_map(|(a, v)| [a, v]))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{argument} {value} was accepted");
-        assert!(stderr.contains(argument.trim_start_matches('-')) && !stderr.contains("panicked"), "{stderr}");
+        let field = argument.trim_start_matches('-').replace('-', "_");
+        assert!(stderr.contains(&field) && !stderr.contains("panicked"), "{stderr}");
     }
 }
