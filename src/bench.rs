@@ -48,6 +48,13 @@ impl DatasetArgs {
     }
 }
 
+/// A row's scalar attributes as Arrow holds them, in bytes: the raw size of
+/// what a row carries besides its vectors, which memory and storage are
+/// compared with.
+pub fn scalar_bytes_per_row(attributes: &RecordBatch) -> f64 {
+    attributes.get_array_memory_size() as f64 / attributes.num_rows().max(1) as f64
+}
+
 /// Inserts every base row of `dataset` into `collection`, 1,000 rows per write.
 pub fn insert_all(
     engine: &Engine,
@@ -652,7 +659,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // the indexes (graphs and SQ8 codes), its scalar attributes as Arrow holds them, and the rest
     // (keys, versions, timestamps, allocator slack) from the RSS growth.
     let index_bytes = settled.index_bytes as f64 / n as f64;
-    let scalar_bytes = attributes.get_array_memory_size() as f64 / n as f64;
+    let scalar_bytes = scalar_bytes_per_row(&attributes);
     // On disk, a vector's resident bytes are its share of the mapped pages.
     let vector_bytes = if args.vectors_on_disk { resident_engine.file as f64 / n as f64 } else { raw_bytes };
     let other_bytes = bytes_per_vector - vector_bytes - index_bytes - scalar_bytes;

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::bench::{DatasetArgs, insert_all};
+use crate::bench::{DatasetArgs, insert_all, scalar_bytes_per_row};
 use serde_json::json;
 use vectorflow::crates::dataflow::persist::GRAPH_SUFFIX;
 use vectorflow::{
@@ -132,8 +132,14 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         insert_all(&engine, COLLECTION, &dataset, &schema, &vectors, &attributes)?;
         let stats = engine.stats(COLLECTION, Consistency::Strong)?;
         anyhow::ensure!(stats.live_rows == n, "ingested {} of {n} rows", stats.live_rows);
-        engine.wait_for_indexes(COLLECTION, INDEX_WAIT)?;
-        println!("ingested {n} rows and built the indexes in {:.1} s", started.elapsed().as_secs_f64());
+        // Settled, as a collection that stopped changing is: what is stored
+        // then is the steady state, not inputs of merges under way.
+        let settled = engine.wait_for_merges(COLLECTION, INDEX_WAIT)?;
+        println!(
+            "ingested {n} rows and built the indexes in {:.1} s ({} sealed segments once merges settled)",
+            started.elapsed().as_secs_f64(),
+            settled.sealed_segments
+        );
     }
 
     // ---- baseline: recovery by replaying the whole log ----
@@ -151,9 +157,18 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     let total_bytes: u64 = stored.values().sum();
     let before = answers(&engine, &queries)?;
     drop(engine);
+    let bytes_per_vector = total_bytes as f64 / n as f64;
+    let raw_vector_bytes = vectors.cols * 4;
+    let raw_scalar_bytes = scalar_bytes_per_row(&attributes);
+    let stored_vs_raw = bytes_per_vector / (raw_vector_bytes as f64 + raw_scalar_bytes);
     println!(
-        "checkpoint: {flush_s:.2} s, {total_bytes} bytes stored ({:.0} bytes/vector)",
-        total_bytes as f64 / n as f64
+        "checkpoint: {flush_s:.2} s, {total_bytes} bytes stored ({bytes_per_vector:.0} bytes/vector, {stored_vs_raw:.2}x \
+         the raw vector ({raw_vector_bytes}) and scalar ({raw_scalar_bytes:.0}) bytes): {}",
+        stored
+            .iter()
+            .map(|(kind, bytes)| format!("{kind} {:.0}", *bytes as f64 / n as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // ---- recovery from the checkpoint ----
@@ -202,8 +217,9 @@ pub fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         "workers": args.data.workers,
         "seal_rows": args.data.seal_rows,
         "full_log_replay": restart_json(&replay),
-        "checkpoint": {"flush_s": flush_s, "stored_bytes": total_bytes, "bytes_per_vector": total_bytes as f64 / n as f64,
-                       "raw_vector_bytes": vectors.cols * 4, "by_kind": stored},
+        "checkpoint": {"flush_s": flush_s, "stored_bytes": total_bytes, "bytes_per_vector": bytes_per_vector,
+                       "raw_vector_bytes": raw_vector_bytes, "raw_scalar_bytes": raw_scalar_bytes,
+                       "stored_vs_raw": stored_vs_raw, "by_kind": stored},
         "from_checkpoint": restart_json(&loaded),
         "segment_load": {
             "mb_per_s": loaded.report.bytes as f64 / load_s / 1e6,
