@@ -482,6 +482,7 @@ pub fn synthesize(out: &Path, spec: &SynthSpec) -> Result<Dataset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataset::truth_score;
 
     fn small() -> SynthSpec {
         SynthSpec { rows: 1500, dim: 12, queries: 70, k: 20, clusters: 8, latent_dim: None, seed: 7 }
@@ -525,10 +526,7 @@ mod tests {
                     .iter()
                     .enumerate()
                     .filter(|&(j, _)| j != i)
-                    .map(|(_, b)| {
-                        let dot: f32 = a.iter().zip(b.iter()).map(|(x, y)| x * y).sum();
-                        (2.0 - 2.0 * f64::from(dot)).max(1e-12).sqrt()
-                    })
+                    .map(|(_, b)| (2.0 - 2.0 * f64::from(truth_score(Metric::COSINE, a, b))).max(1e-12).sqrt())
                     .collect();
                 distances.sort_by(f64::total_cmp);
                 let far = distances[neighbours - 1];

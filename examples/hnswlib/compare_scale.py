@@ -24,7 +24,7 @@ def best_qps(points, recall):
 def engine_points(path):
     with open(path) as f:
         results = json.load(f)
-    points = [{"qps": p["qps"], "recall": p["recall_at_k"], "ef": p["ef"]}
+    points = [{"qps": p["qps"], "recall": p["recall_at_k"]}
               for p in results["search"] if p["clients"] == 1 and p["filter"] == "unfiltered"]
     return results["rows"], points
 

@@ -23,9 +23,13 @@ import numpy as np
 def intrinsic_dimension(base, sample, neighbours, seed=0):
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(base), sample, replace=False)
-    squared = np.maximum(2 - 2 * (base[picked] @ base.T), 0)
-    squared[np.arange(sample), picked] = np.inf
-    nearest = np.sort(np.partition(squared, neighbours, axis=1)[:, :neighbours], axis=1)
+    nearest = np.empty((sample, neighbours), dtype=np.float32)
+    # 100 sampled points at a time: the whole sample against every row would hold sample x rows distances.
+    for start in range(0, sample, 100):
+        rows = picked[start:start + 100]
+        squared = np.maximum(2 - 2 * (base[rows] @ base.T), 0)
+        squared[np.arange(len(rows)), rows] = np.inf
+        nearest[start:start + 100] = np.sort(np.partition(squared, neighbours, axis=1)[:, :neighbours], axis=1)
     distances = np.sqrt(np.maximum(nearest, 1e-12))
     estimates = (neighbours - 1) / np.sum(np.log(distances[:, -1:] / distances[:, :-1]), axis=1)
     return float(np.median(estimates))
